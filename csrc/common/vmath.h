@@ -1,0 +1,101 @@
+// Branch-free float32 exp / log / sincos that g++ auto-vectorises (libm calls block SIMD) and that
+// nvcc compiles unchanged, so the CPU and CUDA kernels round the same way. Coefficients are the
+// Cephes single-precision minimax polynomials (about 1 ulp on the reduced ranges).
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "hd.h"
+
+namespace pyvae {
+
+PYVAE_HD float int_bits_to_float(int32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+PYVAE_HD int32_t float_to_int_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  int32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  return bits;
+#endif
+}
+
+// 2^k for k in [-126, 127].
+PYVAE_HD float pow2i(int32_t k) { return int_bits_to_float((k + 127) << 23); }
+
+// e^x with IEEE special cases: +inf -> +inf, -inf -> 0, NaN -> NaN, overflow -> +inf.
+PYVAE_HD float exp_f(float x) {
+  const float xc = fminf(fmaxf(x, -104.0f), 88.8f);
+  const float k = rintf(xc * 1.44269504088896341f);
+  float r = xc - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  // Scale in two halves so 2^k stays a normal float over the whole clamped range.
+  const int32_t ki = static_cast<int32_t>(k);
+  const int32_t k_half = ki / 2;
+  float result = y * pow2i(k_half) * pow2i(ki - k_half);
+  result = x > 88.72283935546875f ? INFINITY : result;
+  result = x < -103.97208f ? 0.0f : result;
+  return x != x ? x : result;
+}
+
+// Natural log for a positive normal float (the Box-Muller argument lies in [1e-7, 1)).
+PYVAE_HD float log_unit(float x) {
+  const int32_t bits = float_to_int_bits(x);
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
+  float m = int_bits_to_float((bits & 0x007fffff) | 0x3f800000);  // m in [1, 2)
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;
+  e = high ? e + 1.0f : e;
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y - 2.12194440e-4f * e;
+  y = y - 0.5f * z;
+  return f + y + 0.693359375f * e;
+}
+
+// sin(2 pi u) and cos(2 pi u). The quadrant is taken from u itself (exactly), so the reduced
+// angle carries no error from rounding 2 pi u.
+PYVAE_HD void sincos_2pi(float u, float& s, float& c) {
+  const float q = rintf(4.0f * u);
+  const float a = (u - 0.25f * q) * 6.28318530717958647692f;  // |a| <= pi/4
+  const float z = a * a;
+  const float sin_a = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * a + a;
+  const float cos_a =
+      ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+      0.5f * z + 1.0f;
+  const int32_t quadrant = static_cast<int32_t>(q) & 3;
+  const bool swap = quadrant & 1;
+  const float s_abs = swap ? cos_a : sin_a;
+  const float c_abs = swap ? sin_a : cos_a;
+  s = (quadrant & 2) ? -s_abs : s_abs;
+  c = ((quadrant + 1) & 2) ? -c_abs : c_abs;
+}
+
+}  // namespace pyvae

@@ -1,0 +1,176 @@
+// CPU kernels of reparameterize + KL. Rows are split across torch's intra-op threads; each row is
+// processed in chunks of kChunk columns held in small float buffers, so the noise generation and
+// the element math run as straight-line loops that g++ vectorises (built for AVX2 and for the
+// baseline ISA, picked at load time by target_clones, so wheels stay portable).
+#include "reparam_kl.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+
+#include "../common/philox.h"
+#include "../common/reparam_kl_math.h"
+
+namespace pyvae::cpu {
+namespace {
+
+constexpr int64_t kChunk = 256;  // columns per chunk; a multiple of 4 (Philox group) and 8 (lanes)
+constexpr int kLanes = 8;        // KL partial sums per row: fixed, so results do not depend on ISA
+
+#if defined(__x86_64__) && !defined(__clang__)
+#define PYVAE_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define PYVAE_MULTIVERSION
+#endif
+
+// eps for groups [group0, group0 + n_groups) of one row: 4 * n_groups floats.
+PYVAE_MULTIVERSION void normals(uint64_t seed, uint64_t group0, uint32_t sample, int64_t n_groups,
+                                float* __restrict eps) {
+#pragma omp simd
+  for (int64_t j = 0; j < n_groups; ++j) {
+    float n[4];
+    normal4(seed, group0 + static_cast<uint64_t>(j), sample, n);
+    eps[4 * j + 0] = n[0];
+    eps[4 * j + 1] = n[1];
+    eps[4 * j + 2] = n[2];
+    eps[4 * j + 3] = n[3];
+  }
+}
+
+PYVAE_MULTIVERSION void std_and_kl(const float* __restrict mu, const float* __restrict logvar,
+                                   int64_t n, float* __restrict std_out, float* __restrict kl_out) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const float sd = std_from_logvar(logvar[c]);
+    std_out[c] = sd;
+    kl_out[c] = kl_term(mu[c], logvar[c], sd);
+  }
+}
+
+template <typename T>
+void to_float(const T* __restrict src, int64_t n, float* __restrict dst) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<float>(src[c]);
+}
+
+template <typename T>
+void from_float(const float* __restrict src, int64_t n, T* __restrict dst) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
+}
+
+// Adds kl[0, n) into the lanes, element c of the row going to lane c % kLanes.
+void accumulate_lanes(const float* kl, int64_t n, int64_t col0, float* lanes) {
+  for (int64_t c = 0; c < n; ++c) lanes[(col0 + c) % kLanes] += kl[c];
+}
+
+float sum_lanes(const float* lanes) {
+  // Fixed pairwise order.
+  return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+}
+
+int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+template <typename T>
+void forward_impl(const ReparamKLForwardParams& p) {
+  const T* mu = static_cast<const T*>(p.mu);
+  const T* logvar = static_cast<const T*>(p.logvar);
+  T* z = static_cast<T*>(p.z);
+  const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  const int64_t groups_per_row = (p.cols + 3) / 4;
+  at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t row_begin, int64_t row_end) {
+    alignas(64) float mu_f[kChunk], logvar_f[kChunk], std_f[kChunk], kl_f[kChunk], eps[kChunk],
+        z_f[kChunk];
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      float lanes[kLanes] = {};
+      for (int64_t col0 = 0; col0 < p.cols; col0 += kChunk) {
+        const int64_t n = std::min(kChunk, p.cols - col0);
+        to_float(mu + r * p.mu_row_stride + col0, n, mu_f);
+        to_float(logvar + r * p.logvar_row_stride + col0, n, logvar_f);
+        std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
+        if (p.kl_per_element) {
+          std::copy(kl_f, kl_f + n, p.kl + r * p.cols + col0);
+        } else {
+          accumulate_lanes(kl_f, n, col0, lanes);
+        }
+        const uint64_t group0 = static_cast<uint64_t>(r * groups_per_row + col0 / 4);
+        for (int64_t s = 0; s < p.samples; ++s) {
+          normals(seed, group0, static_cast<uint32_t>(s), (n + 3) / 4, eps);
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) z_f[c] = mu_f[c] + std_f[c] * eps[c];
+          from_float(z_f, n, z + (s * p.rows + r) * p.cols + col0);
+        }
+      }
+      if (!p.kl_per_element) p.kl[r] = sum_lanes(lanes);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const ReparamKLBackwardParams& p) {
+  const T* mu = static_cast<const T*>(p.mu);
+  const T* logvar = static_cast<const T*>(p.logvar);
+  const T* grad_z = static_cast<const T*>(p.grad_z);
+  T* grad_mu = static_cast<T*>(p.grad_mu);
+  T* grad_logvar = static_cast<T*>(p.grad_logvar);
+  const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  const int64_t groups_per_row = (p.cols + 3) / 4;
+  at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t row_begin, int64_t row_end) {
+    alignas(64) float mu_f[kChunk], logvar_f[kChunk], std_f[kChunk], kl_f[kChunk], eps[kChunk],
+        gz_f[kChunk], gz_sum[kChunk], gz_eps_sum[kChunk], gkl[kChunk];
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      for (int64_t col0 = 0; col0 < p.cols; col0 += kChunk) {
+        const int64_t n = std::min(kChunk, p.cols - col0);
+        to_float(mu + r * p.mu_row_stride + col0, n, mu_f);
+        to_float(logvar + r * p.logvar_row_stride + col0, n, logvar_f);
+        std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
+        std::fill(gz_sum, gz_sum + n, 0.0f);
+        std::fill(gz_eps_sum, gz_eps_sum + n, 0.0f);
+        if (grad_z != nullptr) {
+          const uint64_t group0 = static_cast<uint64_t>(r * groups_per_row + col0 / 4);
+          for (int64_t s = 0; s < p.samples; ++s) {
+            normals(seed, group0, static_cast<uint32_t>(s), (n + 3) / 4, eps);
+            to_float(grad_z + (s * p.rows + r) * p.cols + col0, n, gz_f);
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) {
+              gz_sum[c] += gz_f[c];
+              gz_eps_sum[c] += gz_f[c] * eps[c];
+            }
+          }
+        }
+        for (int64_t c = 0; c < n; ++c) {
+          gkl[c] = p.grad_kl == nullptr
+                       ? 0.0f
+                       : p.grad_kl[r * p.grad_kl_row_stride + (col0 + c) * p.grad_kl_col_stride];
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) {
+          gz_sum[c] += gkl[c] * mu_f[c];  // becomes grad_mu
+          gz_eps_sum[c] = z_dlogvar(std_f[c], gz_eps_sum[c]) + gkl[c] * kl_dlogvar(std_f[c]);
+        }
+        from_float(gz_sum, n, grad_mu + r * p.cols + col0);
+        from_float(gz_eps_sum, n, grad_logvar + r * p.cols + col0);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void reparam_kl_forward(const ReparamKLForwardParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return forward_impl<float>(p);
+    case DType::kFloat16: return forward_impl<c10::Half>(p);
+    case DType::kBFloat16: return forward_impl<c10::BFloat16>(p);
+  }
+}
+
+void reparam_kl_backward(const ReparamKLBackwardParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return backward_impl<float>(p);
+    case DType::kFloat16: return backward_impl<c10::Half>(p);
+    case DType::kBFloat16: return backward_impl<c10::BFloat16>(p);
+  }
+}
+
+}  // namespace pyvae::cpu

@@ -1,0 +1,216 @@
+// CUDA kernels of reparameterize + KL. One thread owns a Philox group (four consecutive columns
+// of a row) at a time; a row is covered by threads_per_row threads of one block, so the per-row
+// KL sum is a fixed-order shuffle (+ shared-memory) tree: deterministic, no atomics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <string.h>
+
+#include "../common/philox.h"
+#include "../common/reparam_kl_math.h"
+#include "reparam_kl.h"
+
+namespace pyvae::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Four elements as one 16-byte (fp32) or 8-byte (16-bit types) access.
+template <typename T> struct Pack4 {
+  using type = typename std::conditional<sizeof(T) == 4, float4, uint2>::type;
+};
+
+// Loads elements [col, col + 4) of a row (zeros past `cols`); `vec` says the row is aligned for
+// one packed access and cols % 4 == 0.
+template <typename T>
+__device__ __forceinline__ void load4(const T* row, int64_t col, int64_t cols, bool vec, float out[4]) {
+  if (vec) {
+    const typename Pack4<T>::type packed = *reinterpret_cast<const typename Pack4<T>::type*>(row + col);
+    T parts[4];
+    memcpy(parts, &packed, sizeof parts);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out[k] = to_f32(parts[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out[k] = col + k < cols ? to_f32(row[col + k]) : 0.0f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store4(T* row, int64_t col, int64_t cols, bool vec, const float in[4]) {
+  if (vec) {
+    T parts[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) parts[k] = from_f32<T>(in[k]);
+    typename Pack4<T>::type packed;
+    memcpy(&packed, parts, sizeof parts);
+    *reinterpret_cast<typename Pack4<T>::type*>(row + col) = packed;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (col + k < cols) row[col + k] = from_f32<T>(in[k]);
+  }
+}
+
+// Sum of `value` over the threads_per_row threads of each row, returned to the row's first
+// thread. threads_per_row is a power of two <= kThreads; every thread of the block must call.
+__device__ float row_sum(float value, int threads_per_row) {
+  __shared__ float warp_sums[kThreads / 32];
+  const int width = threads_per_row < 32 ? threads_per_row : 32;
+  for (int offset = width / 2; offset > 0; offset /= 2)
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  if (threads_per_row <= 32) return value;
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) warp_sums[warp] = value;
+  __syncthreads();
+  const int warps_per_row = threads_per_row / 32;
+  const int first_warp = (threadIdx.x / threads_per_row) * warps_per_row;
+  float total = 0.0f;
+  for (int w = 0; w < warps_per_row; ++w) total += warp_sums[first_warp + w];
+  return total;
+}
+
+struct RowLayout {
+  int threads_per_row;
+  int rows_per_block;
+};
+
+RowLayout row_layout(int64_t cols) {
+  const int64_t groups = (cols + 3) / 4;
+  int tpr = 1;
+  while (tpr < groups && tpr < kThreads) tpr *= 2;
+  return RowLayout{tpr, kThreads / tpr};
+}
+
+// True when every group of four columns of every row can be read as one packed access.
+template <typename T>
+bool packable(const void* base, int64_t row_stride, int64_t cols) {
+  return cols % 4 == 0 && row_stride % 4 == 0 && reinterpret_cast<uintptr_t>(base) % (4 * sizeof(T)) == 0;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(ReparamKLForwardParams p, int threads_per_row, bool vec_in, bool vec_out) {
+  const int lane = threadIdx.x % threads_per_row;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / threads_per_row) + threadIdx.x / threads_per_row;
+  const bool active = r < p.rows;
+  const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  const int64_t groups = (p.cols + 3) / 4;
+  const T* mu_row = static_cast<const T*>(p.mu) + r * p.mu_row_stride;
+  const T* logvar_row = static_cast<const T*>(p.logvar) + r * p.logvar_row_stride;
+  float kl_partial = 0.0f;
+  for (int64_t j = lane; active && j < groups; j += threads_per_row) {
+    const int64_t col = 4 * j;
+    float mu[4], logvar[4], sd[4], kl[4], eps[4], z[4];
+    load4(mu_row, col, p.cols, vec_in, mu);
+    load4(logvar_row, col, p.cols, vec_in, logvar);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      sd[k] = std_from_logvar(logvar[k]);
+      kl[k] = col + k < p.cols ? kl_term(mu[k], logvar[k], sd[k]) : 0.0f;
+    }
+    kl_partial += (kl[0] + kl[1]) + (kl[2] + kl[3]);
+    if (p.kl_per_element) store4(p.kl + r * p.cols, col, p.cols, vec_out, kl);
+    for (int64_t s = 0; s < p.samples; ++s) {
+      normal4(seed, static_cast<uint64_t>(r * groups + j), static_cast<uint32_t>(s), eps);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) z[k] = mu[k] + sd[k] * eps[k];
+      store4(static_cast<T*>(p.z) + (s * p.rows + r) * p.cols, col, p.cols, vec_out, z);
+    }
+  }
+  if (p.kl_per_element) return;  // uniform across the block
+  const float total = row_sum(kl_partial, threads_per_row);
+  if (active && lane == 0) p.kl[r] = total;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(ReparamKLBackwardParams p, int threads_per_row, bool vec_in, bool vec_out) {
+  const int lane = threadIdx.x % threads_per_row;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / threads_per_row) + threadIdx.x / threads_per_row;
+  if (r >= p.rows) return;  // no block-wide sync below
+  const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  const int64_t groups = (p.cols + 3) / 4;
+  const T* mu_row = static_cast<const T*>(p.mu) + r * p.mu_row_stride;
+  const T* logvar_row = static_cast<const T*>(p.logvar) + r * p.logvar_row_stride;
+  const T* grad_z = static_cast<const T*>(p.grad_z);
+  for (int64_t j = lane; j < groups; j += threads_per_row) {
+    const int64_t col = 4 * j;
+    float mu[4], logvar[4], gz[4], eps[4], gz_sum[4] = {}, gz_eps_sum[4] = {};
+    load4(mu_row, col, p.cols, vec_in, mu);
+    load4(logvar_row, col, p.cols, vec_in, logvar);
+    if (grad_z != nullptr) {
+      for (int64_t s = 0; s < p.samples; ++s) {
+        normal4(seed, static_cast<uint64_t>(r * groups + j), static_cast<uint32_t>(s), eps);
+        load4(grad_z + (s * p.rows + r) * p.cols, col, p.cols, vec_out, gz);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          gz_sum[k] += gz[k];
+          gz_eps_sum[k] += gz[k] * eps[k];
+        }
+      }
+    }
+    float grad_mu[4], grad_logvar[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float gkl = p.grad_kl != nullptr && col + k < p.cols
+                            ? p.grad_kl[r * p.grad_kl_row_stride + (col + k) * p.grad_kl_col_stride]
+                            : 0.0f;
+      const float sd = std_from_logvar(logvar[k]);
+      grad_mu[k] = gz_sum[k] + gkl * mu[k];
+      grad_logvar[k] = z_dlogvar(sd, gz_eps_sum[k]) + gkl * kl_dlogvar(sd);
+    }
+    store4(static_cast<T*>(p.grad_mu) + r * p.cols, col, p.cols, vec_out, grad_mu);
+    store4(static_cast<T*>(p.grad_logvar) + r * p.cols, col, p.cols, vec_out, grad_logvar);
+  }
+}
+
+template <typename T>
+void launch_forward(const ReparamKLForwardParams& p, cudaStream_t stream) {
+  const RowLayout layout = row_layout(p.cols);
+  const bool vec_in = packable<T>(p.mu, p.mu_row_stride, p.cols) && packable<T>(p.logvar, p.logvar_row_stride, p.cols);
+  // z and kl are fresh contiguous allocations (256-byte aligned by the caching allocator).
+  const bool vec_out = p.cols % 4 == 0;
+  const int64_t blocks = (p.rows + layout.rows_per_block - 1) / layout.rows_per_block;
+  forward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, layout.threads_per_row, vec_in, vec_out);
+}
+
+template <typename T>
+void launch_backward(const ReparamKLBackwardParams& p, cudaStream_t stream) {
+  const RowLayout layout = row_layout(p.cols);
+  const bool vec_in = packable<T>(p.mu, p.mu_row_stride, p.cols) && packable<T>(p.logvar, p.logvar_row_stride, p.cols);
+  const bool vec_out = p.cols % 4 == 0 && (p.grad_z == nullptr || packable<T>(p.grad_z, p.cols, p.cols));
+  const int64_t blocks = (p.rows + layout.rows_per_block - 1) / layout.rows_per_block;
+  backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, layout.threads_per_row, vec_in, vec_out);
+}
+
+}  // namespace
+
+void reparam_kl_forward(const ReparamKLForwardParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.cols == 0) return;
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_forward<float>(p, stream);
+    case DType::kFloat16: return launch_forward<__half>(p, stream);
+    case DType::kBFloat16: return launch_forward<__nv_bfloat16>(p, stream);
+  }
+}
+
+void reparam_kl_backward(const ReparamKLBackwardParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.cols == 0) return;
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_backward<float>(p, stream);
+    case DType::kFloat16: return launch_backward<__half>(p, stream);
+    case DType::kBFloat16: return launch_backward<__nv_bfloat16>(p, stream);
+  }
+}
+
+}  // namespace pyvae::cuda

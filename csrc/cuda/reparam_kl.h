@@ -1,0 +1,11 @@
+// Launchers of the CUDA reparameterize + KL kernels. Torch-free: raw pointers in the params
+// struct and the stream to launch on.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "../common/reparam_kl_params.h"
+
+namespace pyvae::cuda {
+void reparam_kl_forward(const ReparamKLForwardParams& p, cudaStream_t stream);
+void reparam_kl_backward(const ReparamKLBackwardParams& p, cudaStream_t stream);
+}  // namespace pyvae::cuda

@@ -1,0 +1,26 @@
+// The Python extension module pyvae._C. Loading it runs the TORCH_LIBRARY registrations in
+// ops.cpp; the module itself only reports how it was built (python -m pyvae prints these).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#ifndef PYVAE_VERSION
+#define PYVAE_VERSION "unknown"
+#endif
+#ifndef PYVAE_CUDA_ARCHS
+#define PYVAE_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyvae native kernels (operators are registered under torch.ops.pyvae)";
+  m.attr("version") = PYVAE_VERSION;
+#ifdef PYVAE_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+  m.attr("cuda_archs") = std::string(PYVAE_CUDA_ARCHS);
+  m.attr("has_cpu") = true;
+}

@@ -1,0 +1,199 @@
+// Operator schemas of the pyvae namespace and their CPU / CUDA implementations: the boundary where
+// tensors are checked, viewed as the [rows, cols] layout the kernels expect, allocated, and handed
+// to the torch-free kernels in cpu/ and cuda/. The Python API (pyvae/ops) checks arguments first
+// and raises ValueError/TypeError naming them; the checks here guard direct torch.ops calls.
+#include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include "common/reparam_kl_params.h"
+#include "cpu/reparam_kl.h"
+#ifdef PYVAE_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/reparam_kl.h"
+#endif
+
+namespace pyvae {
+namespace {
+
+DType kernel_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+// `t` as [rows, cols] with unit column stride: a view where the strides allow, else a copy.
+at::Tensor as_rows(const at::Tensor& t, int64_t rows, int64_t cols) {
+  at::Tensor rows_view = t.reshape({rows, cols});
+  return rows_view.stride(1) == 1 || cols == 1 ? rows_view : rows_view.contiguous();
+}
+
+
+struct CheckedInputs {
+  at::Tensor mu, logvar;  // [rows, cols]
+  int64_t rows, cols;
+};
+
+CheckedInputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed) {
+  TORCH_CHECK_VALUE(mu.dim() >= 1, "mu must have at least one dimension, got a 0-d tensor");
+  TORCH_CHECK_VALUE(mu.sizes() == logvar.sizes(), "mu and logvar must have the same shape, got ",
+                    mu.sizes(), " and ", logvar.sizes());
+  TORCH_CHECK_TYPE(mu.scalar_type() == logvar.scalar_type(), "mu and logvar must have the same dtype, got ",
+                   mu.scalar_type(), " and ", logvar.scalar_type());
+  kernel_dtype(mu, "mu");
+  TORCH_CHECK_VALUE(mu.device() == logvar.device(), "mu and logvar must be on the same device");
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1,
+                    "seed must be a one-element int64 tensor");
+  TORCH_CHECK_VALUE(seed.device() == mu.device(), "seed must be on the device of mu (", mu.device(),
+                    "), got ", seed.device());
+  const int64_t cols = mu.size(-1);
+  const int64_t rows = c10::multiply_integers(mu.sizes().slice(0, mu.dim() - 1));
+  return CheckedInputs{as_rows(mu, rows, cols), as_rows(logvar, rows, cols), rows, cols};
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_forward(const at::Tensor& mu, int64_t n_samples, bool kl_per_element) {
+  TORCH_CHECK_VALUE(n_samples >= 1, "n_samples must be >= 1, got ", n_samples);
+  std::vector<int64_t> z_shape{n_samples};
+  z_shape.insert(z_shape.end(), mu.sizes().begin(), mu.sizes().end());
+  at::Tensor z = at::empty(z_shape, mu.options());
+  at::Tensor kl = kl_per_element ? at::empty(mu.sizes(), mu.options().dtype(at::kFloat))
+                                 : at::empty(mu.sizes().slice(0, mu.dim() - 1), mu.options().dtype(at::kFloat));
+  return {z, kl};
+}
+
+ReparamKLForwardParams forward_params(const CheckedInputs& in, const at::Tensor& seed, int64_t n_samples,
+                                      bool kl_per_element, at::Tensor& z, at::Tensor& kl) {
+  ReparamKLForwardParams p{};
+  p.dtype = kernel_dtype(in.mu, "mu");
+  p.mu = in.mu.data_ptr();
+  p.logvar = in.logvar.data_ptr();
+  p.mu_row_stride = in.mu.stride(0);
+  p.logvar_row_stride = in.logvar.stride(0);
+  p.rows = in.rows;
+  p.cols = in.cols;
+  p.samples = n_samples;
+  p.seed = seed.data_ptr<int64_t>();
+  p.z = z.data_ptr();
+  p.kl = kl.data_ptr<float>();
+  p.kl_per_element = kl_per_element;
+  return p;
+}
+
+struct BackwardBuffers {
+  at::Tensor grad_z, grad_kl, grad_mu, grad_logvar;
+};
+
+ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tensor& seed,
+                                        const std::optional<at::Tensor>& grad_z,
+                                        const std::optional<at::Tensor>& grad_kl, const at::Tensor& mu,
+                                        BackwardBuffers& buf) {
+  ReparamKLBackwardParams p{};
+  p.dtype = kernel_dtype(in.mu, "mu");
+  p.mu = in.mu.data_ptr();
+  p.logvar = in.logvar.data_ptr();
+  p.mu_row_stride = in.mu.stride(0);
+  p.logvar_row_stride = in.logvar.stride(0);
+  p.rows = in.rows;
+  p.cols = in.cols;
+  p.seed = seed.data_ptr<int64_t>();
+  p.samples = 0;
+  if (grad_z.has_value()) {
+    TORCH_CHECK_VALUE(grad_z->dim() == mu.dim() + 1 && grad_z->sizes().slice(1) == mu.sizes(),
+                      "grad_z must have shape [n_samples, *mu.shape], got ", grad_z->sizes());
+    TORCH_CHECK_TYPE(grad_z->scalar_type() == mu.scalar_type(), "grad_z must have the dtype of mu");
+    buf.grad_z = grad_z->contiguous();
+    p.grad_z = buf.grad_z.data_ptr();
+    p.samples = grad_z->size(0);
+  }
+  if (grad_kl.has_value()) {
+    TORCH_CHECK_VALUE(grad_kl->sizes() == mu.sizes(),
+                      "grad_kl must have the shape of mu (expanded if need be), got ", grad_kl->sizes());
+    TORCH_CHECK_TYPE(grad_kl->scalar_type() == at::kFloat, "grad_kl must be float32");
+    buf.grad_kl = grad_kl->reshape({in.rows, in.cols});  // a view for expanded per-row/scalar grads
+    p.grad_kl = buf.grad_kl.data_ptr<float>();
+    p.grad_kl_row_stride = buf.grad_kl.stride(0);
+    p.grad_kl_col_stride = buf.grad_kl.stride(1);
+  }
+  buf.grad_mu = at::empty(mu.sizes(), mu.options());
+  buf.grad_logvar = at::empty(mu.sizes(), mu.options());
+  p.grad_mu = buf.grad_mu.data_ptr();
+  p.grad_logvar = buf.grad_logvar.data_ptr();
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                                                          const at::Tensor& seed, int64_t n_samples,
+                                                          bool kl_per_element) {
+  CheckedInputs in = check_inputs(mu, logvar, seed);
+  auto [z, kl] = allocate_forward(mu, n_samples, kl_per_element);
+  if (in.cols == 0) kl.zero_();  // an empty sum per row
+  if (in.rows > 0 && in.cols > 0) cpu::reparam_kl_forward(forward_params(in, seed, n_samples, kl_per_element, z, kl));
+  return {z, kl};
+}
+
+std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                                                           const at::Tensor& seed,
+                                                           const std::optional<at::Tensor>& grad_z,
+                                                           const std::optional<at::Tensor>& grad_kl) {
+  CheckedInputs in = check_inputs(mu, logvar, seed);
+  BackwardBuffers buf;
+  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
+  if (in.rows > 0 && in.cols > 0) cpu::reparam_kl_backward(p);
+  return {buf.grad_mu, buf.grad_logvar};
+}
+
+#ifdef PYVAE_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
+                                                           const at::Tensor& seed, int64_t n_samples,
+                                                           bool kl_per_element) {
+  CheckedInputs in = check_inputs(mu, logvar, seed);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  auto [z, kl] = allocate_forward(mu, n_samples, kl_per_element);
+  if (in.cols == 0) kl.zero_();
+  cuda::reparam_kl_forward(forward_params(in, seed, n_samples, kl_per_element, z, kl),
+                           at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {z, kl};
+}
+
+std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
+                                                            const at::Tensor& seed,
+                                                            const std::optional<at::Tensor>& grad_z,
+                                                            const std::optional<at::Tensor>& grad_kl) {
+  CheckedInputs in = check_inputs(mu, logvar, seed);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  BackwardBuffers buf;
+  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
+  cuda::reparam_kl_backward(p, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {buf.grad_mu, buf.grad_logvar};
+}
+#endif
+
+}  // namespace
+}  // namespace pyvae
+
+TORCH_LIBRARY(pyvae, m) {
+  // z: [n_samples, *mu.shape] in mu's dtype; kl (float32): mu.shape if kl_per_element else mu.shape[:-1].
+  m.def("reparam_kl_forward(Tensor mu, Tensor logvar, Tensor seed, int n_samples, bool kl_per_element) -> (Tensor z, Tensor kl)");
+  // grad_z: [n_samples, *mu.shape]; grad_kl: float32 of mu's shape (an expanded view is fine).
+  m.def("reparam_kl_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl) -> (Tensor grad_mu, Tensor grad_logvar)");
+}
+
+TORCH_LIBRARY_IMPL(pyvae, CPU, m) {
+  m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cpu);
+  m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cpu);
+}
+
+#ifdef PYVAE_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
+  m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cuda);
+  m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cuda);
+}
+#endif

@@ -1,0 +1,159 @@
+"""Triton kernels for reparameterize + KL, registered as ``torch.ops.pyvae.*_triton`` ops.
+
+The noise stream is the one documented in ``csrc/common/philox.h``: four consecutive columns of a
+row form a group; group j of row r of sample s draws ``tl.philox(seed, lo(r*G + j), hi(r*G + j), s, 0)``
+(G = ceil(cols / 4)) and turns the four words into four normals with Triton's own
+``uint_to_uniform_float`` and ``pair_uniform_to_normal`` (the mapping of ``tl.randn4x``).
+A program owns BLOCK_R rows and walks their columns in BLOCK_G-group chunks, so the per-row KL sum
+is a fixed-order in-register reduction: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+
+@triton.jit
+def _normal4(seed, rows, groups_per_row, g, sample):
+    """The four normals of groups ``g`` (a [BLOCK_G] tensor) of ``rows`` ([BLOCK_R]); each [R, G]."""
+    counter = rows[:, None] * groups_per_row + g[None, :]
+    c0 = counter.to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    c2 = (c0 * 0 + sample).to(tl.uint32)
+    c3 = c0 * 0
+    i0, i1, i2, i3 = tl.philox(seed, c0, c1, c2, c3)
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i0), tl.uint_to_uniform_float(i1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i2), tl.uint_to_uniform_float(i3))
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _spread4(lane, n0, n1, n2, n3):
+    """[R, G] x 4 -> [R, G, 4]: element (r, g, k) is n_k[r, g]."""
+    return tl.where(lane == 0, n0[:, :, None],
+                    tl.where(lane == 1, n1[:, :, None], tl.where(lane == 2, n2[:, :, None], n3[:, :, None])))
+
+
+@triton.jit
+def _reparam_kl_fwd_kernel(mu_ptr, logvar_ptr, seed_ptr, z_ptr, kl_ptr, rows, cols, mu_row_stride,
+                           logvar_row_stride, KL_PER_ELEMENT: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_G: tl.constexpr):
+    sample = tl.program_id(1)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    seed = tl.load(seed_ptr)
+    groups_per_row = (cols + 3) // 4
+    lane = tl.arange(0, 4)[None, None, :]
+    r3 = r[:, None, None]
+    kl_rows = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for g0 in range(0, groups_per_row, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        col = g[None, :, None] * 4 + lane
+        mask = (r3 < rows) & (col < cols)
+        mu = tl.load(mu_ptr + r3 * mu_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+        logvar = tl.load(logvar_ptr + r3 * logvar_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+        std = tl.exp(0.5 * logvar)
+        n0, n1, n2, n3 = _normal4(seed, r, groups_per_row, g, sample)
+        z = mu + std * _spread4(lane, n0, n1, n2, n3)
+        tl.store(z_ptr + (sample * rows + r3) * cols + col, z.to(z_ptr.dtype.element_ty), mask=mask)
+        if sample == 0:
+            kl = 0.5 * (mu * mu + std * std - 1.0 - logvar)
+            if KL_PER_ELEMENT:
+                tl.store(kl_ptr + r3 * cols + col, kl, mask=mask)
+            else:
+                kl_rows += tl.sum(tl.sum(tl.where(mask, kl, 0.0), axis=2), axis=1)
+    if not KL_PER_ELEMENT:
+        if sample == 0:
+            tl.store(kl_ptr + r, kl_rows, mask=r < rows)
+
+
+@triton.jit
+def _reparam_kl_bwd_kernel(mu_ptr, logvar_ptr, seed_ptr, grad_z_ptr, grad_kl_ptr, grad_mu_ptr,
+                           grad_logvar_ptr, rows, cols, samples, mu_row_stride, logvar_row_stride,
+                           grad_kl_row_stride, grad_kl_col_stride, HAS_GRAD_Z: tl.constexpr,
+                           HAS_GRAD_KL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    seed = tl.load(seed_ptr)
+    groups_per_row = (cols + 3) // 4
+    lane = tl.arange(0, 4)[None, None, :]
+    r3 = r[:, None, None]
+    for g0 in range(0, groups_per_row, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        col = g[None, :, None] * 4 + lane
+        mask = (r3 < rows) & (col < cols)
+        mu = tl.load(mu_ptr + r3 * mu_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+        logvar = tl.load(logvar_ptr + r3 * logvar_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+        std = tl.exp(0.5 * logvar)
+        grad_mu = tl.zeros([BLOCK_R, BLOCK_G, 4], dtype=tl.float32)
+        grad_z_eps = tl.zeros([BLOCK_R, BLOCK_G, 4], dtype=tl.float32)
+        if HAS_GRAD_Z:
+            for sample in range(0, samples):
+                gz = tl.load(grad_z_ptr + (sample * rows + r3) * cols + col, mask=mask, other=0.0).to(tl.float32)
+                n0, n1, n2, n3 = _normal4(seed, r, groups_per_row, g, sample)
+                grad_mu += gz
+                grad_z_eps += gz * _spread4(lane, n0, n1, n2, n3)
+        grad_logvar = 0.5 * std * grad_z_eps
+        if HAS_GRAD_KL:
+            gkl = tl.load(grad_kl_ptr + r3 * grad_kl_row_stride + col * grad_kl_col_stride, mask=mask, other=0.0)
+            grad_mu += gkl * mu
+            grad_logvar += gkl * 0.5 * (std * std - 1.0)
+        tl.store(grad_mu_ptr + r3 * cols + col, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_logvar_ptr + r3 * cols + col, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
+
+
+def _tile(cols: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_G): about 2048 elements a chunk, whole short rows per program."""
+    groups = max(1, (cols + 3) // 4)
+    block_g = min(triton.next_power_of_2(groups), 256)
+    block_r = max(1, 512 // block_g)
+    return block_r, block_g
+
+
+def _as_rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    t2 = t.reshape(rows, cols)
+    return t2 if t2.stride(1) == 1 or cols == 1 else t2.contiguous()
+
+
+@triton_op("pyvae::reparam_kl_forward_triton", mutates_args=())
+def reparam_kl_forward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, n_samples: int,
+                              kl_per_element: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``torch.ops.pyvae.reparam_kl_forward`` (same schema and outputs)."""
+    cols = mu.shape[-1]
+    rows = mu.numel() // cols if cols else 0
+    z = mu.new_empty((n_samples, *mu.shape))
+    kl = mu.new_empty(mu.shape if kl_per_element else mu.shape[:-1], dtype=torch.float32)
+    if cols == 0:
+        kl.zero_()
+    if rows == 0 or cols == 0:
+        return z, kl
+    mu2, logvar2 = _as_rows(mu, rows, cols), _as_rows(logvar, rows, cols)
+    block_r, block_g = _tile(cols)
+    grid = (triton.cdiv(rows, block_r), n_samples)
+    wrap_triton(_reparam_kl_fwd_kernel)[grid](
+        mu2, logvar2, seed, z, kl, rows, cols, mu2.stride(0), logvar2.stride(0),
+        KL_PER_ELEMENT=kl_per_element, BLOCK_R=block_r, BLOCK_G=block_g)
+    return z, kl
+
+
+@triton_op("pyvae::reparam_kl_backward_triton", mutates_args=())
+def reparam_kl_backward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
+                               grad_z: torch.Tensor | None,
+                               grad_kl: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``torch.ops.pyvae.reparam_kl_backward`` (same schema and outputs)."""
+    cols = mu.shape[-1]
+    rows = mu.numel() // cols if cols else 0
+    grad_mu = torch.empty_like(mu, memory_format=torch.contiguous_format)
+    grad_logvar = torch.empty_like(mu, memory_format=torch.contiguous_format)
+    if rows == 0 or cols == 0:
+        return grad_mu, grad_logvar
+    mu2, logvar2 = _as_rows(mu, rows, cols), _as_rows(logvar, rows, cols)
+    gz = grad_z.contiguous() if grad_z is not None else mu2
+    gkl = grad_kl.reshape(rows, cols) if grad_kl is not None else mu2
+    block_r, block_g = _tile(cols)
+    wrap_triton(_reparam_kl_bwd_kernel)[(triton.cdiv(rows, block_r),)](
+        mu2, logvar2, seed, gz, gkl, grad_mu, grad_logvar, rows, cols,
+        grad_z.shape[0] if grad_z is not None else 0, mu2.stride(0), logvar2.stride(0),
+        gkl.stride(0), gkl.stride(1), HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
+        BLOCK_R=block_r, BLOCK_G=block_g)
+    return grad_mu, grad_logvar

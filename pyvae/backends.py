@@ -1,0 +1,100 @@
+"""Which implementations of pyvae's ops exist on this machine, and which one ``auto`` picks.
+
+Backends:
+    ``torch``  the pure-PyTorch reference (any device, any floating dtype including float64).
+    ``cpu``    the C++ kernels of the extension ``pyvae._C`` (CPU tensors).
+    ``cuda``   the CUDA C++ kernels of ``pyvae._C`` (CUDA tensors; needs a CUDA build of torch).
+    ``triton`` the Triton kernels in ``pyvae.kernels`` (CUDA tensors; also CPU tensors when
+               ``TRITON_INTERPRET=1`` was set before Triton was imported: that is how they are
+               tested without a GPU).
+
+``backend="auto"`` (the default of every op) takes ``PYVAE_BACKEND`` from the environment when it
+is set, else picks per device: for CUDA tensors the GPU backend the benchmark measured faster for
+that op (``AUTO_CUDA``), for CPU tensors ``cpu``; ``torch`` where the extension is missing.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+
+# The GPU backend `auto` picks per op, from bench/results (triton until a GPU run says otherwise).
+AUTO_CUDA = {"reparam_kl": "triton"}
+
+
+@functools.lru_cache(maxsize=None)
+def native_extension() -> ModuleType | None:
+    """The compiled extension ``pyvae._C`` (registers the ``torch.ops.pyvae`` C++ ops), or None."""
+    try:
+        return importlib.import_module("pyvae._C")
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels(op: str) -> ModuleType | None:
+    """``pyvae.kernels.<op>`` (registers its ``*_triton`` ops), or None without a usable Triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        return importlib.import_module(f"pyvae.kernels.{op}")
+    except ImportError:
+        return None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can serve tensors on ``device``, in order of preference for ``auto``."""
+    device = torch.device(device)
+    ext = native_extension()
+    found = []
+    if device.type == "cuda":
+        if ext is not None and ext.has_cuda and torch.cuda.is_available():
+            found.append("cuda")
+        if importlib.util.find_spec("triton") is not None and torch.cuda.is_available():
+            found.append("triton")
+    elif device.type == "cpu":
+        if ext is not None:
+            found.append("cpu")
+        if importlib.util.find_spec("triton") is not None and triton_interpreted():
+            found.append("triton")
+    found.append("torch")
+    return found
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """The concrete backend for one call of ``op`` on ``device``; raises ValueError if none fits."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    requested = backend
+    if backend == "auto":
+        backend = os.environ.get("PYVAE_BACKEND", "auto") or "auto"
+        requested = f"auto (PYVAE_BACKEND={backend!r})" if backend != "auto" else "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
+    usable = available(device)
+    if backend == "auto":
+        if device.type == "cuda":
+            preferred = AUTO_CUDA.get(op, "triton")
+            for candidate in (preferred, "cuda", "triton"):
+                if candidate in usable:
+                    return candidate
+        return "cpu" if device.type == "cpu" and "cpu" in usable else "torch"
+    if backend not in usable:
+        raise ValueError(
+            f"backend {requested!r} cannot serve tensors on device '{device}'; available there: {usable}"
+            + (" (the triton backend serves CPU tensors only with TRITON_INTERPRET=1)"
+               if backend == "triton" and device.type == "cpu" else "")
+            + (" (pyvae._C failed to import: rebuild with `pip install --no-build-isolation .`)"
+               if backend in ("cpu", "cuda") and native_extension() is None else ""))
+    return backend

@@ -1,0 +1,4 @@
+"""Layers built on pyvae.ops."""
+from .latent import GaussianLatent
+
+__all__ = ["GaussianLatent"]

@@ -1,0 +1,271 @@
+"""Fused reparameterization + KL: ``z = mu + exp(logvar / 2) * eps`` and KL(q || N(0, I)) in one pass.
+
+Layers of this op (the shape every pyvae op follows):
+    kernels   ``csrc/cpu/reparam_kl.cpp``, ``csrc/cuda/reparam_kl.cu``, ``kernels/reparam_kl.py``;
+    ops       ``torch.ops.pyvae.reparam_kl_forward/backward`` (C++, CPU and CUDA) and their
+              ``*_triton`` twins, each with a fake implementation;
+    autograd  :class:`ReparamKLFunction`, which saves only mu, logvar and the seed;
+    API       :func:`reparameterize_kl`.
+
+The noise: eps is drawn inside the kernel from counter-based Philox4x32-10 keyed by a 64-bit seed
+(stream layout in ``csrc/common/philox.h``); backward regenerates it from the seed. Every backend
+draws the same eps for the same seed. :func:`reference_eps` is the float64 oracle of that stream.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backends
+from ._common import check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows
+
+__all__ = ["reparameterize_kl", "ReparamKLFunction", "reference_eps", "reparameterize_kl_reference", "draw_seed"]
+
+_OP = "reparam_kl"
+_MASK32 = 0xFFFFFFFF
+_SEED_LIMIT = 2**63 - 1
+
+
+# --------------------------------------------------------------------------- the noise, in PyTorch
+def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for uint32 values held in int64, without int64 overflow."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    ahi, alo = a * b_hi, a * b_lo  # each < 2^48
+    hi = (ahi + (alo >> 16)) >> 16
+    lo = (alo + ((ahi & 0xFFFF) << 16)) & _MASK32
+    return hi, lo
+
+
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mulhilo32(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & _MASK32
+        k1 = (k1 + 0xBB67AE85) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform(bits: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: the uint32 read as int32, negatives folded by ~x, times a scale."""
+    folded = torch.where(bits >= 2**31, _MASK32 - bits, bits)
+    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def reference_eps(seed: torch.Tensor, shape: torch.Size | tuple[int, ...], n_samples: int = 1,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The N(0, 1) noise every backend uses for ``seed``, shape ``(n_samples, *shape)``.
+
+    Bits and uniforms are exact (integer Philox, float32 uniforms); the Box-Muller transform runs in
+    ``dtype`` (float64 gives the oracle the kernels are tested against).
+    """
+    shape = torch.Size(shape)
+    cols = shape[-1]
+    rows = shape.numel() // cols if cols else 0
+    groups = (cols + 3) // 4
+    device = seed.device
+    counter = torch.arange(rows * groups, dtype=torch.int64, device=device)
+    sample = torch.arange(n_samples, dtype=torch.int64, device=device).view(-1, 1)
+    seed = seed.reshape(()).to(torch.int64)
+    c0 = (counter & _MASK32).expand(n_samples, -1)
+    c1 = (counter >> 32).expand(n_samples, -1)
+    c2 = sample.expand_as(c0)
+    words = _philox4x32_10(c0, c1, c2, torch.zeros_like(c0), seed & _MASK32, (seed >> 32) & _MASK32)
+    u = [_uniform(w) for w in words]
+    normals = []
+    for u1, u2 in ((u[0], u[1]), (u[2], u[3])):
+        radius = torch.sqrt(-2.0 * torch.log(u1.clamp_min(1e-7).to(dtype)))
+        theta = (2.0 * math.pi) * u2.to(dtype)
+        normals += [radius * torch.cos(theta), radius * torch.sin(theta)]
+    eps = torch.stack(normals, dim=-1).reshape(n_samples, rows, 4 * groups)[..., :cols]
+    return eps.reshape(n_samples, *shape)
+
+
+def draw_seed(device: torch.device | str) -> torch.Tensor:
+    """A fresh seed from PyTorch's generator for ``device``, as a 0-d int64 tensor on that device.
+
+    Drawn by a device-side random op, so it never synchronises with the GPU, and a CUDA graph that
+    captured it draws a fresh seed on every replay (as PyTorch's own random ops do).
+    """
+    return torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64, device=device)
+
+
+def _seed_tensor(seed: int | torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if seed is None:
+        return draw_seed(device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed tensor must be a one-element int64 tensor, got dtype {seed.dtype} "
+                             f"and shape {tuple(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"seed tensor is on {seed.device} but mu is on {device}")
+        return seed.reshape(())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be None, an int or a one-element int64 tensor, got {type(seed).__name__}")
+    if not 0 <= seed <= _SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
+    return torch.full((), seed, dtype=torch.int64, device=device)
+
+
+# --------------------------------------------------------------------------- the reference
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reparameterize_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, n_samples: int = 1,
+                                reduction: str = "per_sample") -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain differentiable PyTorch with the eager formulas: the oracle of every backend.
+
+    Computes in float64 for float64 inputs and in float32 otherwise; ``z`` always has shape
+    ``(n_samples, *mu.shape)``; ``kl`` is float32 (float64 for float64 inputs).
+    """
+    cdt = _compute_dtype(mu.dtype)
+    eps = reference_eps(seed, mu.shape, n_samples, cdt)
+    mu_c, logvar_c = mu.to(cdt), logvar.to(cdt)
+    z = (mu_c + torch.exp(0.5 * logvar_c) * eps).to(mu.dtype)
+    kl = -0.5 * (1.0 + logvar_c - mu_c.pow(2) - torch.exp(logvar_c))
+    if reduction != "none":
+        kl = reduce_rows(kl.sum(-1), reduction, mu.numel())
+    return z, kl
+
+
+def _torch_forward(mu, logvar, seed, n_samples, kl_per_element):
+    z, kl = reparameterize_kl_reference(mu, logvar, seed, n_samples, "none" if kl_per_element else "per_sample")
+    return z, kl
+
+
+def _torch_backward(mu, logvar, seed, grad_z, grad_kl):
+    cdt = _compute_dtype(mu.dtype)
+    mu_c, logvar_c = mu.to(cdt), logvar.to(cdt)
+    std = torch.exp(0.5 * logvar_c)
+    grad_mu = torch.zeros_like(mu_c)
+    grad_logvar = torch.zeros_like(mu_c)
+    if grad_z is not None:
+        eps = reference_eps(seed, mu.shape, grad_z.shape[0], cdt)
+        gz = grad_z.to(cdt)
+        grad_mu = grad_mu + gz.sum(0)
+        grad_logvar = grad_logvar + 0.5 * std * (gz * eps).sum(0)
+    if grad_kl is not None:
+        gkl = grad_kl.to(cdt)
+        grad_mu = grad_mu + gkl * mu_c
+        grad_logvar = grad_logvar + gkl * 0.5 * (std * std - 1.0)
+    return grad_mu.to(mu.dtype), grad_logvar.to(mu.dtype)
+
+
+def _ops(backend: str):
+    """(forward, backward) callables of ``backend`` with the registered ops' signature."""
+    if backend == "torch":
+        return _torch_forward, _torch_backward
+    if backend == "triton":
+        backends.triton_kernels(_OP)
+        return torch.ops.pyvae.reparam_kl_forward_triton, torch.ops.pyvae.reparam_kl_backward_triton
+    return torch.ops.pyvae.reparam_kl_forward, torch.ops.pyvae.reparam_kl_backward
+
+
+# --------------------------------------------------------------------------- autograd
+class ReparamKLFunction(torch.autograd.Function):
+    """``(z, kl) = ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, backend)``.
+
+    ``seed`` is a 0-d int64 tensor on the device of ``mu``; ``backend`` a concrete backend name
+    (see :mod:`pyvae.backends`). Saves only ``mu``, ``logvar`` and ``seed`` for backward, which
+    regenerates eps from the seed and calls the backend's registered backward op.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, logvar, seed, n_samples: int, reduction: str, backend: str):
+        forward_op, _ = _ops(backend)
+        z, kl = forward_op(mu, logvar, seed, n_samples, reduction == "none")
+        if reduction not in ("none", "per_sample"):
+            kl = reduce_rows(kl, reduction, mu.numel())
+        ctx.save_for_backward(mu, logvar, seed)
+        ctx.n_samples, ctx.reduction, ctx.backend = n_samples, reduction, backend
+        ctx.set_materialize_grads(False)
+        return (z[0] if n_samples == 1 else z), kl
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        mu, logvar, seed = ctx.saved_tensors
+        _, backward_op = _ops(ctx.backend)
+        if grad_z is not None:
+            grad_z = (grad_z.unsqueeze(0) if ctx.n_samples == 1 else grad_z).to(mu.dtype)
+        if grad_kl is not None:
+            grad_kl = expand_reduced_grad(grad_kl, ctx.reduction, mu.shape)
+            if ctx.backend != "torch":
+                grad_kl = grad_kl.float()
+        grad_mu, grad_logvar = backward_op(mu, logvar, seed, grad_z, grad_kl)
+        return grad_mu, grad_logvar, None, None, None, None
+
+
+# --------------------------------------------------------------------------- API
+def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, n_samples: int = 1,
+                      seed: int | torch.Tensor | None = None, reduction: str = "per_sample",
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``z ~ N(mu, exp(logvar))`` by reparameterization and return it with KL(q || N(0, I)).
+
+    Args:
+        mu, logvar: tensors of the same shape ``[..., Z]`` (at least 1-D) on one device, float32,
+            float16 or bfloat16 (float64 on ``backend="torch"``). Different floating dtypes are
+            promoted to a common one, as eager arithmetic would (e.g. under ``torch.autocast``).
+        n_samples: draws per input; ``z`` gets a leading dimension of this size when it is > 1.
+        seed: ``None`` draws a seed from PyTorch's generator for the device (so ``torch.manual_seed``
+            makes runs repeatable; no host synchronisation; fresh noise on every CUDA-graph replay);
+            an int in ``[0, 2**63 - 1]`` or a one-element int64 tensor on the device fixes the noise.
+            The same seed gives the same eps on every backend.
+        reduction: of the KL term: ``"none"`` (``[..., Z]``), ``"per_sample"`` (``[...]``: sum over
+            the last dim), ``"sum"`` (scalar), ``"batchmean"`` (sum / number of samples, i.e. the
+            ELBO's KL per sample) or ``"mean"`` (sum / number of elements).
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"`` (see :mod:`pyvae.backends`).
+
+    Returns:
+        ``(z, kl)``: ``z = mu + exp(logvar / 2) * eps`` of shape ``mu.shape`` (or
+        ``(n_samples, *mu.shape)``) in mu's dtype; ``kl = -0.5 (1 + logvar - mu^2 - exp(logvar))``
+        reduced as asked, in float32 (float64 for float64 inputs). Empty batches give empty ``z``;
+        their ``sum`` is 0 and ``batchmean``/``mean`` are NaN, as ``torch.mean`` of nothing.
+
+    NaN and Inf propagate as in the eager formulas, on every backend: a NaN in mu or logvar makes
+    that element's z and KL NaN; logvar = +inf gives z = +-inf and KL NaN (inf - inf);
+    logvar = -inf gives z = mu and KL = +inf.
+
+    Gradients flow to ``mu`` and ``logvar``: ``dmu = dz + dkl * mu``,
+    ``dlogvar = dz * 0.5 exp(logvar / 2) eps + dkl * 0.5 (exp(logvar) - 1)``, summed over samples.
+    """
+    check_floating("mu", mu, "torch")
+    check_floating("logvar", logvar, "torch")
+    check_reduction(reduction)
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int):
+        raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if mu.dim() == 0:
+        raise ValueError("mu must have at least one dimension [..., Z], got a 0-d tensor")
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu and logvar must have the same shape, got {tuple(mu.shape)} and {tuple(logvar.shape)}")
+    device = check_same_device(mu=mu, logvar=logvar)
+    resolved = backends.resolve(backend, device, _OP)
+    check_floating("mu", mu, resolved)
+    check_floating("logvar", logvar, resolved)
+    if mu.dtype != logvar.dtype:
+        common = torch.promote_types(mu.dtype, logvar.dtype)
+        mu, logvar = mu.to(common), logvar.to(common)
+    seed_t = _seed_tensor(seed, device)
+    return ReparamKLFunction.apply(mu, logvar, seed_t, n_samples, reduction, resolved)
+
+
+# --------------------------------------------------------------------------- fake kernels
+def _register_fakes() -> None:
+    def forward_fake(mu, logvar, seed, n_samples, kl_per_element):
+        z = mu.new_empty((n_samples, *mu.shape))
+        kl = mu.new_empty(mu.shape if kl_per_element else mu.shape[:-1], dtype=torch.float32)
+        return z, kl
+
+    def backward_fake(mu, logvar, seed, grad_z, grad_kl):
+        return (torch.empty_like(mu, memory_format=torch.contiguous_format),
+                torch.empty_like(mu, memory_format=torch.contiguous_format))
+
+    torch.library.register_fake("pyvae::reparam_kl_forward", forward_fake)
+    torch.library.register_fake("pyvae::reparam_kl_backward", backward_fake)
+
+
+if backends.native_extension() is not None:
+    _register_fakes()
