@@ -30,13 +30,25 @@ PYVAE_HD int32_t float_to_int_bits(float f) {
 #endif
 }
 
+// Round to nearest integer (ties to even). The host spelling adds and subtracts 1.5 * 2^23, which
+// vectorises on the baseline x86-64 ISA (rintf needs SSE4.1); valid for |v| < 2^22.
+PYVAE_HD float round_nearest(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  constexpr float kMagic = 12582912.0f;
+  return (v + kMagic) - kMagic;
+#endif
+}
+
 // 2^k for k in [-126, 127].
 PYVAE_HD float pow2i(int32_t k) { return int_bits_to_float((k + 127) << 23); }
 
 // e^x with IEEE special cases: +inf -> +inf, -inf -> 0, NaN -> NaN, overflow -> +inf.
 PYVAE_HD float exp_f(float x) {
-  const float xc = fminf(fmaxf(x, -104.0f), 88.8f);
-  const float k = rintf(xc * 1.44269504088896341f);
+  float xc = x < -104.0f ? -104.0f : x;  // NaN passes through the clamps and is restored below
+  xc = xc > 88.8f ? 88.8f : xc;
+  const float k = round_nearest(xc * 1.44269504088896341f);
   float r = xc - k * 0.693359375f;
   r = r + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -83,7 +95,7 @@ PYVAE_HD float log_unit(float x) {
 // sin(2 pi u) and cos(2 pi u). The quadrant is taken from u itself (exactly), so the reduced
 // angle carries no error from rounding 2 pi u.
 PYVAE_HD void sincos_2pi(float u, float& s, float& c) {
-  const float q = rintf(4.0f * u);
+  const float q = round_nearest(4.0f * u);
   const float a = (u - 0.25f * q) * 6.28318530717958647692f;  // |a| <= pi/4
   const float z = a * a;
   const float sin_a = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * a + a;

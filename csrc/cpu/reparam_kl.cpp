@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../common/philox.h"
 #include "../common/reparam_kl_math.h"
@@ -20,7 +21,7 @@ constexpr int64_t kChunk = 256;  // columns per chunk; a multiple of 4 (Philox g
 constexpr int kLanes = 8;        // KL partial sums per row: fixed, so results do not depend on ISA
 
 #if defined(__x86_64__) && !defined(__clang__)
-#define PYVAE_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#define PYVAE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PYVAE_MULTIVERSION
 #endif
@@ -30,12 +31,11 @@ PYVAE_MULTIVERSION void normals(uint64_t seed, uint64_t group0, uint32_t sample,
                                 float* __restrict eps) {
 #pragma omp simd
   for (int64_t j = 0; j < n_groups; ++j) {
-    float n[4];
-    normal4(seed, group0 + static_cast<uint64_t>(j), sample, n);
-    eps[4 * j + 0] = n[0];
-    eps[4 * j + 1] = n[1];
-    eps[4 * j + 2] = n[2];
-    eps[4 * j + 3] = n[3];
+    const Normal4 n = normal4(seed, group0 + static_cast<uint64_t>(j), sample);
+    eps[4 * j + 0] = n.v[0];
+    eps[4 * j + 1] = n.v[1];
+    eps[4 * j + 2] = n.v[2];
+    eps[4 * j + 3] = n.v[3];
   }
 }
 
@@ -49,19 +49,47 @@ PYVAE_MULTIVERSION void std_and_kl(const float* __restrict mu, const float* __re
   }
 }
 
+// A chunk of a row as floats: the row itself for float32, else converted into `buffer`.
 template <typename T>
-void to_float(const T* __restrict src, int64_t n, float* __restrict dst) {
-  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<float>(src[c]);
+const float* as_float(const T* __restrict src, int64_t n, float* __restrict buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t c = 0; c < n; ++c) buffer[c] = static_cast<float>(src[c]);
+    return buffer;
+  }
+}
+
+// Where to compute a chunk of an output row: the row itself for float32, else `buffer`
+// (then written back by store_chunk).
+template <typename T>
+float* float_target(T* dst, float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dst;
+  } else {
+    return buffer;
+  }
 }
 
 template <typename T>
-void from_float(const float* __restrict src, int64_t n, T* __restrict dst) {
+void store_chunk_from(const float* __restrict src, int64_t n, T* __restrict dst) {
   for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
 }
 
-// Adds kl[0, n) into the lanes, element c of the row going to lane c % kLanes.
-void accumulate_lanes(const float* kl, int64_t n, int64_t col0, float* lanes) {
-  for (int64_t c = 0; c < n; ++c) lanes[(col0 + c) % kLanes] += kl[c];
+template <typename T>
+void store_chunk(const float* __restrict src, int64_t n, T* __restrict dst) {
+  if constexpr (!std::is_same_v<T, float>) {
+    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
+  }
+}
+
+// Adds kl[0, n) into the lanes, element c of the chunk going to lane c % kLanes (chunks start at
+// multiples of kLanes, so this is also the column's lane).
+void accumulate_lanes(const float* __restrict kl, int64_t n, float* __restrict lanes) {
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += kl[c + l];
+  for (int l = 0; c + l < n; ++l) lanes[l] += kl[c + l];
 }
 
 float sum_lanes(const float* lanes) {
@@ -79,26 +107,25 @@ void forward_impl(const ReparamKLForwardParams& p) {
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
   const int64_t groups_per_row = (p.cols + 3) / 4;
   at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t row_begin, int64_t row_end) {
-    alignas(64) float mu_f[kChunk], logvar_f[kChunk], std_f[kChunk], kl_f[kChunk], eps[kChunk],
-        z_f[kChunk];
+    alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], std_f[kChunk], kl_buf[kChunk], eps[kChunk],
+        z_buf[kChunk];
     for (int64_t r = row_begin; r < row_end; ++r) {
       float lanes[kLanes] = {};
       for (int64_t col0 = 0; col0 < p.cols; col0 += kChunk) {
         const int64_t n = std::min(kChunk, p.cols - col0);
-        to_float(mu + r * p.mu_row_stride + col0, n, mu_f);
-        to_float(logvar + r * p.logvar_row_stride + col0, n, logvar_f);
+        const float* mu_f = as_float(mu + r * p.mu_row_stride + col0, n, mu_buf);
+        const float* logvar_f = as_float(logvar + r * p.logvar_row_stride + col0, n, logvar_buf);
+        float* kl_f = p.kl_per_element ? p.kl + r * p.cols + col0 : kl_buf;
         std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
-        if (p.kl_per_element) {
-          std::copy(kl_f, kl_f + n, p.kl + r * p.cols + col0);
-        } else {
-          accumulate_lanes(kl_f, n, col0, lanes);
-        }
+        if (!p.kl_per_element) accumulate_lanes(kl_f, n, lanes);
         const uint64_t group0 = static_cast<uint64_t>(r * groups_per_row + col0 / 4);
         for (int64_t s = 0; s < p.samples; ++s) {
           normals(seed, group0, static_cast<uint32_t>(s), (n + 3) / 4, eps);
+          T* z_row = z + (s * p.rows + r) * p.cols + col0;
+          float* z_f = float_target(z_row, z_buf);
 #pragma omp simd
           for (int64_t c = 0; c < n; ++c) z_f[c] = mu_f[c] + std_f[c] * eps[c];
-          from_float(z_f, n, z + (s * p.rows + r) * p.cols + col0);
+          store_chunk(z_f, n, z_row);
         }
       }
       if (!p.kl_per_element) p.kl[r] = sum_lanes(lanes);
@@ -116,13 +143,13 @@ void backward_impl(const ReparamKLBackwardParams& p) {
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
   const int64_t groups_per_row = (p.cols + 3) / 4;
   at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t row_begin, int64_t row_end) {
-    alignas(64) float mu_f[kChunk], logvar_f[kChunk], std_f[kChunk], kl_f[kChunk], eps[kChunk],
-        gz_f[kChunk], gz_sum[kChunk], gz_eps_sum[kChunk], gkl[kChunk];
+    alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], gz_buf[kChunk], std_f[kChunk], kl_f[kChunk],
+        eps[kChunk], gz_sum[kChunk], gz_eps_sum[kChunk], gkl[kChunk];
     for (int64_t r = row_begin; r < row_end; ++r) {
       for (int64_t col0 = 0; col0 < p.cols; col0 += kChunk) {
         const int64_t n = std::min(kChunk, p.cols - col0);
-        to_float(mu + r * p.mu_row_stride + col0, n, mu_f);
-        to_float(logvar + r * p.logvar_row_stride + col0, n, logvar_f);
+        const float* mu_f = as_float(mu + r * p.mu_row_stride + col0, n, mu_buf);
+        const float* logvar_f = as_float(logvar + r * p.logvar_row_stride + col0, n, logvar_buf);
         std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
         std::fill(gz_sum, gz_sum + n, 0.0f);
         std::fill(gz_eps_sum, gz_eps_sum + n, 0.0f);
@@ -130,7 +157,7 @@ void backward_impl(const ReparamKLBackwardParams& p) {
           const uint64_t group0 = static_cast<uint64_t>(r * groups_per_row + col0 / 4);
           for (int64_t s = 0; s < p.samples; ++s) {
             normals(seed, group0, static_cast<uint32_t>(s), (n + 3) / 4, eps);
-            to_float(grad_z + (s * p.rows + r) * p.cols + col0, n, gz_f);
+            const float* gz_f = as_float(grad_z + (s * p.rows + r) * p.cols + col0, n, gz_buf);
 #pragma omp simd
             for (int64_t c = 0; c < n; ++c) {
               gz_sum[c] += gz_f[c];
@@ -148,8 +175,8 @@ void backward_impl(const ReparamKLBackwardParams& p) {
           gz_sum[c] += gkl[c] * mu_f[c];  // becomes grad_mu
           gz_eps_sum[c] = z_dlogvar(std_f[c], gz_eps_sum[c]) + gkl[c] * kl_dlogvar(std_f[c]);
         }
-        from_float(gz_sum, n, grad_mu + r * p.cols + col0);
-        from_float(gz_eps_sum, n, grad_logvar + r * p.cols + col0);
+        store_chunk_from(gz_sum, n, grad_mu + r * p.cols + col0);
+        store_chunk_from(gz_eps_sum, n, grad_logvar + r * p.cols + col0);
       }
     }
   });

@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
   float kl_partial = 0.0f;
   for (int64_t j = lane; active && j < groups; j += threads_per_row) {
     const int64_t col = 4 * j;
-    float mu[4], logvar[4], sd[4], kl[4], eps[4], z[4];
+    float mu[4], logvar[4], sd[4], kl[4], z[4];
     load4(mu_row, col, p.cols, vec_in, mu);
     load4(logvar_row, col, p.cols, vec_in, logvar);
 #pragma unroll
@@ -121,9 +121,9 @@ __global__ void __launch_bounds__(kThreads)
     kl_partial += (kl[0] + kl[1]) + (kl[2] + kl[3]);
     if (p.kl_per_element) store4(p.kl + r * p.cols, col, p.cols, vec_out, kl);
     for (int64_t s = 0; s < p.samples; ++s) {
-      normal4(seed, static_cast<uint64_t>(r * groups + j), static_cast<uint32_t>(s), eps);
+      const Normal4 eps = normal4(seed, static_cast<uint64_t>(r * groups + j), static_cast<uint32_t>(s));
 #pragma unroll
-      for (int k = 0; k < 4; ++k) z[k] = mu[k] + sd[k] * eps[k];
+      for (int k = 0; k < 4; ++k) z[k] = mu[k] + sd[k] * eps.v[k];
       store4(static_cast<T*>(p.z) + (s * p.rows + r) * p.cols, col, p.cols, vec_out, z);
     }
   }
@@ -145,17 +145,17 @@ __global__ void __launch_bounds__(kThreads)
   const T* grad_z = static_cast<const T*>(p.grad_z);
   for (int64_t j = lane; j < groups; j += threads_per_row) {
     const int64_t col = 4 * j;
-    float mu[4], logvar[4], gz[4], eps[4], gz_sum[4] = {}, gz_eps_sum[4] = {};
+    float mu[4], logvar[4], gz[4], gz_sum[4] = {}, gz_eps_sum[4] = {};
     load4(mu_row, col, p.cols, vec_in, mu);
     load4(logvar_row, col, p.cols, vec_in, logvar);
     if (grad_z != nullptr) {
       for (int64_t s = 0; s < p.samples; ++s) {
-        normal4(seed, static_cast<uint64_t>(r * groups + j), static_cast<uint32_t>(s), eps);
+        const Normal4 eps = normal4(seed, static_cast<uint64_t>(r * groups + j), static_cast<uint32_t>(s));
         load4(grad_z + (s * p.rows + r) * p.cols, col, p.cols, vec_out, gz);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           gz_sum[k] += gz[k];
-          gz_eps_sum[k] += gz[k] * eps[k];
+          gz_eps_sum[k] += gz[k] * eps.v[k];
         }
       }
     }
