@@ -28,19 +28,27 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 AUTO_CUDA = {"reparam_kl": "triton"}
 
 
-@functools.lru_cache(maxsize=None)
-def native_extension() -> ModuleType | None:
-    """The compiled extension ``pyvae._C`` (registers the ``torch.ops.pyvae`` C++ ops), or None."""
+def _load_extension() -> ModuleType | None:
     try:
         return importlib.import_module("pyvae._C")
     except ImportError:
         return None
 
 
+# Looked up once at import, so that backend resolution is plain Python that torch.compile traces.
+_EXTENSION = _load_extension()
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def native_extension() -> ModuleType | None:
+    """The compiled extension ``pyvae._C`` (registers the ``torch.ops.pyvae`` C++ ops), or None."""
+    return _EXTENSION
+
+
 @functools.lru_cache(maxsize=None)
 def triton_kernels(op: str) -> ModuleType | None:
     """``pyvae.kernels.<op>`` (registers its ``*_triton`` ops), or None without a usable Triton."""
-    if importlib.util.find_spec("triton") is None:
+    if not _HAS_TRITON:
         return None
     try:
         return importlib.import_module(f"pyvae.kernels.{op}")
@@ -61,12 +69,12 @@ def available(device: torch.device | str = "cpu") -> list[str]:
     if device.type == "cuda":
         if ext is not None and ext.has_cuda and torch.cuda.is_available():
             found.append("cuda")
-        if importlib.util.find_spec("triton") is not None and torch.cuda.is_available():
+        if _HAS_TRITON and torch.cuda.is_available():
             found.append("triton")
     elif device.type == "cpu":
         if ext is not None:
             found.append("cpu")
-        if importlib.util.find_spec("triton") is not None and triton_interpreted():
+        if _HAS_TRITON and triton_interpreted():
             found.append("triton")
     found.append("torch")
     return found

@@ -1,0 +1,35 @@
+"""Shared test setup: Triton runs in its CPU interpreter when there is no GPU (set before Triton
+is imported), and fixtures listing the devices and backends to test on."""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# Test the installed package, never the source folder of the same name (which has neither the
+# built extension nor pyvae.kernels): drop the repository root that `python -m pytest` prepends.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import pyvae  # noqa: E402
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def device_backends() -> list[tuple[str, str]]:
+    """Every (device, backend) pair that works on this machine."""
+    return [(d, b) for d in devices() for b in pyvae.backends.available(d)]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
