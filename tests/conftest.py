@@ -1,15 +1,8 @@
 """Shared test setup: Triton runs in its CPU interpreter when there is no GPU (set before Triton
 is imported), and fixtures listing the devices and backends to test on."""
 import os
-import sys
-from pathlib import Path
 
 import torch
-
-# Test the installed package, never the source folder of the same name (which has neither the
-# built extension nor pyvae.kernels): drop the repository root that `python -m pytest` prepends.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,208 @@
+"""Timing, traffic and result files shared by the op benchmarks (bench/<op>.py) and the runner.
+
+GPU: CUDA events through ``triton.testing.do_bench`` (L2 flushed between runs) and, for small
+shapes, ``do_bench_cudagraph``. CPU: ``time.perf_counter`` medians over many runs, with the
+providers of one case interleaved round by round so machine noise hits them alike.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    mode: str
+    provider: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    bytes_moved: int
+    gbps: float
+    pct_copy: float
+    saved_bytes: int | None
+    peak_mem_bytes: int | None
+    speedup_vs_eager: float | None = None
+    cuda_graph: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def device_slug(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def environment(device: str) -> dict:
+    """Device, versions and date written into every result row."""
+    import pyvae
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine())
+    return {
+        "device": device, "device_name": name, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "triton": triton_version, "pyvae": pyvae.__version__,
+        "python": platform.python_version(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _percentiles(samples_ms: list[float]) -> Timing:
+    qs = statistics.quantiles(samples_ms, n=10, method="inclusive")
+    return Timing(statistics.median(samples_ms), qs[1], qs[7])
+
+
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 3) -> dict[str, Timing]:
+    """perf_counter timings of several candidates, interleaved round by round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: _percentiles(v) for k, v in samples.items()}
+
+
+def time_gpu(fn: Callable[[], object], cuda_graph: bool = False) -> Timing:
+    import triton.testing
+
+    if cuda_graph:
+        q = triton.testing.do_bench_cudagraph(fn, rep=200, quantiles=[0.5, 0.2, 0.8])
+    else:
+        q = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
+    return Timing(*q)
+
+
+def copy_bandwidth(device: str, nbytes: int, reps: int = 30) -> float:
+    """GB/s of a device-to-device copy of nbytes (counting bytes read plus bytes written)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    if device == "cpu":
+        t = time_cpu_interleaved({"copy": lambda: dst.copy_(src)}, reps)["copy"]
+    else:
+        t = time_gpu(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (t.median_ms * 1e-3) / 1e9
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes autograd keeps for backward while running fn (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def peak_memory(device: str, fn: Callable[[], object]) -> int | None:
+    """Peak bytes allocated above the starting point while running fn (CUDA only)."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def write_results(rows: list[Row], env: dict, out_dir: Path, name: str, command: str) -> list[Path]:
+    """CSV (one row per provider x shape x mode, with device, versions and date) + markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"{name}.csv"
+    fields = list(env) + [k for k in asdict(rows[0]) if k != "extra"] + ["command"]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            d = asdict(row)
+            d.pop("extra")
+            writer.writerow({**env, **d, "command": command})
+    md_path = out_dir / f"{name}.md"
+    md_path.write_text(markdown_table(rows, env, command))
+    return [csv_path, md_path]
+
+
+def markdown_table(rows: list[Row], env: dict, command: str) -> str:
+    lines = [
+        f"# {rows[0].op} on {env['device_name']} ({env['device']})",
+        "",
+        f"`{command}`, {env['date']}; torch {env['torch']}, triton {env['triton']}, pyvae {env['pyvae']}, "
+        f"python {env['python']}, {env['threads']} CPU threads.",
+        "",
+        "Times are medians (p20-p80) in ms. GB/s counts the minimal logical traffic (inputs read once, "
+        "outputs written once); % copy is that rate over a device copy measured in the same run.",
+        "",
+        "| shape | dtype | mode | provider | median ms | p20-p80 ms | GB/s | % copy | x eager | saved for bwd | peak mem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        def mib(b):
+            return "" if b is None else f"{b / 2**20:.1f} MiB"
+        speed = "" if r.speedup_vs_eager is None else f"{r.speedup_vs_eager:.2f}"
+        graph = " (CUDA graph)" if r.cuda_graph else ""
+        lines.append(f"| {r.shape} | {r.dtype} | {r.mode} | {r.provider}{graph} | {r.median_ms:.4f} | "
+                     f"{r.p20_ms:.4f}-{r.p80_ms:.4f} | {r.gbps:.1f} | {r.pct_copy:.0f}% | {speed} | "
+                     f"{mib(r.saved_bytes)} | {mib(r.peak_mem_bytes)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], out_path: Path, title: str) -> Path | None:
+    """Bar chart of speed-up over eager per (shape, mode) and provider."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cases = list(dict.fromkeys((r.shape, r.dtype, r.mode, r.cuda_graph) for r in rows))
+    providers = list(dict.fromkeys(r.provider for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
+    width = 0.8 / len(providers)
+    for i, prov in enumerate(providers):
+        vals = []
+        for case in cases:
+            match = [r for r in rows if (r.shape, r.dtype, r.mode, r.cuda_graph) == case and r.provider == prov]
+            vals.append(match[0].speedup_vs_eager or 0 if match else 0)
+        ax.bar([c + i * width for c in range(len(cases))], vals, width, label=prov)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+    ax.set_xticklabels([f"{s}\n{d} {m}" + ("\ngraph" if g else "") for s, d, m, g in cases], fontsize=8)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_ylabel("speed-up over eager PyTorch (higher is better)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,100 @@
+"""Benchmark of pyvae.reparameterize_kl against what a VAE does today.
+
+The eager PyTorch baseline (also compiled with torch.compile, default and
+max-autotune-no-cudagraphs modes)::
+
+    def eager_reparam_kl(mu, logvar):
+        eps = torch.randn_like(mu)
+        std = torch.exp(0.5 * logvar)
+        z = mu + std * eps
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+        return z, kl
+
+Minimal logical traffic per element, in bytes of the input dtype s: forward reads mu and logvar
+and writes z (3s); backward reads mu, logvar and grad_z and writes grad_mu and grad_logvar (5s).
+The per-sample KL (4 bytes a row) is counted too.
+"""
+from __future__ import annotations
+
+import torch
+
+import pyvae
+from harness import Row, copy_bandwidth, peak_memory, saved_tensor_bytes, time_cpu_interleaved, time_gpu
+
+OP = "reparam_kl"
+
+
+def eager_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor):
+    eps = torch.randn_like(mu)
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * eps
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+    return z, kl
+
+
+def shapes(device: str, quick: bool) -> list[tuple[int, int]]:
+    if device == "cpu":
+        return [(4096, 1024), (128, 32)] if quick else [(4096, 1024), (1024, 256), (128, 32)]
+    return [(4096, 1024), (128, 32)] if quick else [(4096, 1024), (16384, 1024), (65536, 1024), (128, 32)]
+
+
+def providers(device: str) -> dict:
+    found = {
+        "eager": eager_reparam_kl,
+        "torch.compile": torch.compile(eager_reparam_kl),
+        "torch.compile max-autotune": torch.compile(eager_reparam_kl, mode="max-autotune-no-cudagraphs"),
+    }
+    for backend in pyvae.backends.available(device):
+        if backend in ("torch",) or (backend == "triton" and device == "cpu"):
+            continue  # the reference and the Triton interpreter are not contenders
+        found[f"pyvae {backend}"] = (lambda b: lambda mu, lv: pyvae.reparameterize_kl(mu, lv, backend=b))(backend)
+    return found
+
+
+def _step(fn, mu, logvar, mode):
+    def forward():
+        return fn(mu, logvar)
+
+    def forward_backward():
+        z, kl = fn(mu, logvar)
+        torch.autograd.backward([z, kl], [torch.ones_like(z), torch.ones_like(kl)])
+        mu.grad = logvar.grad = None
+
+    return forward if mode == "forward" else forward_backward
+
+
+def run(device: str, quick: bool = False, dtype: torch.dtype = torch.float32, progress=None) -> list[Row]:
+    rows: list[Row] = []
+    elem = torch.finfo(dtype).bits // 8
+    provs = providers(device)
+    cases = [(s, m) for s in shapes(device, quick) for m in ("forward", "forward+backward")]
+    for (batch, zdim), mode in cases:
+        n = batch * zdim
+        mu = torch.randn(batch, zdim, device=device, dtype=dtype, requires_grad=mode != "forward")
+        logvar = (0.5 * torch.randn(batch, zdim, device=device, dtype=dtype)).requires_grad_(mode != "forward")
+        traffic = (3 if mode == "forward" else 8) * elem * n + 4 * batch * (1 if mode == "forward" else 2)
+        copy_gbps = copy_bandwidth(device, max(traffic // 2, 1 << 20))
+        steps = {name: _step(fn, mu, logvar, mode) for name, fn in provs.items()}
+        graph_flags = [False] + ([True] if device != "cpu" and n <= 1 << 16 else [])
+        for graph in graph_flags:
+            if device == "cpu":
+                reps = 200 if n <= 1 << 16 else 40
+                timings = time_cpu_interleaved(steps, reps)
+            else:
+                timings = {name: time_gpu(step, cuda_graph=graph) for name, step in steps.items()
+                           if not (graph and mode != "forward" and "compile" in name)}
+            eager_ms = timings["eager"].median_ms
+            for name, t in timings.items():
+                gbps = traffic / (t.median_ms * 1e-3) / 1e9
+                saved = saved_tensor_bytes(steps[name]) if mode != "forward" else None
+                peak = peak_memory(device, steps[name]) if mode != "forward" else None
+                rows.append(Row(OP, f"{batch}x{zdim}", str(dtype).replace("torch.", ""), mode, name, t.median_ms,
+                                t.p20_ms, t.p80_ms, traffic, gbps, 100 * gbps / copy_gbps, saved, peak,
+                                eager_ms / t.median_ms, graph))
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+def n_cases(device: str, quick: bool) -> int:
+    return 2 * len(shapes(device, quick))

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The two commands of the README:
+#   ./run.sh bench [args]   benchmark suite on this machine's default device (table + bench/results/)
+#   ./run.sh test  [args]   the test suite (pytest)
+# Each first makes sure ./.venv exists with what it needs and that pyvae is built and installed in
+# it (incrementally). The venv sees the system's packages, so a machine whose Python already has
+# (CUDA) torch and Triton uses them; torch is installed only if none is importable, and then the
+# CPU build torch==2.13.0, never a CUDA wheel.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() { echo "usage: ./run.sh {bench|test} [args...]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+cmd=$1; shift
+
+PY=${PYTHON:-python3}
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[run.sh] creating $VENV"
+  "$PY" -m venv --system-site-packages "$VENV"
+fi
+VPY="$VENV/bin/python"
+
+pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
+have() { "$VPY" -c "import $1" >/dev/null 2>&1; }
+
+if ! have torch; then
+  echo "[run.sh] no torch importable: installing torch==2.13.0 (CPU build)"
+  pip_install torch==2.13.0
+fi
+missing=()
+for mod_pkg in triton:triton numpy:numpy scipy:scipy pytest:pytest pytest_benchmark:pytest-benchmark \
+               matplotlib:matplotlib tqdm:tqdm psutil:psutil ninja:ninja setuptools:setuptools wheel:wheel; do
+  have "${mod_pkg%%:*}" || missing+=("${mod_pkg#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[run.sh] installing ${missing[*]}"
+  pip_install "${missing[@]}"
+fi
+
+# Build and install pyvae against the torch in the venv (incremental: build/cmake-*/ is reused).
+stamp=build/.installed-stamp
+if [ ! -f "$stamp" ] || [ -n "$(find setup.py CMakeLists.txt csrc pyvae kernels -newer "$stamp" -print -quit)" ] \
+   || ! "$VPY" -c "import pyvae._C" >/dev/null 2>&1; then
+  echo "[run.sh] building pyvae (pip install --no-build-isolation .)"
+  PATH="$PWD/$VENV/bin:$PATH" "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .
+  mkdir -p build && touch "$stamp"
+fi
+
+case "$cmd" in
+  bench) cd bench && exec "../$VPY" run.py "$@" ;;
+  test)  exec "$VPY" -m pytest "$@" ;;
+  *) usage ;;
+esac

@@ -1,0 +1,81 @@
+"""Backend selection, the package's report (python -m pyvae) and the layers."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyvae
+from pyvae import backends
+
+
+def test_available_cpu_lists_torch_last():
+    found = backends.available("cpu")
+    assert found[-1] == "torch"
+    if backends.native_extension() is not None:
+        assert found[0] == "cpu"
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in backends.available("cpu")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        backends.resolve("triton", torch.device("cpu"), "reparam_kl")
+
+
+def test_auto_and_env_override(monkeypatch):
+    monkeypatch.delenv("PYVAE_BACKEND", raising=False)
+    expected = "cpu" if backends.native_extension() is not None else "torch"
+    assert backends.resolve("auto", torch.device("cpu"), "reparam_kl") == expected
+    monkeypatch.setenv("PYVAE_BACKEND", "torch")
+    assert backends.resolve("auto", torch.device("cpu"), "reparam_kl") == "torch"
+    # an explicit argument wins over the environment
+    if backends.native_extension() is not None:
+        assert backends.resolve("cpu", torch.device("cpu"), "reparam_kl") == "cpu"
+    monkeypatch.setenv("PYVAE_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="PYVAE_BACKEND"):
+        pyvae.reparameterize_kl(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_cuda_backend_on_cpu_tensors_is_an_error():
+    with pytest.raises(ValueError, match="cannot serve tensors on device 'cpu'"):
+        backends.resolve("cuda", torch.device("cpu"), "reparam_kl")
+
+
+def test_extension_is_built():
+    ext = backends.native_extension()
+    assert ext is not None, "pyvae._C failed to import"
+    assert ext.version == pyvae.__version__
+    assert ext.has_cuda == (torch.version.cuda is not None)
+
+
+def test_python_m_pyvae_reports_build_and_backends(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pyvae"], capture_output=True, text=True, check=True,
+                         cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "1"}).stdout
+    assert f"pyvae {pyvae.__version__}" in out
+    assert "CPU kernels yes" in out
+    assert "cpu (" in out and "auto -> cpu" in out
+    assert "'triton'" in out  # the interpreter serves CPU tensors
+
+
+def test_no_top_level_kernels_module():
+    import importlib.util
+    import pyvae.kernels  # noqa: F401
+    assert importlib.util.find_spec("kernels") is None
+
+
+def test_gaussian_latent_layer():
+    torch.manual_seed(0)
+    layer = pyvae.nn.GaussianLatent(16, 4)
+    assert set(layer.state_dict()) == {"proj.weight", "proj.bias"}
+    h = torch.randn(8, 16)
+    out = layer(h, seed=3)
+    mu, logvar = layer.proj(h).chunk(2, dim=-1)
+    z_ref, kl_ref = pyvae.reparameterize_kl(mu, logvar, seed=3, backend="torch")
+    torch.testing.assert_close(out.z, z_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.kl, kl_ref, atol=1e-5, rtol=1e-5)
+    (out.z.sum() + out.kl.sum()).backward()
+    assert layer.proj.weight.grad.abs().sum() > 0
+    layer.eval()
+    torch.testing.assert_close(layer(h).z, layer.proj(h).chunk(2, -1)[0])
