@@ -9,8 +9,9 @@
 #include "common/reparam_kl_params.h"
 #include "cpu/reparam_kl.h"
 #ifdef PYVAE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "cuda/reparam_kl.h"
 #endif
@@ -157,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu,
   auto [z, kl] = allocate_forward(mu, n_samples, kl_per_element);
   if (in.cols == 0) kl.zero_();
   cuda::reparam_kl_forward(forward_params(in, seed, n_samples, kl_per_element, z, kl),
-                           at::cuda::getCurrentCUDAStream());
+                           c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {z, kl};
 }
@@ -170,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cuda(const at::Tensor& mu
   const c10::cuda::CUDAGuard guard(mu.device());
   BackwardBuffers buf;
   ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
-  cuda::reparam_kl_backward(p, at::cuda::getCurrentCUDAStream());
+  cuda::reparam_kl_backward(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {buf.grad_mu, buf.grad_logvar};
 }

@@ -97,7 +97,19 @@ float sum_lanes(const float* lanes) {
   return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
 }
 
-int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+// Work is split into blocks of rows. Short rows (4 * groups_per_row <= kChunk) are taken several
+// at a time, so that one normals() call covers all their Philox groups (contiguous counters) and
+// fills whole SIMD vectors; long rows are taken one at a time and walked in kChunk-column chunks.
+struct RowBlocks {
+  int64_t groups_per_row, rows_per_block, count, grain;
+
+  RowBlocks(int64_t rows, int64_t cols) {
+    groups_per_row = (cols + 3) / 4;
+    rows_per_block = std::max<int64_t>(1, kChunk / (4 * groups_per_row));
+    count = (rows + rows_per_block - 1) / rows_per_block;
+    grain = std::max<int64_t>(1, 32768 / (rows_per_block * cols));  // about 32k elements per task
+  }
+};
 
 template <typename T>
 void forward_impl(const ReparamKLForwardParams& p) {
@@ -105,30 +117,40 @@ void forward_impl(const ReparamKLForwardParams& p) {
   const T* logvar = static_cast<const T*>(p.logvar);
   T* z = static_cast<T*>(p.z);
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
-  const int64_t groups_per_row = (p.cols + 3) / 4;
-  at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t row_begin, int64_t row_end) {
+  const RowBlocks blocks(p.rows, p.cols);
+  const int64_t eps_row_stride = 4 * blocks.groups_per_row;
+  at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], std_f[kChunk], kl_buf[kChunk], eps[kChunk],
         z_buf[kChunk];
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      float lanes[kLanes] = {};
+    float lanes[kChunk / 4][kLanes];
+    for (int64_t b = block_begin; b < block_end; ++b) {
+      const int64_t r0 = b * blocks.rows_per_block;
+      const int64_t nr = std::min(blocks.rows_per_block, p.rows - r0);
+      std::fill(&lanes[0][0], &lanes[0][0] + nr * kLanes, 0.0f);
       for (int64_t col0 = 0; col0 < p.cols; col0 += kChunk) {
         const int64_t n = std::min(kChunk, p.cols - col0);
-        const float* mu_f = as_float(mu + r * p.mu_row_stride + col0, n, mu_buf);
-        const float* logvar_f = as_float(logvar + r * p.logvar_row_stride + col0, n, logvar_buf);
-        float* kl_f = p.kl_per_element ? p.kl + r * p.cols + col0 : kl_buf;
-        std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
-        if (!p.kl_per_element) accumulate_lanes(kl_f, n, lanes);
-        const uint64_t group0 = static_cast<uint64_t>(r * groups_per_row + col0 / 4);
+        const uint64_t first_group = static_cast<uint64_t>(r0 * blocks.groups_per_row + col0 / 4);
+        const int64_t n_groups = (nr - 1) * blocks.groups_per_row + (n + 3) / 4;
         for (int64_t s = 0; s < p.samples; ++s) {
-          normals(seed, group0, static_cast<uint32_t>(s), (n + 3) / 4, eps);
-          T* z_row = z + (s * p.rows + r) * p.cols + col0;
-          float* z_f = float_target(z_row, z_buf);
+          normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
+          for (int64_t i = 0; i < nr; ++i) {
+            const int64_t r = r0 + i;
+            const float* mu_f = as_float(mu + r * p.mu_row_stride + col0, n, mu_buf);
+            const float* logvar_f = as_float(logvar + r * p.logvar_row_stride + col0, n, logvar_buf);
+            float* kl_f = p.kl_per_element && s == 0 ? p.kl + r * p.cols + col0 : kl_buf;
+            std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
+            if (s == 0 && !p.kl_per_element) accumulate_lanes(kl_f, n, lanes[i]);
+            const float* eps_row = eps + i * eps_row_stride;
+            T* z_row = z + (s * p.rows + r) * p.cols + col0;
+            float* z_f = float_target(z_row, z_buf);
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) z_f[c] = mu_f[c] + std_f[c] * eps[c];
-          store_chunk(z_f, n, z_row);
+            for (int64_t c = 0; c < n; ++c) z_f[c] = mu_f[c] + std_f[c] * eps_row[c];
+            store_chunk(z_f, n, z_row);
+          }
         }
       }
-      if (!p.kl_per_element) p.kl[r] = sum_lanes(lanes);
+      if (!p.kl_per_element)
+        for (int64_t i = 0; i < nr; ++i) p.kl[r0 + i] = sum_lanes(lanes[i]);
     }
   });
 }
@@ -141,42 +163,53 @@ void backward_impl(const ReparamKLBackwardParams& p) {
   T* grad_mu = static_cast<T*>(p.grad_mu);
   T* grad_logvar = static_cast<T*>(p.grad_logvar);
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
-  const int64_t groups_per_row = (p.cols + 3) / 4;
-  at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t row_begin, int64_t row_end) {
+  const RowBlocks blocks(p.rows, p.cols);
+  const int64_t eps_row_stride = 4 * blocks.groups_per_row;
+  at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], gz_buf[kChunk], std_f[kChunk], kl_f[kChunk],
         eps[kChunk], gz_sum[kChunk], gz_eps_sum[kChunk], gkl[kChunk];
-    for (int64_t r = row_begin; r < row_end; ++r) {
+    for (int64_t b = block_begin; b < block_end; ++b) {
+      const int64_t r0 = b * blocks.rows_per_block;
+      const int64_t nr = std::min(blocks.rows_per_block, p.rows - r0);
       for (int64_t col0 = 0; col0 < p.cols; col0 += kChunk) {
         const int64_t n = std::min(kChunk, p.cols - col0);
-        const float* mu_f = as_float(mu + r * p.mu_row_stride + col0, n, mu_buf);
-        const float* logvar_f = as_float(logvar + r * p.logvar_row_stride + col0, n, logvar_buf);
-        std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
-        std::fill(gz_sum, gz_sum + n, 0.0f);
-        std::fill(gz_eps_sum, gz_eps_sum + n, 0.0f);
-        if (grad_z != nullptr) {
-          const uint64_t group0 = static_cast<uint64_t>(r * groups_per_row + col0 / 4);
-          for (int64_t s = 0; s < p.samples; ++s) {
-            normals(seed, group0, static_cast<uint32_t>(s), (n + 3) / 4, eps);
-            const float* gz_f = as_float(grad_z + (s * p.rows + r) * p.cols + col0, n, gz_buf);
+        // Sums over samples of grad_z and grad_z * eps, row i of the block at offset i * n.
+        std::fill(gz_sum, gz_sum + nr * n, 0.0f);
+        std::fill(gz_eps_sum, gz_eps_sum + nr * n, 0.0f);
+        const uint64_t first_group = static_cast<uint64_t>(r0 * blocks.groups_per_row + col0 / 4);
+        const int64_t n_groups = (nr - 1) * blocks.groups_per_row + (n + 3) / 4;
+        for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
+          normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
+          for (int64_t i = 0; i < nr; ++i) {
+            const float* gz_f = as_float(grad_z + (s * p.rows + r0 + i) * p.cols + col0, n, gz_buf);
+            const float* eps_row = eps + i * eps_row_stride;
+            float* __restrict sum = gz_sum + i * n;
+            float* __restrict eps_sum = gz_eps_sum + i * n;
 #pragma omp simd
             for (int64_t c = 0; c < n; ++c) {
-              gz_sum[c] += gz_f[c];
-              gz_eps_sum[c] += gz_f[c] * eps[c];
+              sum[c] += gz_f[c];
+              eps_sum[c] += gz_f[c] * eps_row[c];
             }
           }
         }
-        for (int64_t c = 0; c < n; ++c) {
-          gkl[c] = p.grad_kl == nullptr
-                       ? 0.0f
-                       : p.grad_kl[r * p.grad_kl_row_stride + (col0 + c) * p.grad_kl_col_stride];
-        }
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t r = r0 + i;
+          const float* mu_f = as_float(mu + r * p.mu_row_stride + col0, n, mu_buf);
+          const float* logvar_f = as_float(logvar + r * p.logvar_row_stride + col0, n, logvar_buf);
+          std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
+          const float* gkl_row =
+              p.grad_kl == nullptr ? nullptr : p.grad_kl + r * p.grad_kl_row_stride + col0 * p.grad_kl_col_stride;
+          for (int64_t c = 0; c < n; ++c) gkl[c] = p.grad_kl == nullptr ? 0.0f : gkl_row[c * p.grad_kl_col_stride];
+          float* __restrict g_mu = gz_sum + i * n;          // becomes grad_mu
+          float* __restrict g_logvar = gz_eps_sum + i * n;  // becomes grad_logvar
 #pragma omp simd
-        for (int64_t c = 0; c < n; ++c) {
-          gz_sum[c] += gkl[c] * mu_f[c];  // becomes grad_mu
-          gz_eps_sum[c] = z_dlogvar(std_f[c], gz_eps_sum[c]) + gkl[c] * kl_dlogvar(std_f[c]);
+          for (int64_t c = 0; c < n; ++c) {
+            g_mu[c] += gkl[c] * mu_f[c];
+            g_logvar[c] = z_dlogvar(std_f[c], g_logvar[c]) + gkl[c] * kl_dlogvar(std_f[c]);
+          }
+          store_chunk_from(g_mu, n, grad_mu + r * p.cols + col0);
+          store_chunk_from(g_logvar, n, grad_logvar + r * p.cols + col0);
         }
-        store_chunk_from(gz_sum, n, grad_mu + r * p.cols + col0);
-        store_chunk_from(gz_eps_sum, n, grad_logvar + r * p.cols + col0);
       }
     }
   });

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU validation, for a machine with a CUDA build of torch, Triton, nvcc and compute-sanitizer and
+# no network:
+#   1. builds pyvae (pip install --no-build-isolation: against the installed torch),
+#   2. runs the whole test suite, gpu-marked tests included, for the cuda and triton backends,
+#   3. runs compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel,
+#   4. runs the benchmark suite,
+# and leaves everything in one folder (8 files at most, flat):
+#   summary.txt build.log tests.log sanitize.log bench.log <op>.csv <op>.md <op>.png
+# The benchmark files are also copied to bench/results/<device>/ for committing.
+#
+#   bash bench/gpu_check.sh [OUT_DIR]      (default: gpu-check-<date>)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+summary="$OUT_DIR/summary.txt"
+: > "$summary"
+status=0
+
+step() {  # step NAME LOG COMMAND...
+  local name=$1 log=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name: $*" | tee -a "$summary"
+  "$@" >> "$log" 2>&1
+  local rc=$?
+  echo "   exit $rc after $((SECONDS - t0)) s (log: $(basename "$log"))" | tee -a "$summary"
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
+
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nvcc --version | tail -1; } >> "$summary" 2>&1
+
+export MAX_JOBS=${MAX_JOBS:-16}
+step build "$OUT_DIR/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v . || { cat "$summary"; exit 1; }
+(cd "$OUT_DIR" && "$PY" -m pyvae) >> "$summary" 2>&1
+
+step tests "$OUT_DIR/tests.log" "$PY" -m pytest tests -q -rs -p no:cacheprovider
+tail -3 "$OUT_DIR/tests.log" >> "$summary"
+
+for tool in memcheck racecheck; do
+  step "compute-sanitizer $tool" "$OUT_DIR/sanitize.log" \
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" tests/cuda_sanitize_cases.py
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize.log" | tail -1 >> "$summary"
+done
+
+step bench "$OUT_DIR/bench.log" bash -c "cd bench && '$PY' run.py --out '$PWD/$OUT_DIR'"
+slug=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); import harness; print(harness.device_slug('cuda'))")
+mkdir -p "bench/results/$slug"
+cp "$OUT_DIR"/*.csv "$OUT_DIR"/*.md "$OUT_DIR"/*.png "bench/results/$slug/" 2>/dev/null
+echo "results copied to bench/results/$slug/" >> "$summary"
+echo "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$summary"
+exit $status
