@@ -37,8 +37,8 @@ at::Tensor as_rows(const at::Tensor& t, int64_t rows, int64_t cols) {
 
 
 struct CheckedInputs {
-  at::Tensor mu, logvar;  // [rows, cols]
-  int64_t rows, cols;
+  at::Tensor mu, logvar;  // [rows, cols] views (or copies) that the kernel pointers point into
+  ReparamKLInputs kernel;
 };
 
 CheckedInputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed) {
@@ -55,7 +55,10 @@ CheckedInputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar, const
                     "), got ", seed.device());
   const int64_t cols = mu.size(-1);
   const int64_t rows = c10::multiply_integers(mu.sizes().slice(0, mu.dim() - 1));
-  return CheckedInputs{as_rows(mu, rows, cols), as_rows(logvar, rows, cols), rows, cols};
+  CheckedInputs in{as_rows(mu, rows, cols), as_rows(logvar, rows, cols), {}};
+  in.kernel = ReparamKLInputs{kernel_dtype(mu, "mu"), in.mu.data_ptr(), in.logvar.data_ptr(), in.mu.stride(0),
+                              in.logvar.stride(0), rows, cols, seed.data_ptr<int64_t>()};
+  return in;
 }
 
 std::tuple<at::Tensor, at::Tensor> allocate_forward(const at::Tensor& mu, int64_t n_samples, bool kl_per_element) {
@@ -68,18 +71,11 @@ std::tuple<at::Tensor, at::Tensor> allocate_forward(const at::Tensor& mu, int64_
   return {z, kl};
 }
 
-ReparamKLForwardParams forward_params(const CheckedInputs& in, const at::Tensor& seed, int64_t n_samples,
+ReparamKLForwardParams forward_params(const CheckedInputs& in, int64_t n_samples,
                                       bool kl_per_element, at::Tensor& z, at::Tensor& kl) {
   ReparamKLForwardParams p{};
-  p.dtype = kernel_dtype(in.mu, "mu");
-  p.mu = in.mu.data_ptr();
-  p.logvar = in.logvar.data_ptr();
-  p.mu_row_stride = in.mu.stride(0);
-  p.logvar_row_stride = in.logvar.stride(0);
-  p.rows = in.rows;
-  p.cols = in.cols;
+  p.in = in.kernel;
   p.samples = n_samples;
-  p.seed = seed.data_ptr<int64_t>();
   p.z = z.data_ptr();
   p.kl = kl.data_ptr<float>();
   p.kl_per_element = kl_per_element;
@@ -90,19 +86,11 @@ struct BackwardBuffers {
   at::Tensor grad_z, grad_kl, grad_mu, grad_logvar;
 };
 
-ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tensor& seed,
-                                        const std::optional<at::Tensor>& grad_z,
+ReparamKLBackwardParams backward_params(const CheckedInputs& in, const std::optional<at::Tensor>& grad_z,
                                         const std::optional<at::Tensor>& grad_kl, const at::Tensor& mu,
                                         BackwardBuffers& buf) {
   ReparamKLBackwardParams p{};
-  p.dtype = kernel_dtype(in.mu, "mu");
-  p.mu = in.mu.data_ptr();
-  p.logvar = in.logvar.data_ptr();
-  p.mu_row_stride = in.mu.stride(0);
-  p.logvar_row_stride = in.logvar.stride(0);
-  p.rows = in.rows;
-  p.cols = in.cols;
-  p.seed = seed.data_ptr<int64_t>();
+  p.in = in.kernel;
   p.samples = 0;
   if (grad_z.has_value()) {
     TORCH_CHECK_VALUE(grad_z->dim() == mu.dim() + 1 && grad_z->sizes().slice(1) == mu.sizes(),
@@ -116,7 +104,7 @@ ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tenso
     TORCH_CHECK_VALUE(grad_kl->sizes() == mu.sizes(),
                       "grad_kl must have the shape of mu (expanded if need be), got ", grad_kl->sizes());
     TORCH_CHECK_TYPE(grad_kl->scalar_type() == at::kFloat, "grad_kl must be float32");
-    buf.grad_kl = grad_kl->reshape({in.rows, in.cols});  // a view for expanded per-row/scalar grads
+    buf.grad_kl = grad_kl->reshape({in.kernel.rows, in.kernel.cols});  // a view for expanded per-row/scalar grads
     p.grad_kl = buf.grad_kl.data_ptr<float>();
     p.grad_kl_row_stride = buf.grad_kl.stride(0);
     p.grad_kl_col_stride = buf.grad_kl.stride(1);
@@ -133,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_forward_cpu(const at::Tensor& mu, 
                                                           bool kl_per_element) {
   CheckedInputs in = check_inputs(mu, logvar, seed);
   auto [z, kl] = allocate_forward(mu, n_samples, kl_per_element);
-  if (in.cols == 0) kl.zero_();  // an empty sum per row
-  if (in.rows > 0 && in.cols > 0) cpu::reparam_kl_forward(forward_params(in, seed, n_samples, kl_per_element, z, kl));
+  if (in.kernel.cols == 0) kl.zero_();  // an empty sum per row
+  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_forward(forward_params(in, n_samples, kl_per_element, z, kl));
   return {z, kl};
 }
 
@@ -144,8 +132,8 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cpu(const at::Tensor& mu,
                                                            const std::optional<at::Tensor>& grad_kl) {
   CheckedInputs in = check_inputs(mu, logvar, seed);
   BackwardBuffers buf;
-  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
-  if (in.rows > 0 && in.cols > 0) cpu::reparam_kl_backward(p);
+  ReparamKLBackwardParams p = backward_params(in, grad_z, grad_kl, mu, buf);
+  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_backward(p);
   return {buf.grad_mu, buf.grad_logvar};
 }
 
@@ -156,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu,
   CheckedInputs in = check_inputs(mu, logvar, seed);
   const c10::cuda::CUDAGuard guard(mu.device());
   auto [z, kl] = allocate_forward(mu, n_samples, kl_per_element);
-  if (in.cols == 0) kl.zero_();
-  cuda::reparam_kl_forward(forward_params(in, seed, n_samples, kl_per_element, z, kl),
+  if (in.kernel.cols == 0) kl.zero_();
+  cuda::reparam_kl_forward(forward_params(in, n_samples, kl_per_element, z, kl),
                            c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {z, kl};
@@ -170,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cuda(const at::Tensor& mu
   CheckedInputs in = check_inputs(mu, logvar, seed);
   const c10::cuda::CUDAGuard guard(mu.device());
   BackwardBuffers buf;
-  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
+  ReparamKLBackwardParams p = backward_params(in, grad_z, grad_kl, mu, buf);
   cuda::reparam_kl_backward(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {buf.grad_mu, buf.grad_logvar};

@@ -30,10 +30,23 @@ def _normal4(seed, rows, groups_per_row, g, sample):
 
 
 @triton.jit
-def _spread4(lane, n0, n1, n2, n3):
-    """[R, G] x 4 -> [R, G, 4]: element (r, g, k) is n_k[r, g]."""
+def _eps(seed, rows, groups_per_row, g, sample, lane):
+    """eps of groups ``g`` of ``rows`` as [R, G, 4]: element (r, g, k) is normal k of group (r, g)."""
+    n0, n1, n2, n3 = _normal4(seed, rows, groups_per_row, g, sample)
     return tl.where(lane == 0, n0[:, :, None],
                     tl.where(lane == 1, n1[:, :, None], tl.where(lane == 2, n2[:, :, None], n3[:, :, None])))
+
+
+@triton.jit
+def _load_chunk(mu_ptr, logvar_ptr, r3, rows, cols, mu_row_stride, logvar_row_stride, g0, lane,
+                BLOCK_G: tl.constexpr):
+    """Groups [g0, g0 + BLOCK_G) of rows r3: (g, col, mask, mu, logvar, std), tiles [R, G, 4] in fp32."""
+    g = g0 + tl.arange(0, BLOCK_G)
+    col = g[None, :, None] * 4 + lane
+    mask = (r3 < rows) & (col < cols)
+    mu = tl.load(mu_ptr + r3 * mu_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+    logvar = tl.load(logvar_ptr + r3 * logvar_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+    return g, col, mask, mu, logvar, tl.exp(0.5 * logvar)
 
 
 @triton.jit
@@ -48,14 +61,9 @@ def _reparam_kl_fwd_kernel(mu_ptr, logvar_ptr, seed_ptr, z_ptr, kl_ptr, rows, co
     r3 = r[:, None, None]
     kl_rows = tl.zeros([BLOCK_R], dtype=tl.float32)
     for g0 in range(0, groups_per_row, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        col = g[None, :, None] * 4 + lane
-        mask = (r3 < rows) & (col < cols)
-        mu = tl.load(mu_ptr + r3 * mu_row_stride + col, mask=mask, other=0.0).to(tl.float32)
-        logvar = tl.load(logvar_ptr + r3 * logvar_row_stride + col, mask=mask, other=0.0).to(tl.float32)
-        std = tl.exp(0.5 * logvar)
-        n0, n1, n2, n3 = _normal4(seed, r, groups_per_row, g, sample)
-        z = mu + std * _spread4(lane, n0, n1, n2, n3)
+        g, col, mask, mu, logvar, std = _load_chunk(mu_ptr, logvar_ptr, r3, rows, cols, mu_row_stride,
+                                                    logvar_row_stride, g0, lane, BLOCK_G)
+        z = mu + std * _eps(seed, r, groups_per_row, g, sample, lane)
         tl.store(z_ptr + (sample * rows + r3) * cols + col, z.to(z_ptr.dtype.element_ty), mask=mask)
         if sample == 0:
             kl = 0.5 * (mu * mu + std * std - 1.0 - logvar)
@@ -79,20 +87,15 @@ def _reparam_kl_bwd_kernel(mu_ptr, logvar_ptr, seed_ptr, grad_z_ptr, grad_kl_ptr
     lane = tl.arange(0, 4)[None, None, :]
     r3 = r[:, None, None]
     for g0 in range(0, groups_per_row, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        col = g[None, :, None] * 4 + lane
-        mask = (r3 < rows) & (col < cols)
-        mu = tl.load(mu_ptr + r3 * mu_row_stride + col, mask=mask, other=0.0).to(tl.float32)
-        logvar = tl.load(logvar_ptr + r3 * logvar_row_stride + col, mask=mask, other=0.0).to(tl.float32)
-        std = tl.exp(0.5 * logvar)
+        g, col, mask, mu, logvar, std = _load_chunk(mu_ptr, logvar_ptr, r3, rows, cols, mu_row_stride,
+                                                    logvar_row_stride, g0, lane, BLOCK_G)
         grad_mu = tl.zeros([BLOCK_R, BLOCK_G, 4], dtype=tl.float32)
         grad_z_eps = tl.zeros([BLOCK_R, BLOCK_G, 4], dtype=tl.float32)
         if HAS_GRAD_Z:
             for sample in range(0, samples):
                 gz = tl.load(grad_z_ptr + (sample * rows + r3) * cols + col, mask=mask, other=0.0).to(tl.float32)
-                n0, n1, n2, n3 = _normal4(seed, r, groups_per_row, g, sample)
                 grad_mu += gz
-                grad_z_eps += gz * _spread4(lane, n0, n1, n2, n3)
+                grad_z_eps += gz * _eps(seed, r, groups_per_row, g, sample, lane)
         grad_logvar = 0.5 * std * grad_z_eps
         if HAS_GRAD_KL:
             gkl = tl.load(grad_kl_ptr + r3 * grad_kl_row_stride + col * grad_kl_col_stride, mask=mask, other=0.0)

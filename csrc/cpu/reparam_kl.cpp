@@ -113,11 +113,11 @@ struct RowBlocks {
 
 template <typename T>
 void forward_impl(const ReparamKLForwardParams& p) {
-  const T* mu = static_cast<const T*>(p.mu);
-  const T* logvar = static_cast<const T*>(p.logvar);
+  const T* mu = static_cast<const T*>(p.in.mu);
+  const T* logvar = static_cast<const T*>(p.in.logvar);
   T* z = static_cast<T*>(p.z);
-  const uint64_t seed = static_cast<uint64_t>(*p.seed);
-  const RowBlocks blocks(p.rows, p.cols);
+  const uint64_t seed = static_cast<uint64_t>(*p.in.seed);
+  const RowBlocks blocks(p.in.rows, p.in.cols);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], std_f[kChunk], kl_buf[kChunk], eps[kChunk],
@@ -125,23 +125,23 @@ void forward_impl(const ReparamKLForwardParams& p) {
     float lanes[kChunk / 4][kLanes];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t r0 = b * blocks.rows_per_block;
-      const int64_t nr = std::min(blocks.rows_per_block, p.rows - r0);
+      const int64_t nr = std::min(blocks.rows_per_block, p.in.rows - r0);
       std::fill(&lanes[0][0], &lanes[0][0] + nr * kLanes, 0.0f);
-      for (int64_t col0 = 0; col0 < p.cols; col0 += kChunk) {
-        const int64_t n = std::min(kChunk, p.cols - col0);
+      for (int64_t col0 = 0; col0 < p.in.cols; col0 += kChunk) {
+        const int64_t n = std::min(kChunk, p.in.cols - col0);
         const uint64_t first_group = static_cast<uint64_t>(r0 * blocks.groups_per_row + col0 / 4);
         const int64_t n_groups = (nr - 1) * blocks.groups_per_row + (n + 3) / 4;
         for (int64_t s = 0; s < p.samples; ++s) {
           normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
           for (int64_t i = 0; i < nr; ++i) {
             const int64_t r = r0 + i;
-            const float* mu_f = as_float(mu + r * p.mu_row_stride + col0, n, mu_buf);
-            const float* logvar_f = as_float(logvar + r * p.logvar_row_stride + col0, n, logvar_buf);
-            float* kl_f = p.kl_per_element && s == 0 ? p.kl + r * p.cols + col0 : kl_buf;
+            const float* mu_f = as_float(mu + r * p.in.mu_row_stride + col0, n, mu_buf);
+            const float* logvar_f = as_float(logvar + r * p.in.logvar_row_stride + col0, n, logvar_buf);
+            float* kl_f = p.kl_per_element && s == 0 ? p.kl + r * p.in.cols + col0 : kl_buf;
             std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
             if (s == 0 && !p.kl_per_element) accumulate_lanes(kl_f, n, lanes[i]);
             const float* eps_row = eps + i * eps_row_stride;
-            T* z_row = z + (s * p.rows + r) * p.cols + col0;
+            T* z_row = z + (s * p.in.rows + r) * p.in.cols + col0;
             float* z_f = float_target(z_row, z_buf);
 #pragma omp simd
             for (int64_t c = 0; c < n; ++c) z_f[c] = mu_f[c] + std_f[c] * eps_row[c];
@@ -157,22 +157,22 @@ void forward_impl(const ReparamKLForwardParams& p) {
 
 template <typename T>
 void backward_impl(const ReparamKLBackwardParams& p) {
-  const T* mu = static_cast<const T*>(p.mu);
-  const T* logvar = static_cast<const T*>(p.logvar);
+  const T* mu = static_cast<const T*>(p.in.mu);
+  const T* logvar = static_cast<const T*>(p.in.logvar);
   const T* grad_z = static_cast<const T*>(p.grad_z);
   T* grad_mu = static_cast<T*>(p.grad_mu);
   T* grad_logvar = static_cast<T*>(p.grad_logvar);
-  const uint64_t seed = static_cast<uint64_t>(*p.seed);
-  const RowBlocks blocks(p.rows, p.cols);
+  const uint64_t seed = static_cast<uint64_t>(*p.in.seed);
+  const RowBlocks blocks(p.in.rows, p.in.cols);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], gz_buf[kChunk], std_f[kChunk], kl_f[kChunk],
         eps[kChunk], gz_sum[kChunk], gz_eps_sum[kChunk], gkl[kChunk];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t r0 = b * blocks.rows_per_block;
-      const int64_t nr = std::min(blocks.rows_per_block, p.rows - r0);
-      for (int64_t col0 = 0; col0 < p.cols; col0 += kChunk) {
-        const int64_t n = std::min(kChunk, p.cols - col0);
+      const int64_t nr = std::min(blocks.rows_per_block, p.in.rows - r0);
+      for (int64_t col0 = 0; col0 < p.in.cols; col0 += kChunk) {
+        const int64_t n = std::min(kChunk, p.in.cols - col0);
         // Sums over samples of grad_z and grad_z * eps, row i of the block at offset i * n.
         std::fill(gz_sum, gz_sum + nr * n, 0.0f);
         std::fill(gz_eps_sum, gz_eps_sum + nr * n, 0.0f);
@@ -181,7 +181,7 @@ void backward_impl(const ReparamKLBackwardParams& p) {
         for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
           normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
           for (int64_t i = 0; i < nr; ++i) {
-            const float* gz_f = as_float(grad_z + (s * p.rows + r0 + i) * p.cols + col0, n, gz_buf);
+            const float* gz_f = as_float(grad_z + (s * p.in.rows + r0 + i) * p.in.cols + col0, n, gz_buf);
             const float* eps_row = eps + i * eps_row_stride;
             float* __restrict sum = gz_sum + i * n;
             float* __restrict eps_sum = gz_eps_sum + i * n;
@@ -194,8 +194,8 @@ void backward_impl(const ReparamKLBackwardParams& p) {
         }
         for (int64_t i = 0; i < nr; ++i) {
           const int64_t r = r0 + i;
-          const float* mu_f = as_float(mu + r * p.mu_row_stride + col0, n, mu_buf);
-          const float* logvar_f = as_float(logvar + r * p.logvar_row_stride + col0, n, logvar_buf);
+          const float* mu_f = as_float(mu + r * p.in.mu_row_stride + col0, n, mu_buf);
+          const float* logvar_f = as_float(logvar + r * p.in.logvar_row_stride + col0, n, logvar_buf);
           std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
           const float* gkl_row =
               p.grad_kl == nullptr ? nullptr : p.grad_kl + r * p.grad_kl_row_stride + col0 * p.grad_kl_col_stride;
@@ -207,8 +207,8 @@ void backward_impl(const ReparamKLBackwardParams& p) {
             g_mu[c] += gkl[c] * mu_f[c];
             g_logvar[c] = z_dlogvar(std_f[c], g_logvar[c]) + gkl[c] * kl_dlogvar(std_f[c]);
           }
-          store_chunk_from(g_mu, n, grad_mu + r * p.cols + col0);
-          store_chunk_from(g_logvar, n, grad_logvar + r * p.cols + col0);
+          store_chunk_from(g_mu, n, grad_mu + r * p.in.cols + col0);
+          store_chunk_from(g_logvar, n, grad_logvar + r * p.in.cols + col0);
         }
       }
     }
@@ -218,7 +218,7 @@ void backward_impl(const ReparamKLBackwardParams& p) {
 }  // namespace
 
 void reparam_kl_forward(const ReparamKLForwardParams& p) {
-  switch (p.dtype) {
+  switch (p.in.dtype) {
     case DType::kFloat32: return forward_impl<float>(p);
     case DType::kFloat16: return forward_impl<c10::Half>(p);
     case DType::kBFloat16: return forward_impl<c10::BFloat16>(p);
@@ -226,7 +226,7 @@ void reparam_kl_forward(const ReparamKLForwardParams& p) {
 }
 
 void reparam_kl_backward(const ReparamKLBackwardParams& p) {
-  switch (p.dtype) {
+  switch (p.in.dtype) {
     case DType::kFloat32: return backward_impl<float>(p);
     case DType::kFloat16: return backward_impl<c10::Half>(p);
     case DType::kBFloat16: return backward_impl<c10::BFloat16>(p);

@@ -102,29 +102,29 @@ __global__ void __launch_bounds__(kThreads)
     forward_kernel(ReparamKLForwardParams p, int threads_per_row, bool vec_in, bool vec_out) {
   const int lane = threadIdx.x % threads_per_row;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / threads_per_row) + threadIdx.x / threads_per_row;
-  const bool active = r < p.rows;
-  const uint64_t seed = static_cast<uint64_t>(*p.seed);
-  const int64_t groups = (p.cols + 3) / 4;
-  const T* mu_row = static_cast<const T*>(p.mu) + r * p.mu_row_stride;
-  const T* logvar_row = static_cast<const T*>(p.logvar) + r * p.logvar_row_stride;
+  const bool active = r < p.in.rows;
+  const uint64_t seed = static_cast<uint64_t>(*p.in.seed);
+  const int64_t groups = (p.in.cols + 3) / 4;
+  const T* mu_row = static_cast<const T*>(p.in.mu) + r * p.in.mu_row_stride;
+  const T* logvar_row = static_cast<const T*>(p.in.logvar) + r * p.in.logvar_row_stride;
   float kl_partial = 0.0f;
   for (int64_t j = lane; active && j < groups; j += threads_per_row) {
     const int64_t col = 4 * j;
     float mu[4], logvar[4], sd[4], kl[4], z[4];
-    load4(mu_row, col, p.cols, vec_in, mu);
-    load4(logvar_row, col, p.cols, vec_in, logvar);
+    load4(mu_row, col, p.in.cols, vec_in, mu);
+    load4(logvar_row, col, p.in.cols, vec_in, logvar);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       sd[k] = std_from_logvar(logvar[k]);
-      kl[k] = col + k < p.cols ? kl_term(mu[k], logvar[k], sd[k]) : 0.0f;
+      kl[k] = col + k < p.in.cols ? kl_term(mu[k], logvar[k], sd[k]) : 0.0f;
     }
     kl_partial += (kl[0] + kl[1]) + (kl[2] + kl[3]);
-    if (p.kl_per_element) store4(p.kl + r * p.cols, col, p.cols, vec_out, kl);
+    if (p.kl_per_element) store4(p.kl + r * p.in.cols, col, p.in.cols, vec_out, kl);
     for (int64_t s = 0; s < p.samples; ++s) {
       const Normal4 eps = normal4(seed, static_cast<uint64_t>(r * groups + j), static_cast<uint32_t>(s));
 #pragma unroll
       for (int k = 0; k < 4; ++k) z[k] = mu[k] + sd[k] * eps.v[k];
-      store4(static_cast<T*>(p.z) + (s * p.rows + r) * p.cols, col, p.cols, vec_out, z);
+      store4(static_cast<T*>(p.z) + (s * p.in.rows + r) * p.in.cols, col, p.in.cols, vec_out, z);
     }
   }
   if (p.kl_per_element) return;  // uniform across the block
@@ -137,21 +137,21 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(ReparamKLBackwardParams p, int threads_per_row, bool vec_in, bool vec_out) {
   const int lane = threadIdx.x % threads_per_row;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / threads_per_row) + threadIdx.x / threads_per_row;
-  if (r >= p.rows) return;  // no block-wide sync below
-  const uint64_t seed = static_cast<uint64_t>(*p.seed);
-  const int64_t groups = (p.cols + 3) / 4;
-  const T* mu_row = static_cast<const T*>(p.mu) + r * p.mu_row_stride;
-  const T* logvar_row = static_cast<const T*>(p.logvar) + r * p.logvar_row_stride;
+  if (r >= p.in.rows) return;  // no block-wide sync below
+  const uint64_t seed = static_cast<uint64_t>(*p.in.seed);
+  const int64_t groups = (p.in.cols + 3) / 4;
+  const T* mu_row = static_cast<const T*>(p.in.mu) + r * p.in.mu_row_stride;
+  const T* logvar_row = static_cast<const T*>(p.in.logvar) + r * p.in.logvar_row_stride;
   const T* grad_z = static_cast<const T*>(p.grad_z);
   for (int64_t j = lane; j < groups; j += threads_per_row) {
     const int64_t col = 4 * j;
     float mu[4], logvar[4], gz[4], gz_sum[4] = {}, gz_eps_sum[4] = {};
-    load4(mu_row, col, p.cols, vec_in, mu);
-    load4(logvar_row, col, p.cols, vec_in, logvar);
+    load4(mu_row, col, p.in.cols, vec_in, mu);
+    load4(logvar_row, col, p.in.cols, vec_in, logvar);
     if (grad_z != nullptr) {
       for (int64_t s = 0; s < p.samples; ++s) {
         const Normal4 eps = normal4(seed, static_cast<uint64_t>(r * groups + j), static_cast<uint32_t>(s));
-        load4(grad_z + (s * p.rows + r) * p.cols, col, p.cols, vec_out, gz);
+        load4(grad_z + (s * p.in.rows + r) * p.in.cols, col, p.in.cols, vec_out, gz);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           gz_sum[k] += gz[k];
@@ -162,42 +162,42 @@ __global__ void __launch_bounds__(kThreads)
     float grad_mu[4], grad_logvar[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float gkl = p.grad_kl != nullptr && col + k < p.cols
+      const float gkl = p.grad_kl != nullptr && col + k < p.in.cols
                             ? p.grad_kl[r * p.grad_kl_row_stride + (col + k) * p.grad_kl_col_stride]
                             : 0.0f;
       const float sd = std_from_logvar(logvar[k]);
       grad_mu[k] = gz_sum[k] + gkl * mu[k];
       grad_logvar[k] = z_dlogvar(sd, gz_eps_sum[k]) + gkl * kl_dlogvar(sd);
     }
-    store4(static_cast<T*>(p.grad_mu) + r * p.cols, col, p.cols, vec_out, grad_mu);
-    store4(static_cast<T*>(p.grad_logvar) + r * p.cols, col, p.cols, vec_out, grad_logvar);
+    store4(static_cast<T*>(p.grad_mu) + r * p.in.cols, col, p.in.cols, vec_out, grad_mu);
+    store4(static_cast<T*>(p.grad_logvar) + r * p.in.cols, col, p.in.cols, vec_out, grad_logvar);
   }
 }
 
 template <typename T>
 void launch_forward(const ReparamKLForwardParams& p, cudaStream_t stream) {
-  const RowLayout layout = row_layout(p.cols);
-  const bool vec_in = packable<T>(p.mu, p.mu_row_stride, p.cols) && packable<T>(p.logvar, p.logvar_row_stride, p.cols);
+  const RowLayout layout = row_layout(p.in.cols);
+  const bool vec_in = packable<T>(p.in.mu, p.in.mu_row_stride, p.in.cols) && packable<T>(p.in.logvar, p.in.logvar_row_stride, p.in.cols);
   // z and kl are fresh contiguous allocations (256-byte aligned by the caching allocator).
-  const bool vec_out = p.cols % 4 == 0;
-  const int64_t blocks = (p.rows + layout.rows_per_block - 1) / layout.rows_per_block;
+  const bool vec_out = p.in.cols % 4 == 0;
+  const int64_t blocks = (p.in.rows + layout.rows_per_block - 1) / layout.rows_per_block;
   forward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, layout.threads_per_row, vec_in, vec_out);
 }
 
 template <typename T>
 void launch_backward(const ReparamKLBackwardParams& p, cudaStream_t stream) {
-  const RowLayout layout = row_layout(p.cols);
-  const bool vec_in = packable<T>(p.mu, p.mu_row_stride, p.cols) && packable<T>(p.logvar, p.logvar_row_stride, p.cols);
-  const bool vec_out = p.cols % 4 == 0 && (p.grad_z == nullptr || packable<T>(p.grad_z, p.cols, p.cols));
-  const int64_t blocks = (p.rows + layout.rows_per_block - 1) / layout.rows_per_block;
+  const RowLayout layout = row_layout(p.in.cols);
+  const bool vec_in = packable<T>(p.in.mu, p.in.mu_row_stride, p.in.cols) && packable<T>(p.in.logvar, p.in.logvar_row_stride, p.in.cols);
+  const bool vec_out = p.in.cols % 4 == 0 && (p.grad_z == nullptr || packable<T>(p.grad_z, p.in.cols, p.in.cols));
+  const int64_t blocks = (p.in.rows + layout.rows_per_block - 1) / layout.rows_per_block;
   backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, layout.threads_per_row, vec_in, vec_out);
 }
 
 }  // namespace
 
 void reparam_kl_forward(const ReparamKLForwardParams& p, cudaStream_t stream) {
-  if (p.rows == 0 || p.cols == 0) return;
-  switch (p.dtype) {
+  if (p.in.rows == 0 || p.in.cols == 0) return;
+  switch (p.in.dtype) {
     case DType::kFloat32: return launch_forward<float>(p, stream);
     case DType::kFloat16: return launch_forward<__half>(p, stream);
     case DType::kBFloat16: return launch_forward<__nv_bfloat16>(p, stream);
@@ -205,8 +205,8 @@ void reparam_kl_forward(const ReparamKLForwardParams& p, cudaStream_t stream) {
 }
 
 void reparam_kl_backward(const ReparamKLBackwardParams& p, cudaStream_t stream) {
-  if (p.rows == 0 || p.cols == 0) return;
-  switch (p.dtype) {
+  if (p.in.rows == 0 || p.in.cols == 0) return;
+  switch (p.in.dtype) {
     case DType::kFloat32: return launch_backward<float>(p, stream);
     case DType::kFloat16: return launch_backward<__half>(p, stream);
     case DType::kBFloat16: return launch_backward<__nv_bfloat16>(p, stream);
