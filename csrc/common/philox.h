@@ -19,42 +19,27 @@ struct Philox4 {
   uint32_t v[4];
 };
 
+PYVAE_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);  // nvcc emits mul.hi.u32
+}
+
 PYVAE_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                                uint32_t k1) {
   constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
   constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t prev0 = c0, prev2 = c2;
-    c0 = __umulhi(kRoundB, prev2) ^ c1 ^ k0;
-    c2 = __umulhi(kRoundA, prev0) ^ c3 ^ k1;
+    c0 = mulhi32(kRoundB, prev2) ^ c1 ^ k0;
+    c2 = mulhi32(kRoundA, prev0) ^ c3 ^ k1;
     c1 = kRoundB * prev2;
     c3 = kRoundA * prev0;
     k0 += kKeyA;
     k1 += kKeyB;
   }
   return Philox4{{c0, c1, c2, c3}};
-#else
-  // The state is held in 64-bit lanes so one widening multiply (vpmuludq) yields both halves of
-  // each product; 32-bit lanes would need a separate mul-high emulation and a slow vpmulld.
-  uint64_t x0 = c0, x1 = c1, x2 = c2, x3 = c3;
-#if !defined(__CUDACC__)
-#pragma GCC unroll 10
-#endif
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t prod_b = (x2 & 0xffffffffu) * uint64_t{kRoundB};
-    const uint64_t prod_a = (x0 & 0xffffffffu) * uint64_t{kRoundA};
-    x0 = (prod_b >> 32) ^ x1 ^ k0;
-    x2 = (prod_a >> 32) ^ x3 ^ k1;
-    x1 = prod_b & 0xffffffffu;
-    x3 = prod_a & 0xffffffffu;
-    k0 += kKeyA;
-    k1 += kKeyB;
-  }
-  return Philox4{{static_cast<uint32_t>(x0), static_cast<uint32_t>(x1), static_cast<uint32_t>(x2),
-                  static_cast<uint32_t>(x3)}};
-#endif
 }
 
 // Triton's uint_to_uniform_float for 32-bit input: a float in [0, 1).
@@ -68,12 +53,15 @@ struct Normal4 {
   float v[4];
 };
 
-// The four normals of group `group` (64-bit) in sample `sample`: Box-Muller on each pair of
-// uniforms, (r cos(2 pi u2), r sin(2 pi u2)) with r = sqrt(-2 log max(u1, 1e-7)).
-PYVAE_HD Normal4 normal4(uint64_t seed, uint64_t group, uint32_t sample) {
-  const Philox4 b = philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
-                                  sample, 0u, static_cast<uint32_t>(seed),
-                                  static_cast<uint32_t>(seed >> 32));
+// Philox counter and key of group `group` (64-bit) in sample `sample`.
+PYVAE_HD Philox4 philox_group(uint64_t seed, uint64_t group, uint32_t sample) {
+  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), sample, 0u,
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Four normals from one Philox block: Box-Muller on each pair of uniforms,
+// (r cos(2 pi u2), r sin(2 pi u2)) with r = sqrt(-2 log max(u1, 1e-7)).
+PYVAE_HD Normal4 normals_from_bits(const Philox4& b) {
   Normal4 n;
 #if defined(__CUDACC__)
 #pragma unroll
@@ -88,6 +76,11 @@ PYVAE_HD Normal4 normal4(uint64_t seed, uint64_t group, uint32_t sample) {
     n.v[2 * pair + 1] = r * s;
   }
   return n;
+}
+
+// The four normals of group `group` in sample `sample`.
+PYVAE_HD Normal4 normal4(uint64_t seed, uint64_t group, uint32_t sample) {
+  return normals_from_bits(philox_group(seed, group, sample));
 }
 
 }  // namespace pyvae

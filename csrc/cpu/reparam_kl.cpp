@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "../common/philox.h"
+#include "philox_batch.h"
 #include "../common/reparam_kl_math.h"
 
 namespace pyvae::cpu {
@@ -26,17 +27,24 @@ constexpr int kLanes = 8;        // KL partial sums per row: fixed, so results d
 #define PYVAE_MULTIVERSION
 #endif
 
-// eps for groups [group0, group0 + n_groups) of one row: 4 * n_groups floats.
-PYVAE_MULTIVERSION void normals(uint64_t seed, uint64_t group0, uint32_t sample, int64_t n_groups,
-                                float* __restrict eps) {
+PYVAE_MULTIVERSION void box_muller(const uint32_t* __restrict w0, const uint32_t* __restrict w1,
+                                   const uint32_t* __restrict w2, const uint32_t* __restrict w3, int64_t n_groups,
+                                   float* __restrict eps) {
 #pragma omp simd
   for (int64_t j = 0; j < n_groups; ++j) {
-    const Normal4 n = normal4(seed, group0 + static_cast<uint64_t>(j), sample);
+    const Normal4 n = normals_from_bits(Philox4{{w0[j], w1[j], w2[j], w3[j]}});
     eps[4 * j + 0] = n.v[0];
     eps[4 * j + 1] = n.v[1];
     eps[4 * j + 2] = n.v[2];
     eps[4 * j + 3] = n.v[3];
   }
+}
+
+// eps of groups [group0, group0 + n_groups) (n_groups <= kChunk / 4): 4 * n_groups floats.
+void normals(uint64_t seed, uint64_t group0, uint32_t sample, int64_t n_groups, float* __restrict eps) {
+  alignas(64) uint32_t words[4][kChunk / 4];
+  philox_words(seed, group0, sample, n_groups, PhiloxWords{{words[0], words[1], words[2], words[3]}});
+  box_muller(words[0], words[1], words[2], words[3], n_groups, eps);
 }
 
 PYVAE_MULTIVERSION void std_and_kl(const float* __restrict mu, const float* __restrict logvar,
@@ -80,6 +88,16 @@ template <typename T>
 void store_chunk(const float* __restrict src, int64_t n, T* __restrict dst) {
   if constexpr (!std::is_same_v<T, float>) {
     for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
+  }
+}
+
+// Asks for columns [col0, col0 + n) of rows [r0, r0 + nr). Called before the noise of a chunk is
+// generated, which does not need the inputs, so the memory reads overlap that arithmetic.
+template <typename T>
+void prefetch_rows(const T* base, int64_t row_stride, int64_t r0, int64_t nr, int64_t col0, int64_t n) {
+  for (int64_t i = 0; i < nr; ++i) {
+    const char* row = reinterpret_cast<const char*>(base + (r0 + i) * row_stride + col0);
+    for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(row + offset);
   }
 }
 
@@ -131,6 +149,8 @@ void forward_impl(const ReparamKLForwardParams& p) {
         const int64_t n = std::min(kChunk, p.in.cols - col0);
         const uint64_t first_group = static_cast<uint64_t>(r0 * blocks.groups_per_row + col0 / 4);
         const int64_t n_groups = (nr - 1) * blocks.groups_per_row + (n + 3) / 4;
+        prefetch_rows(mu, p.in.mu_row_stride, r0, nr, col0, n);
+        prefetch_rows(logvar, p.in.logvar_row_stride, r0, nr, col0, n);
         for (int64_t s = 0; s < p.samples; ++s) {
           normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
           for (int64_t i = 0; i < nr; ++i) {
@@ -179,6 +199,11 @@ void backward_impl(const ReparamKLBackwardParams& p) {
         const uint64_t first_group = static_cast<uint64_t>(r0 * blocks.groups_per_row + col0 / 4);
         const int64_t n_groups = (nr - 1) * blocks.groups_per_row + (n + 3) / 4;
         for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
+          prefetch_rows(grad_z + s * p.in.rows * p.in.cols, p.in.cols, r0, nr, col0, n);
+          if (s + 1 == p.samples) {
+            prefetch_rows(mu, p.in.mu_row_stride, r0, nr, col0, n);
+            prefetch_rows(logvar, p.in.logvar_row_stride, r0, nr, col0, n);
+          }
           normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
           for (int64_t i = 0; i < nr; ++i) {
             const float* gz_f = as_float(grad_z + (s * p.in.rows + r0 + i) * p.in.cols + col0, n, gz_buf);
