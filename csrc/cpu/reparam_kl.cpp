@@ -47,13 +47,27 @@ void normals(uint64_t seed, uint64_t group0, uint32_t sample, int64_t n_groups, 
   box_muller(words[0], words[1], words[2], words[3], n_groups, eps);
 }
 
-PYVAE_MULTIVERSION void std_and_kl(const float* __restrict mu, const float* __restrict logvar,
-                                   int64_t n, float* __restrict std_out, float* __restrict kl_out) {
+// z = mu + std * eps and the KL terms of one chunk of a row, in one pass.
+PYVAE_MULTIVERSION void z_and_kl(const float* __restrict mu, const float* __restrict logvar,
+                                 const float* __restrict eps, int64_t n, float* __restrict z,
+                                 float* __restrict kl) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
     const float sd = std_from_logvar(logvar[c]);
-    std_out[c] = sd;
-    kl_out[c] = kl_term(mu[c], logvar[c], sd);
+    z[c] = mu[c] + sd * eps[c];
+    kl[c] = kl_term(mu[c], logvar[c], sd);
+  }
+}
+
+// The backward of one chunk: grad_mu = gz_sum + gkl mu, grad_logvar = 0.5 std gz_eps_sum + gkl dKL/dlogvar
+// (in place of the two sums).
+PYVAE_MULTIVERSION void grads(const float* __restrict mu, const float* __restrict logvar, const float* __restrict gkl,
+                              int64_t n, float* __restrict gz_sum, float* __restrict gz_eps_sum) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const float sd = std_from_logvar(logvar[c]);
+    gz_sum[c] += gkl[c] * mu[c];
+    gz_eps_sum[c] = z_dlogvar(sd, gz_eps_sum[c]) + gkl[c] * kl_dlogvar(sd);
   }
 }
 
@@ -77,11 +91,6 @@ float* float_target(T* dst, float* buffer) {
   } else {
     return buffer;
   }
-}
-
-template <typename T>
-void store_chunk_from(const float* __restrict src, int64_t n, T* __restrict dst) {
-  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
 }
 
 template <typename T>
@@ -138,8 +147,7 @@ void forward_impl(const ReparamKLForwardParams& p) {
   const RowBlocks blocks(p.in.rows, p.in.cols);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
-    alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], std_f[kChunk], kl_buf[kChunk], eps[kChunk],
-        z_buf[kChunk];
+    alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], kl_buf[kChunk], eps[kChunk], z_buf[kChunk];
     float lanes[kChunk / 4][kLanes];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t r0 = b * blocks.rows_per_block;
@@ -158,14 +166,11 @@ void forward_impl(const ReparamKLForwardParams& p) {
             const float* mu_f = as_float(mu + r * p.in.mu_row_stride + col0, n, mu_buf);
             const float* logvar_f = as_float(logvar + r * p.in.logvar_row_stride + col0, n, logvar_buf);
             float* kl_f = p.kl_per_element && s == 0 ? p.kl + r * p.in.cols + col0 : kl_buf;
-            std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
-            if (s == 0 && !p.kl_per_element) accumulate_lanes(kl_f, n, lanes[i]);
-            const float* eps_row = eps + i * eps_row_stride;
             T* z_row = z + (s * p.in.rows + r) * p.in.cols + col0;
             float* z_f = float_target(z_row, z_buf);
-#pragma omp simd
-            for (int64_t c = 0; c < n; ++c) z_f[c] = mu_f[c] + std_f[c] * eps_row[c];
+            z_and_kl(mu_f, logvar_f, eps + i * eps_row_stride, n, z_f, kl_f);
             store_chunk(z_f, n, z_row);
+            if (s == 0 && !p.kl_per_element) accumulate_lanes(kl_f, n, lanes[i]);
           }
         }
       }
@@ -186,14 +191,20 @@ void backward_impl(const ReparamKLBackwardParams& p) {
   const RowBlocks blocks(p.in.rows, p.in.cols);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
-    alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], gz_buf[kChunk], std_f[kChunk], kl_f[kChunk],
-        eps[kChunk], gz_sum[kChunk], gz_eps_sum[kChunk], gkl[kChunk];
+    alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], gz_buf[kChunk], eps[kChunk], gz_sum_buf[kChunk],
+        gz_eps_sum_buf[kChunk], gkl[kChunk], gkl_zeros[kChunk] = {};
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t r0 = b * blocks.rows_per_block;
       const int64_t nr = std::min(blocks.rows_per_block, p.in.rows - r0);
       for (int64_t col0 = 0; col0 < p.in.cols; col0 += kChunk) {
         const int64_t n = std::min(kChunk, p.in.cols - col0);
-        // Sums over samples of grad_z and grad_z * eps, row i of the block at offset i * n.
+        // Sums over samples of grad_z and grad_z * eps, row i of the block at offset i * n, turned into
+        // grad_mu and grad_logvar in place. The rows of a block are contiguous in the outputs (a
+        // block of several rows spans whole rows), so for float32 the outputs themselves serve.
+        T* grad_mu_out = grad_mu + r0 * p.in.cols + col0;
+        T* grad_logvar_out = grad_logvar + r0 * p.in.cols + col0;
+        float* gz_sum = float_target(grad_mu_out, gz_sum_buf);
+        float* gz_eps_sum = float_target(grad_logvar_out, gz_eps_sum_buf);
         std::fill(gz_sum, gz_sum + nr * n, 0.0f);
         std::fill(gz_eps_sum, gz_eps_sum + nr * n, 0.0f);
         const uint64_t first_group = static_cast<uint64_t>(r0 * blocks.groups_per_row + col0 / 4);
@@ -221,20 +232,20 @@ void backward_impl(const ReparamKLBackwardParams& p) {
           const int64_t r = r0 + i;
           const float* mu_f = as_float(mu + r * p.in.mu_row_stride + col0, n, mu_buf);
           const float* logvar_f = as_float(logvar + r * p.in.logvar_row_stride + col0, n, logvar_buf);
-          std_and_kl(mu_f, logvar_f, n, std_f, kl_f);
-          const float* gkl_row =
-              p.grad_kl == nullptr ? nullptr : p.grad_kl + r * p.grad_kl_row_stride + col0 * p.grad_kl_col_stride;
-          for (int64_t c = 0; c < n; ++c) gkl[c] = p.grad_kl == nullptr ? 0.0f : gkl_row[c * p.grad_kl_col_stride];
-          float* __restrict g_mu = gz_sum + i * n;          // becomes grad_mu
-          float* __restrict g_logvar = gz_eps_sum + i * n;  // becomes grad_logvar
-#pragma omp simd
-          for (int64_t c = 0; c < n; ++c) {
-            g_mu[c] += gkl[c] * mu_f[c];
-            g_logvar[c] = z_dlogvar(std_f[c], g_logvar[c]) + gkl[c] * kl_dlogvar(std_f[c]);
+          const float* gkl_f = gkl_zeros;
+          if (p.grad_kl != nullptr) {
+            const float* gkl_row = p.grad_kl + r * p.grad_kl_row_stride + col0 * p.grad_kl_col_stride;
+            if (p.grad_kl_col_stride == 1) {
+              gkl_f = gkl_row;
+            } else {  // per-sample or scalar KL gradient, broadcast along the row (stride 0)
+              for (int64_t c = 0; c < n; ++c) gkl[c] = gkl_row[c * p.grad_kl_col_stride];
+              gkl_f = gkl;
+            }
           }
-          store_chunk_from(g_mu, n, grad_mu + r * p.in.cols + col0);
-          store_chunk_from(g_logvar, n, grad_logvar + r * p.in.cols + col0);
+          grads(mu_f, logvar_f, gkl_f, n, gz_sum + i * n, gz_eps_sum + i * n);
         }
+        store_chunk(gz_sum, nr * n, grad_mu_out);
+        store_chunk(gz_eps_sum, nr * n, grad_logvar_out);
       }
     }
   });
