@@ -18,6 +18,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -45,20 +46,34 @@ def native_extension() -> ModuleType | None:
     return _EXTENSION
 
 
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_usable() -> bool:
+    """Triton is installed and has somewhere to run (a CUDA device, or its interpreter)."""
+    return _HAS_TRITON and (torch.cuda.is_available() or triton_interpreted())
+
+
 @functools.lru_cache(maxsize=None)
 def triton_kernels(op: str) -> ModuleType | None:
-    """``pyvae.kernels.<op>`` (registers its ``*_triton`` ops), or None without a usable Triton."""
+    """Imports ``pyvae.kernels.<op>`` (registering its ``*_triton`` ops); None if that fails.
+
+    Op modules call this when they are imported, so that nothing is imported while torch.compile
+    traces a call.
+    """
     if not _HAS_TRITON:
         return None
     try:
         return importlib.import_module(f"pyvae.kernels.{op}")
-    except ImportError:
+    except Exception as exc:  # a broken Triton install must not break `import pyvae`
+        warnings.warn(f"pyvae: the Triton kernels of {op} failed to import ({exc}); backend 'triton' is off")
+        _TRITON_BROKEN.add(op)
         return None
 
 
-def triton_interpreted() -> bool:
-    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_TRITON_BROKEN: set[str] = set()
 
 
 def available(device: torch.device | str = "cpu") -> list[str]:
@@ -69,12 +84,12 @@ def available(device: torch.device | str = "cpu") -> list[str]:
     if device.type == "cuda":
         if ext is not None and ext.has_cuda and torch.cuda.is_available():
             found.append("cuda")
-        if _HAS_TRITON and torch.cuda.is_available():
+        if _HAS_TRITON and torch.cuda.is_available() and not _TRITON_BROKEN:
             found.append("triton")
     elif device.type == "cpu":
         if ext is not None:
             found.append("cpu")
-        if _HAS_TRITON and triton_interpreted():
+        if _HAS_TRITON and triton_interpreted() and not _TRITON_BROKEN:
             found.append("triton")
     found.append("torch")
     return found

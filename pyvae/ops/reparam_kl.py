@@ -157,8 +157,7 @@ def _ops(backend: str):
     """(forward, backward) callables of ``backend`` with the registered ops' signature."""
     if backend == "torch":
         return _torch_forward, _torch_backward
-    if backend == "triton":
-        backends.triton_kernels(_OP)
+    if backend == "triton":  # registered when this module was imported (see the bottom)
         return torch.ops.pyvae.reparam_kl_forward_triton, torch.ops.pyvae.reparam_kl_backward_triton
     return torch.ops.pyvae.reparam_kl_forward, torch.ops.pyvae.reparam_kl_backward
 
@@ -269,3 +268,5 @@ def _register_fakes() -> None:
 
 if backends.native_extension() is not None:
     _register_fakes()
+if backends.triton_usable():
+    backends.triton_kernels(_OP)
