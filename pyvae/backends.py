@@ -46,14 +46,18 @@ def native_extension() -> ModuleType | None:
     return _EXTENSION
 
 
+# Triton reads TRITON_INTERPRET when its kernels are defined, so pyvae reads it once too, at import.
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_interpreted() -> bool:
-    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _TRITON_INTERPRETED
 
 
 def triton_usable() -> bool:
     """Triton is installed and has somewhere to run (a CUDA device, or its interpreter)."""
-    return _HAS_TRITON and (torch.cuda.is_available() or triton_interpreted())
+    return _HAS_TRITON and (torch.cuda.is_available() or _TRITON_INTERPRETED)
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +83,16 @@ _TRITON_BROKEN: set[str] = set()
 def available(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can serve tensors on ``device``, in order of preference for ``auto``."""
     device = torch.device(device)
+    key = (device.type, len(_TRITON_BROKEN))
+    if key not in _AVAILABLE:
+        _AVAILABLE[key] = _find_available(device)
+    return list(_AVAILABLE[key])
+
+
+_AVAILABLE: dict[tuple[str, int], list[str]] = {}
+
+
+def _find_available(device: torch.device) -> list[str]:
     ext = native_extension()
     found = []
     if device.type == "cuda":
@@ -89,7 +103,7 @@ def available(device: torch.device | str = "cpu") -> list[str]:
     elif device.type == "cpu":
         if ext is not None:
             found.append("cpu")
-        if _HAS_TRITON and triton_interpreted() and not _TRITON_BROKEN:
+        if _HAS_TRITON and _TRITON_INTERPRETED and not _TRITON_BROKEN:
             found.append("triton")
     found.append("torch")
     return found

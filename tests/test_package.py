@@ -18,7 +18,8 @@ def test_available_cpu_lists_torch_last():
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backends, "_TRITON_INTERPRETED", False)
+    monkeypatch.setattr(backends, "_AVAILABLE", {})
     assert "triton" not in backends.available("cpu")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         backends.resolve("triton", torch.device("cpu"), "reparam_kl")

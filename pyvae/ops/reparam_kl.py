@@ -229,8 +229,9 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, n_samples: int 
     Gradients flow to ``mu`` and ``logvar``: ``dmu = dz + dkl * mu``,
     ``dlogvar = dz * 0.5 exp(logvar / 2) eps + dkl * 0.5 (exp(logvar) - 1)``, summed over samples.
     """
-    check_floating("mu", mu, "torch")
-    check_floating("logvar", logvar, "torch")
+    if not isinstance(mu, torch.Tensor) or not isinstance(logvar, torch.Tensor):
+        check_floating("mu", mu, "torch")
+        check_floating("logvar", logvar, "torch")
     check_reduction(reduction)
     if isinstance(n_samples, bool) or not isinstance(n_samples, int):
         raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}")
