@@ -81,9 +81,13 @@ def run(device: str, quick: bool = False, dtype: torch.dtype = torch.float32, pr
                 reps = 200 if n <= 1 << 16 else 40
                 timings = time_cpu_interleaved(steps, reps)
             else:
-                timings = {name: time_gpu(step, cuda_graph=graph) for name, step in steps.items()
-                           if not (graph and mode != "forward" and "compile" in name)}
-            eager_ms = timings["eager"].median_ms
+                timings = {}
+                for name, step in steps.items():
+                    try:
+                        timings[name] = time_gpu(step, cuda_graph=graph)
+                    except Exception as exc:  # one provider failing (e.g. to capture) must not end the run
+                        print(f"[bench] {name} {batch}x{zdim} {mode}{' graph' if graph else ''} failed: {exc!r}")
+            eager_ms = timings["eager"].median_ms if "eager" in timings else float("nan")
             for name, t in timings.items():
                 gbps = traffic / (t.median_ms * 1e-3) / 1e9
                 saved = saved_tensor_bytes(steps[name]) if mode != "forward" else None

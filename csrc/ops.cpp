@@ -3,12 +3,14 @@
 // to the torch-free kernels in cpu/ and cuda/. The Python API (pyvae/ops) checks arguments first
 // and raises ValueError/TypeError naming them; the checks here guard direct torch.ops calls.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "common/reparam_kl_params.h"
 #include "cpu/reparam_kl.h"
 #ifdef PYVAE_WITH_CUDA
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -41,7 +43,7 @@ struct CheckedInputs {
   ReparamKLInputs kernel;
 };
 
-CheckedInputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed) {
+CheckedInputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar) {
   TORCH_CHECK_VALUE(mu.dim() >= 1, "mu must have at least one dimension, got a 0-d tensor");
   TORCH_CHECK_VALUE(mu.sizes() == logvar.sizes(), "mu and logvar must have the same shape, got ",
                     mu.sizes(), " and ", logvar.sizes());
@@ -49,32 +51,50 @@ CheckedInputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar, const
                    mu.scalar_type(), " and ", logvar.scalar_type());
   kernel_dtype(mu, "mu");
   TORCH_CHECK_VALUE(mu.device() == logvar.device(), "mu and logvar must be on the same device");
-  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1,
-                    "seed must be a one-element int64 tensor");
-  TORCH_CHECK_VALUE(seed.device() == mu.device(), "seed must be on the device of mu (", mu.device(),
-                    "), got ", seed.device());
   const int64_t cols = mu.size(-1);
   const int64_t rows = c10::multiply_integers(mu.sizes().slice(0, mu.dim() - 1));
   CheckedInputs in{as_rows(mu, rows, cols), as_rows(logvar, rows, cols), {}};
   in.kernel = ReparamKLInputs{kernel_dtype(mu, "mu"), in.mu.data_ptr(), in.logvar.data_ptr(), in.mu.stride(0),
-                              in.logvar.stride(0), rows, cols, seed.data_ptr<int64_t>()};
+                              in.logvar.stride(0), rows, cols};
   return in;
 }
 
-std::tuple<at::Tensor, at::Tensor> allocate_forward(const at::Tensor& mu, int64_t n_samples, bool kl_per_element) {
+void check_seed_value(const std::optional<int64_t>& seed) {
+  TORCH_CHECK_VALUE(!seed.has_value() || *seed >= 0, "seed must be in [0, 2**63 - 1], got ", seed.value_or(0));
+}
+
+const int64_t* check_seed_tensor(const at::Tensor& seed, const at::Tensor& mu) {
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1,
+                    "seed must be a one-element int64 tensor (the seed_used output of forward)");
+  TORCH_CHECK_VALUE(seed.device() == mu.device(), "seed must be on the device of mu (", mu.device(), "), got ",
+                    seed.device());
+  return seed.data_ptr<int64_t>();
+}
+
+// A key for seed=None on the CPU: the next 63 bits of torch's default CPU generator.
+int64_t draw_cpu_key() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return static_cast<int64_t>(gen.get<at::CPUGeneratorImpl>()->random64() >> 1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward(const at::Tensor& mu, int64_t n_samples,
+                                                                 bool kl_per_element) {
   TORCH_CHECK_VALUE(n_samples >= 1, "n_samples must be >= 1, got ", n_samples);
   std::vector<int64_t> z_shape{n_samples};
   z_shape.insert(z_shape.end(), mu.sizes().begin(), mu.sizes().end());
   at::Tensor z = at::empty(z_shape, mu.options());
   at::Tensor kl = kl_per_element ? at::empty(mu.sizes(), mu.options().dtype(at::kFloat))
                                  : at::empty(mu.sizes().slice(0, mu.dim() - 1), mu.options().dtype(at::kFloat));
-  return {z, kl};
+  at::Tensor seed_used = at::empty({}, mu.options().dtype(at::kLong));
+  return {z, kl, seed_used};
 }
 
-ReparamKLForwardParams forward_params(const CheckedInputs& in, int64_t n_samples,
-                                      bool kl_per_element, at::Tensor& z, at::Tensor& kl) {
+ReparamKLForwardParams forward_params(const CheckedInputs& in, int64_t n_samples, bool kl_per_element,
+                                      at::Tensor& z, at::Tensor& kl, at::Tensor& seed_used) {
   ReparamKLForwardParams p{};
   p.in = in.kernel;
+  p.seed.key_out = seed_used.data_ptr<int64_t>();
   p.samples = n_samples;
   p.z = z.data_ptr();
   p.kl = kl.data_ptr<float>();
@@ -86,11 +106,13 @@ struct BackwardBuffers {
   at::Tensor grad_z, grad_kl, grad_mu, grad_logvar;
 };
 
-ReparamKLBackwardParams backward_params(const CheckedInputs& in, const std::optional<at::Tensor>& grad_z,
+ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tensor& seed,
+                                        const std::optional<at::Tensor>& grad_z,
                                         const std::optional<at::Tensor>& grad_kl, const at::Tensor& mu,
                                         BackwardBuffers& buf) {
   ReparamKLBackwardParams p{};
   p.in = in.kernel;
+  p.seed = check_seed_tensor(seed, mu);
   p.samples = 0;
   if (grad_z.has_value()) {
     TORCH_CHECK_VALUE(grad_z->dim() == mu.dim() + 1 && grad_z->sizes().slice(1) == mu.sizes(),
@@ -116,49 +138,81 @@ ReparamKLBackwardParams backward_params(const CheckedInputs& in, const std::opti
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
-                                                          const at::Tensor& seed, int64_t n_samples,
-                                                          bool kl_per_element) {
-  CheckedInputs in = check_inputs(mu, logvar, seed);
-  auto [z, kl] = allocate_forward(mu, n_samples, kl_per_element);
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar, std::optional<int64_t> seed,
+                                     int64_t n_samples, bool kl_per_element) {
+  CheckedInputs in = check_inputs(mu, logvar);
+  check_seed_value(seed);
+  auto [z, kl, seed_used] = allocate_forward(mu, n_samples, kl_per_element);
+  ReparamKLForwardParams p = forward_params(in, n_samples, kl_per_element, z, kl, seed_used);
+  p.seed.key = seed.has_value() ? *seed : draw_cpu_key();
+  *p.seed.key_out = p.seed.key;
   if (in.kernel.cols == 0) kl.zero_();  // an empty sum per row
-  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_forward(forward_params(in, n_samples, kl_per_element, z, kl));
-  return {z, kl};
+  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_forward(p);
+  return {z, kl, seed_used};
 }
 
 std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                                                            const at::Tensor& seed,
                                                            const std::optional<at::Tensor>& grad_z,
                                                            const std::optional<at::Tensor>& grad_kl) {
-  CheckedInputs in = check_inputs(mu, logvar, seed);
+  CheckedInputs in = check_inputs(mu, logvar);
   BackwardBuffers buf;
-  ReparamKLBackwardParams p = backward_params(in, grad_z, grad_kl, mu, buf);
+  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
   if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_backward(p);
   return {buf.grad_mu, buf.grad_logvar};
 }
 
 #ifdef PYVAE_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
-                                                           const at::Tensor& seed, int64_t n_samples,
-                                                           bool kl_per_element) {
-  CheckedInputs in = check_inputs(mu, logvar, seed);
+ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar, std::optional<int64_t> seed,
+                                      int64_t n_samples, bool kl_per_element) {
+  CheckedInputs in = check_inputs(mu, logvar);
+  check_seed_value(seed);
   const c10::cuda::CUDAGuard guard(mu.device());
-  auto [z, kl] = allocate_forward(mu, n_samples, kl_per_element);
+  auto [z, kl, seed_used] = allocate_forward(mu, n_samples, kl_per_element);
+  ReparamKLForwardParams p = forward_params(in, n_samples, kl_per_element, z, kl, seed_used);
+  if (seed.has_value()) {
+    p.seed.key = *seed;
+  } else {
+    // The generator's (seed, offset) is read by the kernel itself, so drawing costs no launch and
+    // no host sync, and a captured graph gets a fresh offset on every replay (as dropout does).
+    auto gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+        std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
+    at::PhiloxCudaState state;
+    {
+      std::lock_guard<std::mutex> lock(gen->mutex_);
+      state = gen->philox_cuda_state(4);
+    }
+    p.seed.from_cuda_generator = true;
+    p.seed.captured = state.captured_;
+    if (state.captured_) {
+      p.seed.generator_seed_ptr = state.seed_.ptr;
+      p.seed.generator_offset_ptr = state.offset_.ptr;
+      p.seed.offset_intragraph = state.offset_intragraph_;
+    } else {
+      p.seed.generator_seed = state.seed_.val;
+      p.seed.generator_offset = state.offset_.val;
+    }
+  }
   if (in.kernel.cols == 0) kl.zero_();
-  cuda::reparam_kl_forward(forward_params(in, n_samples, kl_per_element, z, kl),
-                           c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {z, kl};
+  if (in.kernel.rows == 0 || in.kernel.cols == 0) {
+    seed_used.zero_();  // nothing to draw: any key will do for an empty backward
+  } else {
+    cuda::reparam_kl_forward(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {z, kl, seed_used};
 }
 
 std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                                             const at::Tensor& seed,
                                                             const std::optional<at::Tensor>& grad_z,
                                                             const std::optional<at::Tensor>& grad_kl) {
-  CheckedInputs in = check_inputs(mu, logvar, seed);
+  CheckedInputs in = check_inputs(mu, logvar);
   const c10::cuda::CUDAGuard guard(mu.device());
   BackwardBuffers buf;
-  ReparamKLBackwardParams p = backward_params(in, grad_z, grad_kl, mu, buf);
+  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
   cuda::reparam_kl_backward(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {buf.grad_mu, buf.grad_logvar};
@@ -169,10 +223,16 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cuda(const at::Tensor& mu
 }  // namespace pyvae
 
 TORCH_LIBRARY(pyvae, m) {
-  // z: [n_samples, *mu.shape] in mu's dtype; kl (float32): mu.shape if kl_per_element else mu.shape[:-1].
-  m.def("reparam_kl_forward(Tensor mu, Tensor logvar, Tensor seed, int n_samples, bool kl_per_element) -> (Tensor z, Tensor kl)");
-  // grad_z: [n_samples, *mu.shape]; grad_kl: float32 of mu's shape (an expanded view is fine).
-  m.def("reparam_kl_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl) -> (Tensor grad_mu, Tensor grad_logvar)");
+  // z: [n_samples, *mu.shape] in mu's dtype; kl (float32): mu.shape if kl_per_element else mu.shape[:-1];
+  // seed_used: 0-d int64 on mu's device, the Philox key (seed, or one drawn from torch's generator
+  // for mu's device when seed is None) that backward regenerates eps from.
+  m.def("reparam_kl_forward(Tensor mu, Tensor logvar, int? seed, int n_samples, bool kl_per_element) "
+        "-> (Tensor z, Tensor kl, Tensor seed_used)",
+        {at::Tag::nondeterministic_seeded});
+  // seed: forward's seed_used; grad_z: [n_samples, *mu.shape]; grad_kl: float32 of mu's shape
+  // (an expanded view is fine).
+  m.def("reparam_kl_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl) "
+        "-> (Tensor grad_mu, Tensor grad_logvar)");
 }
 
 TORCH_LIBRARY_IMPL(pyvae, CPU, m) {

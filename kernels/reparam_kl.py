@@ -9,6 +9,8 @@ is a fixed-order in-register reduction: deterministic, no atomics.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -49,13 +51,18 @@ def _load_chunk(mu_ptr, logvar_ptr, r3, rows, cols, mu_row_stride, logvar_row_st
     return g, col, mask, mu, logvar, tl.exp(0.5 * logvar)
 
 
-@triton.jit
-def _reparam_kl_fwd_kernel(mu_ptr, logvar_ptr, seed_ptr, z_ptr, kl_ptr, rows, cols, mu_row_stride,
-                           logvar_row_stride, KL_PER_ELEMENT: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_G: tl.constexpr):
+@triton.jit(do_not_specialize=["seed_value"])
+def _reparam_kl_fwd_kernel(mu_ptr, logvar_ptr, seed_value, seed_ptr, z_ptr, kl_ptr, rows, cols, mu_row_stride,
+                           logvar_row_stride, SEED_GIVEN: tl.constexpr, KL_PER_ELEMENT: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     sample = tl.program_id(1)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    seed = tl.load(seed_ptr)
+    if SEED_GIVEN:  # record it for backward
+        seed = seed_value.to(tl.int64)
+        if (tl.program_id(0) == 0) & (sample == 0):
+            tl.store(seed_ptr, seed)
+    else:  # drawn on the device by the launcher
+        seed = tl.load(seed_ptr)
     groups_per_row = (cols + 3) // 4
     lane = tl.arange(0, 4)[None, None, :]
     r3 = r[:, None, None]
@@ -119,24 +126,36 @@ def _as_rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 @triton_op("pyvae::reparam_kl_forward_triton", mutates_args=())
-def reparam_kl_forward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, n_samples: int,
-                              kl_per_element: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``torch.ops.pyvae.reparam_kl_forward`` (same schema and outputs)."""
+def reparam_kl_forward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: Optional[int], n_samples: int,
+                              kl_per_element: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``torch.ops.pyvae.reparam_kl_forward`` (same schema and outputs).
+
+    With ``seed=None`` the key is drawn by ``torch.randint`` on the device first (a second launch:
+    Triton cannot read PyTorch's CUDA generator state the way the CUDA kernel does).
+    """
     cols = mu.shape[-1]
     rows = mu.numel() // cols if cols else 0
     z = mu.new_empty((n_samples, *mu.shape))
     kl = mu.new_empty(mu.shape if kl_per_element else mu.shape[:-1], dtype=torch.float32)
+    if seed is None:
+        seed_used = torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=mu.device)
+    else:
+        seed_used = mu.new_empty((), dtype=torch.int64)
     if cols == 0:
         kl.zero_()
     if rows == 0 or cols == 0:
-        return z, kl
+        if seed is not None:
+            seed_used.fill_(seed)
+        return z, kl, seed_used
+    if n_samples > 65535:
+        raise ValueError(f"n_samples must be <= 65535 on the triton backend, got {n_samples}")
     mu2, logvar2 = _as_rows(mu, rows, cols), _as_rows(logvar, rows, cols)
     block_r, block_g = _tile(cols)
     grid = (triton.cdiv(rows, block_r), n_samples)
     wrap_triton(_reparam_kl_fwd_kernel)[grid](
-        mu2, logvar2, seed, z, kl, rows, cols, mu2.stride(0), logvar2.stride(0),
-        KL_PER_ELEMENT=kl_per_element, BLOCK_R=block_r, BLOCK_G=block_g)
-    return z, kl
+        mu2, logvar2, 0 if seed is None else seed, seed_used, z, kl, rows, cols, mu2.stride(0), logvar2.stride(0),
+        SEED_GIVEN=seed is not None, KL_PER_ELEMENT=kl_per_element, BLOCK_R=block_r, BLOCK_G=block_g)
+    return z, kl, seed_used
 
 
 @triton_op("pyvae::reparam_kl_backward_triton", mutates_args=())

@@ -42,6 +42,21 @@ PYVAE_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
   return Philox4{{c0, c1, c2, c3}};
 }
 
+// SplitMix64's finaliser: a bijective 64-bit mix.
+PYVAE_HD uint64_t mix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// The Philox key of a call whose seed comes from PyTorch's CUDA generator: its (seed, offset)
+// state (unique per call, and per replay of a captured graph) mixed into one key in [0, 2^63),
+// the range of explicit seeds.
+PYVAE_HD int64_t key_from_generator(uint64_t seed, uint64_t offset) {
+  return static_cast<int64_t>(mix64(seed ^ mix64(offset)) >> 1);
+}
+
 // Triton's uint_to_uniform_float for 32-bit input: a float in [0, 1).
 PYVAE_HD float uint_to_uniform(uint32_t bits) {
   int32_t x = static_cast<int32_t>(bits);

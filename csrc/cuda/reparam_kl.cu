@@ -97,13 +97,26 @@ bool packable(const void* base, int64_t row_stride, int64_t cols) {
   return cols % 4 == 0 && row_stride % 4 == 0 && reinterpret_cast<uintptr_t>(base) % (4 * sizeof(T)) == 0;
 }
 
+// The key of this call; the first thread of the grid records it for backward.
+__device__ __forceinline__ uint64_t resolve_key(const SeedSource& s) {
+  int64_t key = s.key;
+  if (s.from_cuda_generator) {
+    const uint64_t seed = s.captured ? static_cast<uint64_t>(*s.generator_seed_ptr) : s.generator_seed;
+    const uint64_t offset = s.captured ? static_cast<uint64_t>(*s.generator_offset_ptr) + s.offset_intragraph
+                                       : s.generator_offset;
+    key = key_from_generator(seed, offset);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) *s.key_out = key;
+  return static_cast<uint64_t>(key);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(ReparamKLForwardParams p, int threads_per_row, bool vec_in, bool vec_out) {
   const int lane = threadIdx.x % threads_per_row;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / threads_per_row) + threadIdx.x / threads_per_row;
   const bool active = r < p.in.rows;
-  const uint64_t seed = static_cast<uint64_t>(*p.in.seed);
+  const uint64_t seed = resolve_key(p.seed);
   const int64_t groups = (p.in.cols + 3) / 4;
   const T* mu_row = static_cast<const T*>(p.in.mu) + r * p.in.mu_row_stride;
   const T* logvar_row = static_cast<const T*>(p.in.logvar) + r * p.in.logvar_row_stride;
@@ -138,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % threads_per_row;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / threads_per_row) + threadIdx.x / threads_per_row;
   if (r >= p.in.rows) return;  // no block-wide sync below
-  const uint64_t seed = static_cast<uint64_t>(*p.in.seed);
+  const uint64_t seed = static_cast<uint64_t>(*p.seed);
   const int64_t groups = (p.in.cols + 3) / 4;
   const T* mu_row = static_cast<const T*>(p.in.mu) + r * p.in.mu_row_stride;
   const T* logvar_row = static_cast<const T*>(p.in.logvar) + r * p.in.logvar_row_stride;

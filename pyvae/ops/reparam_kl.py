@@ -53,13 +53,16 @@ def _uniform(bits: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def reference_eps(seed: torch.Tensor, shape: torch.Size | tuple[int, ...], n_samples: int = 1,
-                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def reference_eps(seed: int | torch.Tensor, shape: torch.Size | tuple[int, ...], n_samples: int = 1,
+                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
     """The N(0, 1) noise every backend uses for ``seed``, shape ``(n_samples, *shape)``.
 
-    Bits and uniforms are exact (integer Philox, float32 uniforms); the Box-Muller transform runs in
-    ``dtype`` (float64 gives the oracle the kernels are tested against).
+    ``seed`` is an int or a 0-d int64 tensor (e.g. the key a forward call used). Bits and uniforms
+    are exact (integer Philox, float32 uniforms); the Box-Muller transform runs in ``dtype``
+    (float64 gives the oracle the kernels are tested against).
     """
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64, device=device)
     shape = torch.Size(shape)
     cols = shape[-1]
     rows = shape.numel() // cols if cols else 0
@@ -83,29 +86,22 @@ def reference_eps(seed: torch.Tensor, shape: torch.Size | tuple[int, ...], n_sam
 
 
 def draw_seed(device: torch.device | str) -> torch.Tensor:
-    """A fresh seed from PyTorch's generator for ``device``, as a 0-d int64 tensor on that device.
+    """A fresh key from PyTorch's generator for ``device``, as a 0-d int64 tensor on that device.
 
     Drawn by a device-side random op, so it never synchronises with the GPU, and a CUDA graph that
-    captured it draws a fresh seed on every replay (as PyTorch's own random ops do).
+    captured it draws a fresh key on every replay (as PyTorch's own random ops do). The reference
+    backend uses it; the CPU and CUDA ops draw inside the op, the Triton op the same way as here.
     """
     return torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64, device=device)
 
 
-def _seed_tensor(seed: int | torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def _check_seed(seed: int | None) -> None:
     if seed is None:
-        return draw_seed(device)
-    if isinstance(seed, torch.Tensor):
-        if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise ValueError(f"seed tensor must be a one-element int64 tensor, got dtype {seed.dtype} "
-                             f"and shape {tuple(seed.shape)}")
-        if seed.device != device:
-            raise ValueError(f"seed tensor is on {seed.device} but mu is on {device}")
-        return seed.reshape(())
+        return
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be None, an int or a one-element int64 tensor, got {type(seed).__name__}")
+        raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
     if not 0 <= seed <= _SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
-    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
 # --------------------------------------------------------------------------- the reference
@@ -113,7 +109,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reparameterize_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, n_samples: int = 1,
+def reparameterize_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, seed: int | torch.Tensor, n_samples: int = 1,
                                 reduction: str = "per_sample") -> tuple[torch.Tensor, torch.Tensor]:
     """Plain differentiable PyTorch with the eager formulas: the oracle of every backend.
 
@@ -121,7 +117,7 @@ def reparameterize_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, seed: to
     ``(n_samples, *mu.shape)``; ``kl`` is float32 (float64 for float64 inputs).
     """
     cdt = _compute_dtype(mu.dtype)
-    eps = reference_eps(seed, mu.shape, n_samples, cdt)
+    eps = reference_eps(seed, mu.shape, n_samples, cdt, device=mu.device)
     mu_c, logvar_c = mu.to(cdt), logvar.to(cdt)
     z = (mu_c + torch.exp(0.5 * logvar_c) * eps).to(mu.dtype)
     kl = -0.5 * (1.0 + logvar_c - mu_c.pow(2) - torch.exp(logvar_c))
@@ -131,8 +127,9 @@ def reparameterize_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, seed: to
 
 
 def _torch_forward(mu, logvar, seed, n_samples, kl_per_element):
-    z, kl = reparameterize_kl_reference(mu, logvar, seed, n_samples, "none" if kl_per_element else "per_sample")
-    return z, kl
+    seed_used = draw_seed(mu.device) if seed is None else torch.full((), seed, dtype=torch.int64, device=mu.device)
+    z, kl = reparameterize_kl_reference(mu, logvar, seed_used, n_samples, "none" if kl_per_element else "per_sample")
+    return z, kl, seed_used
 
 
 def _torch_backward(mu, logvar, seed, grad_z, grad_kl):
@@ -166,18 +163,18 @@ def _ops(backend: str):
 class ReparamKLFunction(torch.autograd.Function):
     """``(z, kl) = ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, backend)``.
 
-    ``seed`` is a 0-d int64 tensor on the device of ``mu``; ``backend`` a concrete backend name
-    (see :mod:`pyvae.backends`). Saves only ``mu``, ``logvar`` and ``seed`` for backward, which
-    regenerates eps from the seed and calls the backend's registered backward op.
+    ``seed`` is an int or None (drawn from PyTorch's generator for the device); ``backend`` a
+    concrete backend name (see :mod:`pyvae.backends`). Saves only ``mu``, ``logvar`` and the 0-d
+    key the forward op used, from which backward regenerates eps (the backend's backward op).
     """
 
     @staticmethod
-    def forward(ctx, mu, logvar, seed, n_samples: int, reduction: str, backend: str):
+    def forward(ctx, mu, logvar, seed: int | None, n_samples: int, reduction: str, backend: str):
         forward_op, _ = _ops(backend)
-        z, kl = forward_op(mu, logvar, seed, n_samples, reduction == "none")
+        z, kl, seed_used = forward_op(mu, logvar, seed, n_samples, reduction == "none")
         if reduction not in ("none", "per_sample"):
             kl = reduce_rows(kl, reduction, mu.numel())
-        ctx.save_for_backward(mu, logvar, seed)
+        ctx.save_for_backward(mu, logvar, seed_used)
         ctx.n_samples, ctx.reduction, ctx.backend = n_samples, reduction, backend
         ctx.set_materialize_grads(False)
         return (z[0] if n_samples == 1 else z), kl
@@ -198,7 +195,7 @@ class ReparamKLFunction(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- API
 def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, n_samples: int = 1,
-                      seed: int | torch.Tensor | None = None, reduction: str = "per_sample",
+                      seed: int | None = None, reduction: str = "per_sample",
                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``z ~ N(mu, exp(logvar))`` by reparameterization and return it with KL(q || N(0, I)).
 
@@ -207,10 +204,11 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, n_samples: int 
             float16 or bfloat16 (float64 on ``backend="torch"``). Different floating dtypes are
             promoted to a common one, as eager arithmetic would (e.g. under ``torch.autocast``).
         n_samples: draws per input; ``z`` gets a leading dimension of this size when it is > 1.
-        seed: ``None`` draws a seed from PyTorch's generator for the device (so ``torch.manual_seed``
-            makes runs repeatable; no host synchronisation; fresh noise on every CUDA-graph replay);
-            an int in ``[0, 2**63 - 1]`` or a one-element int64 tensor on the device fixes the noise.
-            The same seed gives the same eps on every backend.
+        seed: ``None`` draws the key from PyTorch's generator for the device (so ``torch.manual_seed``
+            makes runs repeatable; no host synchronisation; fresh noise on every CUDA-graph replay;
+            on the cuda backend the kernel reads the generator state itself: one launch);
+            an int in ``[0, 2**63 - 1]`` fixes the noise. The same seed gives the same eps on every
+            backend.
         reduction: of the KL term: ``"none"`` (``[..., Z]``), ``"per_sample"`` (``[...]``: sum over
             the last dim), ``"sum"`` (scalar), ``"batchmean"`` (sum / number of samples, i.e. the
             ELBO's KL per sample) or ``"mean"`` (sum / number of elements).
@@ -248,8 +246,8 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, n_samples: int 
     if mu.dtype != logvar.dtype:
         common = torch.promote_types(mu.dtype, logvar.dtype)
         mu, logvar = mu.to(common), logvar.to(common)
-    seed_t = _seed_tensor(seed, device)
-    return ReparamKLFunction.apply(mu, logvar, seed_t, n_samples, reduction, resolved)
+    _check_seed(seed)
+    return ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, resolved)
 
 
 # --------------------------------------------------------------------------- fake kernels
@@ -257,7 +255,7 @@ def _register_fakes() -> None:
     def forward_fake(mu, logvar, seed, n_samples, kl_per_element):
         z = mu.new_empty((n_samples, *mu.shape))
         kl = mu.new_empty(mu.shape if kl_per_element else mu.shape[:-1], dtype=torch.float32)
-        return z, kl
+        return z, kl, mu.new_empty((), dtype=torch.int64)
 
     def backward_fake(mu, logvar, seed, grad_z, grad_kl):
         return (torch.empty_like(mu, memory_format=torch.contiguous_format),
