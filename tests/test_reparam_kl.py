@@ -503,3 +503,20 @@ def test_cpu_philox_paths(isa, tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYVAE_CPU_ISA": isa})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [None, 7])
+def test_cuda_backend_is_one_launch(seed):
+    """The cuda forward draws its key from the generator state inside the kernel: one launch."""
+    if "cuda" not in pyvae.backends.available("cuda"):
+        pytest.skip("cuda backend not built")
+    from torch.profiler import ProfilerActivity, profile
+    mu, logvar = make_inputs((128, 32), torch.float32, "cuda")
+    pyvae.reparameterize_kl(mu, logvar, seed=seed, backend="cuda")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pyvae.reparameterize_kl(mu, logvar, seed=seed, backend="cuda")
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, kernels
