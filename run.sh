@@ -48,7 +48,7 @@ if [ ! -f "$stamp" ] || [ -n "$(find setup.py CMakeLists.txt csrc pyvae kernels 
 fi
 
 case "$cmd" in
-  bench) cd bench && exec "../$VPY" run.py "$@" ;;
+  bench) export PYVAE_BENCH_COMMAND="./run.sh bench${*:+ $*}"; cd bench && exec "../$VPY" run.py "$@" ;;
   test)  exec "$VPY" -m pytest "$@" ;;
   *) usage ;;
 esac

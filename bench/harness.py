@@ -11,6 +11,7 @@ import datetime as _dt
 import platform
 import re
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,12 +64,33 @@ def environment(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_name()
     return {
         "device": device, "device_name": name, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "triton": triton_version, "pyvae": pyvae.__version__,
-        "python": platform.python_version(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(), "commit": _git_commit(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _percentiles(samples_ms: list[float]) -> Timing:
@@ -158,8 +180,8 @@ def markdown_table(rows: list[Row], env: dict, command: str) -> str:
     lines = [
         f"# {rows[0].op} on {env['device_name']} ({env['device']})",
         "",
-        f"`{command}`, {env['date']}; torch {env['torch']}, triton {env['triton']}, pyvae {env['pyvae']}, "
-        f"python {env['python']}, {env['threads']} CPU threads.",
+        f"`{command}`, {env['date']}, commit {env['commit']}; torch {env['torch']}, triton {env['triton']}, "
+        f"pyvae {env['pyvae']}, python {env['python']}, {env['threads']} CPU threads.",
         "",
         "Times are medians (p20-p80) in ms. GB/s counts the minimal logical traffic (inputs read once, "
         "outputs written once); % copy is that rate over a device copy measured in the same run.",

@@ -9,6 +9,7 @@ versions, date and this command), <op>.md (the table printed here) and <op>.png 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<device>)")
     args = parser.parse_args(argv)
-    command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    args_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = os.environ.get("PYVAE_BENCH_COMMAND") or f"python bench/run.py {args_text}".strip()
     env = harness.environment(args.device)
     out_dir = args.out or harness.RESULTS / harness.device_slug(args.device)
     print(f"pyvae benchmarks on {env['device_name']} ({args.device}); torch {env['torch']}, triton {env['triton']}")
