@@ -7,7 +7,11 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "common/likelihood_params.h"
 #include "common/reparam_kl_params.h"
+#include "cpu/likelihood.h"
 #include "cpu/reparam_kl.h"
 #ifdef PYVAE_WITH_CUDA
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -15,6 +19,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/likelihood.h"
 #include "cuda/reparam_kl.h"
 #endif
 
@@ -219,6 +224,138 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cuda(const at::Tensor& mu
 }
 #endif
 
+// ------------------------------------------------------------------------------------ likelihoods
+
+Loss parse_loss(const std::string& name) {
+  if (name == "bernoulli") return Loss::kBernoulli;
+  if (name == "gaussian") return Loss::kGaussian;
+  if (name == "continuous_bernoulli") return Loss::kContinuousBernoulli;
+  TORCH_CHECK_VALUE(false, "loss must be 'bernoulli', 'gaussian' or 'continuous_bernoulli', got '", name, "'");
+}
+
+struct LikelihoodChecked {
+  at::Tensor pred, target, logvar;  // the [rows, cols] (logvar [1 or rows, cols], float32) views
+  LikelihoodInputs kernel;
+};
+
+LikelihoodChecked check_likelihood(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& logvar, double fixed_logvar, double constant) {
+  TORCH_CHECK_VALUE(pred.dim() >= 1, "the prediction must have a batch dimension, got a 0-d tensor");
+  TORCH_CHECK_VALUE(pred.sizes() == target.sizes(), "prediction and target must have the same shape, got ",
+                    pred.sizes(), " and ", target.sizes());
+  TORCH_CHECK_VALUE(pred.device() == target.device(), "prediction and target must be on the same device");
+  const int64_t rows = pred.size(0);
+  const int64_t cols = c10::multiply_integers(pred.sizes().slice(1));
+  LikelihoodChecked c{as_rows(pred, rows, cols), as_rows(target, rows, cols), {}, {}};
+  c.kernel = LikelihoodInputs{parse_loss(loss), kernel_dtype(pred, "prediction"), kernel_dtype(target, "target"),
+                              c.pred.data_ptr(), c.target.data_ptr(), c.pred.stride(0), c.target.stride(0), rows, cols,
+                              nullptr, 0, static_cast<float>(fixed_logvar), static_cast<float>(constant)};
+  if (logvar.has_value()) {
+    TORCH_CHECK_VALUE(logvar->device() == pred.device(), "logvar must be on the device of the prediction");
+    TORCH_CHECK_VALUE(at::is_expandable_to(logvar->sizes(), pred.sizes()), "logvar of shape ", logvar->sizes(),
+                      " does not broadcast to the prediction's shape ", pred.sizes());
+    const at::Tensor full = logvar->to(at::kFloat).expand(pred.sizes());
+    const bool shared_by_batch = full.stride(0) == 0 || rows == 1;
+    c.logvar = shared_by_batch ? full.select(0, 0).contiguous().reshape({1, cols})
+                               : full.contiguous().reshape({rows, cols});
+    c.kernel.logvar = c.logvar.data_ptr<float>();
+    c.kernel.logvar_row_stride = shared_by_batch ? 0 : cols;
+  }
+  return c;
+}
+
+// Per-element losses (float32, prediction's shape), or per-row sums [rows] from the kernels'
+// per-column-block partial sums, added in block order.
+at::Tensor likelihood_forward_impl(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& logvar, double fixed_logvar, double constant,
+                                   bool per_element, bool cuda) {
+  LikelihoodChecked c = check_likelihood(loss, pred, target, logvar, fixed_logvar, constant);
+  const int64_t rows = c.kernel.rows, cols = c.kernel.cols;
+  at::Tensor out = per_element ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat))
+                               : at::empty({rows, column_blocks(cols)}, pred.options().dtype(at::kFloat));
+  LikelihoodForwardParams p{c.kernel, out.data_ptr<float>(), per_element};
+  if (rows > 0 && cols > 0) {
+#ifdef PYVAE_WITH_CUDA
+    if (cuda) {
+      cuda::likelihood_forward(p, c10::cuda::getCurrentCUDAStream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      cpu::likelihood_forward(p);
+    }
+#else
+    cpu::likelihood_forward(p);
+#endif
+  }
+  if (per_element) return out;
+  if (cols == 0) return at::zeros({rows}, pred.options().dtype(at::kFloat));
+  return out.size(1) == 1 ? out.view({rows}) : out.sum(1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> likelihood_backward_impl(
+    const std::string& loss, const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& logvar,
+    double fixed_logvar, const at::Tensor& grad, bool target_grad, bool logvar_grad, bool cuda) {
+  LikelihoodChecked c = check_likelihood(loss, pred, target, logvar, fixed_logvar, 0.0);
+  TORCH_CHECK_VALUE(grad.sizes() == pred.sizes(), "grad must have the prediction's shape (expanded if need be), got ",
+                    grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == at::kFloat, "grad must be float32");
+  const int64_t rows = c.kernel.rows, cols = c.kernel.cols;
+  const at::Tensor grad_rows = grad.reshape({rows, cols});  // a view for expanded per-row/scalar grads
+  at::Tensor grad_pred = at::empty(pred.sizes(), pred.options());
+  at::Tensor grad_target = target_grad ? at::empty(target.sizes(), target.options()) : at::Tensor();
+  at::Tensor grad_logvar = logvar_grad ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat)) : at::Tensor();
+  LikelihoodBackwardParams p{c.kernel,
+                             grad_rows.data_ptr<float>(),
+                             grad_rows.stride(0),
+                             grad_rows.stride(1),
+                             grad_pred.data_ptr(),
+                             target_grad ? grad_target.data_ptr() : nullptr,
+                             logvar_grad ? grad_logvar.data_ptr<float>() : nullptr};
+  if (rows > 0 && cols > 0) {
+#ifdef PYVAE_WITH_CUDA
+    if (cuda) {
+      cuda::likelihood_backward(p, c10::cuda::getCurrentCUDAStream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      cpu::likelihood_backward(p);
+    }
+#else
+    cpu::likelihood_backward(p);
+#endif
+  }
+  // Undefined outputs are returned as empty tensors (the schema has no optional outputs).
+  if (!target_grad) grad_target = at::empty({0}, target.options());
+  if (!logvar_grad) grad_logvar = at::empty({0}, pred.options().dtype(at::kFloat));
+  return {grad_pred, grad_target, grad_logvar};
+}
+
+at::Tensor likelihood_forward_cpu(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& logvar, double fixed_logvar, double constant,
+                                  bool per_element) {
+  return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> likelihood_backward_cpu(
+    const std::string& loss, const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& logvar,
+    double fixed_logvar, const at::Tensor& grad, bool target_grad, bool logvar_grad) {
+  return likelihood_backward_impl(loss, pred, target, logvar, fixed_logvar, grad, target_grad, logvar_grad, false);
+}
+
+#ifdef PYVAE_WITH_CUDA
+at::Tensor likelihood_forward_cuda(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& logvar, double fixed_logvar, double constant,
+                                   bool per_element) {
+  const c10::cuda::CUDAGuard guard(pred.device());
+  return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> likelihood_backward_cuda(
+    const std::string& loss, const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& logvar,
+    double fixed_logvar, const at::Tensor& grad, bool target_grad, bool logvar_grad) {
+  const c10::cuda::CUDAGuard guard(pred.device());
+  return likelihood_backward_impl(loss, pred, target, logvar, fixed_logvar, grad, target_grad, logvar_grad, true);
+}
+#endif
+
 }  // namespace
 }  // namespace pyvae
 
@@ -233,16 +370,30 @@ TORCH_LIBRARY(pyvae, m) {
   // (an expanded view is fine).
   m.def("reparam_kl_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl) "
         "-> (Tensor grad_mu, Tensor grad_logvar)");
+  // Negative log-likelihood terms of loss "bernoulli" | "gaussian" | "continuous_bernoulli" for
+  // prediction/target [B, ...]: float32 per element (per_element) or per sample [B]. logvar
+  // (Gaussian) broadcasts to the prediction; without it every element uses fixed_logvar; constant
+  // is added per element (0.5 log 2 pi for the full Gaussian).
+  m.def("likelihood_forward(str loss, Tensor pred, Tensor target, Tensor? logvar, float fixed_logvar, "
+        "float constant, bool per_element) -> Tensor");
+  // grad: float32 of the prediction's shape (an expanded view is fine). grad_target / grad_logvar
+  // (float32, prediction's shape, not yet reduced to logvar's shape) are empty unless asked for.
+  m.def("likelihood_backward(str loss, Tensor pred, Tensor target, Tensor? logvar, float fixed_logvar, "
+        "Tensor grad, bool target_grad, bool logvar_grad) -> (Tensor grad_pred, Tensor grad_target, Tensor grad_logvar)");
 }
 
 TORCH_LIBRARY_IMPL(pyvae, CPU, m) {
   m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cpu);
   m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cpu);
+  m.impl("likelihood_forward", &pyvae::likelihood_forward_cpu);
+  m.impl("likelihood_backward", &pyvae::likelihood_backward_cpu);
 }
 
 #ifdef PYVAE_WITH_CUDA
 TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
   m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cuda);
   m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cuda);
+  m.impl("likelihood_forward", &pyvae::likelihood_forward_cuda);
+  m.impl("likelihood_backward", &pyvae::likelihood_backward_cuda);
 }
 #endif

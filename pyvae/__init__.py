@@ -4,13 +4,15 @@ Quick use::
 
     import pyvae
     z, kl = pyvae.reparameterize_kl(mu, logvar)               # kl per sample, fp32
+    rec = pyvae.bernoulli_nll(decoder(z), x)                  # reconstruction NLL per sample, batch mean
     latent = pyvae.nn.GaussianLatent(in_features=256, latent_dim=32)
 
 Every op takes ``backend=`` ("auto", "torch", "cpu", "cuda", "triton"); ``pyvae.backends.available``
 lists what serves a device here; ``python -m pyvae`` prints what this install was built with.
 """
 from . import backends, nn, ops
-from .ops import reparameterize_kl
+from .ops import bernoulli_nll, continuous_bernoulli_nll, gaussian_nll, reparameterize_kl
 
 __version__ = "0.1.0"
-__all__ = ["backends", "nn", "ops", "reparameterize_kl", "__version__"]
+__all__ = ["backends", "bernoulli_nll", "continuous_bernoulli_nll", "gaussian_nll", "nn", "ops", "reparameterize_kl",
+           "__version__"]

@@ -26,7 +26,7 @@ import torch
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 
 # The GPU backend `auto` picks per op, from bench/results (triton until a GPU run says otherwise).
-AUTO_CUDA = {"reparam_kl": "triton"}
+AUTO_CUDA = {"reparam_kl": "triton", "likelihood": "triton"}
 
 
 def _load_extension() -> ModuleType | None:

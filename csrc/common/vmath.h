@@ -67,7 +67,7 @@ PYVAE_HD float exp_f(float x) {
   return x != x ? x : result;
 }
 
-// Natural log for a positive normal float (the Box-Muller argument lies in [1e-7, 1)).
+// Natural log of a positive normal float (the Box-Muller argument lies in [1e-7, 1)).
 PYVAE_HD float log_unit(float x) {
   const int32_t bits = float_to_int_bits(x);
   float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
@@ -90,6 +90,13 @@ PYVAE_HD float log_unit(float x) {
   y = y - 2.12194440e-4f * e;
   y = y - 0.5f * z;
   return f + y + 0.693359375f * e;
+}
+
+// log(1 + x) for x in (-1, 1], accurate for small |x|: log(u) corrected by the rounding of u = 1 + x.
+PYVAE_HD float log1p_f(float x) {
+  const float u = 1.0f + x;
+  const float correction = u == 1.0f ? 0.0f : (x - (u - 1.0f)) / u;
+  return (u == 1.0f ? x : log_unit(u)) + correction;
 }
 
 // sin(2 pi u) and cos(2 pi u). The quadrant is taken from u itself (exactly), so the reduced

@@ -1,31 +1,19 @@
 // CPU kernels of reparameterize + KL. Rows are split across torch's intra-op threads; each row is
-// processed in chunks of kChunk columns held in small float buffers, so the noise generation and
-// the element math run as straight-line loops that g++ vectorises (built for AVX2 and for the
-// baseline ISA, picked at load time by target_clones, so wheels stay portable).
+// processed in chunks of kChunk columns held in small float buffers (chunk.h), so the noise
+// generation and the element math run as straight-line loops that g++ vectorises.
 #include "reparam_kl.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
-#include <type_traits>
 
 #include "../common/philox.h"
-#include "philox_batch.h"
 #include "../common/reparam_kl_math.h"
+#include "chunk.h"
+#include "philox_batch.h"
 
 namespace pyvae::cpu {
 namespace {
 
-constexpr int64_t kChunk = 256;  // columns per chunk; a multiple of 4 (Philox group) and 8 (lanes)
-constexpr int kLanes = 8;        // KL partial sums per row: fixed, so results do not depend on ISA
-
-#if defined(__x86_64__) && !defined(__clang__)
-#define PYVAE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYVAE_MULTIVERSION
-#endif
 
 PYVAE_MULTIVERSION void box_muller(const uint32_t* __restrict w0, const uint32_t* __restrict w1,
                                    const uint32_t* __restrict w2, const uint32_t* __restrict w3, int64_t n_groups,
@@ -43,6 +31,7 @@ PYVAE_MULTIVERSION void box_muller(const uint32_t* __restrict w0, const uint32_t
 // eps of groups [group0, group0 + n_groups) (n_groups <= kChunk / 4): 4 * n_groups floats.
 void normals(uint64_t seed, uint64_t group0, uint32_t sample, int64_t n_groups, float* __restrict eps) {
   alignas(64) uint32_t words[4][kChunk / 4];
+  static_assert(kChunk % 4 == 0, "a chunk holds whole Philox groups");
   philox_words(seed, group0, sample, n_groups, PhiloxWords{{words[0], words[1], words[2], words[3]}});
   box_muller(words[0], words[1], words[2], words[3], n_groups, eps);
 }
@@ -71,35 +60,6 @@ PYVAE_MULTIVERSION void grads(const float* __restrict mu, const float* __restric
   }
 }
 
-// A chunk of a row as floats: the row itself for float32, else converted into `buffer`.
-template <typename T>
-const float* as_float(const T* __restrict src, int64_t n, float* __restrict buffer) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    for (int64_t c = 0; c < n; ++c) buffer[c] = static_cast<float>(src[c]);
-    return buffer;
-  }
-}
-
-// Where to compute a chunk of an output row: the row itself for float32, else `buffer`
-// (then written back by store_chunk).
-template <typename T>
-float* float_target(T* dst, float* buffer) {
-  if constexpr (std::is_same_v<T, float>) {
-    return dst;
-  } else {
-    return buffer;
-  }
-}
-
-template <typename T>
-void store_chunk(const float* __restrict src, int64_t n, T* __restrict dst) {
-  if constexpr (!std::is_same_v<T, float>) {
-    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
-  }
-}
-
 // Asks for columns [col0, col0 + n) of rows [r0, r0 + nr). Called before the noise of a chunk is
 // generated, which does not need the inputs, so the memory reads overlap that arithmetic.
 template <typename T>
@@ -108,20 +68,6 @@ void prefetch_rows(const T* base, int64_t row_stride, int64_t r0, int64_t nr, in
     const char* row = reinterpret_cast<const char*>(base + (r0 + i) * row_stride + col0);
     for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(row + offset);
   }
-}
-
-// Adds kl[0, n) into the lanes, element c of the chunk going to lane c % kLanes (chunks start at
-// multiples of kLanes, so this is also the column's lane).
-void accumulate_lanes(const float* __restrict kl, int64_t n, float* __restrict lanes) {
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += kl[c + l];
-  for (int l = 0; c + l < n; ++l) lanes[l] += kl[c + l];
-}
-
-float sum_lanes(const float* lanes) {
-  // Fixed pairwise order.
-  return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
 }
 
 // Work is split into blocks of rows. Short rows (4 * groups_per_row <= kChunk) are taken several
@@ -254,19 +200,11 @@ void backward_impl(const ReparamKLBackwardParams& p) {
 }  // namespace
 
 void reparam_kl_forward(const ReparamKLForwardParams& p) {
-  switch (p.in.dtype) {
-    case DType::kFloat32: return forward_impl<float>(p);
-    case DType::kFloat16: return forward_impl<c10::Half>(p);
-    case DType::kBFloat16: return forward_impl<c10::BFloat16>(p);
-  }
+  with_dtype(p.in.dtype, [&](auto t) { forward_impl<decltype(t)>(p); });
 }
 
 void reparam_kl_backward(const ReparamKLBackwardParams& p) {
-  switch (p.in.dtype) {
-    case DType::kFloat32: return backward_impl<float>(p);
-    case DType::kFloat16: return backward_impl<c10::Half>(p);
-    case DType::kBFloat16: return backward_impl<c10::BFloat16>(p);
-  }
+  with_dtype(p.in.dtype, [&](auto t) { backward_impl<decltype(t)>(p); });
 }
 
 }  // namespace pyvae::cpu

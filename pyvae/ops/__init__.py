@@ -1,4 +1,6 @@
 """pyvae's ops: one module per op family (reference, autograd.Function, functional API)."""
+from .likelihood import LikelihoodFunction, bernoulli_nll, continuous_bernoulli_nll, gaussian_nll, likelihood_reference
 from .reparam_kl import ReparamKLFunction, draw_seed, reference_eps, reparameterize_kl, reparameterize_kl_reference
 
-__all__ = ["ReparamKLFunction", "draw_seed", "reference_eps", "reparameterize_kl", "reparameterize_kl_reference"]
+__all__ = ["LikelihoodFunction", "ReparamKLFunction", "bernoulli_nll", "continuous_bernoulli_nll", "draw_seed",
+           "gaussian_nll", "likelihood_reference", "reference_eps", "reparameterize_kl", "reparameterize_kl_reference"]

@@ -44,16 +44,18 @@ def reduce_rows(per_row: torch.Tensor, reduction: str, numel: int) -> torch.Tens
     return total / numel  # mean
 
 
-def expand_reduced_grad(grad: torch.Tensor, reduction: str, shape: torch.Size) -> torch.Tensor:
-    """The gradient of a reduced loss as a per-element (possibly expanded, stride-0) tensor."""
-    numel = shape.numel()
-    rows = numel // shape[-1] if shape[-1] else 0
+def expand_reduced_grad(grad: torch.Tensor, reduction: str, shape: torch.Size, samples: int) -> torch.Tensor:
+    """The gradient of a reduced loss as a per-element (possibly expanded, stride-0) tensor.
+
+    ``per_sample`` gradients have the leading dims of ``shape`` (one value per sample, the sum
+    running over the rest); ``batchmean`` divided by ``samples``, ``mean`` by the element count.
+    """
     if reduction == "none":
         return grad
     if reduction == "per_sample":
-        return grad.unsqueeze(-1).expand(shape)
+        return grad.reshape(*grad.shape, *([1] * (len(shape) - grad.dim()))).expand(shape)
     if reduction == "batchmean":
-        grad = grad / rows
+        grad = grad / samples
     elif reduction == "mean":
-        grad = grad / numel
+        grad = grad / shape.numel()
     return grad.expand(shape)

@@ -186,7 +186,8 @@ class ReparamKLFunction(torch.autograd.Function):
         if grad_z is not None:
             grad_z = (grad_z.unsqueeze(0) if ctx.n_samples == 1 else grad_z).to(mu.dtype)
         if grad_kl is not None:
-            grad_kl = expand_reduced_grad(grad_kl, ctx.reduction, mu.shape)
+            samples = mu.numel() // mu.shape[-1] if mu.shape[-1] else 0
+            grad_kl = expand_reduced_grad(grad_kl, ctx.reduction, mu.shape, samples)
             if ctx.backend != "torch":
                 grad_kl = grad_kl.float()
         grad_mu, grad_logvar = backward_op(mu, logvar, seed, grad_z, grad_kl)

@@ -1,0 +1,71 @@
+// Per-element negative log-likelihoods and their derivatives, shared by the CPU and CUDA kernels
+// (kernels/likelihood.py spells out the same formulas in Triton; pyvae/ops/likelihood.py holds the
+// reference). Each loss maps (prediction p, target t, log-variance v) to the loss term and its
+// partial derivatives with respect to p, t and v.
+#pragma once
+#include "hd.h"
+#include "vmath.h"
+
+namespace pyvae {
+
+enum class Loss : int { kBernoulli = 0, kGaussian = 1, kContinuousBernoulli = 2 };
+
+struct LossTerms {
+  float value, d_pred, d_target, d_logvar;
+};
+
+// softplus(x) = log(1 + e^x), stable for any x: max(x, 0) + log1p(e^-|x|).
+PYVAE_HD float softplus_f(float x) { return (x > 0.0f ? x : 0.0f) + log1p_f(exp_f(-fabsf(x))); }
+
+PYVAE_HD float sigmoid_f(float x) {
+  const float e = exp_f(-fabsf(x));
+  const float r = 1.0f / (1.0f + e);
+  return x >= 0.0f ? r : e * r;
+}
+
+// log C(lambda) of the continuous Bernoulli in terms of the logit l: C = l / tanh(l / 2), even in l.
+// Below |l| = 0.25 its Taylor series (error < 2e-9), above it log|l| - log1p(-e^-|l|) + log1p(e^-|l|).
+PYVAE_HD float cb_log_norm(float l) {
+  const float a = fabsf(l);
+  const float z = l * l;
+  const float series = 0.69314718055994531f + z * (1.0f / 12.0f + z * (-7.0f / 1440.0f + z * (31.0f / 90720.0f)));
+  const float e = exp_f(-a);
+  const float direct = log_unit(a > 0.25f ? a : 1.0f) - log1p_f(-e) + log1p_f(e);
+  return a < 0.25f ? series : direct;
+}
+
+// d log C / dl = 1/l - 1/sinh(l).
+PYVAE_HD float cb_log_norm_grad(float l) {
+  const float a = fabsf(l);
+  const float z = l * l;
+  const float series = l * (1.0f / 6.0f + z * (-7.0f / 360.0f + z * (31.0f / 15120.0f)));
+  const float e = exp_f(-a);
+  const float inv_sinh_a = 2.0f * e / (1.0f - e * e);
+  const float direct = 1.0f / (a > 0.25f ? l : 1.0f) - (l > 0.0f ? inv_sinh_a : -inv_sinh_a);
+  return a < 0.25f ? series : direct;
+}
+
+template <Loss kLoss>
+PYVAE_HD LossTerms loss_terms(float p, float t, float logvar, float constant) {
+  LossTerms out{};
+  if constexpr (kLoss == Loss::kBernoulli) {
+    out.value = softplus_f(p) - t * p;
+    out.d_pred = sigmoid_f(p) - t;
+    out.d_target = -p;
+  } else if constexpr (kLoss == Loss::kGaussian) {
+    const float inv_var = exp_f(-logvar);
+    const float diff = p - t;
+    const float scaled = diff * inv_var;
+    out.value = 0.5f * (diff * scaled + logvar) + constant;
+    out.d_pred = scaled;
+    out.d_target = -scaled;
+    out.d_logvar = 0.5f * (1.0f - diff * scaled);
+  } else {
+    out.value = softplus_f(p) - t * p - cb_log_norm(p);
+    out.d_pred = sigmoid_f(p) - t - cb_log_norm_grad(p);
+    out.d_target = -p;
+  }
+  return out;
+}
+
+}  // namespace pyvae

@@ -1,0 +1,47 @@
+// Plain-data description of one likelihood call, filled in by csrc/ops.cpp and read by the CPU and
+// CUDA kernels. prediction and target are viewed as [rows, cols] (rows = batch, cols = the rest)
+// with unit column stride; logvar, when given, is float32 [1 or rows, cols].
+#pragma once
+#include <stdint.h>
+
+#include "likelihood_math.h"
+#include "reparam_kl_params.h"  // DType
+
+namespace pyvae {
+
+struct LikelihoodInputs {
+  Loss loss;
+  DType pred_dtype, target_dtype;
+  const void* pred;
+  const void* target;
+  int64_t pred_row_stride, target_row_stride;
+  int64_t rows, cols;
+  const float* logvar;  // nullptr: every element uses fixed_logvar
+  int64_t logvar_row_stride;  // 0 (shared by the batch) or cols
+  float fixed_logvar;
+  float constant;  // added to every element's loss (0.5 log 2 pi for a full Gaussian)
+};
+
+// Column blocks: a row is summed in blocks of this many columns, whose partial sums are then added
+// in block order, so long rows can be split across threads or thread blocks and the result still
+// does not depend on how many there are.
+constexpr int64_t kLikelihoodColumnBlock = 16384;
+
+struct LikelihoodForwardParams {
+  LikelihoodInputs in;
+  float* loss;  // [rows, cols] if per_element else partial sums [rows, column_blocks]
+  bool per_element;
+};
+
+struct LikelihoodBackwardParams {
+  LikelihoodInputs in;
+  const float* grad;  // upstream gradient of element (r, c) at r * grad_row_stride + c * grad_col_stride
+  int64_t grad_row_stride, grad_col_stride;
+  void* grad_pred;      // [rows, cols] in pred_dtype
+  void* grad_target;    // [rows, cols] in target_dtype, or nullptr
+  float* grad_logvar;   // [rows, cols] float32 (reduced to logvar's shape by the caller), or nullptr
+};
+
+PYVAE_HD int64_t column_blocks(int64_t cols) { return (cols + kLikelihoodColumnBlock - 1) / kLikelihoodColumnBlock; }
+
+}  // namespace pyvae

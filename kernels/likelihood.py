@@ -1,0 +1,219 @@
+"""Triton kernels of the reconstruction likelihoods, registered as ``torch.ops.pyvae.*_triton``.
+
+Same work split as the CUDA kernels (``csrc/cuda/likelihood.cu``): a segment is one column block
+(``COLUMN_BLOCK`` columns) of one row; a program owns BLOCK_R segments and walks their columns in
+BLOCK_C chunks, writing one partial sum per segment, which the launcher adds in block order:
+deterministic, no atomics. The per-element formulas are those of ``csrc/common/likelihood_math.h``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+COLUMN_BLOCK = 16384  # == kLikelihoodColumnBlock in csrc/common/likelihood_params.h
+LOSS_IDS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
+
+
+@triton.jit
+def _log1p(x):
+    u = 1.0 + x
+    corrected = tl.log(tl.where(u == 1.0, 1.0, u)) + (x - (u - 1.0)) / u
+    return tl.where(u == 1.0, x, corrected)
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return tl.where(x >= 0.0, r, e * r)
+
+
+@triton.jit
+def _cb_log_norm(l):
+    a = tl.abs(l)
+    z = l * l
+    series = 0.6931471805599453 + z * (1.0 / 12.0 + z * (-7.0 / 1440.0 + z * (31.0 / 90720.0)))
+    e = tl.exp(-a)
+    direct = tl.log(tl.where(a > 0.25, a, 1.0)) - _log1p(-e) + _log1p(e)
+    return tl.where(a < 0.25, series, direct)
+
+
+@triton.jit
+def _cb_log_norm_grad(l):
+    a = tl.abs(l)
+    z = l * l
+    series = l * (1.0 / 6.0 + z * (-7.0 / 360.0 + z * (31.0 / 15120.0)))
+    e = tl.exp(-a)
+    inv_sinh_a = 2.0 * e / (1.0 - e * e)
+    direct = 1.0 / tl.where(a > 0.25, l, 1.0) - tl.where(l > 0.0, inv_sinh_a, -inv_sinh_a)
+    return tl.where(a < 0.25, series, direct)
+
+
+@triton.jit
+def _terms(p, t, v, LOSS: tl.constexpr):
+    """(value without constant, d/dpred, d/dtarget, d/dlogvar) of one element."""
+    if LOSS == 0:
+        value = _softplus(p) - t * p
+        d_pred = _sigmoid(p) - t
+        d_target = -p
+        d_logvar = p * 0.0
+    elif LOSS == 1:
+        inv_var = tl.exp(-v)
+        diff = p - t
+        scaled = diff * inv_var
+        value = 0.5 * (diff * scaled + v)
+        d_pred = scaled
+        d_target = -scaled
+        d_logvar = 0.5 * (1.0 - diff * scaled)
+    else:
+        value = _softplus(p) - t * p - _cb_log_norm(p)
+        d_pred = _sigmoid(p) - t - _cb_log_norm_grad(p)
+        d_target = -p
+        d_logvar = p * 0.0
+    return value, d_pred, d_target, d_logvar
+
+
+@triton.jit
+def _segment_chunk(seg, segments, n_blocks, cols, c0, BLOCK_C: tl.constexpr):
+    """Rows, columns and mask of chunk c0 of segments ``seg`` ([R] each; tiles [R, C])."""
+    row = seg // n_blocks
+    col_begin = (seg % n_blocks) * 16384
+    col_end = tl.minimum(col_begin + 16384, cols)
+    col = col_begin[:, None] + c0 + tl.arange(0, BLOCK_C)[None, :]
+    mask = (seg[:, None] < segments) & (col < col_end[:, None])
+    return row, col, mask
+
+
+@triton.jit
+def _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col, mask, pred_row_stride,
+                 target_row_stride, logvar_row_stride, HAS_LOGVAR: tl.constexpr):
+    r2 = row[:, None]
+    p = tl.load(pred_ptr + r2 * pred_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(target_ptr + r2 * target_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LOGVAR:
+        v = tl.load(logvar_ptr + r2 * logvar_row_stride + col, mask=mask, other=0.0)
+    else:
+        v = p * 0.0 + fixed_logvar
+    return p, t, v
+
+
+@triton.jit
+def _likelihood_fwd_kernel(pred_ptr, target_ptr, logvar_ptr, out_ptr, fixed_logvar, constant, rows, cols,
+                           n_blocks, pred_row_stride, target_row_stride, logvar_row_stride,
+                           LOSS: tl.constexpr, HAS_LOGVAR: tl.constexpr, PER_ELEMENT: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    segments = rows * n_blocks
+    seg = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    span = tl.minimum(cols, 16384)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, span, BLOCK_C):
+        row, col, mask = _segment_chunk(seg, segments, n_blocks, cols, c0, BLOCK_C)
+        p, t, v = _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col, mask, pred_row_stride,
+                               target_row_stride, logvar_row_stride, HAS_LOGVAR)
+        value, _, _, _ = _terms(p, t, v, LOSS)
+        value = tl.where(mask, value + constant, 0.0)
+        if PER_ELEMENT:
+            tl.store(out_ptr + row[:, None] * cols + col, value, mask=mask)
+        else:
+            acc += tl.sum(value, axis=1)
+    if not PER_ELEMENT:
+        tl.store(out_ptr + seg, acc, mask=seg < segments)
+
+
+@triton.jit
+def _likelihood_bwd_kernel(pred_ptr, target_ptr, logvar_ptr, grad_ptr, grad_pred_ptr, grad_target_ptr,
+                           grad_logvar_ptr, fixed_logvar, rows, cols, n_blocks, pred_row_stride, target_row_stride,
+                           logvar_row_stride, grad_row_stride, grad_col_stride, LOSS: tl.constexpr,
+                           HAS_LOGVAR: tl.constexpr, TARGET_GRAD: tl.constexpr, LOGVAR_GRAD: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    segments = rows * n_blocks
+    seg = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    span = tl.minimum(cols, 16384)
+    for c0 in range(0, span, BLOCK_C):
+        row, col, mask = _segment_chunk(seg, segments, n_blocks, cols, c0, BLOCK_C)
+        p, t, v = _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col, mask, pred_row_stride,
+                               target_row_stride, logvar_row_stride, HAS_LOGVAR)
+        r2 = row[:, None]
+        g = tl.load(grad_ptr + r2 * grad_row_stride + col * grad_col_stride, mask=mask, other=0.0)
+        _, d_pred, d_target, d_logvar = _terms(p, t, v, LOSS)
+        out = r2 * cols + col
+        tl.store(grad_pred_ptr + out, (g * d_pred).to(grad_pred_ptr.dtype.element_ty), mask=mask)
+        if TARGET_GRAD:
+            tl.store(grad_target_ptr + out, (g * d_target).to(grad_target_ptr.dtype.element_ty), mask=mask)
+        if LOGVAR_GRAD:
+            tl.store(grad_logvar_ptr + out, g * d_logvar, mask=mask)
+
+
+def _tile(cols: int) -> tuple[int, int]:
+    block_c = min(triton.next_power_of_2(max(1, min(cols, COLUMN_BLOCK))), 2048)
+    return max(1, 2048 // block_c), block_c
+
+
+def _rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    t2 = t.reshape(rows, cols)
+    return t2 if t2.stride(1) == 1 or cols == 1 else t2.contiguous()
+
+
+def _prepare(pred, target, logvar):
+    rows = pred.shape[0]
+    cols = math.prod(pred.shape[1:])
+    pred2, target2 = _rows(pred, rows, cols), _rows(target, rows, cols)
+    if logvar is None:
+        return rows, cols, pred2, target2, pred2, 0
+    full = logvar.float().expand(pred.shape)
+    if full.stride(0) == 0 or rows == 1:
+        return rows, cols, pred2, target2, full[0].contiguous().reshape(1, cols), 0
+    return rows, cols, pred2, target2, full.contiguous().reshape(rows, cols), cols
+
+
+@triton_op("pyvae::likelihood_forward_triton", mutates_args=())
+def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: Optional[torch.Tensor],
+                              fixed_logvar: float, constant: float, per_element: bool) -> torch.Tensor:
+    """Triton twin of ``torch.ops.pyvae.likelihood_forward`` (same schema and outputs)."""
+    rows, cols, pred2, target2, logvar2, logvar_row_stride = _prepare(pred, target, logvar)
+    n_blocks = max(1, triton.cdiv(cols, COLUMN_BLOCK))
+    out = pred.new_empty(pred.shape if per_element else (rows, n_blocks), dtype=torch.float32)
+    if rows == 0 or cols == 0:
+        return out if per_element else pred.new_zeros((rows,), dtype=torch.float32)
+    block_r, block_c = _tile(cols)
+    wrap_triton(_likelihood_fwd_kernel)[(triton.cdiv(rows * n_blocks, block_r),)](
+        pred2, target2, logvar2, out, fixed_logvar, constant, rows, cols, n_blocks, pred2.stride(0),
+        target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss], HAS_LOGVAR=logvar is not None,
+        PER_ELEMENT=per_element, BLOCK_R=block_r, BLOCK_C=block_c)
+    if per_element:
+        return out
+    return out.reshape(rows) if n_blocks == 1 else out.sum(1)
+
+
+@triton_op("pyvae::likelihood_backward_triton", mutates_args=())
+def likelihood_backward_triton(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: Optional[torch.Tensor],
+                               fixed_logvar: float, grad: torch.Tensor, target_grad: bool,
+                               logvar_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``torch.ops.pyvae.likelihood_backward`` (same schema and outputs)."""
+    rows, cols, pred2, target2, logvar2, logvar_row_stride = _prepare(pred, target, logvar)
+    grad_pred = torch.empty_like(pred, memory_format=torch.contiguous_format)
+    grad_target = (torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad
+                   else target.new_empty(0))
+    grad_logvar = pred.new_empty(pred.shape if logvar_grad else (0,), dtype=torch.float32)
+    if rows == 0 or cols == 0:
+        return grad_pred, grad_target, grad_logvar
+    n_blocks = triton.cdiv(cols, COLUMN_BLOCK)
+    grad2 = grad.reshape(rows, cols)
+    block_r, block_c = _tile(cols)
+    wrap_triton(_likelihood_bwd_kernel)[(triton.cdiv(rows * n_blocks, block_r),)](
+        pred2, target2, logvar2, grad2, grad_pred, grad_target if target_grad else grad_pred,
+        grad_logvar if logvar_grad else grad2, fixed_logvar, rows, cols, n_blocks, pred2.stride(0),
+        target2.stride(0), logvar_row_stride, grad2.stride(0), grad2.stride(1), LOSS=LOSS_IDS[loss],
+        HAS_LOGVAR=logvar is not None, TARGET_GRAD=target_grad, LOGVAR_GRAD=logvar_grad,
+        BLOCK_R=block_r, BLOCK_C=block_c)
+    return grad_pred, grad_target, grad_logvar

@@ -1,0 +1,248 @@
+"""Fused reconstruction likelihoods: Bernoulli, Gaussian and continuous Bernoulli NLLs.
+
+Layers of this op family (the shape every pyvae op follows):
+    kernels   ``csrc/cpu/likelihood.cpp``, ``csrc/cuda/likelihood.cu``, ``kernels/likelihood.py``;
+              per-element formulas in ``csrc/common/likelihood_math.h``;
+    ops       ``torch.ops.pyvae.likelihood_forward/backward`` (C++, CPU and CUDA) and their
+              ``*_triton`` twins, each with a fake implementation;
+    autograd  :class:`LikelihoodFunction`: forward reads prediction and target once and writes only
+              per-sample sums (no per-element loss unless ``reduction="none"``); backward reads them
+              again and writes the gradients. Nothing of the inputs' size is saved beyond the inputs.
+              (Keeping a gradient from the forward pass instead would move the same bytes, 2 reads
+              and 1 write each way, and hold one more buffer from forward to backward.)
+    API       :func:`bernoulli_nll`, :func:`gaussian_nll`, :func:`continuous_bernoulli_nll`.
+
+Inputs are ``[B, ...]``: ``reduction="per_sample"`` sums over all dims but the first (the
+per-sample negative log-likelihood of the whole observation), ``"batchmean"`` (the default) is the
+total divided by B, i.e. the reconstruction term of the ELBO per sample; ``"none"``, ``"sum"`` and
+``"mean"`` keep their usual meanings.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+from .. import backends
+from ._common import check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows
+
+__all__ = ["bernoulli_nll", "gaussian_nll", "continuous_bernoulli_nll", "LikelihoodFunction", "likelihood_reference"]
+
+_OP = "likelihood"
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+LOSSES = ("bernoulli", "gaussian", "continuous_bernoulli")
+
+
+# --------------------------------------------------------------------------- the reference
+def _cb_log_norm(logits: torch.Tensor) -> torch.Tensor:
+    """log C of the continuous Bernoulli in terms of the logit l: log(l / tanh(l / 2)); Taylor near 0."""
+    a = logits.abs()
+    z = logits * logits
+    series = math.log(2.0) + z * (1.0 / 12.0 + z * (-7.0 / 1440.0 + z * (31.0 / 90720.0)))
+    safe = torch.where(a < 0.25, torch.ones_like(a), a)
+    e = torch.exp(-safe)
+    direct = torch.log(safe) - torch.log1p(-e) + torch.log1p(e)
+    return torch.where(a < 0.25, series, direct)
+
+
+def likelihood_reference(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: torch.Tensor | None = None,
+                         fixed_logvar: float = 0.0, constant: float = 0.0) -> torch.Tensor:
+    """Per-element negative log-likelihood in plain differentiable PyTorch (float64 for float64
+    inputs, else float32): the oracle of every backend."""
+    cdt = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    p, t = pred.to(cdt), target.to(cdt)
+    if loss == "bernoulli":
+        return torch.nn.functional.softplus(p) - t * p
+    if loss == "continuous_bernoulli":
+        return torch.nn.functional.softplus(p) - t * p - _cb_log_norm(p)
+    v = logvar.to(cdt) if logvar is not None else torch.full((), fixed_logvar, dtype=cdt, device=p.device)
+    return 0.5 * ((t - p) ** 2 * torch.exp(-v) + v) + constant
+
+
+# --------------------------------------------------------------------------- backends
+def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, per_element):
+    values = likelihood_reference(loss, pred, target, logvar, fixed_logvar, constant)
+    values = values.expand(pred.shape)
+    return values if per_element else values.reshape(pred.shape[0], -1).sum(1)
+
+
+def _torch_backward(loss, pred, target, logvar, fixed_logvar, grad, target_grad, logvar_grad):
+    with torch.enable_grad():
+        p = pred.detach().requires_grad_()
+        t = target.detach().requires_grad_(target_grad)
+        v = logvar.detach().requires_grad_(logvar_grad) if logvar is not None else None
+        values = likelihood_reference(loss, p, t, v, fixed_logvar).expand(pred.shape)
+        inputs = [p] + ([t] if target_grad else []) + ([v] if logvar_grad else [])
+        grads = torch.autograd.grad(values, inputs, grad.to(values.dtype))
+    grads = list(grads)
+    grad_pred = grads.pop(0).to(pred.dtype)
+    grad_target = grads.pop(0).to(target.dtype) if target_grad else None
+    grad_logvar = grads.pop(0) if logvar_grad else None
+    return grad_pred, grad_target, grad_logvar
+
+
+def _ops(backend: str):
+    if backend == "torch":
+        return _torch_forward, _torch_backward
+    if backend == "triton":
+        return torch.ops.pyvae.likelihood_forward_triton, torch.ops.pyvae.likelihood_backward_triton
+    return torch.ops.pyvae.likelihood_forward, torch.ops.pyvae.likelihood_backward
+
+
+# --------------------------------------------------------------------------- autograd
+class LikelihoodFunction(torch.autograd.Function):
+    """``nll = LikelihoodFunction.apply(loss, pred, target, logvar, fixed_logvar, constant, reduction, backend)``.
+
+    ``loss`` is one of :data:`LOSSES`; ``logvar`` a tensor broadcastable to ``pred`` (Gaussian) or
+    None, in which case every element uses ``fixed_logvar``; ``constant`` is added per element.
+    Gradients flow to ``pred``, ``target`` and ``logvar`` (reduced over its broadcast dims).
+    """
+
+    @staticmethod
+    def forward(ctx, loss, pred, target, logvar, fixed_logvar, constant, reduction, backend):
+        forward_op, _ = _ops(backend)
+        out = forward_op(loss, pred, target, logvar, fixed_logvar, constant, reduction == "none")
+        if reduction not in ("none", "per_sample"):
+            out = reduce_rows(out, reduction, pred.numel())
+        ctx.save_for_backward(pred, target, logvar)
+        ctx.loss, ctx.fixed_logvar, ctx.reduction, ctx.backend = loss, fixed_logvar, reduction, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pred, target, logvar = ctx.saved_tensors
+        _, backward_op = _ops(ctx.backend)
+        grad = expand_reduced_grad(grad_out.float(), ctx.reduction, pred.shape, pred.shape[0])
+        target_grad = ctx.needs_input_grad[2]
+        logvar_grad = logvar is not None and ctx.needs_input_grad[3]
+        grad_pred, grad_target, grad_logvar = backward_op(ctx.loss, pred, target, logvar, ctx.fixed_logvar, grad,
+                                                          target_grad, logvar_grad)
+        if logvar_grad:
+            grad_logvar = grad_logvar.sum_to_size(logvar.shape).to(logvar.dtype)
+        return (None, grad_pred if ctx.needs_input_grad[1] else None, grad_target if target_grad else None,
+                grad_logvar if logvar_grad else None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------- API
+def _prepare(pred_name: str, pred, target, reduction: str, backend: str):
+    """Shared argument checks; returns the concrete backend."""
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+        check_floating(pred_name, pred, "torch")
+        check_floating("target", target, "torch")
+    check_reduction(reduction)
+    if pred.dim() == 0:
+        raise ValueError(f"{pred_name} must have a batch dimension [B, ...], got a 0-d tensor")
+    if pred.shape != target.shape:
+        raise ValueError(f"{pred_name} and target must have the same shape, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    device = check_same_device(**{pred_name: pred, "target": target})
+    resolved = backends.resolve(backend, device, _OP)
+    check_floating(pred_name, pred, resolved)
+    check_floating("target", target, resolved)
+    return resolved
+
+
+def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, reduction: str = "batchmean",
+                  backend: str = "auto") -> torch.Tensor:
+    """Negative log-likelihood of ``target`` under Bernoulli(sigmoid(logits)), per element
+    ``softplus(l) - t * l`` (stable for any logit), in float32.
+
+    ``logits`` and ``target`` are ``[B, ...]`` of the same shape on one device, float32, float16 or
+    bfloat16 (each its own dtype; float64 on ``backend="torch"``). Soft targets in [0, 1] are fine;
+    targets outside [0, 1] are not clamped: the same formula is evaluated (as
+    ``F.binary_cross_entropy_with_logits`` does), which is then no log-likelihood and is unbounded
+    below. ``reduction``: ``"batchmean"`` (default: sum / B, the ELBO's reconstruction term per
+    sample), ``"per_sample"`` (``[B]``, the NLL of each observation), ``"sum"``, ``"mean"``
+    (per element, as ``F.binary_cross_entropy_with_logits``'s default), ``"none"``.
+    Gradients flow to ``logits`` and ``target``. NaN in gives NaN out; infinite logits give the
+    formula's value (``inf`` or NaN) on every backend.
+    """
+    resolved = _prepare("logits", logits, target, reduction, backend)
+    return LikelihoodFunction.apply("bernoulli", logits, target, None, 0.0, 0.0, reduction, resolved)
+
+
+def continuous_bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, reduction: str = "batchmean",
+                             backend: str = "auto") -> torch.Tensor:
+    """Negative log-likelihood of ``target`` in [0, 1] under the normalised continuous Bernoulli
+    (Loaiza-Ganem & Cunningham, 2019) with ``lambda = sigmoid(logits)``:
+    ``softplus(l) - t * l - log C(l)``, ``C(l) = l / tanh(l / 2)`` (the normaliser; its Taylor series
+    is used for ``|l| < 0.25``, so it is exact at ``lambda = 0.5`` and stable for saturated logits).
+
+    Same arguments, dtypes, reductions and gradients as :func:`bernoulli_nll`; matches
+    ``-torch.distributions.ContinuousBernoulli(logits=l).log_prob(t)``. Targets outside [0, 1] are
+    evaluated by the same formula, not clamped.
+    """
+    resolved = _prepare("logits", logits, target, reduction, backend)
+    return LikelihoodFunction.apply("continuous_bernoulli", logits, target, None, 0.0, 0.0, reduction, resolved)
+
+
+def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, logvar: Union[None, float, torch.Tensor, str] = None, *,
+                 full: bool = True, reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
+    """Negative log-likelihood of ``target`` under N(mean, sigma^2), per element
+    ``0.5 ((t - m)^2 / sigma^2 + log sigma^2 + log 2 pi)`` (the constant only when ``full``), float32.
+
+    ``logvar`` (log sigma^2) is ``None`` (unit variance), a float (fixed), a tensor broadcastable to
+    ``mean`` (per pixel, per channel, or one learned scalar; its gradient is summed over the
+    broadcast dims), or ``"optimal"``: the one variance shared by the whole batch that maximises its
+    likelihood, sigma^2 = mean squared error over the batch (sigma-VAE, Rybkin et al. 2021), with
+    gradients flowing through it. ``reduction`` as in :func:`bernoulli_nll`.
+    """
+    if isinstance(logvar, str):
+        if logvar != "optimal":
+            raise ValueError(f"logvar must be None, a float, a tensor or 'optimal', got {logvar!r}")
+        return _gaussian_nll_optimal(mean, target, full, reduction, backend)
+    if logvar is not None and not isinstance(logvar, (float, int, torch.Tensor)) or isinstance(logvar, bool):
+        raise TypeError(f"logvar must be None, a float, a tensor or 'optimal', got {type(logvar).__name__}")
+    resolved = _prepare("mean", mean, target, reduction, backend)
+    constant = _HALF_LOG_2PI if full else 0.0
+    if isinstance(logvar, torch.Tensor):
+        check_floating("logvar", logvar, "torch")
+        if logvar.device != mean.device:
+            raise ValueError(f"logvar is on {logvar.device} but mean is on {mean.device}")
+        try:
+            torch.broadcast_shapes(logvar.shape, mean.shape)
+            broadcasts = len(logvar.shape) <= mean.dim() and torch.broadcast_shapes(logvar.shape, mean.shape) == mean.shape
+        except RuntimeError:
+            broadcasts = False
+        if not broadcasts:
+            raise ValueError(f"logvar of shape {tuple(logvar.shape)} does not broadcast to mean's shape "
+                             f"{tuple(mean.shape)}")
+        return LikelihoodFunction.apply("gaussian", mean, target, logvar, 0.0, constant, reduction, resolved)
+    fixed = 0.0 if logvar is None else float(logvar)
+    return LikelihoodFunction.apply("gaussian", mean, target, None, fixed, constant, reduction, resolved)
+
+
+def _gaussian_nll_optimal(mean, target, full, reduction, backend):
+    """sigma^2 = MSE over the batch, from the fused per-sample sums of squared errors; autograd
+    carries the gradient through sigma^2 (for every reduction but "none" one pass each way)."""
+    # per-sample 0.5 * sum (t - m)^2: the unit-variance Gaussian without its constant
+    half_sse = gaussian_nll(mean, target, None, full=False, reduction="per_sample", backend=backend)
+    per_sample_numel = mean[0].numel() if mean.shape[0] else 0
+    variance = 2.0 * half_sse.sum() / mean.numel()
+    log_var = torch.log(variance)
+    constant = _HALF_LOG_2PI if full else 0.0
+    if reduction == "none":
+        return gaussian_nll(mean, target, log_var, full=full, reduction="none", backend=backend)
+    per_sample = half_sse / variance + per_sample_numel * (0.5 * log_var + constant)
+    return reduce_rows(per_sample, reduction, mean.numel()) if reduction != "per_sample" else per_sample
+
+
+# --------------------------------------------------------------------------- fake kernels
+def _register_fakes() -> None:
+    def forward_fake(loss, pred, target, logvar, fixed_logvar, constant, per_element):
+        return pred.new_empty(pred.shape if per_element else pred.shape[:1], dtype=torch.float32)
+
+    def backward_fake(loss, pred, target, logvar, fixed_logvar, grad, target_grad, logvar_grad):
+        return (torch.empty_like(pred, memory_format=torch.contiguous_format),
+                torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty(0),
+                pred.new_empty(pred.shape if logvar_grad else (0,), dtype=torch.float32))
+
+    torch.library.register_fake("pyvae::likelihood_forward", forward_fake)
+    torch.library.register_fake("pyvae::likelihood_backward", backward_fake)
+
+
+if backends.native_extension() is not None:
+    _register_fakes()
+if backends.triton_usable():
+    backends.triton_kernels(_OP)
