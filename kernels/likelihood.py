@@ -44,7 +44,7 @@ def _cb_log_norm(l):
     z = l * l
     series = 0.6931471805599453 + z * (1.0 / 12.0 + z * (-7.0 / 1440.0 + z * (31.0 / 90720.0)))
     e = tl.exp(-a)
-    direct = tl.log(tl.where(a > 0.25, a, 1.0)) - _log1p(-e) + _log1p(e)
+    direct = tl.log(tl.where(a < 0.25, 1.0, a)) - _log1p(-e) + _log1p(e)
     return tl.where(a < 0.25, series, direct)
 
 
@@ -55,7 +55,7 @@ def _cb_log_norm_grad(l):
     series = l * (1.0 / 6.0 + z * (-7.0 / 360.0 + z * (31.0 / 15120.0)))
     e = tl.exp(-a)
     inv_sinh_a = 2.0 * e / (1.0 - e * e)
-    direct = 1.0 / tl.where(a > 0.25, l, 1.0) - tl.where(l > 0.0, inv_sinh_a, -inv_sinh_a)
+    direct = 1.0 / tl.where(a < 0.25, 1.0, l) - tl.where(l > 0.0, inv_sinh_a, -inv_sinh_a)
     return tl.where(a < 0.25, series, direct)
 
 
@@ -66,7 +66,7 @@ def _terms(p, t, v, LOSS: tl.constexpr):
         value = _softplus(p) - t * p
         d_pred = _sigmoid(p) - t
         d_target = -p
-        d_logvar = p * 0.0
+        d_logvar = tl.zeros_like(p)
     elif LOSS == 1:
         inv_var = tl.exp(-v)
         diff = p - t
@@ -79,7 +79,7 @@ def _terms(p, t, v, LOSS: tl.constexpr):
         value = _softplus(p) - t * p - _cb_log_norm(p)
         d_pred = _sigmoid(p) - t - _cb_log_norm_grad(p)
         d_target = -p
-        d_logvar = p * 0.0
+        d_logvar = tl.zeros_like(p)
     return value, d_pred, d_target, d_logvar
 
 
@@ -103,7 +103,7 @@ def _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col, mask,
     if HAS_LOGVAR:
         v = tl.load(logvar_ptr + r2 * logvar_row_stride + col, mask=mask, other=0.0)
     else:
-        v = p * 0.0 + fixed_logvar
+        v = tl.zeros_like(p) + fixed_logvar
     return p, t, v
 
 

@@ -30,7 +30,7 @@ PYVAE_HD float cb_log_norm(float l) {
   const float z = l * l;
   const float series = 0.69314718055994531f + z * (1.0f / 12.0f + z * (-7.0f / 1440.0f + z * (31.0f / 90720.0f)));
   const float e = exp_f(-a);
-  const float direct = log_unit(a > 0.25f ? a : 1.0f) - log1p_f(-e) + log1p_f(e);
+  const float direct = log_unit(a < 0.25f ? 1.0f : a) - log1p_f(-e) + log1p_f(e);
   return a < 0.25f ? series : direct;
 }
 
@@ -41,7 +41,7 @@ PYVAE_HD float cb_log_norm_grad(float l) {
   const float series = l * (1.0f / 6.0f + z * (-7.0f / 360.0f + z * (31.0f / 15120.0f)));
   const float e = exp_f(-a);
   const float inv_sinh_a = 2.0f * e / (1.0f - e * e);
-  const float direct = 1.0f / (a > 0.25f ? l : 1.0f) - (l > 0.0f ? inv_sinh_a : -inv_sinh_a);
+  const float direct = 1.0f / (a < 0.25f ? 1.0f : l) - (l > 0.0f ? inv_sinh_a : -inv_sinh_a);
   return a < 0.25f ? series : direct;
 }
 

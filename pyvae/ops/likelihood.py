@@ -64,7 +64,7 @@ def likelihood_reference(loss: str, pred: torch.Tensor, target: torch.Tensor, lo
 def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, per_element):
     values = likelihood_reference(loss, pred, target, logvar, fixed_logvar, constant)
     values = values.expand(pred.shape)
-    return values if per_element else values.reshape(pred.shape[0], -1).sum(1)
+    return values if per_element else values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
 
 
 def _torch_backward(loss, pred, target, logvar, fixed_logvar, grad, target_grad, logvar_grad):

@@ -1,0 +1,365 @@
+"""pyvae.bernoulli_nll / gaussian_nll / continuous_bernoulli_nll on every backend against float64."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyvae
+from pyvae.ops.likelihood import LikelihoodFunction, likelihood_reference
+
+from conftest import device_backends, devices
+from tolerances import SUM, VALUE, assert_close
+
+REDUCTIONS = ["none", "per_sample", "sum", "batchmean", "mean"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PAIRS = device_backends()
+NATIVE_PAIRS = [(d, b) for d, b in PAIRS if b != "torch"]
+LOSSES = {
+    "bernoulli": pyvae.bernoulli_nll,
+    "continuous_bernoulli": pyvae.continuous_bernoulli_nll,
+    "gaussian": pyvae.gaussian_nll,
+}
+
+
+def pair_id(pair):
+    return f"{pair[0]}-{pair[1]}"
+
+
+def make(shape, dtype, device, loss, requires_grad=False):
+    """Fresh prediction (logits ~ 3 N(0,1), or means ~ N(0,1)) and targets in [0, 1]."""
+    scale = 1.0 if loss == "gaussian" else 3.0
+    pred = (scale * torch.randn(shape, device=device)).to(dtype)
+    target = torch.rand(shape, device=device).to(dtype)
+    return pred.requires_grad_(requires_grad), target.requires_grad_(requires_grad)
+
+
+def reference(loss, pred, target, reduction, logvar=None, fixed=0.0, full=True):
+    """The float64 oracle from the exact (already rounded) inputs."""
+    constant = 0.5 * math.log(2 * math.pi) if (loss == "gaussian" and full) else 0.0
+    values = likelihood_reference(loss, pred.double(), target.double(),
+                                  None if logvar is None else logvar.double(), fixed, constant)
+    values = values.expand(pred.shape)
+    if reduction == "none":
+        return values
+    per_sample = values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
+    return {"per_sample": per_sample, "sum": per_sample.sum(), "batchmean": per_sample.sum() / pred.shape[0],
+            "mean": per_sample.sum() / pred.numel()}[reduction]
+
+
+def skip_slow(backend, device, numel):
+    if backend == "triton" and device == "cpu" and numel > 70_000:
+        pytest.skip("too large for the Triton interpreter")
+
+
+# ----------------------------------------------------------------------------- values
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 1), (2, 7), (2, 1023), (2, 65537), (3, 3, 8, 8), (5,)], ids=str)
+def test_forward_matches_reference(pair, loss, dtype, shape):
+    device, backend = pair
+    skip_slow(backend, device, math.prod(shape))
+    pred, target = make(shape, dtype, device, loss)
+    for reduction in REDUCTIONS:
+        out = LOSSES[loss](pred, target, reduction=reduction, backend=backend)
+        expected = reference(loss, pred, target, reduction)
+        assert out.dtype == torch.float32 and out.shape == expected.shape
+        assert_close(out, expected, dtype, VALUE if reduction == "none" else SUM,
+                     scale=1 if reduction == "none" else math.prod(shape[1:]))
+
+
+LOGVAR_FORMS = {
+    "none": lambda shape, device: None,
+    "float": lambda shape, device: -0.7,
+    "scalar tensor": lambda shape, device: torch.tensor(0.3, device=device),
+    "per channel": lambda shape, device: 0.5 * torch.randn(1, shape[1], 1, 1, device=device),
+    "per channel, no batch dim": lambda shape, device: 0.5 * torch.randn(shape[1], 1, 1, device=device),
+    "per pixel": lambda shape, device: 0.5 * torch.randn(1, *shape[1:], device=device),
+    "per element": lambda shape, device: 0.5 * torch.randn(shape, device=device),
+    "per sample": lambda shape, device: 0.5 * torch.randn(shape[0], 1, 1, 1, device=device),
+}
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("form", list(LOGVAR_FORMS))
+@pytest.mark.parametrize("full", [True, False])
+def test_gaussian_logvar_forms(pair, form, full):
+    device, backend = pair
+    shape = (4, 3, 5, 6)
+    mean, target = make(shape, torch.float32, device, "gaussian", requires_grad=True)
+    logvar = LOGVAR_FORMS[form](shape, device)
+    if isinstance(logvar, torch.Tensor):
+        logvar.requires_grad_()
+    for reduction in REDUCTIONS:
+        out = pyvae.gaussian_nll(mean, target, logvar, full=full, reduction=reduction, backend=backend)
+        grad_out = torch.randn_like(out)
+        inputs = [mean, target] + ([logvar] if isinstance(logvar, torch.Tensor) else [])
+        grads = torch.autograd.grad(out, inputs, grad_out)
+
+        ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+        lv_ref = ref_inputs[2] if len(ref_inputs) == 3 else None
+        fixed = logvar if isinstance(logvar, float) else 0.0
+        expected = reference("gaussian", ref_inputs[0], ref_inputs[1], reduction, lv_ref, fixed, full)
+        ref_grads = torch.autograd.grad(expected, ref_inputs, grad_out.double())
+        scale = 1 if reduction == "none" else math.prod(shape[1:])
+        assert_close(out, expected, torch.float32, VALUE if reduction == "none" else SUM, scale)
+        for g, rg in zip(grads, ref_grads):
+            assert g.shape == rg.shape
+            assert_close(g, rg, torch.float32, VALUE, scale=math.prod(shape) / rg.numel() * 10)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("full", [True, False])
+def test_gaussian_optimal_variance(pair, full):
+    device, backend = pair
+    shape = (4, 2, 6, 5)
+    mean, target = make(shape, torch.float32, device, "gaussian", requires_grad=True)
+    m64, t64 = mean.detach().double().requires_grad_(), target.detach().double().requires_grad_()
+    for reduction in REDUCTIONS:
+        out = pyvae.gaussian_nll(mean, target, "optimal", full=full, reduction=reduction, backend=backend)
+        # the reference: sigma^2 = MSE over the batch, differentiated through
+        log_var = torch.log(((t64 - m64) ** 2).mean())
+        expected = reference("gaussian", m64, t64, reduction, log_var, 0.0, full)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [mean, target], g)
+        ref_grads = torch.autograd.grad(expected, [m64, t64], g.double())
+        scale = 1 if reduction == "none" else math.prod(shape[1:])
+        assert_close(out, expected, torch.float32, VALUE if reduction == "none" else SUM, scale)
+        for a, b in zip(grads, ref_grads):
+            assert_close(a, b, torch.float32, VALUE, scale=50)
+
+
+def test_optimal_variance_is_the_maximum_likelihood():
+    mean, target = torch.randn(6, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64)
+    best = pyvae.gaussian_nll(mean, target, "optimal", reduction="sum", backend="torch")
+    for factor in (0.9, 1.1):
+        lv = math.log(factor * ((target - mean) ** 2).mean().item())
+        assert pyvae.gaussian_nll(mean, target, lv, reduction="sum", backend="torch") > best
+
+
+# ----------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_backward_matches_reference(pair, loss, dtype, reduction):
+    device, backend = pair
+    pred, target = make((3, 2, 5, 7), dtype, device, loss, requires_grad=True)
+    out = LOSSES[loss](pred, target, reduction=reduction, backend=backend)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [pred, target], g)
+    p64, t64 = pred.detach().double().requires_grad_(), target.detach().double().requires_grad_()
+    ref_grads = torch.autograd.grad(reference(loss, p64, t64, reduction), [p64, t64], g.double())
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype, VALUE, scale=4)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_mixed_dtypes_and_noncontiguous(pair):
+    device, backend = pair
+    logits = (3 * torch.randn(6, 20, device=device)).bfloat16()[:, ::2].requires_grad_()  # strided rows
+    target = torch.rand(10, 6, device=device).t()  # float32, transposed
+    out = pyvae.bernoulli_nll(logits, target, reduction="per_sample", backend=backend)
+    out.sum().backward()
+    assert_close(out, reference("bernoulli", logits, target, "per_sample"), torch.bfloat16, SUM, scale=10)
+    assert logits.grad.dtype == torch.bfloat16
+    assert_close(logits.grad, torch.sigmoid(logits.detach().double()) - target.double(), torch.bfloat16, VALUE)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_gradcheck_float64(loss):
+    pred = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    logvar = (0.3 * torch.randn(1, 4, 1, dtype=torch.float64)).requires_grad_() if loss == "gaussian" else None
+    inputs = (pred, target) + ((logvar,) if logvar is not None else ())
+
+    def fn(p, t, lv=None):
+        return LikelihoodFunction.apply(loss, p, t, lv, 0.0, 0.1, "per_sample", "torch")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradcheck(
+        lambda m, t: pyvae.gaussian_nll(m, t, "optimal", reduction="per_sample", backend="torch"), (pred, target))
+
+
+# ----------------------------------------------------------------------------- agreement with torch
+def test_agrees_with_torch_functional_and_distributions():
+    torch.manual_seed(0)
+    logits = 4 * torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    target = torch.rand(8, 3, 16, 16, dtype=torch.float64)
+    for backend in pyvae.backends.available("cpu"):
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / 8
+        cb = -torch.distributions.ContinuousBernoulli(logits=logits).log_prob(target).sum() / 8
+        var = torch.rand(1, 3, 1, 1, dtype=torch.float64) + 0.5
+        gauss = F.gaussian_nll_loss(logits, target, var.expand_as(logits), full=True, reduction="sum") / 8
+        dt = torch.float64 if backend == "torch" else torch.float32
+        tol = dict(rtol=1e-6 if backend != "torch" else 1e-10, atol=0)
+        torch.testing.assert_close(pyvae.bernoulli_nll(logits.to(dt), target.to(dt), backend=backend).double(), bce, **tol)
+        torch.testing.assert_close(pyvae.continuous_bernoulli_nll(logits.to(dt), target.to(dt), backend=backend).double(),
+                                   cb, **tol)
+        torch.testing.assert_close(pyvae.gaussian_nll(logits.to(dt), target.to(dt), var.log().to(dt),
+                                                      backend=backend).double(), gauss, **tol)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_stable_at_extreme_logits(pair):
+    device, backend = pair
+    logits = torch.tensor([[-1e4, -100.0, -20.0, -0.3, -1e-6, 0.0, 1e-6, 0.3, 20.0, 100.0, 1e4]], device=device)
+    target = torch.tensor([[0.0, 0.2, 1.0, 0.5, 0.5, 0.5, 0.5, 0.7, 0.0, 1.0, 0.3]], device=device)
+    for loss in ("bernoulli", "continuous_bernoulli"):
+        logits_g = logits.clone().requires_grad_()
+        out = LOSSES[loss](logits_g, target, reduction="none", backend=backend)
+        out.sum().backward()
+        assert out.isfinite().all() and logits_g.grad.isfinite().all()
+        expected = reference(loss, logits, target, "none")
+        torch.testing.assert_close(out.double(), expected, rtol=2e-6, atol=2e-6)
+    # lambda = 0.5: log C = log 2 exactly, so the NLL of any target is 0 and its slope 0.5 - t
+    zero = torch.zeros(1, 3, device=device)
+    assert pyvae.continuous_bernoulli_nll(zero, torch.rand(1, 3, device=device), reduction="none",
+                                          backend=backend).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_nan_inf_identical(pair):
+    device, backend = pair
+    special = torch.tensor([0.0, float("nan"), float("inf"), -float("inf"), 3.0], device=device)
+    pred, target = torch.meshgrid(special, special.clamp(0, 1).nan_to_num(0.5), indexing="ij")
+    pred, target = pred.contiguous(), target.contiguous()
+    for loss, fn in LOSSES.items():
+        out = fn(pred, target, reduction="none", backend=backend)
+        expected = reference(loss, pred, target, "none").float()
+        assert torch.equal(out.isnan(), expected.isnan()), loss
+        finite = expected.isfinite()
+        assert torch.equal(out.isinf(), expected.isinf()), loss
+        torch.testing.assert_close(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_deterministic_and_thread_independent(pair):
+    device, backend = pair
+    skip_slow(backend, device, 3 * 70000)
+    pred, target = make((3, 70000), torch.float32, device, "bernoulli")
+    first = pyvae.bernoulli_nll(pred, target, reduction="per_sample", backend=backend)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = pyvae.bernoulli_nll(pred, target, reduction="per_sample", backend=backend)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, single)
+    assert torch.equal(first, pyvae.bernoulli_nll(pred, target, reduction="per_sample", backend=backend))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_empty_batch(pair):
+    device, backend = pair
+    pred = torch.randn(0, 3, 4, device=device)
+    assert pyvae.bernoulli_nll(pred, pred, reduction="per_sample", backend=backend).shape == (0,)
+    assert pyvae.bernoulli_nll(pred, pred, reduction="sum", backend=backend).item() == 0
+    assert pyvae.bernoulli_nll(pred, pred, reduction="none", backend=backend).shape == (0, 3, 4)
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD = [
+    (lambda: pyvae.bernoulli_nll(torch.randn(2, 3), torch.rand(2, 4)), ValueError, "same shape"),
+    (lambda: pyvae.bernoulli_nll(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.int64)), TypeError,
+     "target must be a floating"),
+    (lambda: pyvae.continuous_bernoulli_nll(torch.ones(2, 3, dtype=torch.int32), torch.rand(2, 3)), TypeError,
+     "logits must be a floating"),
+    (lambda: pyvae.bernoulli_nll(torch.tensor(1.0), torch.tensor(1.0)), ValueError, "0-d"),
+    (lambda: pyvae.bernoulli_nll(torch.randn(2, 3), torch.rand(2, 3), reduction="elementwise"), ValueError,
+     "reduction must be one of"),
+    (lambda: pyvae.gaussian_nll(torch.randn(2, 3, 4), torch.rand(2, 3, 4), torch.randn(5, 1)), ValueError,
+     "does not broadcast"),
+    (lambda: pyvae.gaussian_nll(torch.randn(2, 3), torch.rand(2, 3), torch.randn(1, 2, 3)), ValueError,
+     "does not broadcast"),
+    (lambda: pyvae.gaussian_nll(torch.randn(2, 3), torch.rand(2, 3), "learned"), ValueError, "'optimal'"),
+    (lambda: pyvae.gaussian_nll(torch.randn(2, 3), torch.rand(2, 3), True), TypeError, "logvar must be"),
+    (lambda: pyvae.gaussian_nll([1.0], torch.rand(1)), TypeError, "mean must be a torch.Tensor"),
+    (lambda: pyvae.bernoulli_nll(torch.randn(2, 3), torch.rand(2, 3), backend="cuda"), ValueError, "cannot serve"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_targets_outside_unit_interval_are_not_clamped():
+    logits, target = torch.tensor([[0.5, -2.0]]), torch.tensor([[1.5, -0.5]])
+    out = pyvae.bernoulli_nll(logits, target, reduction="none")
+    torch.testing.assert_close(out, F.softplus(logits) - target * logits)
+
+
+def test_different_devices():
+    if not torch.cuda.is_available():
+        pytest.skip("needs two devices")
+    with pytest.raises(ValueError, match="device"):
+        pyvae.bernoulli_nll(torch.randn(2, 3), torch.rand(2, 3, device="cuda"))
+
+
+# ----------------------------------------------------------------------------- registration, compile
+@pytest.mark.parametrize("pair", NATIVE_PAIRS, ids=pair_id)
+def test_opcheck(pair):
+    device, backend = pair
+    suffix = "_triton" if backend == "triton" else ""
+    fwd = getattr(torch.ops.pyvae, f"likelihood_forward{suffix}")
+    bwd = getattr(torch.ops.pyvae, f"likelihood_backward{suffix}")
+    checks = {"test_utils": ("test_schema", "test_autograd_registration")} if (backend, device) == ("triton", "cpu") else {}
+    pred, target = make((3, 2, 4), torch.float32, device, "gaussian")
+    logvar = torch.randn(1, 2, 1, device=device)
+    grad = torch.randn(3, 1, 1, device=device).expand(3, 2, 4).contiguous()
+    for loss in ("bernoulli", "gaussian", "continuous_bernoulli"):
+        for per_element in (False, True):
+            torch.library.opcheck(fwd, (loss, pred, target, logvar if loss == "gaussian" else None, 0.2, 0.1,
+                                        per_element), **checks)
+        torch.library.opcheck(bwd, (loss, pred, target, logvar if loss == "gaussian" else None, 0.2, grad, True,
+                                    loss == "gaussian"), **checks)
+        torch.library.opcheck(bwd, (loss, pred, target, None, 0.0, grad, False, False), **checks)
+
+
+def test_torch_compile_fullgraph_cpu():
+    if "cpu" not in pyvae.backends.available("cpu"):
+        pytest.skip("extension not built")
+
+    def elbo_terms(logits, mean, target, logvar):
+        return (pyvae.bernoulli_nll(logits, target, backend="cpu")
+                + pyvae.continuous_bernoulli_nll(logits, target, backend="cpu")
+                + pyvae.gaussian_nll(mean, target, logvar, backend="cpu")
+                + pyvae.gaussian_nll(mean, target, "optimal", backend="cpu"))
+
+    logits, target = make((4, 3, 6), torch.float32, "cpu", "bernoulli", requires_grad=True)
+    mean = torch.randn(4, 3, 6, requires_grad=True)
+    logvar = torch.zeros(1, 3, 1, requires_grad=True)
+    compiled = torch.compile(elbo_terms, fullgraph=True)
+    eager = elbo_terms(logits, mean, target, logvar)
+    eager_grads = torch.autograd.grad(eager, [logits, mean, target, logvar])
+    out = compiled(logits, mean, target, logvar)
+    grads = torch.autograd.grad(out, [logits, mean, target, logvar])
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_no_host_sync(backend):
+    if backend not in pyvae.backends.available("cuda"):
+        pytest.skip(f"{backend} not available")
+    pred, target = make((8, 3, 16, 16), torch.float32, "cuda", "gaussian", requires_grad=True)
+    logvar = torch.zeros(1, 3, 1, 1, device="cuda", requires_grad=True)
+    pyvae.gaussian_nll(pred, target, logvar, backend=backend)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for fn, extra in ((pyvae.bernoulli_nll, ()), (pyvae.continuous_bernoulli_nll, ()),
+                          (pyvae.gaussian_nll, (logvar,)), (pyvae.gaussian_nll, ("optimal",))):
+            for reduction in REDUCTIONS:
+                out = fn(pred, target, *extra, reduction=reduction, backend=backend)
+                out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
