@@ -159,6 +159,48 @@ def peak_memory(device: str, fn: Callable[[], object]) -> int | None:
     return torch.cuda.max_memory_allocated() - start
 
 
+@dataclass
+class Case:
+    """One benchmark case: the providers' ready-to-call steps on the same inputs."""
+    op: str
+    shape: str
+    dtype: torch.dtype
+    mode: str  # "forward" or "forward+backward"
+    steps: dict  # provider name -> zero-argument callable
+    traffic_bytes: int  # minimal logical traffic of one step
+    numel: int
+
+
+def time_case(case: Case, device: str, label: str = "") -> list[Row]:
+    """Times every provider of a case (interleaved on the CPU; CUDA events, and for small cases
+    CUDA graphs too, on a GPU) and returns one row per provider, with speed-up over "eager"."""
+    rows: list[Row] = []
+    copy_gbps = copy_bandwidth(device, max(case.traffic_bytes // 2, 1 << 20))
+    graph_flags = [False] + ([True] if device != "cpu" and case.numel <= 1 << 16 else [])
+    backward = case.mode != "forward"
+    for graph in graph_flags:
+        if device == "cpu":
+            timings = time_cpu_interleaved(case.steps, reps=200 if case.numel <= 1 << 16 else
+                                           40 if case.numel <= 1 << 22 else 15)
+        else:
+            timings = {}
+            for name, step in case.steps.items():
+                try:
+                    timings[name] = time_gpu(step, cuda_graph=graph)
+                except Exception as exc:  # one provider failing (e.g. to capture) must not end the run
+                    print(f"[bench] {case.op} {label or case.shape} {case.mode} {name}"
+                          f"{' (CUDA graph)' if graph else ''} failed: {exc!r}")
+        eager_ms = timings["eager"].median_ms if "eager" in timings else float("nan")
+        for name, t in timings.items():
+            gbps = case.traffic_bytes / (t.median_ms * 1e-3) / 1e9
+            rows.append(Row(case.op, case.shape, str(case.dtype).replace("torch.", ""), case.mode, name,
+                            t.median_ms, t.p20_ms, t.p80_ms, case.traffic_bytes, gbps, 100 * gbps / copy_gbps,
+                            saved_tensor_bytes(case.steps[name]) if backward else None,
+                            peak_memory(device, case.steps[name]) if backward else None,
+                            eager_ms / t.median_ms, graph))
+    return rows
+
+
 def write_results(rows: list[Row], env: dict, out_dir: Path, name: str, command: str) -> list[Path]:
     """CSV (one row per provider x shape x mode, with device, versions and date) + markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +220,7 @@ def write_results(rows: list[Row], env: dict, out_dir: Path, name: str, command:
 
 def markdown_table(rows: list[Row], env: dict, command: str) -> str:
     lines = [
-        f"# {rows[0].op} on {env['device_name']} ({env['device']})",
+        f"# {rows[0].op.split()[0]} on {env['device_name']} ({env['device']})",
         "",
         f"`{command}`, {env['date']}, commit {env['commit']}; torch {env['torch']}, triton {env['triton']}, "
         f"pyvae {env['pyvae']}, python {env['python']}, {env['threads']} CPU threads.",
@@ -186,15 +228,15 @@ def markdown_table(rows: list[Row], env: dict, command: str) -> str:
         "Times are medians (p20-p80) in ms. GB/s counts the minimal logical traffic (inputs read once, "
         "outputs written once); % copy is that rate over a device copy measured in the same run.",
         "",
-        "| shape | dtype | mode | provider | median ms | p20-p80 ms | GB/s | % copy | x eager | saved for bwd | peak mem |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | shape | dtype | mode | provider | median ms | p20-p80 ms | GB/s | % copy | x eager | saved for bwd | peak mem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         def mib(b):
             return "" if b is None else f"{b / 2**20:.1f} MiB"
         speed = "" if r.speedup_vs_eager is None else f"{r.speedup_vs_eager:.2f}"
         graph = " (CUDA graph)" if r.cuda_graph else ""
-        lines.append(f"| {r.shape} | {r.dtype} | {r.mode} | {r.provider}{graph} | {r.median_ms:.4f} | "
+        lines.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider}{graph} | {r.median_ms:.4f} | "
                      f"{r.p20_ms:.4f}-{r.p80_ms:.4f} | {r.gbps:.1f} | {r.pct_copy:.0f}% | {speed} | "
                      f"{mib(r.saved_bytes)} | {mib(r.peak_mem_bytes)} |")
     return "\n".join(lines) + "\n"
@@ -208,18 +250,19 @@ def plot(rows: list[Row], out_path: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    cases = list(dict.fromkeys((r.shape, r.dtype, r.mode, r.cuda_graph) for r in rows))
+    cases = list(dict.fromkeys((r.op, r.shape, r.dtype, r.mode, r.cuda_graph) for r in rows))
     providers = list(dict.fromkeys(r.provider for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
     width = 0.8 / len(providers)
     for i, prov in enumerate(providers):
         vals = []
         for case in cases:
-            match = [r for r in rows if (r.shape, r.dtype, r.mode, r.cuda_graph) == case and r.provider == prov]
+            match = [r for r in rows if (r.op, r.shape, r.dtype, r.mode, r.cuda_graph) == case and r.provider == prov]
             vals.append(match[0].speedup_vs_eager or 0 if match else 0)
         ax.bar([c + i * width for c in range(len(cases))], vals, width, label=prov)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
-    ax.set_xticklabels([f"{s}\n{d} {m}" + ("\ngraph" if g else "") for s, d, m, g in cases], fontsize=8)
+    ax.set_xticklabels([f"{o.split()[-1]}\n{s}\n{d} {m}" + ("\ngraph" if g else "") for o, s, d, m, g in cases],
+                       fontsize=7)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_ylabel("speed-up over eager PyTorch (higher is better)")
     ax.set_title(title, fontsize=10)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 import pyvae
-from harness import Row, copy_bandwidth, peak_memory, saved_tensor_bytes, time_cpu_interleaved, time_gpu
+from harness import Case, Row, time_case
 
 OP = "reparam_kl"
 
@@ -67,36 +67,16 @@ def run(device: str, quick: bool = False, dtype: torch.dtype = torch.float32, pr
     rows: list[Row] = []
     elem = torch.finfo(dtype).bits // 8
     provs = providers(device)
-    cases = [(s, m) for s in shapes(device, quick) for m in ("forward", "forward+backward")]
-    for (batch, zdim), mode in cases:
-        n = batch * zdim
-        mu = torch.randn(batch, zdim, device=device, dtype=dtype, requires_grad=mode != "forward")
-        logvar = (0.5 * torch.randn(batch, zdim, device=device, dtype=dtype)).requires_grad_(mode != "forward")
-        traffic = (3 if mode == "forward" else 8) * elem * n + 4 * batch * (1 if mode == "forward" else 2)
-        copy_gbps = copy_bandwidth(device, max(traffic // 2, 1 << 20))
-        steps = {name: _step(fn, mu, logvar, mode) for name, fn in provs.items()}
-        graph_flags = [False] + ([True] if device != "cpu" and n <= 1 << 16 else [])
-        for graph in graph_flags:
-            if device == "cpu":
-                reps = 200 if n <= 1 << 16 else 40
-                timings = time_cpu_interleaved(steps, reps)
-            else:
-                timings = {}
-                for name, step in steps.items():
-                    try:
-                        timings[name] = time_gpu(step, cuda_graph=graph)
-                    except Exception as exc:  # one provider failing (e.g. to capture) must not end the run
-                        print(f"[bench] {name} {batch}x{zdim} {mode}{' graph' if graph else ''} failed: {exc!r}")
-            eager_ms = timings["eager"].median_ms if "eager" in timings else float("nan")
-            for name, t in timings.items():
-                gbps = traffic / (t.median_ms * 1e-3) / 1e9
-                saved = saved_tensor_bytes(steps[name]) if mode != "forward" else None
-                peak = peak_memory(device, steps[name]) if mode != "forward" else None
-                rows.append(Row(OP, f"{batch}x{zdim}", str(dtype).replace("torch.", ""), mode, name, t.median_ms,
-                                t.p20_ms, t.p80_ms, traffic, gbps, 100 * gbps / copy_gbps, saved, peak,
-                                eager_ms / t.median_ms, graph))
-        if progress is not None:
-            progress.update(1)
+    for batch, zdim in shapes(device, quick):
+        for mode in ("forward", "forward+backward"):
+            n = batch * zdim
+            mu = torch.randn(batch, zdim, device=device, dtype=dtype, requires_grad=mode != "forward")
+            logvar = (0.5 * torch.randn(batch, zdim, device=device, dtype=dtype)).requires_grad_(mode != "forward")
+            traffic = (3 if mode == "forward" else 8) * elem * n + 4 * batch * (1 if mode == "forward" else 2)
+            steps = {name: _step(fn, mu, logvar, mode) for name, fn in provs.items()}
+            rows += time_case(Case(OP, f"{batch}x{zdim}", dtype, mode, steps, traffic, n), device)
+            if progress is not None:
+                progress.update(1)
     return rows
 
 

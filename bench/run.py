@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 import harness
+import likelihood
 import reparam_kl
 
-SUITES = {"reparam_kl": reparam_kl}
+SUITES = {"reparam_kl": reparam_kl, "likelihood": likelihood}
 
 
 def main(argv: list[str] | None = None) -> int:

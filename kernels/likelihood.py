@@ -44,7 +44,7 @@ def _cb_log_norm(l):
     z = l * l
     series = 0.6931471805599453 + z * (1.0 / 12.0 + z * (-7.0 / 1440.0 + z * (31.0 / 90720.0)))
     e = tl.exp(-a)
-    direct = tl.log(tl.where(a < 0.25, 1.0, a)) - _log1p(-e) + _log1p(e)
+    direct = tl.log(a) - _log1p(-e) + _log1p(e)  # discarded below 0.25 (a may be 0 there)
     return tl.where(a < 0.25, series, direct)
 
 

@@ -30,7 +30,7 @@ PYVAE_HD float cb_log_norm(float l) {
   const float z = l * l;
   const float series = 0.69314718055994531f + z * (1.0f / 12.0f + z * (-7.0f / 1440.0f + z * (31.0f / 90720.0f)));
   const float e = exp_f(-a);
-  const float direct = log_unit(a < 0.25f ? 1.0f : a) - log1p_f(-e) + log1p_f(e);
+  const float direct = log_f(a) - log1p_f(-e) + log1p_f(e);  // discarded below 0.25 (a may be 0 there)
   return a < 0.25f ? series : direct;
 }
 

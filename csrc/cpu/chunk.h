@@ -62,6 +62,12 @@ inline void store_chunk(const float* __restrict src, int64_t n, T* __restrict ds
   }
 }
 
+// Asks the memory system for [p, p + bytes) ahead of use, one request per cache line.
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(c + offset);
+}
+
 // Adds values[0, n) into the lanes, element c of the chunk going to lane c % kLanes (chunks start
 // at multiples of kLanes, so this is also the column's lane).
 inline void accumulate_lanes(const float* __restrict values, int64_t n, float* __restrict lanes) {

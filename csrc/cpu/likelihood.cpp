@@ -87,6 +87,17 @@ inline const float* logvar_chunk(const LikelihoodInputs& in, int64_t r, int64_t 
   return in.logvar ? in.logvar + r * in.logvar_row_stride + col0 : fixed;
 }
 
+// The element math is long enough per cache line that the hardware prefetcher falls behind: ask
+// for the next chunk of both inputs while this one is computed.
+template <typename TP, typename TT>
+inline void prefetch_next(const LikelihoodInputs& in, int64_t r, int64_t col, int64_t col_end, const TP* pred,
+                          const TT* target) {
+  if (col >= col_end) return;
+  const int64_t n = std::min(kChunk, col_end - col);
+  prefetch_span(pred + r * in.pred_row_stride + col, n * sizeof(TP));
+  prefetch_span(target + r * in.target_row_stride + col, n * sizeof(TT));
+}
+
 // Calls f(row, col_begin, col_end, block) for every (row, column block), in parallel.
 template <typename F>
 void for_each_block(const LikelihoodInputs& in, F&& f) {
@@ -114,6 +125,7 @@ void forward_impl(const LikelihoodForwardParams& p) {
     float lanes[kLanes] = {};
     for (int64_t col0 = col_begin; col0 < col_end; col0 += kChunk) {
       const int64_t n = std::min(kChunk, col_end - col0);
+      prefetch_next(in, r, col0 + kChunk, col_end, pred, target);
       const float* pred_f = as_float(pred + r * in.pred_row_stride + col0, n, pred_buf);
       const float* target_f = as_float(target + r * in.target_row_stride + col0, n, target_buf);
       float* out = p.per_element ? p.loss + r * in.cols + col0 : value_buf;
@@ -137,6 +149,7 @@ void backward_impl(const LikelihoodBackwardParams& p) {
     std::fill(fixed, fixed + kChunk, in.fixed_logvar);
     for (int64_t col0 = col_begin; col0 < col_end; col0 += kChunk) {
       const int64_t n = std::min(kChunk, col_end - col0);
+      prefetch_next(in, r, col0 + kChunk, col_end, pred, target);
       const float* pred_f = as_float(pred + r * in.pred_row_stride + col0, n, pred_buf);
       const float* target_f = as_float(target + r * in.target_row_stride + col0, n, target_buf);
       const float* grad_row = p.grad + r * p.grad_row_stride + col0 * p.grad_col_stride;

@@ -64,10 +64,7 @@ PYVAE_MULTIVERSION void grads(const float* __restrict mu, const float* __restric
 // generated, which does not need the inputs, so the memory reads overlap that arithmetic.
 template <typename T>
 void prefetch_rows(const T* base, int64_t row_stride, int64_t r0, int64_t nr, int64_t col0, int64_t n) {
-  for (int64_t i = 0; i < nr; ++i) {
-    const char* row = reinterpret_cast<const char*>(base + (r0 + i) * row_stride + col0);
-    for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(row + offset);
-  }
+  for (int64_t i = 0; i < nr; ++i) prefetch_span(base + (r0 + i) * row_stride + col0, n * sizeof(T));
 }
 
 // Work is split into blocks of rows. Short rows (4 * groups_per_row <= kChunk) are taken several
