@@ -264,96 +264,77 @@ LikelihoodChecked check_likelihood(const std::string& loss, const at::Tensor& pr
   return c;
 }
 
-// Per-element losses (float32, prediction's shape), or per-row sums [rows] from the kernels'
-// per-column-block partial sums, added in block order.
-at::Tensor likelihood_forward_impl(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
-                                   const std::optional<at::Tensor>& logvar, double fixed_logvar, double constant,
-                                   bool per_element, bool cuda) {
+void run_likelihood(const LikelihoodParams& p, bool cuda) {
+  if (p.in.rows == 0 || p.in.cols == 0) return;
+#ifdef PYVAE_WITH_CUDA
+  if (cuda) {
+    cuda::likelihood(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+#endif
+  cpu::likelihood(p);
+}
+
+struct LikelihoodGrads {
+  at::Tensor pred, target, logvar;  // empty (numel 0) when not asked for: the schema has no optional outputs
+};
+
+// Allocates the asked-for gradients and points the kernel at them.
+LikelihoodGrads allocate_grads(const at::Tensor& pred, const at::Tensor& target, bool pred_grad, bool target_grad,
+                               bool logvar_grad, LikelihoodParams& p) {
+  LikelihoodGrads g{pred_grad ? at::empty(pred.sizes(), pred.options()) : at::empty({0}, pred.options()),
+                    target_grad ? at::empty(target.sizes(), target.options()) : at::empty({0}, target.options()),
+                    at::empty(logvar_grad ? pred.sizes() : at::IntArrayRef{0}, pred.options().dtype(at::kFloat))};
+  p.grad_pred = pred_grad ? g.pred.data_ptr() : nullptr;
+  p.grad_target = target_grad ? g.target.data_ptr() : nullptr;
+  p.grad_logvar = logvar_grad ? g.logvar.data_ptr<float>() : nullptr;
+  return g;
+}
+
+// The losses (float32: per element in the prediction's shape, or per sample [B], the kernels'
+// per-column-block partial sums added in block order) and the asked-for per-element derivatives.
+using LikelihoodForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+LikelihoodForwardResult likelihood_forward_impl(const std::string& loss, const at::Tensor& pred,
+                                                const at::Tensor& target, const std::optional<at::Tensor>& logvar,
+                                                double fixed_logvar, double constant, bool per_element,
+                                                bool pred_grad, bool target_grad, bool logvar_grad, bool cuda) {
   LikelihoodChecked c = check_likelihood(loss, pred, target, logvar, fixed_logvar, constant);
   const int64_t rows = c.kernel.rows, cols = c.kernel.cols;
   at::Tensor out = per_element ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat))
                                : at::empty({rows, column_blocks(cols)}, pred.options().dtype(at::kFloat));
-  LikelihoodForwardParams p{c.kernel, out.data_ptr<float>(), per_element};
-  if (rows > 0 && cols > 0) {
-#ifdef PYVAE_WITH_CUDA
-    if (cuda) {
-      cuda::likelihood_forward(p, c10::cuda::getCurrentCUDAStream());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      cpu::likelihood_forward(p);
-    }
-#else
-    cpu::likelihood_forward(p);
-#endif
+  LikelihoodParams p{};
+  p.in = c.kernel;
+  p.loss = out.data_ptr<float>();
+  p.per_element = per_element;
+  LikelihoodGrads g = allocate_grads(pred, target, pred_grad, target_grad, logvar_grad && logvar.has_value(), p);
+  run_likelihood(p, cuda);
+  if (!per_element) {
+    out = cols == 0 ? at::zeros({rows}, pred.options().dtype(at::kFloat))
+                    : out.size(1) == 1 ? out.view({rows}) : out.sum(1);
   }
-  if (per_element) return out;
-  if (cols == 0) return at::zeros({rows}, pred.options().dtype(at::kFloat));
-  return out.size(1) == 1 ? out.view({rows}) : out.sum(1);
+  return {out, g.pred, g.target, g.logvar};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> likelihood_backward_impl(
-    const std::string& loss, const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& logvar,
-    double fixed_logvar, const at::Tensor& grad, bool target_grad, bool logvar_grad, bool cuda) {
-  LikelihoodChecked c = check_likelihood(loss, pred, target, logvar, fixed_logvar, 0.0);
-  TORCH_CHECK_VALUE(grad.sizes() == pred.sizes(), "grad must have the prediction's shape (expanded if need be), got ",
-                    grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == at::kFloat, "grad must be float32");
-  const int64_t rows = c.kernel.rows, cols = c.kernel.cols;
-  const at::Tensor grad_rows = grad.reshape({rows, cols});  // a view for expanded per-row/scalar grads
-  at::Tensor grad_pred = at::empty(pred.sizes(), pred.options());
-  at::Tensor grad_target = target_grad ? at::empty(target.sizes(), target.options()) : at::Tensor();
-  at::Tensor grad_logvar = logvar_grad ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat)) : at::Tensor();
-  LikelihoodBackwardParams p{c.kernel,
-                             grad_rows.data_ptr<float>(),
-                             grad_rows.stride(0),
-                             grad_rows.stride(1),
-                             grad_pred.data_ptr(),
-                             target_grad ? grad_target.data_ptr() : nullptr,
-                             logvar_grad ? grad_logvar.data_ptr<float>() : nullptr};
-  if (rows > 0 && cols > 0) {
-#ifdef PYVAE_WITH_CUDA
-    if (cuda) {
-      cuda::likelihood_backward(p, c10::cuda::getCurrentCUDAStream());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      cpu::likelihood_backward(p);
-    }
-#else
-    cpu::likelihood_backward(p);
-#endif
-  }
-  // Undefined outputs are returned as empty tensors (the schema has no optional outputs).
-  if (!target_grad) grad_target = at::empty({0}, target.options());
-  if (!logvar_grad) grad_logvar = at::empty({0}, pred.options().dtype(at::kFloat));
-  return {grad_pred, grad_target, grad_logvar};
-}
-
-at::Tensor likelihood_forward_cpu(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& logvar, double fixed_logvar, double constant,
-                                  bool per_element) {
-  return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, false);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> likelihood_backward_cpu(
-    const std::string& loss, const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& logvar,
-    double fixed_logvar, const at::Tensor& grad, bool target_grad, bool logvar_grad) {
-  return likelihood_backward_impl(loss, pred, target, logvar, fixed_logvar, grad, target_grad, logvar_grad, false);
+LikelihoodForwardResult likelihood_forward_cpu(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
+                                               const std::optional<at::Tensor>& logvar, double fixed_logvar,
+                                               double constant, bool per_element, bool pred_grad, bool target_grad,
+                                               bool logvar_grad) {
+  return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad,
+                                 target_grad, logvar_grad, false);
 }
 
 #ifdef PYVAE_WITH_CUDA
-at::Tensor likelihood_forward_cuda(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
-                                   const std::optional<at::Tensor>& logvar, double fixed_logvar, double constant,
-                                   bool per_element) {
+LikelihoodForwardResult likelihood_forward_cuda(const std::string& loss, const at::Tensor& pred,
+                                                const at::Tensor& target, const std::optional<at::Tensor>& logvar,
+                                                double fixed_logvar, double constant, bool per_element,
+                                                bool pred_grad, bool target_grad, bool logvar_grad) {
   const c10::cuda::CUDAGuard guard(pred.device());
-  return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, true);
+  return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad,
+                                 target_grad, logvar_grad, true);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> likelihood_backward_cuda(
-    const std::string& loss, const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& logvar,
-    double fixed_logvar, const at::Tensor& grad, bool target_grad, bool logvar_grad) {
-  const c10::cuda::CUDAGuard guard(pred.device());
-  return likelihood_backward_impl(loss, pred, target, logvar, fixed_logvar, grad, target_grad, logvar_grad, true);
-}
 #endif
 
 }  // namespace
@@ -373,20 +354,19 @@ TORCH_LIBRARY(pyvae, m) {
   // Negative log-likelihood terms of loss "bernoulli" | "gaussian" | "continuous_bernoulli" for
   // prediction/target [B, ...]: float32 per element (per_element) or per sample [B]. logvar
   // (Gaussian) broadcasts to the prediction; without it every element uses fixed_logvar; constant
-  // is added per element (0.5 log 2 pi for the full Gaussian).
+  // is added per element (0.5 log 2 pi for the full Gaussian). In the same pass, the derivatives
+  // of each element's loss with respect to pred / target / logvar, where asked (else empty):
+  // backward then only scales them. grad_logvar is float32 in the prediction's shape (not yet
+  // reduced to logvar's).
   m.def("likelihood_forward(str loss, Tensor pred, Tensor target, Tensor? logvar, float fixed_logvar, "
-        "float constant, bool per_element) -> Tensor");
-  // grad: float32 of the prediction's shape (an expanded view is fine). grad_target / grad_logvar
-  // (float32, prediction's shape, not yet reduced to logvar's shape) are empty unless asked for.
-  m.def("likelihood_backward(str loss, Tensor pred, Tensor target, Tensor? logvar, float fixed_logvar, "
-        "Tensor grad, bool target_grad, bool logvar_grad) -> (Tensor grad_pred, Tensor grad_target, Tensor grad_logvar)");
+        "float constant, bool per_element, bool pred_grad, bool target_grad, bool logvar_grad) "
+        "-> (Tensor loss, Tensor grad_pred, Tensor grad_target, Tensor grad_logvar)");
 }
 
 TORCH_LIBRARY_IMPL(pyvae, CPU, m) {
   m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cpu);
   m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cpu);
   m.impl("likelihood_forward", &pyvae::likelihood_forward_cpu);
-  m.impl("likelihood_backward", &pyvae::likelihood_backward_cpu);
 }
 
 #ifdef PYVAE_WITH_CUDA
@@ -394,6 +374,5 @@ TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
   m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cuda);
   m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cuda);
   m.impl("likelihood_forward", &pyvae::likelihood_forward_cuda);
-  m.impl("likelihood_backward", &pyvae::likelihood_backward_cuda);
 }
 #endif

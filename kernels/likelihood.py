@@ -108,10 +108,12 @@ def _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col, mask,
 
 
 @triton.jit
-def _likelihood_fwd_kernel(pred_ptr, target_ptr, logvar_ptr, out_ptr, fixed_logvar, constant, rows, cols,
-                           n_blocks, pred_row_stride, target_row_stride, logvar_row_stride,
-                           LOSS: tl.constexpr, HAS_LOGVAR: tl.constexpr, PER_ELEMENT: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _likelihood_kernel(pred_ptr, target_ptr, logvar_ptr, out_ptr, grad_pred_ptr, grad_target_ptr, grad_logvar_ptr,
+                       fixed_logvar, constant, rows, cols, n_blocks, pred_row_stride, target_row_stride,
+                       logvar_row_stride, LOSS: tl.constexpr, HAS_LOGVAR: tl.constexpr, PER_ELEMENT: tl.constexpr,
+                       PRED_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr, LOGVAR_GRAD: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Losses and the asked-for derivatives in one pass (LikelihoodParams in likelihood_params.h)."""
     segments = rows * n_blocks
     seg = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     span = tl.minimum(cols, 16384)
@@ -120,38 +122,21 @@ def _likelihood_fwd_kernel(pred_ptr, target_ptr, logvar_ptr, out_ptr, fixed_logv
         row, col, mask = _segment_chunk(seg, segments, n_blocks, cols, c0, BLOCK_C)
         p, t, v = _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col, mask, pred_row_stride,
                                target_row_stride, logvar_row_stride, HAS_LOGVAR)
-        value, _, _, _ = _terms(p, t, v, LOSS)
+        value, d_pred, d_target, d_logvar = _terms(p, t, v, LOSS)
+        out = row[:, None] * cols + col
         value = tl.where(mask, value + constant, 0.0)
         if PER_ELEMENT:
-            tl.store(out_ptr + row[:, None] * cols + col, value, mask=mask)
+            tl.store(out_ptr + out, value, mask=mask)
         else:
             acc += tl.sum(value, axis=1)
+        if PRED_GRAD:
+            tl.store(grad_pred_ptr + out, d_pred.to(grad_pred_ptr.dtype.element_ty), mask=mask)
+        if TARGET_GRAD:
+            tl.store(grad_target_ptr + out, d_target.to(grad_target_ptr.dtype.element_ty), mask=mask)
+        if LOGVAR_GRAD:
+            tl.store(grad_logvar_ptr + out, d_logvar, mask=mask)
     if not PER_ELEMENT:
         tl.store(out_ptr + seg, acc, mask=seg < segments)
-
-
-@triton.jit
-def _likelihood_bwd_kernel(pred_ptr, target_ptr, logvar_ptr, grad_ptr, grad_pred_ptr, grad_target_ptr,
-                           grad_logvar_ptr, fixed_logvar, rows, cols, n_blocks, pred_row_stride, target_row_stride,
-                           logvar_row_stride, grad_row_stride, grad_col_stride, LOSS: tl.constexpr,
-                           HAS_LOGVAR: tl.constexpr, TARGET_GRAD: tl.constexpr, LOGVAR_GRAD: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    segments = rows * n_blocks
-    seg = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    span = tl.minimum(cols, 16384)
-    for c0 in range(0, span, BLOCK_C):
-        row, col, mask = _segment_chunk(seg, segments, n_blocks, cols, c0, BLOCK_C)
-        p, t, v = _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col, mask, pred_row_stride,
-                               target_row_stride, logvar_row_stride, HAS_LOGVAR)
-        r2 = row[:, None]
-        g = tl.load(grad_ptr + r2 * grad_row_stride + col * grad_col_stride, mask=mask, other=0.0)
-        _, d_pred, d_target, d_logvar = _terms(p, t, v, LOSS)
-        out = r2 * cols + col
-        tl.store(grad_pred_ptr + out, (g * d_pred).to(grad_pred_ptr.dtype.element_ty), mask=mask)
-        if TARGET_GRAD:
-            tl.store(grad_target_ptr + out, (g * d_target).to(grad_target_ptr.dtype.element_ty), mask=mask)
-        if LOGVAR_GRAD:
-            tl.store(grad_logvar_ptr + out, g * d_logvar, mask=mask)
 
 
 def _tile(cols: int) -> tuple[int, int]:
@@ -176,44 +161,33 @@ def _prepare(pred, target, logvar):
     return rows, cols, pred2, target2, full.contiguous().reshape(rows, cols), cols
 
 
+def _grads(pred, target, pred_grad: bool, target_grad: bool, logvar_grad: bool):
+    """The asked-for gradient buffers (empty when not asked: the schema has no optional outputs)."""
+    return (torch.empty_like(pred, memory_format=torch.contiguous_format) if pred_grad else pred.new_empty(0),
+            torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty(0),
+            pred.new_empty(pred.shape if logvar_grad else (0,), dtype=torch.float32))
+
+
 @triton_op("pyvae::likelihood_forward_triton", mutates_args=())
 def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: Optional[torch.Tensor],
-                              fixed_logvar: float, constant: float, per_element: bool) -> torch.Tensor:
+                              fixed_logvar: float, constant: float, per_element: bool, pred_grad: bool,
+                              target_grad: bool,
+                              logvar_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.likelihood_forward`` (same schema and outputs)."""
     rows, cols, pred2, target2, logvar2, logvar_row_stride = _prepare(pred, target, logvar)
     n_blocks = max(1, triton.cdiv(cols, COLUMN_BLOCK))
     out = pred.new_empty(pred.shape if per_element else (rows, n_blocks), dtype=torch.float32)
-    if rows == 0 or cols == 0:
-        return out if per_element else pred.new_zeros((rows,), dtype=torch.float32)
-    block_r, block_c = _tile(cols)
-    wrap_triton(_likelihood_fwd_kernel)[(triton.cdiv(rows * n_blocks, block_r),)](
-        pred2, target2, logvar2, out, fixed_logvar, constant, rows, cols, n_blocks, pred2.stride(0),
-        target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss], HAS_LOGVAR=logvar is not None,
-        PER_ELEMENT=per_element, BLOCK_R=block_r, BLOCK_C=block_c)
-    if per_element:
-        return out
-    return out.reshape(rows) if n_blocks == 1 else out.sum(1)
-
-
-@triton_op("pyvae::likelihood_backward_triton", mutates_args=())
-def likelihood_backward_triton(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: Optional[torch.Tensor],
-                               fixed_logvar: float, grad: torch.Tensor, target_grad: bool,
-                               logvar_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of ``torch.ops.pyvae.likelihood_backward`` (same schema and outputs)."""
-    rows, cols, pred2, target2, logvar2, logvar_row_stride = _prepare(pred, target, logvar)
-    grad_pred = torch.empty_like(pred, memory_format=torch.contiguous_format)
-    grad_target = (torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad
-                   else target.new_empty(0))
-    grad_logvar = pred.new_empty(pred.shape if logvar_grad else (0,), dtype=torch.float32)
-    if rows == 0 or cols == 0:
-        return grad_pred, grad_target, grad_logvar
-    n_blocks = triton.cdiv(cols, COLUMN_BLOCK)
-    grad2 = grad.reshape(rows, cols)
-    block_r, block_c = _tile(cols)
-    wrap_triton(_likelihood_bwd_kernel)[(triton.cdiv(rows * n_blocks, block_r),)](
-        pred2, target2, logvar2, grad2, grad_pred, grad_target if target_grad else grad_pred,
-        grad_logvar if logvar_grad else grad2, fixed_logvar, rows, cols, n_blocks, pred2.stride(0),
-        target2.stride(0), logvar_row_stride, grad2.stride(0), grad2.stride(1), LOSS=LOSS_IDS[loss],
-        HAS_LOGVAR=logvar is not None, TARGET_GRAD=target_grad, LOGVAR_GRAD=logvar_grad,
-        BLOCK_R=block_r, BLOCK_C=block_c)
-    return grad_pred, grad_target, grad_logvar
+    logvar_grad = logvar_grad and logvar is not None
+    grad_pred, grad_target, grad_logvar = grads = _grads(pred, target, pred_grad, target_grad, logvar_grad)
+    if rows > 0 and cols > 0:
+        block_r, block_c = _tile(cols)
+        wrap_triton(_likelihood_kernel)[(triton.cdiv(rows * n_blocks, block_r),)](
+            pred2, target2, logvar2, out, grad_pred if pred_grad else out, grad_target if target_grad else out,
+            grad_logvar if logvar_grad else out, fixed_logvar, constant, rows, cols, n_blocks, pred2.stride(0),
+            target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss], HAS_LOGVAR=logvar is not None,
+            PER_ELEMENT=per_element, PRED_GRAD=pred_grad, TARGET_GRAD=target_grad, LOGVAR_GRAD=logvar_grad,
+            BLOCK_R=block_r, BLOCK_C=block_c)
+    if not per_element:
+        out = pred.new_zeros((rows,), dtype=torch.float32) if cols == 0 else (
+            out.reshape(rows) if n_blocks == 1 else out.sum(1))
+    return (out, *grads)

@@ -27,17 +27,14 @@ struct LikelihoodInputs {
 // does not depend on how many there are.
 constexpr int64_t kLikelihoodColumnBlock = 16384;
 
-struct LikelihoodForwardParams {
+// One pass over prediction and target: the per-element or per-row losses and, where asked, the
+// derivatives of each element's loss with respect to its prediction, target and log-variance
+// (the gradients at a unit upstream gradient: autograd's backward only has to scale them).
+struct LikelihoodParams {
   LikelihoodInputs in;
   float* loss;  // [rows, cols] if per_element else partial sums [rows, column_blocks]
   bool per_element;
-};
-
-struct LikelihoodBackwardParams {
-  LikelihoodInputs in;
-  const float* grad;  // upstream gradient of element (r, c) at r * grad_row_stride + c * grad_col_stride
-  int64_t grad_row_stride, grad_col_stride;
-  void* grad_pred;      // [rows, cols] in pred_dtype
+  void* grad_pred;      // [rows, cols] in pred_dtype, or nullptr
   void* grad_target;    // [rows, cols] in target_dtype, or nullptr
   float* grad_logvar;   // [rows, cols] float32 (reduced to logvar's shape by the caller), or nullptr
 };

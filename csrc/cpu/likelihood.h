@@ -2,6 +2,5 @@
 #include "../common/likelihood_params.h"
 
 namespace pyvae::cpu {
-void likelihood_forward(const LikelihoodForwardParams& p);
-void likelihood_backward(const LikelihoodBackwardParams& p);
+void likelihood(const LikelihoodParams& p);
 }  // namespace pyvae::cpu

@@ -1,4 +1,5 @@
-// CUDA kernels of the reconstruction likelihoods. The unit of work is a segment: one column block
+// CUDA kernel of the reconstruction likelihoods (losses and, where asked, gradients in one pass;
+// see LikelihoodParams). The unit of work is a segment: one column block
 // (kLikelihoodColumnBlock columns) of one row, so a few long rows still fill the GPU. A segment is
 // covered by threads_per_segment threads, each owning four consecutive columns at a time; its sum
 // is a fixed-order shuffle tree written to partial[row, block] (the caller adds the blocks in
@@ -38,61 +39,43 @@ __device__ __forceinline__ void load_logvar4(const LikelihoodInputs& in, int64_t
 
 template <Loss kLoss>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(LikelihoodForwardParams p, int threads_per_segment, bool vec_pred, bool vec_target, bool vec_out) {
+    likelihood_kernel(LikelihoodParams p, int threads_per_segment, bool vec_pred, bool vec_target) {
   const LikelihoodInputs& in = p.in;
   const Segment seg = my_segment(in, threads_per_segment);
-  const int lane = threadIdx.x % threads_per_segment;
-  const void* pred_row = static_cast<const char*>(in.pred) + seg.row * in.pred_row_stride * dtype_size(in.pred_dtype);
-  const void* target_row =
-      static_cast<const char*>(in.target) + seg.row * in.target_row_stride * dtype_size(in.target_dtype);
-  float partial = 0.0f;
-  for (int64_t col = seg.col_begin + 4 * lane; seg.active && col < seg.col_end; col += 4 * threads_per_segment) {
-    float pred[4], target[4], logvar[4], value[4];
-    load4_dtype(in.pred_dtype, pred_row, col, seg.col_end, vec_pred, pred);
-    load4_dtype(in.target_dtype, target_row, col, seg.col_end, vec_target, target);
-    load_logvar4(in, seg.row, col, logvar);
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      value[k] = col + k < seg.col_end ? loss_terms<kLoss>(pred[k], target[k], logvar[k], in.constant).value : 0.0f;
-    if (p.per_element) store4(p.loss + seg.row * in.cols, col, seg.col_end, vec_out, value);
-    partial += (value[0] + value[1]) + (value[2] + value[3]);
-  }
-  if (p.per_element) return;  // uniform across the block
-  const float total = row_sum(partial, threads_per_segment);
-  if (seg.active && lane == 0) p.loss[seg.index] = total;
-}
-
-template <Loss kLoss>
-__global__ void __launch_bounds__(kThreads)
-    backward_kernel(LikelihoodBackwardParams p, int threads_per_segment, bool vec_pred, bool vec_target) {
-  const LikelihoodInputs& in = p.in;
-  const Segment seg = my_segment(in, threads_per_segment);
-  if (!seg.active) return;
   const int lane = threadIdx.x % threads_per_segment;
   const size_t pred_size = dtype_size(in.pred_dtype), target_size = dtype_size(in.target_dtype);
   const void* pred_row = static_cast<const char*>(in.pred) + seg.row * in.pred_row_stride * pred_size;
   const void* target_row = static_cast<const char*>(in.target) + seg.row * in.target_row_stride * target_size;
-  void* grad_pred_row = static_cast<char*>(p.grad_pred) + seg.row * in.cols * pred_size;
-  void* grad_target_row =
-      p.grad_target ? static_cast<char*>(p.grad_target) + seg.row * in.cols * target_size : nullptr;
-  const bool vec_grads = in.cols % 4 == 0;  // fresh contiguous outputs
-  for (int64_t col = seg.col_begin + 4 * lane; col < seg.col_end; col += 4 * threads_per_segment) {
-    float pred[4], target[4], logvar[4], d_pred[4], d_target[4], d_logvar[4];
+  const int64_t out_row = seg.row * in.cols;  // offset of this row in the contiguous outputs
+  const bool vec_out = in.cols % 4 == 0;  // fresh contiguous outputs
+  float partial = 0.0f;
+  for (int64_t col = seg.col_begin + 4 * lane; seg.active && col < seg.col_end; col += 4 * threads_per_segment) {
+    float pred[4], target[4], logvar[4], value[4], d_pred[4], d_target[4], d_logvar[4];
     load4_dtype(in.pred_dtype, pred_row, col, seg.col_end, vec_pred, pred);
     load4_dtype(in.target_dtype, target_row, col, seg.col_end, vec_target, target);
     load_logvar4(in, seg.row, col, logvar);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float g = col + k < seg.col_end ? p.grad[seg.row * p.grad_row_stride + (col + k) * p.grad_col_stride] : 0.0f;
-      const LossTerms t = loss_terms<kLoss>(pred[k], target[k], logvar[k], 0.0f);
-      d_pred[k] = g * t.d_pred;
-      d_target[k] = g * t.d_target;
-      d_logvar[k] = g * t.d_logvar;
+      const bool inside = col + k < seg.col_end;
+      const LossTerms t = loss_terms<kLoss>(pred[k], target[k], logvar[k], in.constant);
+      value[k] = inside ? t.value : 0.0f;
+      d_pred[k] = t.d_pred;
+      d_target[k] = t.d_target;
+      d_logvar[k] = t.d_logvar;
     }
-    store4_dtype(in.pred_dtype, grad_pred_row, col, seg.col_end, vec_grads, d_pred);
-    if (grad_target_row) store4_dtype(in.target_dtype, grad_target_row, col, seg.col_end, vec_grads, d_target);
-    if (p.grad_logvar) store4(p.grad_logvar + seg.row * in.cols, col, seg.col_end, vec_grads, d_logvar);
+    if (p.per_element) store4(p.loss + out_row, col, seg.col_end, vec_out, value);
+    if (p.grad_pred != nullptr)
+      store4_dtype(in.pred_dtype, static_cast<char*>(p.grad_pred) + out_row * pred_size, col, seg.col_end, vec_out,
+                   d_pred);
+    if (p.grad_target != nullptr)
+      store4_dtype(in.target_dtype, static_cast<char*>(p.grad_target) + out_row * target_size, col, seg.col_end,
+                   vec_out, d_target);
+    if (p.grad_logvar != nullptr) store4(p.grad_logvar + out_row, col, seg.col_end, vec_out, d_logvar);
+    partial += (value[0] + value[1]) + (value[2] + value[3]);
   }
+  if (p.per_element) return;  // uniform across the block
+  const float total = row_sum(partial, threads_per_segment);
+  if (seg.active && lane == 0) p.loss[seg.index] = total;
 }
 
 struct Launch {
@@ -120,21 +103,12 @@ void with_loss(Loss loss, F&& f) {
 
 }  // namespace
 
-void likelihood_forward(const LikelihoodForwardParams& p, cudaStream_t stream) {
+void likelihood(const LikelihoodParams& p, cudaStream_t stream) {
   if (p.in.rows == 0 || p.in.cols == 0) return;
   const Launch l = plan(p.in);
   with_loss(p.in.loss, [&](auto loss) {
-    forward_kernel<decltype(loss)::value><<<l.blocks, kThreads, 0, stream>>>(
-        p, l.layout.threads_per_row, l.vec_pred, l.vec_target, p.in.cols % 4 == 0);
-  });
-}
-
-void likelihood_backward(const LikelihoodBackwardParams& p, cudaStream_t stream) {
-  if (p.in.rows == 0 || p.in.cols == 0) return;
-  const Launch l = plan(p.in);
-  with_loss(p.in.loss, [&](auto loss) {
-    backward_kernel<decltype(loss)::value><<<l.blocks, kThreads, 0, stream>>>(p, l.layout.threads_per_row,
-                                                                               l.vec_pred, l.vec_target);
+    likelihood_kernel<decltype(loss)::value><<<l.blocks, kThreads, 0, stream>>>(p, l.layout.threads_per_row,
+                                                                                 l.vec_pred, l.vec_target);
   });
 }
 

@@ -3,13 +3,16 @@
 Layers of this op family (the shape every pyvae op follows):
     kernels   ``csrc/cpu/likelihood.cpp``, ``csrc/cuda/likelihood.cu``, ``kernels/likelihood.py``;
               per-element formulas in ``csrc/common/likelihood_math.h``;
-    ops       ``torch.ops.pyvae.likelihood_forward/backward`` (C++, CPU and CUDA) and their
-              ``*_triton`` twins, each with a fake implementation;
-    autograd  :class:`LikelihoodFunction`: forward reads prediction and target once and writes only
-              per-sample sums (no per-element loss unless ``reduction="none"``); backward reads them
-              again and writes the gradients. Nothing of the inputs' size is saved beyond the inputs.
-              (Keeping a gradient from the forward pass instead would move the same bytes, 2 reads
-              and 1 write each way, and hold one more buffer from forward to backward.)
+    ops       ``torch.ops.pyvae.likelihood_forward`` (C++, CPU and CUDA) and its ``_triton`` twin,
+              each with a fake implementation;
+    autograd  :class:`LikelihoodFunction`: forward reads prediction and target once and writes the
+              per-sample sums (no per-element loss unless ``reduction="none"``) and, when autograd
+              will need it, the gradient at a unit upstream gradient; backward scales that buffer in
+              place. Chosen over recomputing in backward, which moves the same bytes (2 reads and
+              1 write each way) but evaluates the transcendental functions twice: the CPU is
+              compute-bound on them. Peak memory: the inputs plus one gradient buffer. A second backward through the same graph
+              (``retain_graph=True``) recomputes the derivatives with the forward op, so it returns
+              bit-identical gradients.
     API       :func:`bernoulli_nll`, :func:`gaussian_nll`, :func:`continuous_bernoulli_nll`.
 
 Inputs are ``[B, ...]``: ``reduction="per_sample"`` sums over all dims but the first (the
@@ -61,38 +64,42 @@ def likelihood_reference(loss: str, pred: torch.Tensor, target: torch.Tensor, lo
 
 
 # --------------------------------------------------------------------------- backends
-def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, per_element):
-    values = likelihood_reference(loss, pred, target, logvar, fixed_logvar, constant)
-    values = values.expand(pred.shape)
-    return values if per_element else values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
+def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad, target_grad,
+                   logvar_grad):
+    values = likelihood_reference(loss, pred, target, logvar, fixed_logvar, constant).expand(pred.shape)
+    out = values if per_element else values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
+    grads = _torch_derivatives(loss, pred, target, logvar, fixed_logvar, target_grad, logvar_grad and logvar is not None)
+    return (out, grads[0] if pred_grad else pred.new_empty(0), grads[1] if target_grad else target.new_empty(0),
+            grads[2] if grads[2] is not None else pred.new_empty(0, dtype=torch.float32))
 
 
-def _torch_backward(loss, pred, target, logvar, fixed_logvar, grad, target_grad, logvar_grad):
+def _torch_derivatives(loss, pred, target, logvar, fixed_logvar, target_grad, logvar_grad):
+    """Per-element derivatives of the reference loss (autograd of its sum; logvar expanded)."""
     with torch.enable_grad():
         p = pred.detach().requires_grad_()
         t = target.detach().requires_grad_(target_grad)
-        v = logvar.detach().requires_grad_(logvar_grad) if logvar is not None else None
+        v = logvar.detach().expand(pred.shape).clone().requires_grad_(logvar_grad) if logvar is not None else None
         values = likelihood_reference(loss, p, t, v, fixed_logvar).expand(pred.shape)
         inputs = [p] + ([t] if target_grad else []) + ([v] if logvar_grad else [])
-        grads = torch.autograd.grad(values, inputs, grad.to(values.dtype))
-    grads = list(grads)
+        grads = list(torch.autograd.grad(values.sum(), inputs))
     grad_pred = grads.pop(0).to(pred.dtype)
     grad_target = grads.pop(0).to(target.dtype) if target_grad else None
-    grad_logvar = grads.pop(0) if logvar_grad else None
+    grad_logvar = grads.pop(0).float() if logvar_grad else None
     return grad_pred, grad_target, grad_logvar
 
 
-def _ops(backend: str):
+def _forward_op(backend: str):
     if backend == "torch":
-        return _torch_forward, _torch_backward
+        return _torch_forward
     if backend == "triton":
-        return torch.ops.pyvae.likelihood_forward_triton, torch.ops.pyvae.likelihood_backward_triton
-    return torch.ops.pyvae.likelihood_forward, torch.ops.pyvae.likelihood_backward
+        return torch.ops.pyvae.likelihood_forward_triton
+    return torch.ops.pyvae.likelihood_forward
 
 
 # --------------------------------------------------------------------------- autograd
 class LikelihoodFunction(torch.autograd.Function):
-    """``nll = LikelihoodFunction.apply(loss, pred, target, logvar, fixed_logvar, constant, reduction, backend)``.
+    """``nll = LikelihoodFunction.apply(loss, pred, target, logvar, fixed_logvar, constant, reduction, backend,
+    grad_mode)``, ``grad_mode`` being ``torch.is_grad_enabled()`` where the caller is.
 
     ``loss`` is one of :data:`LOSSES`; ``logvar`` a tensor broadcastable to ``pred`` (Gaussian) or
     None, in which case every element uses ``fixed_logvar``; ``constant`` is added per element.
@@ -100,28 +107,37 @@ class LikelihoodFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, loss, pred, target, logvar, fixed_logvar, constant, reduction, backend):
-        forward_op, _ = _ops(backend)
-        out = forward_op(loss, pred, target, logvar, fixed_logvar, constant, reduction == "none")
+    def forward(ctx, loss, pred, target, logvar, fixed_logvar, constant, reduction, backend, grad_mode=True):
+        forward_op = _forward_op(backend)
+        # needs_input_grad follows requires_grad even under torch.no_grad(), where no backward comes:
+        # the caller passes the grad mode it was called in.
+        wanted = (grad_mode and ctx.needs_input_grad[1], grad_mode and ctx.needs_input_grad[2],
+                  grad_mode and logvar is not None and ctx.needs_input_grad[3])
+        out, *unit_grads = forward_op(loss, pred, target, logvar, fixed_logvar, constant, reduction == "none", *wanted)
         if reduction not in ("none", "per_sample"):
             out = reduce_rows(out, reduction, pred.numel())
         ctx.save_for_backward(pred, target, logvar)
-        ctx.loss, ctx.fixed_logvar, ctx.reduction, ctx.backend = loss, fixed_logvar, reduction, backend
+        # Not saved tensors: backward scales them in place, once (see the module docstring).
+        ctx.unit_grads = unit_grads
+        ctx.wanted, ctx.loss, ctx.fixed_logvar, ctx.reduction, ctx.backend = wanted, loss, fixed_logvar, reduction, backend
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         pred, target, logvar = ctx.saved_tensors
-        _, backward_op = _ops(ctx.backend)
-        grad = expand_reduced_grad(grad_out.float(), ctx.reduction, pred.shape, pred.shape[0])
-        target_grad = ctx.needs_input_grad[2]
-        logvar_grad = logvar is not None and ctx.needs_input_grad[3]
-        grad_pred, grad_target, grad_logvar = backward_op(ctx.loss, pred, target, logvar, ctx.fixed_logvar, grad,
-                                                          target_grad, logvar_grad)
+        upstream = expand_reduced_grad(grad_out.float(), ctx.reduction, pred.shape, pred.shape[0])
+        pred_grad, target_grad, logvar_grad = ctx.wanted
+        unit_grads = ctx.unit_grads
+        ctx.unit_grads = None  # scaled in place below: a second backward must recompute them
+        if unit_grads is None:
+            _, *unit_grads = _forward_op(ctx.backend)(ctx.loss, pred, target, logvar, ctx.fixed_logvar, 0.0, False,
+                                                      *ctx.wanted)
+        grad_pred, grad_target, grad_logvar = [g.mul_(upstream) if want else None
+                                               for g, want in zip(unit_grads, ctx.wanted)]
         if logvar_grad:
             grad_logvar = grad_logvar.sum_to_size(logvar.shape).to(logvar.dtype)
-        return (None, grad_pred if ctx.needs_input_grad[1] else None, grad_target if target_grad else None,
-                grad_logvar if logvar_grad else None, None, None, None, None)
+        return (None, grad_pred if pred_grad else None, grad_target if target_grad else None,
+                grad_logvar if logvar_grad else None, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- API
@@ -159,7 +175,8 @@ def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, reduction: str 
     formula's value (``inf`` or NaN) on every backend.
     """
     resolved = _prepare("logits", logits, target, reduction, backend)
-    return LikelihoodFunction.apply("bernoulli", logits, target, None, 0.0, 0.0, reduction, resolved)
+    return LikelihoodFunction.apply("bernoulli", logits, target, None, 0.0, 0.0, reduction, resolved,
+                                    torch.is_grad_enabled())
 
 
 def continuous_bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, reduction: str = "batchmean",
@@ -174,7 +191,8 @@ def continuous_bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, redu
     evaluated by the same formula, not clamped.
     """
     resolved = _prepare("logits", logits, target, reduction, backend)
-    return LikelihoodFunction.apply("continuous_bernoulli", logits, target, None, 0.0, 0.0, reduction, resolved)
+    return LikelihoodFunction.apply("continuous_bernoulli", logits, target, None, 0.0, 0.0, reduction, resolved,
+                                    torch.is_grad_enabled())
 
 
 def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, logvar: Union[None, float, torch.Tensor, str] = None, *,
@@ -208,9 +226,11 @@ def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, logvar: Union[None, f
         if not broadcasts:
             raise ValueError(f"logvar of shape {tuple(logvar.shape)} does not broadcast to mean's shape "
                              f"{tuple(mean.shape)}")
-        return LikelihoodFunction.apply("gaussian", mean, target, logvar, 0.0, constant, reduction, resolved)
+        return LikelihoodFunction.apply("gaussian", mean, target, logvar, 0.0, constant, reduction, resolved,
+                                        torch.is_grad_enabled())
     fixed = 0.0 if logvar is None else float(logvar)
-    return LikelihoodFunction.apply("gaussian", mean, target, None, fixed, constant, reduction, resolved)
+    return LikelihoodFunction.apply("gaussian", mean, target, None, fixed, constant, reduction, resolved,
+                                    torch.is_grad_enabled())
 
 
 def _gaussian_nll_optimal(mean, target, full, reduction, backend):
@@ -230,16 +250,14 @@ def _gaussian_nll_optimal(mean, target, full, reduction, backend):
 
 # --------------------------------------------------------------------------- fake kernels
 def _register_fakes() -> None:
-    def forward_fake(loss, pred, target, logvar, fixed_logvar, constant, per_element):
-        return pred.new_empty(pred.shape if per_element else pred.shape[:1], dtype=torch.float32)
-
-    def backward_fake(loss, pred, target, logvar, fixed_logvar, grad, target_grad, logvar_grad):
-        return (torch.empty_like(pred, memory_format=torch.contiguous_format),
+    def forward_fake(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad, target_grad,
+                     logvar_grad):
+        return (pred.new_empty(pred.shape if per_element else pred.shape[:1], dtype=torch.float32),
+                torch.empty_like(pred, memory_format=torch.contiguous_format) if pred_grad else pred.new_empty(0),
                 torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty(0),
-                pred.new_empty(pred.shape if logvar_grad else (0,), dtype=torch.float32))
+                pred.new_empty(pred.shape if logvar_grad and logvar is not None else (0,), dtype=torch.float32))
 
     torch.library.register_fake("pyvae::likelihood_forward", forward_fake)
-    torch.library.register_fake("pyvae::likelihood_backward", backward_fake)
 
 
 if backends.native_extension() is not None:
