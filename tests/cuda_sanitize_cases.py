@@ -1,5 +1,5 @@
 """A small run of every CUDA kernel, for compute-sanitizer (bench/gpu_check.sh): odd and even row
-lengths, packed and unpacked loads, every dtype, several samples, per-element and per-row KL,
+lengths, packed and unpacked loads, every dtype, several samples, per-element and per-row sums,
 strided inputs, with and without each gradient. Not a pytest module (no test_ prefix)."""
 import torch
 
@@ -24,6 +24,25 @@ def main() -> None:
                 z.sum().backward()  # grad_kl absent
                 z, kl = pyvae.reparameterize_kl(mu, logvar, backend="cuda")
                 kl.sum().backward()  # grad_z absent
+    # likelihoods: every loss, mixed dtypes, odd and long rows (split into column blocks), strided
+    # inputs, every logvar layout, with and without gradients
+    for shape in [(3, 1), (2, 7), (4, 3, 5, 5), (2, 20001), (1, 40000)]:
+        for pred_dtype, target_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                         (torch.float16, torch.float16)):
+            pred = (3 * torch.randn(shape, device="cuda")).to(pred_dtype).requires_grad_()
+            target = torch.rand(shape, device="cuda").to(target_dtype).requires_grad_()
+            logvars = [None, torch.zeros(1, *shape[1:], device="cuda", requires_grad=True),
+                       torch.zeros(shape, device="cuda", requires_grad=True)]
+            for reduction in ("none", "per_sample", "batchmean"):
+                for fn in (pyvae.bernoulli_nll, pyvae.continuous_bernoulli_nll):
+                    out = fn(pred, target, reduction=reduction, backend="cuda")
+                    out.backward(torch.ones_like(out))
+                    with torch.no_grad():
+                        fn(pred[:, ::2] if shape[-1] > 1 else pred, target[:, ::2] if shape[-1] > 1 else target,
+                           reduction=reduction, backend="cuda")
+                for logvar in logvars:
+                    out = pyvae.gaussian_nll(pred, target, logvar, reduction=reduction, backend="cuda")
+                    out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
     print("sanitize cases done")
 
