@@ -9,14 +9,20 @@
 #   summary.txt build.log tests.log sanitize.log bench.log <op>.csv <op>.md <op>.png
 # The benchmark files are also copied to bench/results/<device>/ for committing.
 #
-#   bash bench/gpu_check.sh [OUT_DIR]      (default: gpu-check-<date>)
+#   bash bench/gpu_check.sh [OUT_DIR [STEP...]]   (default: gpu-check-<date>, all steps)
+#
+# STEP is any of build, tests, sanitize, bench (default: all four, in that order), so that a run
+# that must fit a time limit per command can be split over several commands on one machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
+shift || true
+STEPS=${*:-build tests sanitize bench}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 summary="$OUT_DIR/summary.txt"
-: > "$summary"
+touch "$summary"
 status=0
 
 step() {  # step NAME LOG COMMAND...
@@ -33,22 +39,30 @@ step() {  # step NAME LOG COMMAND...
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nvcc --version | tail -1; } >> "$summary" 2>&1
 
 export MAX_JOBS=${MAX_JOBS:-16}
-step build "$OUT_DIR/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v . || { cat "$summary"; exit 1; }
-(cd "$OUT_DIR" && "$PY" -m pyvae) >> "$summary" 2>&1
+if want build; then
+  step build "$OUT_DIR/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v . || { cat "$summary"; exit 1; }
+  (cd "$OUT_DIR" && "$PY" -m pyvae) >> "$summary" 2>&1
+fi
 
-step tests "$OUT_DIR/tests.log" "$PY" -m pytest tests -q -rs -p no:cacheprovider
-tail -3 "$OUT_DIR/tests.log" >> "$summary"
+if want tests; then
+  step tests "$OUT_DIR/tests.log" "$PY" -m pytest tests -q -rs -p no:cacheprovider
+  tail -3 "$OUT_DIR/tests.log" >> "$summary"
+fi
 
-for tool in memcheck racecheck; do
-  step "compute-sanitizer $tool" "$OUT_DIR/sanitize.log" \
-    compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" tests/cuda_sanitize_cases.py
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize.log" | tail -1 >> "$summary"
-done
+if want sanitize; then
+  for tool in memcheck racecheck; do
+    step "compute-sanitizer $tool" "$OUT_DIR/sanitize.log" \
+      compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" tests/cuda_sanitize_cases.py
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize.log" | tail -1 >> "$summary"
+  done
+fi
 
-step bench "$OUT_DIR/bench.log" bash -c "cd bench && '$PY' run.py --out '$PWD/$OUT_DIR'"
-slug=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); import harness; print(harness.device_slug('cuda'))")
-mkdir -p "bench/results/$slug"
-cp "$OUT_DIR"/*.csv "$OUT_DIR"/*.md "$OUT_DIR"/*.png "bench/results/$slug/" 2>/dev/null
-echo "results copied to bench/results/$slug/" >> "$summary"
+if want bench; then
+  step bench "$OUT_DIR/bench.log" bash -c "cd bench && '$PY' run.py --out '$PWD/$OUT_DIR'"
+  slug=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); import harness; print(harness.device_slug('cuda'))")
+  mkdir -p "bench/results/$slug"
+  cp "$OUT_DIR"/*.csv "$OUT_DIR"/*.md "$OUT_DIR"/*.png "bench/results/$slug/" 2>/dev/null
+  echo "results copied to bench/results/$slug/" >> "$summary"
+fi
 echo "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$summary"
 exit $status
