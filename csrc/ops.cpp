@@ -13,6 +13,7 @@
 #include "common/reparam_kl_params.h"
 #include "cpu/likelihood.h"
 #include "cpu/reparam_kl.h"
+#include "cpu/vq.h"
 #ifdef PYVAE_WITH_CUDA
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
@@ -337,6 +338,47 @@ LikelihoodForwardResult likelihood_forward_cuda(const std::string& loss, const a
 
 #endif
 
+// ------------------------------------------------------------------------------------ vector quantisation
+
+at::Tensor check_codebook(const at::Tensor& x, const at::Tensor& codebook) {
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "codebook must be 2-D [K, D], got shape ", codebook.sizes());
+  TORCH_CHECK_VALUE(codebook.size(0) > 0, "codebook must have at least one code (K = 0)");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == codebook.size(1), "x must be [..., D] with D = ", codebook.size(1),
+                    " (the codebook's), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.device() == codebook.device(), "x and codebook must be on the same device");
+  kernel_dtype(x, "x");
+  kernel_dtype(codebook, "codebook");
+  return x.reshape({-1, codebook.size(1)});
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const at::Tensor& codebook, bool exact) {
+  const at::Tensor x2 = check_codebook(x, codebook);
+  const auto rows_shape = x.sizes().slice(0, x.dim() - 1);
+  at::Tensor idx = at::empty({x2.size(0)}, x.options().dtype(at::kLong));
+  at::Tensor dist = at::empty({x2.size(0)}, x.options().dtype(at::kFloat));
+  if (x2.size(0) > 0) cpu::nearest_code(x2, codebook, idx, dist);
+  return {idx.view(rows_shape), dist.view(rows_shape)};
+}
+
+std::tuple<at::Tensor, at::Tensor> codebook_stats_cpu(const at::Tensor& x, const at::Tensor& idx, int64_t num_codes) {
+  TORCH_CHECK_VALUE(num_codes > 0, "num_codes must be positive, got ", num_codes);
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "indices must be int64, got ", idx.scalar_type());
+  kernel_dtype(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && idx.numel() * (x.dim() ? x.size(-1) : 1) == x.numel(),
+                    "indices must have x's shape without its last dim, got ", idx.sizes(), " for x ", x.sizes());
+  const at::Tensor x2 = x.reshape({idx.numel(), x.size(-1)});
+  const at::Tensor i1 = idx.reshape({-1}).contiguous();
+  if (i1.numel() > 0) {
+    const int64_t lo = i1.min().item<int64_t>(), hi = i1.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < num_codes, "indices must lie in [0, num_codes = ", num_codes, "), got [", lo,
+                      ", ", hi, "]");
+  }
+  at::Tensor counts = at::empty({num_codes}, x.options().dtype(at::kFloat));
+  at::Tensor sums = at::empty({num_codes, x.size(-1)}, x.options().dtype(at::kFloat));
+  cpu::codebook_stats(x2, i1, counts, sums);
+  return {counts, sums};
+}
+
 }  // namespace
 }  // namespace pyvae
 
@@ -361,12 +403,19 @@ TORCH_LIBRARY(pyvae, m) {
   m.def("likelihood_forward(str loss, Tensor pred, Tensor target, Tensor? logvar, float fixed_logvar, "
         "float constant, bool per_element, bool pred_grad, bool target_grad, bool logvar_grad) "
         "-> (Tensor loss, Tensor grad_pred, Tensor grad_target, Tensor grad_logvar)");
+  // idx (int64) and dist (float32 squared L2) of x's nearest code, both of x.shape[:-1]; exact=false
+  // allows reduced-precision matrix units where the backend has them.
+  m.def("nearest_code(Tensor x, Tensor codebook, bool exact) -> (Tensor idx, Tensor dist)");
+  // counts [K] and sums [K, D] (float32) of the rows of x assigned to each code, in a fixed order.
+  m.def("codebook_stats(Tensor x, Tensor idx, int num_codes) -> (Tensor counts, Tensor sums)");
 }
 
 TORCH_LIBRARY_IMPL(pyvae, CPU, m) {
   m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cpu);
   m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cpu);
   m.impl("likelihood_forward", &pyvae::likelihood_forward_cpu);
+  m.impl("nearest_code", &pyvae::nearest_code_cpu);
+  m.impl("codebook_stats", &pyvae::codebook_stats_cpu);
 }
 
 #ifdef PYVAE_WITH_CUDA

@@ -11,8 +11,9 @@ Every op takes ``backend=`` ("auto", "torch", "cpu", "cuda", "triton"); ``pyvae.
 lists what serves a device here; ``python -m pyvae`` prints what this install was built with.
 """
 from . import backends, nn, ops
-from .ops import bernoulli_nll, continuous_bernoulli_nll, gaussian_nll, reparameterize_kl
+from .ops import (bernoulli_nll, codebook_stats, continuous_bernoulli_nll, gaussian_nll, nearest_code,
+                  reparameterize_kl, vector_quantize)
 
 __version__ = "0.1.0"
-__all__ = ["backends", "bernoulli_nll", "continuous_bernoulli_nll", "gaussian_nll", "nn", "ops", "reparameterize_kl",
-           "__version__"]
+__all__ = ["backends", "bernoulli_nll", "codebook_stats", "continuous_bernoulli_nll", "gaussian_nll", "nearest_code", "nn",
+           "ops", "reparameterize_kl", "vector_quantize", "__version__"]

@@ -28,6 +28,9 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 # The GPU backend `auto` picks per op, from bench/results (triton until a GPU run says otherwise).
 AUTO_CUDA = {"reparam_kl": "triton", "likelihood": "triton"}
 
+# Ops not yet written for every backend (issue #4 is in progress): the backends they have.
+IMPLEMENTED = {"vq": ("torch", "cpu")}
+
 
 def _load_extension() -> ModuleType | None:
     try:
@@ -80,13 +83,15 @@ def triton_kernels(op: str) -> ModuleType | None:
 _TRITON_BROKEN: set[str] = set()
 
 
-def available(device: torch.device | str = "cpu") -> list[str]:
-    """The backends that can serve tensors on ``device``, in order of preference for ``auto``."""
+def available(device: torch.device | str = "cpu", op: str | None = None) -> list[str]:
+    """The backends that can serve tensors on ``device`` (for ``op``, if given), in order of
+    preference for ``auto``."""
     device = torch.device(device)
     key = (device.type, len(_TRITON_BROKEN))
     if key not in _AVAILABLE:
         _AVAILABLE[key] = _find_available(device)
-    return list(_AVAILABLE[key])
+    found = _AVAILABLE[key]
+    return [b for b in found if b in IMPLEMENTED.get(op, BACKENDS)]
 
 
 _AVAILABLE: dict[tuple[str, int], list[str]] = {}
@@ -119,7 +124,7 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
         requested = f"auto (PYVAE_BACKEND={backend!r})" if backend != "auto" else "auto"
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
-    usable = available(device)
+    usable = available(device, op)
     if backend == "auto":
         if device.type == "cuda":
             preferred = AUTO_CUDA.get(op, "triton")
@@ -129,7 +134,7 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
         return "cpu" if device.type == "cpu" and "cpu" in usable else "torch"
     if backend not in usable:
         raise ValueError(
-            f"backend {requested!r} cannot serve tensors on device '{device}'; available there: {usable}"
+            f"backend {requested!r} cannot serve tensors on device '{device}' for {op}; available there: {usable}"
             + (" (the triton backend serves CPU tensors only with TRITON_INTERPRET=1)"
                if backend == "triton" and device.type == "cpu" else "")
             + (" (pyvae._C failed to import: rebuild with `pip install --no-build-isolation .`)"

@@ -1,0 +1,81 @@
+// CPU vector quantisation: the distance matrix is formed block by block with BLAS GEMM
+// (|x|^2 - 2 x.e + |e|^2, in float32 whatever the input dtype) and reduced to a running
+// (min, argmin) per row straight away, so memory stays at one kRows x kCodes block, never N x K.
+#include "vq.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace pyvae::cpu {
+namespace {
+constexpr int64_t kRows = 1024;   // rows of x per block
+constexpr int64_t kCodes = 2048;  // codes per block: a block of scores is 8 MiB
+}  // namespace
+
+void nearest_code(const at::Tensor& x, const at::Tensor& codebook, at::Tensor& idx, at::Tensor& dist) {
+  const int64_t n = x.size(0), k = codebook.size(0);
+  const at::Tensor e = codebook.to(at::kFloat).contiguous();
+  const at::Tensor e_sq = e.mul(e).sum(1);
+  const float* e_sq_p = e_sq.data_ptr<float>();
+  int64_t* idx_p = idx.data_ptr<int64_t>();
+  float* dist_p = dist.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < n; r0 += kRows) {
+    const int64_t nr = std::min(kRows, n - r0);
+    const at::Tensor xb = x.narrow(0, r0, nr).to(at::kFloat).contiguous();
+    const at::Tensor x_sq = xb.mul(xb).sum(1);
+    std::vector<float> best(nr, std::numeric_limits<float>::infinity());
+    std::vector<int64_t> best_code(nr, 0);
+    for (int64_t c0 = 0; c0 < k; c0 += kCodes) {
+      const int64_t nc = std::min(kCodes, k - c0);
+      const at::Tensor scores = at::mm(xb, e.narrow(0, c0, nc).t()).contiguous();  // BLAS, multi-threaded
+      const float* s = scores.data_ptr<float>();
+      at::parallel_for(0, nr, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          float b = best[i];
+          int64_t bc = best_code[i];
+          for (int64_t j = 0; j < nc; ++j) {
+            const float d = e_sq_p[c0 + j] - 2.0f * s[i * nc + j];
+            if (d < b) {  // strict: ties keep the lower code; NaN never wins
+              b = d;
+              bc = c0 + j;
+            }
+          }
+          best[i] = b;
+          best_code[i] = bc;
+        }
+      });
+    }
+    const float* x_sq_p = x_sq.data_ptr<float>();
+    for (int64_t i = 0; i < nr; ++i) {
+      idx_p[r0 + i] = best_code[i];
+      // A rounded expansion can dip below 0 for a code equal to x: clamp. A row with no finite
+      // distance (NaN in x) keeps code 0 and gets a NaN (or inf) distance.
+      const float d = best[i] + x_sq_p[i];
+      dist_p[r0 + i] = d < 0.0f ? 0.0f : d;
+    }
+  }
+}
+
+void codebook_stats(const at::Tensor& x, const at::Tensor& idx, at::Tensor& counts, at::Tensor& sums) {
+  const int64_t n = x.size(0), d = x.size(1), k = counts.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  float* cp = counts.data_ptr<float>();
+  float* sp = sums.data_ptr<float>();
+  std::fill(cp, cp + k, 0.0f);
+  std::fill(sp, sp + k * d, 0.0f);
+  for (int64_t i = 0; i < n; ++i) cp[ip[i]] += 1.0f;
+  // Each thread owns a slice of the columns and adds rows in order: deterministic for any thread count.
+  at::parallel_for(0, d, std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)), [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t i = 0; i < n; ++i) {
+      float* dst = sp + ip[i] * d;
+      const float* src = xp + i * d;
+      for (int64_t c = c_begin; c < c_end; ++c) dst[c] += src[c];
+    }
+  });
+}
+
+}  // namespace pyvae::cpu

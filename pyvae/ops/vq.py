@@ -1,0 +1,226 @@
+"""Vector quantisation (VQ-VAE): nearest-code search that never builds the N x K distance matrix,
+the straight-through quantised output, the codebook and commitment losses, code usage, and the
+per-code statistics of EMA codebook updates.
+
+Layers of this op family:
+    kernels   ``csrc/cpu/vq.cpp`` (BLAS GEMM block by block with a running argmin);
+    ops       ``torch.ops.pyvae.nearest_code`` and ``torch.ops.pyvae.codebook_stats`` (CPU), with
+              fake implementations;
+    autograd  :class:`VQFunction`: straight-through gradient to x, commitment gradient to x, and
+              the codebook gradient from deterministic per-code counts and sums (no one-hot, no
+              scatter with atomics, nothing of size N x K);
+    API       :func:`nearest_code`, :func:`vector_quantize`, :func:`codebook_stats`.
+
+Status (issue #4, in progress): the ``torch`` and ``cpu`` backends exist; ``cuda`` and ``triton``
+do not yet, and ``backend="auto"`` serves CUDA tensors with ``torch`` meanwhile.
+
+Distances are squared L2. Ties go to the lowest index. A code whose distance is NaN is never
+chosen; a row of x containing NaN gets index 0 and distance NaN, on every backend.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .. import backends
+from ._common import check_floating, check_same_device
+
+__all__ = ["nearest_code", "vector_quantize", "codebook_stats", "VQResult", "VQFunction",
+           "nearest_code_reference", "codebook_stats_reference"]
+
+_OP = "vq"
+PRECISIONS = ("exact", "fast")
+_REFERENCE_ROWS = 1024  # rows of x per block in the reference: memory O(1024 x K), never N x K
+
+
+class VQResult(NamedTuple):
+    """What :func:`vector_quantize` returns."""
+    quantized: torch.Tensor        # x + (e[idx] - x).detach(): straight-through, dtype of x
+    indices: torch.Tensor          # int64, x.shape[:-1]
+    loss: torch.Tensor             # codebook_loss + beta * commitment_loss (float32)
+    commitment_loss: torch.Tensor  # mean((x - e[idx].detach())^2), gradient to x only
+    codebook_loss: torch.Tensor    # mean((x.detach() - e[idx])^2), gradient to the codebook only
+    counts: torch.Tensor           # int64 [K]: assignments per code
+    perplexity: torch.Tensor       # exp(entropy of counts / N) (float32)
+
+
+# --------------------------------------------------------------------------- the reference
+def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codes in plain PyTorch (float64 for float64 inputs, else float32), block by block."""
+    cdt = torch.float64 if torch.float64 in (x.dtype, codebook.dtype) else torch.float32
+    d = codebook.shape[1]
+    x2 = x.reshape(-1, d).to(cdt)
+    e = codebook.to(cdt)
+    e_sq = (e * e).sum(1)
+    idx = torch.empty(x2.shape[0], dtype=torch.int64, device=x.device)
+    for r0 in range(0, x2.shape[0], _REFERENCE_ROWS):
+        xb = x2[r0:r0 + _REFERENCE_ROWS]
+        dist = e_sq - 2.0 * (xb @ e.t())
+        idx[r0:r0 + _REFERENCE_ROWS] = torch.nan_to_num(dist, nan=math.inf).argmin(1)
+    dist = ((x2 - e[idx]) ** 2).sum(1).float()
+    return idx.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])
+
+
+def codebook_stats_reference(x: torch.Tensor, idx: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code counts and sums in plain PyTorch, deterministic on every device (stable sort, then
+    one segment sum per code)."""
+    d = x.shape[-1]
+    cdt = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    x2 = x.reshape(-1, d).to(cdt)
+    flat = idx.reshape(-1)
+    counts = torch.bincount(flat, minlength=num_codes).to(cdt)
+    order = torch.sort(flat, stable=True).indices
+    sums = torch.segment_reduce(x2[order], "sum", lengths=counts.to(torch.int64), axis=0, unsafe=True) \
+        if x2.shape[0] else x2.new_zeros(num_codes, d)
+    return counts, sums
+
+
+# --------------------------------------------------------------------------- backends
+def _nearest(backend: str, x, codebook, exact: bool):
+    if backend == "torch":
+        return nearest_code_reference(x, codebook)
+    return torch.ops.pyvae.nearest_code(x, codebook, exact)
+
+
+def _stats(backend: str, x, idx, num_codes: int):
+    if backend == "torch":
+        return codebook_stats_reference(x, idx, num_codes)
+    return torch.ops.pyvae.codebook_stats(x, idx, num_codes)
+
+
+# --------------------------------------------------------------------------- autograd
+def _compute_dtype(x: torch.Tensor, codebook: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, codebook.dtype) else torch.float32
+
+
+class VQFunction(torch.autograd.Function):
+    """``(quantized, codebook_loss, commitment_loss) = VQFunction.apply(x, codebook, idx, backend)``.
+
+    ``quantized`` passes its gradient straight through to ``x``; ``commitment_loss`` sends
+    ``2 (x - e[idx]) / numel`` to x; ``codebook_loss`` sends ``2 (count_k e_k - sum_k) / numel`` to
+    code k, from :func:`codebook_stats` (deterministic). Saves x, the codebook and the indices.
+    """
+
+    @staticmethod
+    def forward(ctx, x, codebook, idx, backend: str):
+        q = codebook.index_select(0, idx.reshape(-1)).reshape(x.shape).to(x.dtype)
+        cdt = _compute_dtype(x, codebook)
+        diff = x.to(cdt) - q.to(cdt)
+        mse = (diff * diff).sum() / max(x.numel(), 1)
+        ctx.save_for_backward(x, codebook, idx)
+        ctx.backend = backend
+        return q, mse, mse.clone()
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_codebook_loss, grad_commitment):
+        x, codebook, idx = ctx.saved_tensors
+        scale = 2.0 / max(x.numel(), 1)
+        cdt = _compute_dtype(x, codebook)
+        grad_x = grad_codebook = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_q.to(cdt) if grad_q is not None else torch.zeros_like(x, dtype=cdt)
+            if grad_commitment is not None:
+                q = codebook.index_select(0, idx.reshape(-1)).reshape(x.shape)
+                grad_x = grad_x + (grad_commitment * scale) * (x.to(cdt) - q.to(cdt))
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1] and grad_codebook_loss is not None:
+            counts, sums = _stats(ctx.backend, x, idx, codebook.shape[0])
+            grad_codebook = (grad_codebook_loss * scale) * (counts[:, None] * codebook.to(cdt) - sums.to(cdt))
+            grad_codebook = grad_codebook.to(codebook.dtype)
+        return grad_x, grad_codebook, None, None
+
+
+# --------------------------------------------------------------------------- API
+def _check(x, codebook, backend: str, precision: str = "exact") -> str:
+    check_floating("x", x, "torch")
+    check_floating("codebook", codebook, "torch")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must be 2-D [K, D], got shape {tuple(codebook.shape)}")
+    if codebook.shape[0] == 0:
+        raise ValueError("codebook must have at least one code (K = 0)")
+    if x.dim() == 0 or x.shape[-1] != codebook.shape[1]:
+        raise ValueError(f"x must be [..., D] with D = {codebook.shape[1]} (the codebook's), got shape {tuple(x.shape)}")
+    device = check_same_device(x=x, codebook=codebook)
+    resolved = backends.resolve(backend, device, _OP)
+    check_floating("x", x, resolved)
+    check_floating("codebook", codebook, resolved)
+    return resolved
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, precision: str = "exact",
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Index (int64, ``x.shape[:-1]``) and squared L2 distance (float32) of each row's nearest code.
+
+    ``x`` is ``[..., D]``, ``codebook`` ``[K, D]``, float32 / float16 / bfloat16 (float64 on
+    ``backend="torch"``), dtypes may differ; arithmetic is float32. ``precision="exact"``: on float32
+    inputs the chosen code's float64 distance exceeds the float64 minimum by at most
+    ``1e-5 (|x|^2 + |e_best|^2)``. ``"fast"`` may use reduced-precision matrix units (on the CPU it is
+    the same as exact). Memory: one block of distances at a time, never N x K. No gradient.
+    """
+    resolved = _check(x, codebook, backend, precision)
+    with torch.no_grad():
+        return _nearest(resolved, x, codebook, precision == "exact")
+
+
+def codebook_stats(x: torch.Tensor, idx: torch.Tensor, num_codes: int, *,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code assignment counts (float32 ``[K]``) and sums of the assigned rows of x (float32
+    ``[K, D]``), deterministic: what an EMA codebook update needs.
+
+    ``idx`` is int64 of ``x.shape[:-1]`` with values in ``[0, num_codes)`` (checked; on a GPU the
+    check reads the indices' range back to the host).
+    """
+    check_floating("x", x, "torch")
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64:
+        raise TypeError(f"idx must be an int64 tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
+    if isinstance(num_codes, bool) or not isinstance(num_codes, int) or num_codes < 1:
+        raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
+    if x.dim() == 0 or tuple(idx.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"idx must have x's shape without its last dim {tuple(x.shape[:-1])}, got {tuple(idx.shape)}")
+    device = check_same_device(x=x, idx=idx)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_codes):
+        raise ValueError(f"idx must lie in [0, num_codes = {num_codes}), got [{int(idx.min())}, {int(idx.max())}]")
+    resolved = backends.resolve(backend, device, _OP)
+    check_floating("x", x, resolved)
+    with torch.no_grad():
+        return _stats(resolved, x, idx, num_codes)
+
+
+def vector_quantize(x: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, precision: str = "exact",
+                    backend: str = "auto") -> VQResult:
+    """Quantise x to its nearest codes (see :class:`VQResult`).
+
+    ``loss = codebook_loss + beta * commitment_loss``; both losses are means over all elements of x
+    (0, with zero gradient, for an empty x). Backward: x gets the straight-through gradient of
+    ``quantized`` plus the commitment gradient; the codebook gets the codebook-loss gradient,
+    computed from deterministic per-code counts and sums.
+    """
+    resolved = _check(x, codebook, backend, precision)
+    with torch.no_grad():
+        idx, _ = _nearest(resolved, x, codebook, precision == "exact")
+    quantized, codebook_loss, commitment_loss = VQFunction.apply(x, codebook, idx, resolved)
+    counts = torch.bincount(idx.reshape(-1), minlength=codebook.shape[0])
+    probs = counts.float() / max(idx.numel(), 1)
+    perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-30))).sum())
+    loss = codebook_loss + beta * commitment_loss
+    return VQResult(quantized, idx, loss, commitment_loss, codebook_loss, counts, perplexity)
+
+
+# --------------------------------------------------------------------------- fake kernels
+def _register_fakes() -> None:
+    def nearest_fake(x, codebook, exact):
+        return x.new_empty(x.shape[:-1], dtype=torch.int64), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+    def stats_fake(x, idx, num_codes):
+        return x.new_empty(num_codes, dtype=torch.float32), x.new_empty((num_codes, x.shape[-1]), dtype=torch.float32)
+
+    torch.library.register_fake("pyvae::nearest_code", nearest_fake)
+    torch.library.register_fake("pyvae::codebook_stats", stats_fake)
+
+
+if backends.native_extension() is not None:
+    _register_fakes()
