@@ -26,10 +26,10 @@ import torch
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 
 # The GPU backend `auto` picks per op, from bench/results (triton until a GPU run says otherwise).
-AUTO_CUDA = {"reparam_kl": "triton", "likelihood": "triton"}
+AUTO_CUDA = {"reparam_kl": "triton", "likelihood": "triton", "vq": "triton"}
 
 # Ops not yet written for every backend (issue #4 is in progress): the backends they have.
-IMPLEMENTED = {"vq": ("torch", "cpu")}
+IMPLEMENTED = {"vq": ("torch", "cpu", "triton")}
 
 
 def _load_extension() -> ModuleType | None:

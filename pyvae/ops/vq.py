@@ -3,16 +3,17 @@ the straight-through quantised output, the codebook and commitment losses, code 
 per-code statistics of EMA codebook updates.
 
 Layers of this op family:
-    kernels   ``csrc/cpu/vq.cpp`` (BLAS GEMM block by block with a running argmin);
-    ops       ``torch.ops.pyvae.nearest_code`` and ``torch.ops.pyvae.codebook_stats`` (CPU), with
-              fake implementations;
+    kernels   ``csrc/cpu/vq.cpp`` (BLAS GEMM block by block with a running argmin),
+              ``kernels/vq.py`` (tl.dot tiles with a running argmin in registers);
+    ops       ``torch.ops.pyvae.nearest_code`` and ``torch.ops.pyvae.codebook_stats`` (CPU) and
+              ``torch.ops.pyvae.nearest_code_triton``, with fake implementations;
     autograd  :class:`VQFunction`: straight-through gradient to x, commitment gradient to x, and
               the codebook gradient from deterministic per-code counts and sums (no one-hot, no
               scatter with atomics, nothing of size N x K);
     API       :func:`nearest_code`, :func:`vector_quantize`, :func:`codebook_stats`.
 
-Status (issue #4, in progress): the ``torch`` and ``cpu`` backends exist; ``cuda`` and ``triton``
-do not yet, and ``backend="auto"`` serves CUDA tensors with ``torch`` meanwhile.
+Status (issue #4, in progress): ``torch``, ``cpu`` and ``triton`` (nearest-code search; its
+per-code statistics use the deterministic sort-based reference) exist; ``cuda`` does not yet.
 
 Distances are squared L2. Ties go to the lowest index. A code whose distance is NaN is never
 chosen; a row of x containing NaN gets index 0 and distance NaN, on every backend.
@@ -81,13 +82,17 @@ def codebook_stats_reference(x: torch.Tensor, idx: torch.Tensor, num_codes: int)
 def _nearest(backend: str, x, codebook, exact: bool):
     if backend == "torch":
         return nearest_code_reference(x, codebook)
+    if backend == "triton":
+        return torch.ops.pyvae.nearest_code_triton(x, codebook, exact)
     return torch.ops.pyvae.nearest_code(x, codebook, exact)
 
 
 def _stats(backend: str, x, idx, num_codes: int):
-    if backend == "torch":
-        return codebook_stats_reference(x, idx, num_codes)
-    return torch.ops.pyvae.codebook_stats(x, idx, num_codes)
+    if backend == "cpu":
+        return torch.ops.pyvae.codebook_stats(x, idx, num_codes)
+    # torch, and triton until it has a kernel of its own: the sort-based reference, deterministic
+    # on any device
+    return codebook_stats_reference(x, idx, num_codes)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -224,3 +229,5 @@ def _register_fakes() -> None:
 
 if backends.native_extension() is not None:
     _register_fakes()
+if backends.triton_usable():
+    backends.triton_kernels(_OP)

@@ -1,0 +1,67 @@
+"""Triton nearest-code search: tiles of x against tiles of the codebook through ``tl.dot``, with a
+running (min, argmin) per row kept in registers, so the N x K distance matrix never exists.
+Registered as ``torch.ops.pyvae.nearest_code_triton``.
+
+``exact``: float32 products (``input_precision="ieee"``); otherwise the matrix units run at TF32
+(float32 inputs) or in the inputs' 16-bit type, accumulating in float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+
+@triton.jit
+def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, best_ptr, n_rows, n_codes, dim, x_row_stride,
+                         e_row_stride, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    best = tl.full([BLOCK_N], float("inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_N], tl.int64)
+    for k0 in range(0, n_codes, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            xt = tl.load(x_ptr + rows[:, None] * x_row_stride + dd[None, :],
+                         mask=(rows[:, None] < n_rows) & (dd[None, :] < dim), other=0.0)
+            et = tl.load(e_ptr + codes[:, None].to(tl.int64) * e_row_stride + dd[None, :],
+                         mask=(codes[:, None] < n_codes) & (dd[None, :] < dim), other=0.0)
+            if EXACT:
+                acc += tl.dot(xt.to(tl.float32), tl.trans(et.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(xt, tl.trans(et.to(xt.dtype)))
+        e_sq = tl.load(e_sq_ptr + codes, mask=codes < n_codes, other=float("inf"))
+        dist = e_sq[None, :] - 2.0 * acc
+        dist = tl.where((codes[None, :] < n_codes) & (dist == dist), dist, float("inf"))  # NaN never wins
+        tile_best, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = tile_best < best  # strict: ties keep the lower code
+        best = tl.where(better, tile_best, best)
+        best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+    tl.store(idx_ptr + rows, best_idx, mask=rows < n_rows)
+    tl.store(best_ptr + rows, best, mask=rows < n_rows)
+
+
+@triton_op("pyvae::nearest_code_triton", mutates_args=())
+def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``torch.ops.pyvae.nearest_code`` (same schema and outputs)."""
+    dim = codebook.shape[1]
+    x2 = x.reshape(-1, dim)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    e = codebook if codebook.stride(1) == 1 else codebook.contiguous()
+    n_rows, n_codes = x2.shape[0], e.shape[0]
+    idx = torch.empty(n_rows, dtype=torch.int64, device=x.device)
+    best = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows:
+        e_sq = e.float().square().sum(1)
+        block_d = min(max(16, triton.next_power_of_2(dim)), 64)
+        wrap_triton(_nearest_code_kernel)[(triton.cdiv(n_rows, 64),)](
+            x2, e, e_sq, idx, best, n_rows, n_codes, dim, x2.stride(0), e.stride(0), EXACT=exact,
+            BLOCK_N=64, BLOCK_K=64, BLOCK_D=block_d)
+    # |x|^2 is added after the search (it does not change the argmin); a rounded expansion can dip
+    # below 0 for a code equal to x: clamp.
+    dist = (best + x2.float().square().sum(1)).clamp_min(0.0)
+    return idx.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])
