@@ -47,6 +47,11 @@ if [ ! -f "$stamp" ] || [ -n "$(find setup.py CMakeLists.txt csrc pyvae kernels 
   mkdir -p build && touch "$stamp"
 fi
 
+# The benchmark's comparison library, for the benchmark only (and only where it can be fetched).
+if [ "$cmd" = bench ] && ! have vector_quantize_pytorch; then
+  pip_install vector-quantize-pytorch || echo "[run.sh] vector-quantize-pytorch unavailable: its rows are skipped"
+fi
+
 case "$cmd" in
   bench) export PYVAE_BENCH_COMMAND="./run.sh bench${*:+ $*}"; cd bench && exec "../$VPY" run.py "$@" ;;
   test)  exec "$VPY" -m pytest "$@" ;;

@@ -46,6 +46,7 @@ class Row:
     peak_mem_bytes: int | None
     speedup_vs_eager: float | None = None
     cuda_graph: bool = False
+    tflops: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -169,6 +170,7 @@ class Case:
     steps: dict  # provider name -> zero-argument callable
     traffic_bytes: int  # minimal logical traffic of one step
     numel: int
+    flops: int | None = None  # for compute-bound ops (VQ: 2 N K D), reported as TFLOP/s
 
 
 def time_case(case: Case, device: str, label: str = "") -> list[Row]:
@@ -197,7 +199,8 @@ def time_case(case: Case, device: str, label: str = "") -> list[Row]:
                             t.median_ms, t.p20_ms, t.p80_ms, case.traffic_bytes, gbps, 100 * gbps / copy_gbps,
                             saved_tensor_bytes(case.steps[name]) if backward else None,
                             peak_memory(device, case.steps[name]) if backward else None,
-                            eager_ms / t.median_ms, graph))
+                            eager_ms / t.median_ms, graph,
+                            case.flops / (t.median_ms * 1e-3) / 1e12 if case.flops else None))
     return rows
 
 
@@ -228,8 +231,8 @@ def markdown_table(rows: list[Row], env: dict, command: str) -> str:
         "Times are medians (p20-p80) in ms. GB/s counts the minimal logical traffic (inputs read once, "
         "outputs written once); % copy is that rate over a device copy measured in the same run.",
         "",
-        "| op | shape | dtype | mode | provider | median ms | p20-p80 ms | GB/s | % copy | x eager | saved for bwd | peak mem |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | shape | dtype | mode | provider | median ms | p20-p80 ms | GB/s | % copy | TFLOP/s | x eager | saved for bwd | peak mem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         def mib(b):
@@ -237,7 +240,8 @@ def markdown_table(rows: list[Row], env: dict, command: str) -> str:
         speed = "" if r.speedup_vs_eager is None else f"{r.speedup_vs_eager:.2f}"
         graph = " (CUDA graph)" if r.cuda_graph else ""
         lines.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider}{graph} | {r.median_ms:.4f} | "
-                     f"{r.p20_ms:.4f}-{r.p80_ms:.4f} | {r.gbps:.1f} | {r.pct_copy:.0f}% | {speed} | "
+                     f"{r.p20_ms:.4f}-{r.p80_ms:.4f} | {r.gbps:.1f} | {r.pct_copy:.0f}% | "
+                     f"{'' if r.tflops is None else f'{r.tflops:.2f}'} | {speed} | "
                      f"{mib(r.saved_bytes)} | {mib(r.peak_mem_bytes)} |")
     return "\n".join(lines) + "\n"
 

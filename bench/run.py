@@ -19,8 +19,9 @@ import torch
 import harness
 import likelihood
 import reparam_kl
+import vq
 
-SUITES = {"reparam_kl": reparam_kl, "likelihood": likelihood}
+SUITES = {"reparam_kl": reparam_kl, "likelihood": likelihood, "vq": vq}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,113 @@
+"""Benchmark of pyvae's vector quantisation against what VQ-VAEs use today.
+
+nearest_code providers::
+
+    eager:          d = x.pow(2).sum(1, keepdim=True) - 2 * x @ e.t() + e.pow(2).sum(1)
+                    idx = d.argmin(1); q = e[idx]            (the full N x K matrix in memory)
+    cdist:          idx = torch.cdist(x, e).argmin(1); q = e[idx]
+    torch.compile:  of the eager code (default and max-autotune-no-cudagraphs)
+
+vector_quantize forward+backward against vector-quantize-pytorch's ``VectorQuantize`` with a learned
+codebook (no EMA) and commitment weight 0.25, the same losses as pyvae's (installed only for the
+benchmark; the rows are skipped where it is missing). TFLOP/s counts 2 N K D.
+"""
+from __future__ import annotations
+
+import torch
+
+import pyvae
+from harness import Case, Row, time_case
+
+OP = "vq"
+
+
+def eager_nearest(x, e):
+    d = x.pow(2).sum(1, keepdim=True) - 2 * x @ e.t() + e.pow(2).sum(1)
+    idx = d.argmin(1)
+    return idx, e[idx]
+
+
+def cdist_nearest(x, e):
+    idx = torch.cdist(x, e).argmin(1)
+    return idx, e[idx]
+
+
+def shapes(device: str, quick: bool) -> dict:
+    if device == "cpu":
+        return {"nearest": [(16384, 1024, 64)], "vq": [(16384, 1024, 64)]}
+    return {"nearest": [(65536, 16384, 256)] if not quick else [(16384, 4096, 256)],
+            "vq": [(16384, 4096, 256)]}
+
+
+def _vqp_step(n, k, d, device):
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        return None
+    vq = VectorQuantize(dim=d, codebook_size=k, commitment_weight=0.25, learnable_codebook=True,
+                        ema_update=False).to(device)
+    x = torch.randn(1, n, d, device=device, requires_grad=True)
+
+    def step():
+        q, _, loss = vq(x)
+        (q.sum() + loss.sum()).backward()
+        x.grad = None
+        vq.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(device: str, quick: bool = False, progress=None) -> list[Row]:
+    rows: list[Row] = []
+    backends_here = [b for b in pyvae.backends.available(device, "vq")
+                     if b != "torch" and not (b == "triton" and device == "cpu")]
+    for n, k, d in shapes(device, quick)["nearest"]:
+        x, e = torch.randn(n, d, device=device), torch.randn(k, d, device=device)
+        steps = {"eager": lambda: eager_nearest(x, e), "torch.cdist": lambda: cdist_nearest(x, e),
+                 "torch.compile": (lambda f: lambda: f(x, e))(torch.compile(eager_nearest)),
+                 "torch.compile max-autotune": (lambda f: lambda: f(x, e))(
+                     torch.compile(eager_nearest, mode="max-autotune-no-cudagraphs"))}
+        for b in backends_here:
+            for precision in (("exact",) if device == "cpu" else ("exact", "fast")):
+                steps[f"pyvae {b} {precision}"] = (lambda b, p: lambda: pyvae.nearest_code(
+                    x, e, precision=p, backend=b))(b, precision)
+        traffic = 4 * (n * d + k * d) + 8 * n
+        rows += time_case(Case(f"{OP} nearest_code", f"N={n} K={k} D={d}", torch.float32, "forward", steps,
+                               traffic, n * d, flops=2 * n * k * d), device)
+        if progress is not None:
+            progress.update(1)
+    for n, k, d in shapes(device, quick)["vq"]:
+        x = torch.randn(n, d, device=device, requires_grad=True)
+        e = torch.randn(k, d, device=device, requires_grad=True)
+
+        def pyvae_step(b):
+            def step():
+                r = pyvae.vector_quantize(x, e, backend=b)
+                (r.quantized.sum() + r.loss).backward()
+                x.grad = e.grad = None
+            return step
+
+        def eager_step():
+            idx, q = eager_nearest(x.detach(), e)
+            quantized = x + (q - x).detach()
+            loss = ((x.detach() - q) ** 2).mean() + 0.25 * ((x - q.detach()) ** 2).mean()
+            (quantized.sum() + loss).backward()
+            x.grad = e.grad = None
+
+        steps = {"eager": eager_step}
+        vqp = _vqp_step(n, k, d, device)
+        if vqp is not None:
+            steps["vector-quantize-pytorch"] = vqp
+        for b in backends_here:
+            steps[f"pyvae {b}"] = pyvae_step(b)
+        traffic = 4 * (3 * n * d + 2 * k * d)
+        rows += time_case(Case(f"{OP} vector_quantize", f"N={n} K={k} D={d}", torch.float32, "forward+backward",
+                               steps, traffic, n * d, flops=2 * n * k * d), device)
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+def n_cases(device: str, quick: bool) -> int:
+    s = shapes(device, quick)
+    return len(s["nearest"]) + len(s["vq"])
