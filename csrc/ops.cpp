@@ -11,6 +11,7 @@
 
 #include "common/likelihood_params.h"
 #include "common/reparam_kl_params.h"
+#include "common/vq_params.h"
 #include "cpu/likelihood.h"
 #include "cpu/reparam_kl.h"
 #include "cpu/vq.h"
@@ -22,6 +23,7 @@
 
 #include "cuda/likelihood.h"
 #include "cuda/reparam_kl.h"
+#include "cuda/vq.h"
 #endif
 
 namespace pyvae {
@@ -360,6 +362,26 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
   return {idx.view(rows_shape), dist.view(rows_shape)};
 }
 
+#ifdef PYVAE_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const at::Tensor& codebook, bool exact) {
+  const at::Tensor x2 = as_rows(check_codebook(x, codebook), x.numel() / codebook.size(1), codebook.size(1));
+  const at::Tensor e = codebook.stride(1) == 1 ? codebook : codebook.contiguous();
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto rows_shape = x.sizes().slice(0, x.dim() - 1);
+  const at::Tensor code_sq = e.to(at::kFloat).square().sum(1);
+  at::Tensor idx = at::empty({x2.size(0)}, x.options().dtype(at::kLong));
+  at::Tensor best = at::empty({x2.size(0)}, x.options().dtype(at::kFloat));
+  NearestCodeParams p{kernel_dtype(x, "x"), kernel_dtype(codebook, "codebook"), x2.data_ptr(), e.data_ptr(),
+                      x2.stride(0), e.stride(0), x2.size(0), e.size(0), e.size(1), code_sq.data_ptr<float>(),
+                      idx.data_ptr<int64_t>(), best.data_ptr<float>()};
+  cuda::nearest_code(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // |x|^2 does not change the argmin, so it is added afterwards; a rounded expansion can dip below 0.
+  const at::Tensor dist = (best + x2.to(at::kFloat).square().sum(1)).clamp_min(0.0);
+  return {idx.view(rows_shape), dist.view(rows_shape)};
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> codebook_stats_cpu(const at::Tensor& x, const at::Tensor& idx, int64_t num_codes) {
   TORCH_CHECK_VALUE(num_codes > 0, "num_codes must be positive, got ", num_codes);
   TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "indices must be int64, got ", idx.scalar_type());
@@ -423,5 +445,6 @@ TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
   m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cuda);
   m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cuda);
   m.impl("likelihood_forward", &pyvae::likelihood_forward_cuda);
+  m.impl("nearest_code", &pyvae::nearest_code_cuda);
 }
 #endif

@@ -28,8 +28,8 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 # The GPU backend `auto` picks per op, from bench/results (triton until a GPU run says otherwise).
 AUTO_CUDA = {"reparam_kl": "triton", "likelihood": "triton", "vq": "triton"}
 
-# Ops not yet written for every backend (issue #4 is in progress): the backends they have.
-IMPLEMENTED = {"vq": ("torch", "cpu", "triton")}
+# Ops whose backends differ from BACKENDS: the backends they have.
+IMPLEMENTED: dict[str, tuple[str, ...]] = {}
 
 
 def _load_extension() -> ModuleType | None:

@@ -208,3 +208,31 @@ def test_memory_never_n_by_k():
     growth = _peak_rss() - before
     assert growth < 512 * 2**20, f"peak memory grew by {growth / 2**20:.0f} MiB"
     assert idx.shape == (32768,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("n,k,d,dtype", [(4097, 1000, 64, torch.float32), (513, 65, 3, torch.float32),
+                                         (1000, 300, 1000, torch.float32), (777, 129, 64, torch.bfloat16)])
+def test_gpu_nearest_code(backend, precision, n, k, d, dtype):
+    if backend not in pyvae.backends.available("cuda", "vq"):
+        pytest.skip(f"{backend} not available")
+    x, codebook = torch.randn(n, d, device="cuda").to(dtype), torch.randn(k, d, device="cuda").to(dtype)
+    idx, dist = pyvae.nearest_code(x, codebook, precision=precision, backend=backend)
+    if precision == "exact":
+        assert_exact(x.float().cpu(), codebook.float().cpu(), idx.cpu())
+    else:  # reduced precision: report-level agreement only
+        ref, _ = pyvae.nearest_code(x.cpu(), codebook.cpu(), backend="torch")
+        assert (idx.cpu() == ref).float().mean() > 0.9
+    r = pyvae.vector_quantize(x.float().requires_grad_(), codebook.float().requires_grad_(), backend=backend)
+    r.loss.backward()
+
+
+@pytest.mark.gpu
+def test_gpu_ties_and_nan():
+    for backend in [b for b in ("cuda", "triton") if b in pyvae.backends.available("cuda", "vq")]:
+        codebook = torch.tensor([[float("nan"), 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0]], device="cuda")
+        x = torch.tensor([[0.1, 0.1], [float("nan"), 1.0], [0.9, 0.8]], device="cuda")
+        idx, dist = pyvae.nearest_code(x, codebook, backend=backend)
+        assert idx.tolist() == [2, 0, 1] and dist[1].isnan()

@@ -4,16 +4,19 @@ per-code statistics of EMA codebook updates.
 
 Layers of this op family:
     kernels   ``csrc/cpu/vq.cpp`` (BLAS GEMM block by block with a running argmin),
-              ``kernels/vq.py`` (tl.dot tiles with a running argmin in registers);
-    ops       ``torch.ops.pyvae.nearest_code`` and ``torch.ops.pyvae.codebook_stats`` (CPU) and
-              ``torch.ops.pyvae.nearest_code_triton``, with fake implementations;
+              ``csrc/cuda/vq.cu`` (shared-memory float32 tiles, running argmin per thread, shuffle
+              merge), ``kernels/vq.py`` (tl.dot tiles with a running argmin in registers);
+    ops       ``torch.ops.pyvae.nearest_code`` (CPU, CUDA), ``torch.ops.pyvae.codebook_stats`` (CPU)
+              and ``torch.ops.pyvae.nearest_code_triton``, with fake implementations;
     autograd  :class:`VQFunction`: straight-through gradient to x, commitment gradient to x, and
               the codebook gradient from deterministic per-code counts and sums (no one-hot, no
               scatter with atomics, nothing of size N x K);
     API       :func:`nearest_code`, :func:`vector_quantize`, :func:`codebook_stats`.
 
-Status (issue #4, in progress): ``torch``, ``cpu`` and ``triton`` (nearest-code search; its
-per-code statistics use the deterministic sort-based reference) exist; ``cuda`` does not yet.
+Status (issue #4, in progress): every backend searches with its own kernel; on the GPU the per-code
+statistics (and so the codebook gradient) use the deterministic sort-based reference for now, the
+CUDA search is plain float32 (``precision="fast"`` does not yet use tensor cores there), and none
+of the GPU code has run on a GPU yet.
 
 Distances are squared L2. Ties go to the lowest index. A code whose distance is NaN is never
 chosen; a row of x containing NaN gets index 0 and distance NaN, on every backend.
@@ -90,8 +93,8 @@ def _nearest(backend: str, x, codebook, exact: bool):
 def _stats(backend: str, x, idx, num_codes: int):
     if backend == "cpu":
         return torch.ops.pyvae.codebook_stats(x, idx, num_codes)
-    # torch, and triton until it has a kernel of its own: the sort-based reference, deterministic
-    # on any device
+    # torch, and on the GPU (cuda, triton) until they have kernels of their own: the sort-based
+    # reference, deterministic on any device
     return codebook_stats_reference(x, idx, num_codes)
 
 
