@@ -377,3 +377,24 @@ def test_no_host_sync(backend):
                 out.backward(torch.ones_like(out))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_likelihood_layers():
+    torch.manual_seed(0)
+    mean, target = torch.randn(4, 3, 5, 5, requires_grad=True), torch.rand(4, 3, 5, 5)
+    learned = pyvae.nn.GaussianLikelihood("learned", (3, 1, 1), init_logvar=-1.0)
+    assert set(learned.state_dict()) == {"logvar"}
+    out = learned(mean, target)
+    torch.testing.assert_close(out, pyvae.gaussian_nll(mean, target, torch.full((3, 1, 1), -1.0)))
+    out.backward()
+    assert learned.logvar.grad.shape == (3, 1, 1) and learned.logvar.grad.abs().sum() > 0
+    optimal = pyvae.nn.GaussianLikelihood("optimal")
+    torch.testing.assert_close(optimal(mean, target), pyvae.gaussian_nll(mean, target, "optimal"))
+    assert list(optimal.parameters()) == []
+    logits = torch.randn(4, 10)
+    torch.testing.assert_close(pyvae.nn.BernoulliLikelihood()(logits, target.flatten(1)[:, :10]),
+                               pyvae.bernoulli_nll(logits, target.flatten(1)[:, :10]))
+    torch.testing.assert_close(pyvae.nn.ContinuousBernoulliLikelihood(reduction="sum")(logits, target.flatten(1)[:, :10]),
+                               pyvae.continuous_bernoulli_nll(logits, target.flatten(1)[:, :10], reduction="sum"))
+    with pytest.raises(ValueError, match="logvar must be"):
+        pyvae.nn.GaussianLikelihood("per-pixel")

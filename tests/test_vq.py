@@ -236,3 +236,37 @@ def test_gpu_ties_and_nan():
         x = torch.tensor([[0.1, 0.1], [float("nan"), 1.0], [0.9, 0.8]], device="cuda")
         idx, dist = pyvae.nearest_code(x, codebook, backend=backend)
         assert idx.tolist() == [2, 0, 1] and dist[1].isnan()
+
+
+def test_vector_quantizer_layer_learned_codebook():
+    torch.manual_seed(0)
+    layer = pyvae.nn.VectorQuantizer(16, 8)
+    assert set(layer.state_dict()) == {"codebook"}
+    x = torch.randn(4, 10, 8, requires_grad=True)
+    r = layer(x)
+    assert r.quantized.shape == x.shape and r.indices.shape == (4, 10)
+    (r.quantized.sum() + r.loss).backward()
+    assert layer.codebook.grad is not None and x.grad is not None
+    # the codebook loss pulls used codes towards their inputs
+    used = r.counts > 0
+    assert layer.codebook.grad[used].abs().sum() > 0 and layer.codebook.grad[~used].abs().sum() == 0
+
+
+def test_vector_quantizer_layer_ema():
+    torch.manual_seed(0)
+    layer = pyvae.nn.VectorQuantizer(4, 2, ema_decay=0.5)
+    assert {"codebook", "ema_counts", "ema_sums"} <= set(layer.state_dict())
+    centers = torch.tensor([[3.0, 3.0], [-3.0, 3.0], [3.0, -3.0], [-3.0, -3.0]])
+    x = (centers.repeat(64, 1) + 0.01 * torch.randn(256, 2))
+    for _ in range(30):
+        r = layer(x)
+    assert r.loss.item() == pytest.approx(0.25 * r.commitment_loss.item())
+    # after EMA updates every used code sits at the mean of the points assigned to it
+    for k in range(4):
+        members = x[r.indices == k]
+        if len(members):
+            torch.testing.assert_close(layer.codebook[k], members.mean(0), atol=0.05, rtol=0)
+    layer.eval()
+    before = layer.codebook.clone()
+    layer(x)
+    assert torch.equal(before, layer.codebook)  # no updates in eval mode

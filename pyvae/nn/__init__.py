@@ -1,4 +1,7 @@
 """Layers built on pyvae.ops."""
 from .latent import GaussianLatent
+from .likelihood import BernoulliLikelihood, ContinuousBernoulliLikelihood, GaussianLikelihood
+from .vq import VectorQuantizer
 
-__all__ = ["GaussianLatent"]
+__all__ = ["BernoulliLikelihood", "ContinuousBernoulliLikelihood", "GaussianLatent", "GaussianLikelihood",
+           "VectorQuantizer"]
