@@ -7,11 +7,54 @@
 
 #include <algorithm>
 #include <limits>
+#include <vector>
+
+#include "chunk.h"  // PYVAE_MULTIVERSION
 
 namespace pyvae::cpu {
 namespace {
 constexpr int64_t kRows = 1024;   // rows of x per block
 constexpr int64_t kCodes = 2048;  // codes per block: a block of scores is 8 MiB
+constexpr int kLanes = 16;
+
+// Folds one row of scores (distance = |e|^2 - 2 x.e for codes code0 .. code0 + n) into the row's
+// running (best, best_code). kLanes independent running minima let g++ vectorise the scan; a
+// strict < keeps the lowest code within a lane, the lane merge prefers the lower code on ties,
+// and NaN never wins.
+PYVAE_MULTIVERSION void update_best(const float* __restrict scores, const float* __restrict code_sq, int64_t n,
+                                    int64_t code0, float& best, int64_t& best_code) {
+  float lane_best[kLanes];
+  int32_t lane_code[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    lane_best[l] = std::numeric_limits<float>::infinity();
+    lane_code[l] = 0;
+  }
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const float d = code_sq[j + l] - 2.0f * scores[j + l];
+      const bool better = d < lane_best[l];
+      lane_best[l] = better ? d : lane_best[l];
+      lane_code[l] = better ? static_cast<int32_t>(j + l) : lane_code[l];
+    }
+  }
+  for (; j < n; ++j) {  // the tail, into the lanes it would have had
+    const float d = code_sq[j] - 2.0f * scores[j];
+    const int l = static_cast<int>(j % kLanes);
+    if (d < lane_best[l]) {
+      lane_best[l] = d;
+      lane_code[l] = static_cast<int32_t>(j);
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    const int64_t code = code0 + lane_code[l];
+    if (lane_best[l] < best || (lane_best[l] == best && code < best_code)) {
+      best = lane_best[l];
+      best_code = code;
+    }
+  }
+}
 }  // namespace
 
 void nearest_code(const at::Tensor& x, const at::Tensor& codebook, at::Tensor& idx, at::Tensor& dist) {
@@ -32,19 +75,7 @@ void nearest_code(const at::Tensor& x, const at::Tensor& codebook, at::Tensor& i
       const at::Tensor scores = at::mm(xb, e.narrow(0, c0, nc).t()).contiguous();  // BLAS, multi-threaded
       const float* s = scores.data_ptr<float>();
       at::parallel_for(0, nr, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          float b = best[i];
-          int64_t bc = best_code[i];
-          for (int64_t j = 0; j < nc; ++j) {
-            const float d = e_sq_p[c0 + j] - 2.0f * s[i * nc + j];
-            if (d < b) {  // strict: ties keep the lower code; NaN never wins
-              b = d;
-              bc = c0 + j;
-            }
-          }
-          best[i] = b;
-          best_code[i] = bc;
-        }
+        for (int64_t i = begin; i < end; ++i) update_best(s + i * nc, e_sq_p + c0, nc, c0, best[i], best_code[i]);
       });
     }
     const float* x_sq_p = x_sq.data_ptr<float>();
