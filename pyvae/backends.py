@@ -20,6 +20,7 @@ import importlib.util
 import os
 import warnings
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -81,6 +82,15 @@ def triton_kernels(op: str) -> ModuleType | None:
 
 
 _TRITON_BROKEN: set[str] = set()
+
+
+def load_op_family(op: str, register_fakes: Callable[[], None]) -> None:
+    """The last step of importing a ``pyvae.ops`` module: fake kernels for its C++ ops (when the
+    extension is built) and its Triton kernels (when Triton has somewhere to run)."""
+    if _EXTENSION is not None:
+        register_fakes()
+    if triton_usable():
+        triton_kernels(op)
 
 
 def available(device: torch.device | str = "cpu", op: str | None = None) -> list[str]:

@@ -266,7 +266,4 @@ def _register_fakes() -> None:
     torch.library.register_fake("pyvae::reparam_kl_backward", backward_fake)
 
 
-if backends.native_extension() is not None:
-    _register_fakes()
-if backends.triton_usable():
-    backends.triton_kernels(_OP)
+backends.load_op_family(_OP, _register_fakes)
