@@ -11,8 +11,9 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR [STEP...]]   (default: gpu-check-<date>, all steps)
 #
-# STEP is any of build, tests, sanitize, bench (default: all four, in that order), so that a run
-# that must fit a time limit per command can be split over several commands on one machine.
+# STEP is any of build, tests, sanitize, bench (default: all four, in that order), or bench:OP for one
+# op family of the benchmark (reparam_kl, likelihood, vq), so that a run that must fit a time limit
+# per command can be split over several commands on one machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
@@ -57,8 +58,13 @@ if want sanitize; then
   done
 fi
 
-if want bench; then
-  step bench "$OUT_DIR/bench.log" bash -c "cd bench && '$PY' run.py --out '$PWD/$OUT_DIR'"
+bench_ops=""
+want bench && bench_ops="reparam_kl likelihood vq"
+for op in reparam_kl likelihood vq; do want "bench:$op" && bench_ops="$bench_ops $op"; done
+if [ -n "$bench_ops" ]; then
+  for op in $bench_ops; do
+    step "bench $op" "$OUT_DIR/bench.log" bash -c "cd bench && '$PY' run.py --ops $op --out '$PWD/$OUT_DIR'"
+  done
   slug=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); import harness; print(harness.device_slug('cuda'))")
   mkdir -p "bench/results/$slug"
   cp "$OUT_DIR"/*.csv "$OUT_DIR"/*.md "$OUT_DIR"/*.png "bench/results/$slug/" 2>/dev/null

@@ -13,7 +13,7 @@ import re
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +47,7 @@ class Row:
     speedup_vs_eager: float | None = None
     cuda_graph: bool = False
     tflops: float | None = None
-    extra: dict = field(default_factory=dict)
+    note: str = ""  # e.g. how often a reduced-precision provider departs from the exact one
 
 
 def device_slug(device: str) -> str:
@@ -208,13 +208,12 @@ def write_results(rows: list[Row], env: dict, out_dir: Path, name: str, command:
     """CSV (one row per provider x shape x mode, with device, versions and date) + markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{name}.csv"
-    fields = list(env) + [k for k in asdict(rows[0]) if k != "extra"] + ["command"]
+    fields = list(env) + list(asdict(rows[0])) + ["command"]
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             d = asdict(row)
-            d.pop("extra")
             writer.writerow({**env, **d, "command": command})
     md_path = out_dir / f"{name}.md"
     md_path.write_text(markdown_table(rows, env, command))
@@ -231,8 +230,8 @@ def markdown_table(rows: list[Row], env: dict, command: str) -> str:
         "Times are medians (p20-p80) in ms. GB/s counts the minimal logical traffic (inputs read once, "
         "outputs written once); % copy is that rate over a device copy measured in the same run.",
         "",
-        "| op | shape | dtype | mode | provider | median ms | p20-p80 ms | GB/s | % copy | TFLOP/s | x eager | saved for bwd | peak mem |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | shape | dtype | mode | provider | median ms | p20-p80 ms | GB/s | % copy | TFLOP/s | x eager | saved for bwd | peak mem | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         def mib(b):
@@ -242,7 +241,7 @@ def markdown_table(rows: list[Row], env: dict, command: str) -> str:
         lines.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider}{graph} | {r.median_ms:.4f} | "
                      f"{r.p20_ms:.4f}-{r.p80_ms:.4f} | {r.gbps:.1f} | {r.pct_copy:.0f}% | "
                      f"{'' if r.tflops is None else f'{r.tflops:.2f}'} | {speed} | "
-                     f"{mib(r.saved_bytes)} | {mib(r.peak_mem_bytes)} |")
+                     f"{mib(r.saved_bytes)} | {mib(r.peak_mem_bytes)} | {r.note} |")
     return "\n".join(lines) + "\n"
 
 

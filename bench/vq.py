@@ -57,6 +57,17 @@ def _vqp_step(n, k, d, device):
     return step
 
 
+def _mismatch_note(x, e, backend: str) -> str:
+    """How often precision="fast" picks another code than "exact", and how much farther it is."""
+    with torch.no_grad():
+        fast_idx, fast_dist = pyvae.nearest_code(x, e, precision="fast", backend=backend)
+        exact_idx, exact_dist = pyvae.nearest_code(x, e, precision="exact", backend=backend)
+        differ = fast_idx != exact_idx
+        rate = differ.float().mean().item()
+        excess = ((fast_dist - exact_dist)[differ] / exact_dist[differ].clamp_min(1e-30)).mean().item() if rate else 0.0
+    return f"fast vs exact: {100 * rate:.3f}% of rows differ, mean relative excess distance {excess:.2e}"
+
+
 def run(device: str, quick: bool = False, progress=None) -> list[Row]:
     rows: list[Row] = []
     backends_here = [b for b in pyvae.backends.available(device, "vq")
@@ -72,8 +83,12 @@ def run(device: str, quick: bool = False, progress=None) -> list[Row]:
                 steps[f"pyvae {b} {precision}"] = (lambda b, p: lambda: pyvae.nearest_code(
                     x, e, precision=p, backend=b))(b, precision)
         traffic = 4 * (n * d + k * d) + 8 * n
-        rows += time_case(Case(f"{OP} nearest_code", f"N={n} K={k} D={d}", torch.float32, "forward", steps,
-                               traffic, n * d, flops=2 * n * k * d), device)
+        case_rows = time_case(Case(f"{OP} nearest_code", f"N={n} K={k} D={d}", torch.float32, "forward", steps,
+                                   traffic, n * d, flops=2 * n * k * d), device)
+        for row in case_rows:
+            if row.provider.endswith(" fast"):
+                row.note = _mismatch_note(x, e, row.provider.split()[1])
+        rows += case_rows
         if progress is not None:
             progress.update(1)
     for n, k, d in shapes(device, quick)["vq"]:
