@@ -26,8 +26,9 @@ def main() -> int:
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for dev in devices:
         name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else platform.processor() or "cpu"
-        auto = backends.resolve("auto", torch.device(dev), "reparam_kl")
-        print(f"{dev} ({name}): backends {backends.available(dev)}; auto -> {auto} (reparam_kl)")
+        autos = ", ".join(f"{op} -> {backends.resolve('auto', torch.device(dev), op)}"
+                          for op in ("reparam_kl", "likelihood", "vq"))
+        print(f"{dev} ({name}): backends {backends.available(dev)}; auto: {autos}")
     return 0
 
 
