@@ -270,3 +270,20 @@ def test_vector_quantizer_layer_ema():
     before = layer.codebook.clone()
     layer(x)
     assert torch.equal(before, layer.codebook)  # no updates in eval mode
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_vector_quantize_no_host_sync(backend):
+    if backend not in pyvae.backends.available("cuda", "vq"):
+        pytest.skip(f"{backend} not available")
+    x = torch.randn(512, 32, device="cuda", requires_grad=True)
+    codebook = torch.randn(64, 32, device="cuda", requires_grad=True)
+    pyvae.vector_quantize(x, codebook, backend=backend)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        r = pyvae.vector_quantize(x, codebook, backend=backend)
+        (r.quantized.sum() + r.loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -51,6 +51,13 @@ class VQResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------- the reference
+def _code_counts(flat_idx: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """int64 assignments per code. A scatter-add of ones, not torch.bincount, which reads the
+    largest index back to the host on a GPU; integer sums are exact, so this is deterministic."""
+    return torch.zeros(num_codes, dtype=torch.int64, device=flat_idx.device).scatter_add_(
+        0, flat_idx, torch.ones_like(flat_idx))
+
+
 def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest codes in plain PyTorch (float64 for float64 inputs, else float32), block by block."""
     cdt = torch.float64 if torch.float64 in (x.dtype, codebook.dtype) else torch.float32
@@ -74,7 +81,7 @@ def codebook_stats_reference(x: torch.Tensor, idx: torch.Tensor, num_codes: int)
     cdt = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
     x2 = x.reshape(-1, d).to(cdt)
     flat = idx.reshape(-1)
-    counts = torch.bincount(flat, minlength=num_codes).to(cdt)
+    counts = _code_counts(flat, num_codes).to(cdt)
     order = torch.sort(flat, stable=True).indices
     sums = torch.segment_reduce(x2[order], "sum", lengths=counts.to(torch.int64), axis=0, unsafe=True) \
         if x2.shape[0] else x2.new_zeros(num_codes, d)
@@ -211,7 +218,7 @@ def vector_quantize(x: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.
     with torch.no_grad():
         idx, _ = _nearest(resolved, x, codebook, precision == "exact")
     quantized, codebook_loss, commitment_loss = VQFunction.apply(x, codebook, idx, resolved)
-    counts = torch.bincount(idx.reshape(-1), minlength=codebook.shape[0])
+    counts = _code_counts(idx.reshape(-1), codebook.shape[0])
     probs = counts.float() / max(idx.numel(), 1)
     perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-30))).sum())
     loss = codebook_loss + beta * commitment_loss
