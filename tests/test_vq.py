@@ -287,3 +287,20 @@ def test_gpu_vector_quantize_no_host_sync(backend):
         (r.quantized.sum() + r.loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_codebook_gradient_deterministic(backend):
+    if backend not in pyvae.backends.available("cuda", "vq"):
+        pytest.skip(f"{backend} not available")
+    x = torch.randn(20000, 16, device="cuda")
+    codebook = torch.randn(8, 16, device="cuda", requires_grad=True)  # few codes: long segments
+    grads = []
+    for _ in range(3):
+        r = pyvae.vector_quantize(x, codebook, backend=backend)
+        grads.append(torch.autograd.grad(r.loss, codebook)[0])
+    assert all(torch.equal(g, grads[0]) for g in grads)
+    counts, sums = pyvae.codebook_stats(x, r.indices, 8, backend=backend)
+    torch.testing.assert_close(sums.cpu(), torch.zeros(8, 16).index_add_(0, r.indices.cpu(), x.cpu()),
+                               rtol=1e-4, atol=1e-3)
