@@ -18,6 +18,13 @@ VENV=.venv
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[run.sh] creating $VENV"
   "$PY" -m venv --system-site-packages "$VENV"
+  # When $PY is itself a virtual environment (as on the GPU machines), --system-site-packages
+  # reaches only its base interpreter: list its own site-packages too, so its torch is used.
+  parent_sites=$("$PY" -c "import site, sys; print('\n'.join(site.getsitepackages()) if sys.prefix != sys.base_prefix else '')")
+  if [ -n "$parent_sites" ]; then
+    site_dir=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    echo "$parent_sites" > "$site_dir/_pyvae_parent_env.pth"
+  fi
 fi
 VPY="$VENV/bin/python"
 
