@@ -2,8 +2,10 @@
 running (min, argmin) per row kept in registers, so the N x K distance matrix never exists.
 Registered as ``torch.ops.pyvae.nearest_code_triton``.
 
-``exact``: float32 products (``input_precision="ieee"``); otherwise the matrix units run at TF32
-(float32 inputs) or in the inputs' 16-bit type, accumulating in float32.
+Precision (the launcher picks): ``exact`` converts to float32 and uses 3xTF32 (``tf32x3``: each
+operand split into two TF32 parts, three tensor-core products, float32-level error; exact for
+16-bit inputs, whose mantissas fit one TF32 part); ``fast`` uses plain TF32, or the inputs' own
+16-bit tensor-core products when x and the codebook share a 16-bit dtype.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from torch.library import triton_op, wrap_triton
 
 @triton.jit
 def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, best_ptr, n_rows, n_codes, dim, x_row_stride,
-                         e_row_stride, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         e_row_stride, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int64)
@@ -29,10 +31,10 @@ def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, best_ptr, n_rows, n_co
                          mask=(rows[:, None] < n_rows) & (dd[None, :] < dim), other=0.0)
             et = tl.load(e_ptr + codes[:, None].to(tl.int64) * e_row_stride + dd[None, :],
                          mask=(codes[:, None] < n_codes) & (dd[None, :] < dim), other=0.0)
-            if EXACT:
-                acc += tl.dot(xt.to(tl.float32), tl.trans(et.to(tl.float32)), input_precision="ieee")
+            if DOT_FP32:
+                acc += tl.dot(xt.to(tl.float32), tl.trans(et.to(tl.float32)), input_precision=INPUT_PRECISION)
             else:
-                acc += tl.dot(xt, tl.trans(et.to(xt.dtype)))
+                acc += tl.dot(xt, tl.trans(et))
         e_sq = tl.load(e_sq_ptr + codes, mask=codes < n_codes, other=float("inf"))
         dist = e_sq[None, :] - 2.0 * acc
         dist = tl.where((codes[None, :] < n_codes) & (dist == dist), dist, float("inf"))  # NaN never wins
@@ -58,9 +60,10 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, exact: bool) ->
     if n_rows:
         e_sq = e.float().square().sum(1)
         block_d = min(max(16, triton.next_power_of_2(dim)), 64)
+        same_16bit = x2.dtype == e.dtype and x2.dtype in (torch.float16, torch.bfloat16)
         wrap_triton(_nearest_code_kernel)[(triton.cdiv(n_rows, 64),)](
-            x2, e, e_sq, idx, best, n_rows, n_codes, dim, x2.stride(0), e.stride(0), EXACT=exact,
-            BLOCK_N=64, BLOCK_K=64, BLOCK_D=block_d)
+            x2, e, e_sq, idx, best, n_rows, n_codes, dim, x2.stride(0), e.stride(0), DOT_FP32=exact or not same_16bit,
+            INPUT_PRECISION="tf32x3" if exact else "tf32", BLOCK_N=64, BLOCK_K=64, BLOCK_D=block_d)
     # |x|^2 is added after the search (it does not change the argmin); a rounded expansion can dip
     # below 0 for a code equal to x: clamp.
     dist = (best + x2.float().square().sum(1)).clamp_min(0.0)

@@ -173,8 +173,9 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, precision: str = "e
     ``x`` is ``[..., D]``, ``codebook`` ``[K, D]``, float32 / float16 / bfloat16 (float64 on
     ``backend="torch"``), dtypes may differ; arithmetic is float32. ``precision="exact"``: on float32
     inputs the chosen code's float64 distance exceeds the float64 minimum by at most
-    ``1e-5 (|x|^2 + |e_best|^2)``. ``"fast"`` may use reduced-precision matrix units (on the CPU it is
-    the same as exact). Memory: one block of distances at a time, never N x K. No gradient.
+    ``1e-5 (|x|^2 + |e_best|^2)`` (Triton: 3xTF32 tensor-core products). ``"fast"`` may use
+    reduced-precision matrix units (Triton: TF32; on the CPU and in the CUDA kernel it is the same as
+    exact). Memory: one block of distances at a time, never N x K. No gradient.
     """
     resolved = _check(x, codebook, backend, precision)
     with torch.no_grad():
