@@ -364,8 +364,9 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
 
 #ifdef PYVAE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const at::Tensor& codebook, bool exact) {
-  const at::Tensor x2 = as_rows(check_codebook(x, codebook), x.numel() / codebook.size(1), codebook.size(1));
-  const at::Tensor e = codebook.stride(1) == 1 ? codebook : codebook.contiguous();
+  check_codebook(x, codebook);
+  const at::Tensor x2 = as_rows(x, x.numel() / codebook.size(1), codebook.size(1));
+  const at::Tensor e = as_rows(codebook, codebook.size(0), codebook.size(1));
   const c10::cuda::CUDAGuard guard(x.device());
   const auto rows_shape = x.sizes().slice(0, x.dim() - 1);
   const at::Tensor code_sq = e.to(at::kFloat).square().sum(1);

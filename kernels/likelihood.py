@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._layout import as_rows
+
 COLUMN_BLOCK = 16384  # == kLikelihoodColumnBlock in csrc/common/likelihood_params.h
 LOSS_IDS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
 
@@ -144,15 +146,11 @@ def _tile(cols: int) -> tuple[int, int]:
     return max(1, 2048 // block_c), block_c
 
 
-def _rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    t2 = t.reshape(rows, cols)
-    return t2 if t2.stride(1) == 1 or cols == 1 else t2.contiguous()
-
 
 def _prepare(pred, target, logvar):
     rows = pred.shape[0]
     cols = math.prod(pred.shape[1:])
-    pred2, target2 = _rows(pred, rows, cols), _rows(target, rows, cols)
+    pred2, target2 = as_rows(pred, rows, cols), as_rows(target, rows, cols)
     if logvar is None:
         return rows, cols, pred2, target2, pred2, 0
     full = logvar.float().expand(pred.shape)

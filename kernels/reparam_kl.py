@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._layout import as_rows
+
 
 @triton.jit
 def _normal4(seed, rows, groups_per_row, g, sample):
@@ -120,10 +122,6 @@ def _tile(cols: int) -> tuple[int, int]:
     return block_r, block_g
 
 
-def _as_rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    t2 = t.reshape(rows, cols)
-    return t2 if t2.stride(1) == 1 or cols == 1 else t2.contiguous()
-
 
 @triton_op("pyvae::reparam_kl_forward_triton", mutates_args=())
 def reparam_kl_forward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: Optional[int], n_samples: int,
@@ -149,7 +147,7 @@ def reparam_kl_forward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: Opti
         return z, kl, seed_used
     if n_samples > 65535:
         raise ValueError(f"n_samples must be <= 65535 on the triton backend, got {n_samples}")
-    mu2, logvar2 = _as_rows(mu, rows, cols), _as_rows(logvar, rows, cols)
+    mu2, logvar2 = as_rows(mu, rows, cols), as_rows(logvar, rows, cols)
     block_r, block_g = _tile(cols)
     grid = (triton.cdiv(rows, block_r), n_samples)
     wrap_triton(_reparam_kl_fwd_kernel)[grid](
@@ -169,7 +167,7 @@ def reparam_kl_backward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: tor
     grad_logvar = torch.empty_like(mu, memory_format=torch.contiguous_format)
     if rows == 0 or cols == 0:
         return grad_mu, grad_logvar
-    mu2, logvar2 = _as_rows(mu, rows, cols), _as_rows(logvar, rows, cols)
+    mu2, logvar2 = as_rows(mu, rows, cols), as_rows(logvar, rows, cols)
     gz = grad_z.contiguous() if grad_z is not None else mu2
     gkl = grad_kl.reshape(rows, cols) if grad_kl is not None else mu2
     block_r, block_g = _tile(cols)

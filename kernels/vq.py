@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._layout import as_rows
+
 
 @triton.jit
 def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, best_ptr, n_rows, n_codes, dim, x_row_stride,
@@ -50,10 +52,8 @@ def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, best_ptr, n_rows, n_co
 def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.nearest_code`` (same schema and outputs)."""
     dim = codebook.shape[1]
-    x2 = x.reshape(-1, dim)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    e = codebook if codebook.stride(1) == 1 else codebook.contiguous()
+    x2 = as_rows(x, x.numel() // dim if dim else 0, dim)
+    e = as_rows(codebook, codebook.shape[0], dim)
     n_rows, n_codes = x2.shape[0], e.shape[0]
     idx = torch.empty(n_rows, dtype=torch.int64, device=x.device)
     best = torch.empty(n_rows, dtype=torch.float32, device=x.device)
