@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/buffer_cache.h"
+
 #ifndef PYVAE_VERSION
 #define PYVAE_VERSION "unknown"
 #endif
@@ -23,4 +25,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.attr("cuda_archs") = std::string(PYVAE_CUDA_ARCHS);
   m.attr("has_cpu") = true;
+  m.def("cpu_cache_bytes", &pyvae::cpu::cached_bytes,
+        "Bytes of freed CPU output buffers held for reuse (limit: PYVAE_CPU_CACHE_MB, default 1024)");
+  m.def("empty_cpu_cache", &pyvae::cpu::empty_cache, "Give every cached CPU output buffer back to the system");
 }

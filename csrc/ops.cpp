@@ -12,6 +12,7 @@
 #include "common/likelihood_params.h"
 #include "common/reparam_kl_params.h"
 #include "common/vq_params.h"
+#include "cpu/buffer_cache.h"
 #include "cpu/likelihood.h"
 #include "cpu/reparam_kl.h"
 #include "cpu/vq.h"
@@ -28,6 +29,12 @@
 
 namespace pyvae {
 namespace {
+
+// A large output of an op: on the CPU from the buffer cache (cpu/buffer_cache.h), which spares a
+// training loop re-faulting the pages of every call's outputs; elsewhere the device's allocator.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return options.device().is_cpu() ? cpu::empty_cached(sizes, options) : at::empty(sizes, options);
+}
 
 DType kernel_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -91,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward(const at::Tensor
   TORCH_CHECK_VALUE(n_samples >= 1, "n_samples must be >= 1, got ", n_samples);
   std::vector<int64_t> z_shape{n_samples};
   z_shape.insert(z_shape.end(), mu.sizes().begin(), mu.sizes().end());
-  at::Tensor z = at::empty(z_shape, mu.options());
-  at::Tensor kl = kl_per_element ? at::empty(mu.sizes(), mu.options().dtype(at::kFloat))
+  at::Tensor z = new_output(z_shape, mu.options());
+  at::Tensor kl = kl_per_element ? new_output(mu.sizes(), mu.options().dtype(at::kFloat))
                                  : at::empty(mu.sizes().slice(0, mu.dim() - 1), mu.options().dtype(at::kFloat));
   at::Tensor seed_used = at::empty({}, mu.options().dtype(at::kLong));
   return {z, kl, seed_used};
@@ -139,8 +146,8 @@ ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tenso
     p.grad_kl_row_stride = buf.grad_kl.stride(0);
     p.grad_kl_col_stride = buf.grad_kl.stride(1);
   }
-  buf.grad_mu = at::empty(mu.sizes(), mu.options());
-  buf.grad_logvar = at::empty(mu.sizes(), mu.options());
+  buf.grad_mu = new_output(mu.sizes(), mu.options());
+  buf.grad_logvar = new_output(mu.sizes(), mu.options());
   p.grad_mu = buf.grad_mu.data_ptr();
   p.grad_logvar = buf.grad_logvar.data_ptr();
   return p;
@@ -286,9 +293,9 @@ struct LikelihoodGrads {
 // Allocates the asked-for gradients and points the kernel at them.
 LikelihoodGrads allocate_grads(const at::Tensor& pred, const at::Tensor& target, bool pred_grad, bool target_grad,
                                bool logvar_grad, LikelihoodParams& p) {
-  LikelihoodGrads g{pred_grad ? at::empty(pred.sizes(), pred.options()) : at::empty({0}, pred.options()),
-                    target_grad ? at::empty(target.sizes(), target.options()) : at::empty({0}, target.options()),
-                    at::empty(logvar_grad ? pred.sizes() : at::IntArrayRef{0}, pred.options().dtype(at::kFloat))};
+  LikelihoodGrads g{pred_grad ? new_output(pred.sizes(), pred.options()) : at::empty({0}, pred.options()),
+                    target_grad ? new_output(target.sizes(), target.options()) : at::empty({0}, target.options()),
+                    new_output(logvar_grad ? pred.sizes() : at::IntArrayRef{0}, pred.options().dtype(at::kFloat))};
   p.grad_pred = pred_grad ? g.pred.data_ptr() : nullptr;
   p.grad_target = target_grad ? g.target.data_ptr() : nullptr;
   p.grad_logvar = logvar_grad ? g.logvar.data_ptr<float>() : nullptr;
@@ -302,15 +309,17 @@ using LikelihoodForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, a
 LikelihoodForwardResult likelihood_forward_impl(const std::string& loss, const at::Tensor& pred,
                                                 const at::Tensor& target, const std::optional<at::Tensor>& logvar,
                                                 double fixed_logvar, double constant, bool per_element,
-                                                bool pred_grad, bool target_grad, bool logvar_grad, bool cuda) {
+                                                bool pred_grad, bool target_grad, bool logvar_grad,
+                                                double grad_scale, bool cuda) {
   LikelihoodChecked c = check_likelihood(loss, pred, target, logvar, fixed_logvar, constant);
   const int64_t rows = c.kernel.rows, cols = c.kernel.cols;
-  at::Tensor out = per_element ? at::empty(pred.sizes(), pred.options().dtype(at::kFloat))
+  at::Tensor out = per_element ? new_output(pred.sizes(), pred.options().dtype(at::kFloat))
                                : at::empty({rows, column_blocks(cols)}, pred.options().dtype(at::kFloat));
   LikelihoodParams p{};
   p.in = c.kernel;
   p.loss = out.data_ptr<float>();
   p.per_element = per_element;
+  p.grad_scale = static_cast<float>(grad_scale);
   LikelihoodGrads g = allocate_grads(pred, target, pred_grad, target_grad, logvar_grad && logvar.has_value(), p);
   run_likelihood(p, cuda);
   if (!per_element) {
@@ -323,19 +332,41 @@ LikelihoodForwardResult likelihood_forward_impl(const std::string& loss, const a
 LikelihoodForwardResult likelihood_forward_cpu(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
                                                const std::optional<at::Tensor>& logvar, double fixed_logvar,
                                                double constant, bool per_element, bool pred_grad, bool target_grad,
-                                               bool logvar_grad) {
+                                               bool logvar_grad, double grad_scale) {
   return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad,
-                                 target_grad, logvar_grad, false);
+                                 target_grad, logvar_grad, grad_scale, false);
+}
+
+void check_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
+  kernel_dtype(grad, "grad");
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "grad must be contiguous");
+  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.scalar_type() == at::kFloat,
+                    "scale must be a single float32 value, got ", scale.scalar_type(), " of shape ", scale.sizes());
+  TORCH_CHECK_VALUE(scale.device() == grad.device(), "scale must be on the device of grad");
+}
+
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_grad(grad, scale);
+  if (scale.item<float>() != 1.0f) grad.mul_(scale.reshape({}));
 }
 
 #ifdef PYVAE_WITH_CUDA
 LikelihoodForwardResult likelihood_forward_cuda(const std::string& loss, const at::Tensor& pred,
                                                 const at::Tensor& target, const std::optional<at::Tensor>& logvar,
                                                 double fixed_logvar, double constant, bool per_element,
-                                                bool pred_grad, bool target_grad, bool logvar_grad) {
+                                                bool pred_grad, bool target_grad, bool logvar_grad,
+                                                double grad_scale) {
   const c10::cuda::CUDAGuard guard(pred.device());
   return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad,
-                                 target_grad, logvar_grad, true);
+                                 target_grad, logvar_grad, grad_scale, true);
+}
+
+void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_grad(grad, scale);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  cuda::scale_unless_one(grad.data_ptr(), kernel_dtype(grad, "grad"), grad.numel(), scale.data_ptr<float>(),
+                         c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 #endif
@@ -421,11 +452,15 @@ TORCH_LIBRARY(pyvae, m) {
   // (Gaussian) broadcasts to the prediction; without it every element uses fixed_logvar; constant
   // is added per element (0.5 log 2 pi for the full Gaussian). In the same pass, the derivatives
   // of each element's loss with respect to pred / target / logvar, where asked (else empty):
-  // backward then only scales them. grad_logvar is float32 in the prediction's shape (not yet
+  // backward then only scales them. Every derivative is multiplied by grad_scale (the reduction's
+  // factor, 1/B for "batchmean"). grad_logvar is float32 in the prediction's shape (not yet
   // reduced to logvar's).
   m.def("likelihood_forward(str loss, Tensor pred, Tensor target, Tensor? logvar, float fixed_logvar, "
-        "float constant, bool per_element, bool pred_grad, bool target_grad, bool logvar_grad) "
+        "float constant, bool per_element, bool pred_grad, bool target_grad, bool logvar_grad, float grad_scale) "
         "-> (Tensor loss, Tensor grad_pred, Tensor grad_target, Tensor grad_logvar)");
+  // grad (contiguous, float32/float16/bfloat16) *= scale (one float32 value on grad's device),
+  // skipped when scale is 1, without a host synchronisation on CUDA (the kernel reads the scale).
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   // idx (int64) and dist (float32 squared L2) of x's nearest code, both of x.shape[:-1]; exact=false
   // allows reduced-precision matrix units where the backend has them.
   m.def("nearest_code(Tensor x, Tensor codebook, bool exact) -> (Tensor idx, Tensor dist)");
@@ -437,6 +472,7 @@ TORCH_LIBRARY_IMPL(pyvae, CPU, m) {
   m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cpu);
   m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cpu);
   m.impl("likelihood_forward", &pyvae::likelihood_forward_cpu);
+  m.impl("scale_grad_", &pyvae::scale_grad_cpu);
   m.impl("nearest_code", &pyvae::nearest_code_cpu);
   m.impl("codebook_stats", &pyvae::codebook_stats_cpu);
 }
@@ -446,6 +482,7 @@ TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
   m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cuda);
   m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cuda);
   m.impl("likelihood_forward", &pyvae::likelihood_forward_cuda);
+  m.impl("scale_grad_", &pyvae::scale_grad_cuda);
   m.impl("nearest_code", &pyvae::nearest_code_cuda);
 }
 #endif

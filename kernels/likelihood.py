@@ -111,7 +111,7 @@ def _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col, mask,
 
 @triton.jit
 def _likelihood_kernel(pred_ptr, target_ptr, logvar_ptr, out_ptr, grad_pred_ptr, grad_target_ptr, grad_logvar_ptr,
-                       fixed_logvar, constant, rows, cols, n_blocks, pred_row_stride, target_row_stride,
+                       fixed_logvar, constant, grad_scale, rows, cols, n_blocks, pred_row_stride, target_row_stride,
                        logvar_row_stride, LOSS: tl.constexpr, HAS_LOGVAR: tl.constexpr, PER_ELEMENT: tl.constexpr,
                        PRED_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr, LOGVAR_GRAD: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -132,13 +132,24 @@ def _likelihood_kernel(pred_ptr, target_ptr, logvar_ptr, out_ptr, grad_pred_ptr,
         else:
             acc += tl.sum(value, axis=1)
         if PRED_GRAD:
-            tl.store(grad_pred_ptr + out, d_pred.to(grad_pred_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_pred_ptr + out, (d_pred * grad_scale).to(grad_pred_ptr.dtype.element_ty), mask=mask)
         if TARGET_GRAD:
-            tl.store(grad_target_ptr + out, d_target.to(grad_target_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_target_ptr + out, (d_target * grad_scale).to(grad_target_ptr.dtype.element_ty), mask=mask)
         if LOGVAR_GRAD:
-            tl.store(grad_logvar_ptr + out, d_logvar, mask=mask)
+            tl.store(grad_logvar_ptr + out, d_logvar * grad_scale, mask=mask)
     if not PER_ELEMENT:
         tl.store(out_ptr + seg, acc, mask=seg < segments)
+
+
+@triton.jit
+def _scale_unless_one_kernel(grad_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    """grad *= scale, the scale read on the device: every program returns at once when it is 1."""
+    s = tl.load(scale_ptr)
+    if s != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(grad_ptr + offs, (g * s).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _tile(cols: int) -> tuple[int, int]:
@@ -169,8 +180,8 @@ def _grads(pred, target, pred_grad: bool, target_grad: bool, logvar_grad: bool):
 @triton_op("pyvae::likelihood_forward_triton", mutates_args=())
 def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: Optional[torch.Tensor],
                               fixed_logvar: float, constant: float, per_element: bool, pred_grad: bool,
-                              target_grad: bool,
-                              logvar_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              target_grad: bool, logvar_grad: bool,
+                              grad_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.likelihood_forward`` (same schema and outputs)."""
     rows, cols, pred2, target2, logvar2, logvar_row_stride = _prepare(pred, target, logvar)
     n_blocks = max(1, triton.cdiv(cols, COLUMN_BLOCK))
@@ -181,7 +192,7 @@ def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tenso
         block_r, block_c = _tile(cols)
         wrap_triton(_likelihood_kernel)[(triton.cdiv(rows * n_blocks, block_r),)](
             pred2, target2, logvar2, out, grad_pred if pred_grad else out, grad_target if target_grad else out,
-            grad_logvar if logvar_grad else out, fixed_logvar, constant, rows, cols, n_blocks, pred2.stride(0),
+            grad_logvar if logvar_grad else out, fixed_logvar, constant, grad_scale, rows, cols, n_blocks, pred2.stride(0),
             target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss], HAS_LOGVAR=logvar is not None,
             PER_ELEMENT=per_element, PRED_GRAD=pred_grad, TARGET_GRAD=target_grad, LOGVAR_GRAD=logvar_grad,
             BLOCK_R=block_r, BLOCK_C=block_c)
@@ -189,3 +200,18 @@ def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tenso
         out = pred.new_zeros((rows,), dtype=torch.float32) if cols == 0 else (
             out.reshape(rows) if n_blocks == 1 else out.sum(1))
     return (out, *grads)
+
+
+@triton_op("pyvae::scale_grad_triton_", mutates_args={"grad"})
+def scale_grad_triton_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """Triton twin of ``torch.ops.pyvae.scale_grad_``: contiguous ``grad *= scale`` (one float32
+    value on grad's device), skipped on the device when the scale is 1."""
+    if not grad.is_contiguous():
+        raise ValueError("grad must be contiguous")
+    if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != grad.device:
+        raise ValueError(f"scale must be a single float32 value on {grad.device}, got {scale.dtype} of shape "
+                         f"{tuple(scale.shape)} on {scale.device}")
+    n = grad.numel()
+    if n:
+        block = 4096
+        wrap_triton(_scale_unless_one_kernel)[(triton.cdiv(n, block),)](grad, scale, n, BLOCK=block)

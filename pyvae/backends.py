@@ -50,6 +50,23 @@ def native_extension() -> ModuleType | None:
     return _EXTENSION
 
 
+def cpu_cache_bytes() -> int:
+    """Bytes of freed CPU output buffers the ``cpu`` backend holds for reuse.
+
+    Its large outputs (gradients, samples: 1 MiB and up) come from a cache like PyTorch's CUDA
+    caching allocator, so a training loop does not page-fault fresh memory in on every call; at
+    most ``PYVAE_CPU_CACHE_MB`` (environment, read at import; default 1024, 0 turns it off) is
+    held. 0 without the extension.
+    """
+    return _EXTENSION.cpu_cache_bytes() if _EXTENSION is not None else 0
+
+
+def empty_cpu_cache() -> None:
+    """Give every cached CPU output buffer back to the system (see :func:`cpu_cache_bytes`)."""
+    if _EXTENSION is not None:
+        _EXTENSION.empty_cpu_cache()
+
+
 # Triton reads TRITON_INTERPRET when its kernels are defined, so pyvae reads it once too, at import.
 _TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

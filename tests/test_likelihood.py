@@ -314,7 +314,45 @@ def test_opcheck(pair):
         for per_element in (False, True):
             for grads in ((False, False, False), (True, True, loss == "gaussian")):
                 torch.library.opcheck(op, (loss, pred, target, logvar if loss == "gaussian" else None, 0.2, 0.1,
-                                           per_element, *grads), **checks)
+                                           per_element, *grads, 0.25), **checks)
+
+
+@pytest.mark.parametrize("pair", NATIVE_PAIRS, ids=pair_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_grad(pair, dtype):
+    device, backend = pair
+    op = torch.ops.pyvae.scale_grad_triton_ if backend == "triton" else torch.ops.pyvae.scale_grad_
+    grad = torch.randn(5, 4099, device=device).to(dtype)
+    for value in (1.0, 0.5, -3.0, float("inf"), float("nan"), 0.0):
+        scale = torch.tensor(value, device=device)
+        scaled = grad.clone()
+        op(scaled, scale)
+        expected = (grad.float() * value).to(dtype)
+        # one rounding of the float32 product (the Triton interpreter truncates to 16 bits: 1 ulp)
+        rtol = torch.finfo(dtype).eps if (device, backend) == ("cpu", "triton") and dtype != torch.float32 else 0.0
+        torch.testing.assert_close(scaled, expected, rtol=rtol, atol=0.0, equal_nan=True)
+    checks = {"test_utils": ("test_schema", "test_autograd_registration")} if (backend, device) == ("triton", "cpu") else {}
+    torch.library.opcheck(op, (grad.clone(), torch.tensor(0.5, device=device)), **checks)
+    with pytest.raises((ValueError, RuntimeError), match="scale"):
+        op(grad.clone(), torch.tensor([1.0, 2.0], device=device))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_upstream_gradient_scales(pair, reduction):
+    # The kernels fold the reduction's factor into the gradient and backward skips the scaling for a
+    # unit upstream gradient: check both the skipped and the scaled paths against the reference.
+    device, backend = pair
+    logits, target = make((3, 50), torch.float32, device, "bernoulli", requires_grad=True)
+    ref = likelihood_reference("bernoulli", logits.double(), target.double())
+    ref = {"sum": ref.sum(), "batchmean": ref.sum() / 3, "mean": ref.mean(), "per_sample": ref.sum(1),
+           "none": ref}[reduction]
+    for upstream in (1.0, 2.5):
+        out = pyvae.bernoulli_nll(logits, target, reduction=reduction, backend=backend)
+        upstream_t = torch.full_like(out, upstream)
+        got = torch.autograd.grad(out, logits, upstream_t)[0]
+        expected = torch.autograd.grad(ref, logits, upstream_t.double(), retain_graph=True)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_retain_graph_second_backward_is_identical():

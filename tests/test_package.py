@@ -60,6 +60,42 @@ def test_python_m_pyvae_reports_build_and_backends(tmp_path):
     assert "'triton'" in out  # the interpreter serves CPU tensors
 
 
+def test_cpu_output_buffers_are_reused_not_shared():
+    if backends.native_extension() is None:
+        pytest.skip("needs the extension")
+    logits, target = torch.randn(64, 8192, requires_grad=True), torch.rand(64, 8192)  # 2 MiB gradient
+    backends.empty_cpu_cache()
+    assert backends.cpu_cache_bytes() == 0
+    pyvae.bernoulli_nll(logits, target, backend="cpu").backward()
+    first = logits.grad.clone()
+    first_ptr = logits.grad.data_ptr()
+    held = logits.grad
+    logits.grad = None
+    pyvae.bernoulli_nll(logits, target, backend="cpu").backward()
+    assert logits.grad.data_ptr() != first_ptr  # the first gradient is alive: never handed out twice
+    torch.testing.assert_close(logits.grad, first, rtol=0, atol=0)
+    del held
+    logits.grad = None
+    assert backends.cpu_cache_bytes() >= 2 * logits.numel() * 4  # both freed gradients are kept
+    pyvae.bernoulli_nll(logits, target, backend="cpu").backward()
+    torch.testing.assert_close(logits.grad, first, rtol=0, atol=0)  # a reused block is fully rewritten
+    logits.grad = None
+    backends.empty_cpu_cache()
+    assert backends.cpu_cache_bytes() == 0
+
+
+def test_cpu_cache_limit_from_environment(tmp_path):
+    code = ("import torch, pyvae; x = torch.randn(64, 8192, requires_grad=True); "
+            "pyvae.bernoulli_nll(x, torch.rand(64, 8192), backend='cpu').backward(); x.grad = None; "
+            "print(pyvae.backends.cpu_cache_bytes())")
+    held = {}
+    for limit in ("0", "1024"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                             env={**os.environ, "PYVAE_CPU_CACHE_MB": limit}).stdout
+        held[limit] = int(out.split()[-1])
+    assert held["0"] == 0 and held["1024"] == 64 * 8192 * 4
+
+
 def test_no_top_level_kernels_module():
     import importlib.util
     import pyvae.kernels  # noqa: F401

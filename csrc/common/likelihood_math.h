@@ -14,13 +14,19 @@ struct LossTerms {
   float value, d_pred, d_target, d_logvar;
 };
 
-// softplus(x) = log(1 + e^x), stable for any x: max(x, 0) + log1p(e^-|x|).
-PYVAE_HD float softplus_f(float x) { return (x > 0.0f ? x : 0.0f) + log1p_f(exp_f(-fabsf(x))); }
+// softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|), stable for any x, and sigmoid(x), sharing e^-|x| and the reciprocal of u = 1 + e^-|x| (one
+// exp, one log, one division: the CPU is bound by these). log1p(e) = log(u) + (e - (u - 1)) / u,
+// the second term restoring the rounding of u.
+struct SoftplusSigmoid {
+  float softplus, sigmoid;
+};
 
-PYVAE_HD float sigmoid_f(float x) {
+PYVAE_HD SoftplusSigmoid softplus_sigmoid_f(float x) {
   const float e = exp_f(-fabsf(x));
-  const float r = 1.0f / (1.0f + e);
-  return x >= 0.0f ? r : e * r;
+  const float u = 1.0f + e;
+  const float r = 1.0f / u;
+  const float log1p_e = (u == 1.0f ? e : log_unit(u)) + (e - (u - 1.0f)) * r;
+  return {(x > 0.0f ? x : 0.0f) + log1p_e, x >= 0.0f ? r : e * r};
 }
 
 // log C(lambda) of the continuous Bernoulli in terms of the logit l: C = l / tanh(l / 2), even in l.
@@ -49,8 +55,9 @@ template <Loss kLoss>
 PYVAE_HD LossTerms loss_terms(float p, float t, float logvar, float constant) {
   LossTerms out{};
   if constexpr (kLoss == Loss::kBernoulli) {
-    out.value = softplus_f(p) - t * p;
-    out.d_pred = sigmoid_f(p) - t;
+    const SoftplusSigmoid s = softplus_sigmoid_f(p);
+    out.value = s.softplus - t * p;
+    out.d_pred = s.sigmoid - t;
     out.d_target = -p;
   } else if constexpr (kLoss == Loss::kGaussian) {
     const float inv_var = exp_f(-logvar);
@@ -61,8 +68,9 @@ PYVAE_HD LossTerms loss_terms(float p, float t, float logvar, float constant) {
     out.d_target = -scaled;
     out.d_logvar = 0.5f * (1.0f - diff * scaled);
   } else {
-    out.value = softplus_f(p) - t * p - cb_log_norm(p);
-    out.d_pred = sigmoid_f(p) - t - cb_log_norm_grad(p);
+    const SoftplusSigmoid s = softplus_sigmoid_f(p);
+    out.value = s.softplus - t * p - cb_log_norm(p);
+    out.d_pred = s.sigmoid - t - cb_log_norm_grad(p);
     out.d_target = -p;
   }
   return out;

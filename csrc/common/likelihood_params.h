@@ -28,8 +28,10 @@ struct LikelihoodInputs {
 constexpr int64_t kLikelihoodColumnBlock = 16384;
 
 // One pass over prediction and target: the per-element or per-row losses and, where asked, the
-// derivatives of each element's loss with respect to its prediction, target and log-variance
-// (the gradients at a unit upstream gradient: autograd's backward only has to scale them).
+// derivatives of each element's loss with respect to its prediction, target and log-variance,
+// times grad_scale (the reduction's factor: 1/B for "batchmean"), i.e. the gradients of the reduced
+// loss at a unit upstream gradient: autograd's backward only has to scale them, and skips even that
+// when the upstream gradient is 1 (loss.backward()).
 struct LikelihoodParams {
   LikelihoodInputs in;
   float* loss;  // [rows, cols] if per_element else partial sums [rows, column_blocks]
@@ -37,6 +39,7 @@ struct LikelihoodParams {
   void* grad_pred;      // [rows, cols] in pred_dtype, or nullptr
   void* grad_target;    // [rows, cols] in target_dtype, or nullptr
   float* grad_logvar;   // [rows, cols] float32 (reduced to logvar's shape by the caller), or nullptr
+  float grad_scale;     // multiplies every derivative
 };
 
 PYVAE_HD int64_t column_blocks(int64_t cols) { return (cols + kLikelihoodColumnBlock - 1) / kLikelihoodColumnBlock; }

@@ -33,14 +33,20 @@ void with_dtype(DType dtype, F&& f) {
   }
 }
 
+// A chunk of a row as floats, copied (and converted) into `buffer`.
+template <typename T>
+inline const float* to_float_buffer(const T* __restrict src, int64_t n, float* __restrict buffer) {
+  for (int64_t c = 0; c < n; ++c) buffer[c] = static_cast<float>(src[c]);
+  return buffer;
+}
+
 // A chunk of a row as floats: the row itself for float32, else converted into `buffer`.
 template <typename T>
 inline const float* as_float(const T* __restrict src, int64_t n, float* __restrict buffer) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    for (int64_t c = 0; c < n; ++c) buffer[c] = static_cast<float>(src[c]);
-    return buffer;
+    return to_float_buffer(src, n, buffer);
   }
 }
 

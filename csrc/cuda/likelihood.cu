@@ -6,6 +6,8 @@
 // order): deterministic, no atomics. dtypes are run-time switches (uniform, so no divergence),
 // keeping one instantiation per loss.
 #include "../common/likelihood_math.h"
+#include <algorithm>
+
 #include "common.cuh"
 #include "likelihood.h"
 
@@ -59,9 +61,9 @@ __global__ void __launch_bounds__(kThreads)
       const bool inside = col + k < seg.col_end;
       const LossTerms t = loss_terms<kLoss>(pred[k], target[k], logvar[k], in.constant);
       value[k] = inside ? t.value : 0.0f;
-      d_pred[k] = t.d_pred;
-      d_target[k] = t.d_target;
-      d_logvar[k] = t.d_logvar;
+      d_pred[k] = t.d_pred * p.grad_scale;
+      d_target[k] = t.d_target * p.grad_scale;
+      d_logvar[k] = t.d_logvar * p.grad_scale;
     }
     if (p.per_element) store4(p.loss + out_row, col, seg.col_end, vec_out, value);
     if (p.grad_pred != nullptr)
@@ -101,7 +103,34 @@ void with_loss(Loss loss, F&& f) {
   }
 }
 
+// Four elements per thread and grid-stride, so one launch of a few waves streams any length; the
+// whole grid returns at once when the scale is 1.
+__global__ void __launch_bounds__(kThreads)
+    scale_unless_one_kernel(void* grad, DType dtype, int64_t n, const float* scale, bool vec) {
+  const float s = *scale;
+  if (s == 1.0f) return;
+  const int64_t stride = 4 * static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = 4 * (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x); i < n; i += stride) {
+    float v[4];
+    load4_dtype(dtype, grad, i, n, vec && i + 4 <= n, v);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] *= s;
+    store4_dtype(dtype, grad, i, n, vec && i + 4 <= n, v);
+  }
+}
+
 }  // namespace
+
+void scale_unless_one(void* grad, DType dtype, int64_t n, const float* scale, cudaStream_t stream) {
+  if (n == 0) return;
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t wanted = (n + 4 * kThreads - 1) / (4 * kThreads);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(wanted, 8 * static_cast<int64_t>(sms)));
+  const bool vec = reinterpret_cast<uintptr_t>(grad) % (4 * dtype_size(dtype)) == 0;
+  scale_unless_one_kernel<<<blocks, kThreads, 0, stream>>>(grad, dtype, n, scale, vec);
+}
 
 void likelihood(const LikelihoodParams& p, cudaStream_t stream) {
   if (p.in.rows == 0 || p.in.cols == 0) return;

@@ -7,12 +7,16 @@ Layers of this op family (the shape every pyvae op follows):
               each with a fake implementation;
     autograd  :class:`LikelihoodFunction`: forward reads prediction and target once and writes the
               per-sample sums (no per-element loss unless ``reduction="none"``) and, when autograd
-              will need it, the gradient at a unit upstream gradient; backward scales that buffer in
-              place. Chosen over recomputing in backward, which moves the same bytes (2 reads and
-              1 write each way) but evaluates the transcendental functions twice: the CPU is
-              compute-bound on them. Peak memory: the inputs plus one gradient buffer. A second backward through the same graph
-              (``retain_graph=True``) recomputes the derivatives with the forward op, so it returns
-              bit-identical gradients.
+              will need it, the gradient of the reduced loss at a unit upstream gradient (the
+              reduction's 1/B or 1/numel folded in). Backward scales that buffer in place by the
+              upstream gradient, and for a scalar loss skips even that pass when the upstream is 1
+              (``loss.backward()``, or a sum of losses): the ``scale_grad_`` ops read the scale on
+              the device, so there is no host synchronisation. Forward+backward then moves the
+              minimum (read prediction and target, write the gradient), where recomputing in
+              backward would read the inputs twice and evaluate the transcendental functions twice.
+              Peak memory: the inputs plus one gradient buffer. A second backward through the same
+              graph (``retain_graph=True``) recomputes the derivatives with the forward op, so it
+              returns bit-identical gradients.
     API       :func:`bernoulli_nll`, :func:`gaussian_nll`, :func:`continuous_bernoulli_nll`.
 
 Inputs are ``[B, ...]``: ``reduction="per_sample"`` sums over all dims but the first (the
@@ -65,27 +69,48 @@ def likelihood_reference(loss: str, pred: torch.Tensor, target: torch.Tensor, lo
 
 # --------------------------------------------------------------------------- backends
 def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad, target_grad,
-                   logvar_grad):
+                   logvar_grad, grad_scale):
     values = likelihood_reference(loss, pred, target, logvar, fixed_logvar, constant).expand(pred.shape)
     out = values if per_element else values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
-    grads = _torch_derivatives(loss, pred, target, logvar, fixed_logvar, target_grad, logvar_grad and logvar is not None)
+    grads = _torch_derivatives(loss, pred, target, logvar, fixed_logvar, target_grad, logvar_grad and logvar is not None,
+                               grad_scale)
     return (out, grads[0] if pred_grad else pred.new_empty(0), grads[1] if target_grad else target.new_empty(0),
             grads[2] if grads[2] is not None else pred.new_empty(0, dtype=torch.float32))
 
 
-def _torch_derivatives(loss, pred, target, logvar, fixed_logvar, target_grad, logvar_grad):
-    """Per-element derivatives of the reference loss (autograd of its sum; logvar expanded)."""
+def _torch_derivatives(loss, pred, target, logvar, fixed_logvar, target_grad, logvar_grad, grad_scale):
+    """Per-element derivatives of the reference loss times grad_scale (autograd of its scaled sum;
+    logvar expanded)."""
     with torch.enable_grad():
         p = pred.detach().requires_grad_()
         t = target.detach().requires_grad_(target_grad)
         v = logvar.detach().expand(pred.shape).clone().requires_grad_(logvar_grad) if logvar is not None else None
         values = likelihood_reference(loss, p, t, v, fixed_logvar).expand(pred.shape)
         inputs = [p] + ([t] if target_grad else []) + ([v] if logvar_grad else [])
-        grads = list(torch.autograd.grad(values.sum(), inputs))
+        grads = list(torch.autograd.grad(values.sum() * grad_scale, inputs))
     grad_pred = grads.pop(0).to(pred.dtype)
     grad_target = grads.pop(0).to(target.dtype) if target_grad else None
     grad_logvar = grads.pop(0).float() if logvar_grad else None
     return grad_pred, grad_target, grad_logvar
+
+
+def _scale_grad_(grad: torch.Tensor, scale: torch.Tensor, backend: str) -> None:
+    """grad *= scale (one float32 value), skipped on the device when it is 1."""
+    if backend == "torch":
+        grad.mul_(scale)
+    elif backend == "triton":
+        torch.ops.pyvae.scale_grad_triton_(grad, scale)
+    else:
+        torch.ops.pyvae.scale_grad_(grad, scale)
+
+
+def _grad_scale(reduction: str, shape: torch.Size) -> float:
+    """The factor the reduction applies to every element's gradient."""
+    if reduction == "batchmean" and shape[0] > 0:
+        return 1.0 / shape[0]
+    if reduction == "mean" and shape.numel() > 0:
+        return 1.0 / shape.numel()
+    return 1.0
 
 
 def _forward_op(backend: str):
@@ -113,7 +138,8 @@ class LikelihoodFunction(torch.autograd.Function):
         # the caller passes the grad mode it was called in.
         wanted = (grad_mode and ctx.needs_input_grad[1], grad_mode and ctx.needs_input_grad[2],
                   grad_mode and logvar is not None and ctx.needs_input_grad[3])
-        out, *unit_grads = forward_op(loss, pred, target, logvar, fixed_logvar, constant, reduction == "none", *wanted)
+        out, *unit_grads = forward_op(loss, pred, target, logvar, fixed_logvar, constant, reduction == "none", *wanted,
+                                      _grad_scale(reduction, pred.shape))
         if reduction not in ("none", "per_sample"):
             out = reduce_rows(out, reduction, pred.numel())
         ctx.save_for_backward(pred, target, logvar)
@@ -125,15 +151,23 @@ class LikelihoodFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         pred, target, logvar = ctx.saved_tensors
-        upstream = expand_reduced_grad(grad_out.float(), ctx.reduction, pred.shape, pred.shape[0])
         pred_grad, target_grad, logvar_grad = ctx.wanted
         unit_grads = ctx.unit_grads
         ctx.unit_grads = None  # scaled in place below: a second backward must recompute them
         if unit_grads is None:
             _, *unit_grads = _forward_op(ctx.backend)(ctx.loss, pred, target, logvar, ctx.fixed_logvar, 0.0, False,
-                                                      *ctx.wanted)
-        grad_pred, grad_target, grad_logvar = [g.mul_(upstream) if want else None
-                                               for g, want in zip(unit_grads, ctx.wanted)]
+                                                      *ctx.wanted, _grad_scale(ctx.reduction, pred.shape))
+        if ctx.reduction in ("sum", "batchmean", "mean"):  # a scalar loss: one upstream value, often 1
+            upstream = grad_out.float().reshape(())
+            for g, want in zip(unit_grads, ctx.wanted):
+                if want:
+                    _scale_grad_(g, upstream, ctx.backend)
+        else:
+            upstream = expand_reduced_grad(grad_out.float(), ctx.reduction, pred.shape, pred.shape[0])
+            for g, want in zip(unit_grads, ctx.wanted):
+                if want:
+                    g.mul_(upstream)
+        grad_pred, grad_target, grad_logvar = [g if want else None for g, want in zip(unit_grads, ctx.wanted)]
         if logvar_grad:
             grad_logvar = grad_logvar.sum_to_size(logvar.shape).to(logvar.dtype)
         return (None, grad_pred if pred_grad else None, grad_target if target_grad else None,
@@ -251,13 +285,14 @@ def _gaussian_nll_optimal(mean, target, full, reduction, backend):
 # --------------------------------------------------------------------------- fake kernels
 def _register_fakes() -> None:
     def forward_fake(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad, target_grad,
-                     logvar_grad):
+                     logvar_grad, grad_scale):
         return (pred.new_empty(pred.shape if per_element else pred.shape[:1], dtype=torch.float32),
                 torch.empty_like(pred, memory_format=torch.contiguous_format) if pred_grad else pred.new_empty(0),
                 torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty(0),
                 pred.new_empty(pred.shape if logvar_grad and logvar is not None else (0,), dtype=torch.float32))
 
     torch.library.register_fake("pyvae::likelihood_forward", forward_fake)
+    torch.library.register_fake("pyvae::scale_grad_", lambda grad, scale: None)
 
 
 backends.load_op_family(_OP, _register_fakes)

@@ -1,0 +1,25 @@
+// Reuse of large CPU output buffers across calls.
+//
+// glibc serves allocations above its mmap threshold (32 MiB at most) with fresh mappings and
+// unmaps them on free, so each call's large outputs page-fault all of their memory in again. On
+// the 2-core VM of our CI a fresh 64 MiB buffer costs ~13 ms to touch, as long as the Bernoulli
+// loss's whole forward pass. Like PyTorch's CUDA caching allocator, this cache keeps freed blocks
+// of at least kMinCachedBytes, up to a byte limit, and hands them out again for requests of the
+// same size (a training loop repeats its shapes). The limit is PYVAE_CPU_CACHE_MB (default 1024;
+// 0 turns caching off), read once; empty_cache() gives every cached block back to the system.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstddef>
+
+namespace pyvae::cpu {
+
+constexpr size_t kMinCachedBytes = size_t{1} << 20;
+
+// A contiguous, uninitialised CPU tensor whose storage comes from the cache.
+at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+size_t cached_bytes();  // held for reuse now (not counting blocks in use)
+void empty_cache();
+
+}  // namespace pyvae::cpu
