@@ -402,14 +402,12 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const 
   const auto rows_shape = x.sizes().slice(0, x.dim() - 1);
   const at::Tensor code_sq = e.to(at::kFloat).square().sum(1);
   at::Tensor idx = at::empty({x2.size(0)}, x.options().dtype(at::kLong));
-  at::Tensor best = at::empty({x2.size(0)}, x.options().dtype(at::kFloat));
+  at::Tensor dist = at::empty({x2.size(0)}, x.options().dtype(at::kFloat));
   NearestCodeParams p{kernel_dtype(x, "x"), kernel_dtype(codebook, "codebook"), x2.data_ptr(), e.data_ptr(),
                       x2.stride(0), e.stride(0), x2.size(0), e.size(0), e.size(1), code_sq.data_ptr<float>(),
-                      idx.data_ptr<int64_t>(), best.data_ptr<float>()};
+                      idx.data_ptr<int64_t>(), dist.data_ptr<float>()};
   cuda::nearest_code(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // |x|^2 does not change the argmin, so it is added afterwards; a rounded expansion can dip below 0.
-  const at::Tensor dist = (best + x2.to(at::kFloat).square().sum(1)).clamp_min(0.0);
   return {idx.view(rows_shape), dist.view(rows_shape)};
 }
 #endif

@@ -18,12 +18,14 @@ from ._layout import as_rows
 
 
 @triton.jit
-def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, best_ptr, n_rows, n_codes, dim, x_row_stride,
+def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_codes, dim, x_row_stride,
                          e_row_stride, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int64)
+    # |x|^2 from the x tiles the first code tile loads anyway (no separate pass over x)
+    x_sq = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(0, n_codes, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -31,6 +33,9 @@ def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, best_ptr, n_rows, n_co
             dd = d0 + tl.arange(0, BLOCK_D)
             xt = tl.load(x_ptr + rows[:, None] * x_row_stride + dd[None, :],
                          mask=(rows[:, None] < n_rows) & (dd[None, :] < dim), other=0.0)
+            if k0 == 0:
+                xf = xt.to(tl.float32)
+                x_sq += tl.sum(xf * xf, axis=1)
             et = tl.load(e_ptr + codes[:, None].to(tl.int64) * e_row_stride + dd[None, :],
                          mask=(codes[:, None] < n_codes) & (dd[None, :] < dim), other=0.0)
             if DOT_FP32:
@@ -44,8 +49,12 @@ def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, best_ptr, n_rows, n_co
         better = tile_best < best  # strict: ties keep the lower code
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+    # |x|^2 does not change the argmin, so it is added once at the end; a rounded expansion can dip
+    # below 0 for a code equal to x: clamp (NaN passes through: a NaN row keeps its NaN distance).
+    dist = best + x_sq
+    dist = tl.where(dist < 0.0, 0.0, dist)
     tl.store(idx_ptr + rows, best_idx, mask=rows < n_rows)
-    tl.store(best_ptr + rows, best, mask=rows < n_rows)
+    tl.store(dist_ptr + rows, dist, mask=rows < n_rows)
 
 
 @triton_op("pyvae::nearest_code_triton", mutates_args=())
@@ -56,15 +65,12 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, exact: bool) ->
     e = as_rows(codebook, codebook.shape[0], dim)
     n_rows, n_codes = x2.shape[0], e.shape[0]
     idx = torch.empty(n_rows, dtype=torch.int64, device=x.device)
-    best = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    dist = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows:
         e_sq = e.float().square().sum(1)
         block_d = min(max(16, triton.next_power_of_2(dim)), 64)
         same_16bit = x2.dtype == e.dtype and x2.dtype in (torch.float16, torch.bfloat16)
         wrap_triton(_nearest_code_kernel)[(triton.cdiv(n_rows, 64),)](
-            x2, e, e_sq, idx, best, n_rows, n_codes, dim, x2.stride(0), e.stride(0), DOT_FP32=exact or not same_16bit,
+            x2, e, e_sq, idx, dist, n_rows, n_codes, dim, x2.stride(0), e.stride(0), DOT_FP32=exact or not same_16bit,
             INPUT_PRECISION="tf32x3" if exact else "tf32", BLOCK_N=64, BLOCK_K=64, BLOCK_D=block_d)
-    # |x|^2 is added after the search (it does not change the argmin); a rounded expansion can dip
-    # below 0 for a code equal to x: clamp.
-    dist = (best + x2.float().square().sum(1)).clamp_min(0.0)
     return idx.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])

@@ -16,7 +16,7 @@ struct NearestCodeParams {
   int64_t rows, codes, dim;
   const float* code_sq;
   int64_t* idx;  // [rows]
-  float* best;   // [rows]: min over k of |e_k|^2 - 2 x.e_k (|x|^2 is added by the caller)
+  float* dist;   // [rows]: |x|^2 + min over k of (|e_k|^2 - 2 x.e_k), clamped at 0
 };
 
 }  // namespace pyvae

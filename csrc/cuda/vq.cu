@@ -2,7 +2,8 @@
 // at a time, staging 32-dimension slices of both in shared memory; each thread accumulates a 4 x 4
 // tile of dot products and keeps, for its 4 rows, the running (min, argmin) over the codes it has
 // seen. The 16 threads that share rows then merge their candidates with a shuffle tree that prefers
-// the lower index on ties. Memory beyond the outputs: none (no N x K matrix).
+// the lower index on ties. |x|^2 (which does not change the argmin) comes from the x slices of the
+// first code tile and is added at the end. Memory beyond the outputs: none (no N x K matrix).
 #include <math.h>
 
 #include "common.cuh"
@@ -32,12 +33,13 @@ __global__ void __launch_bounds__(256) nearest_code_kernel(NearestCodeParams p) 
   __shared__ float es[kTileCodes][kTileDim + 1];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // codes tx + 16 j, rows ty + 16 i
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  float best[4];
+  float best[4], x_sq[4];
   int64_t best_idx[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     best[i] = INFINITY;
     best_idx[i] = 0;
+    x_sq[i] = 0.0f;
   }
   for (int64_t code0 = 0; code0 < p.codes; code0 += kTileCodes) {
     float acc[4][4] = {};
@@ -52,6 +54,12 @@ __global__ void __launch_bounds__(256) nearest_code_kernel(NearestCodeParams p) 
                        : 0.0f;
       }
       __syncthreads();
+      if (code0 == 0) {
+#pragma unroll 8
+        for (int c = 0; c < kTileDim; ++c)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) x_sq[i] = fmaf(xs[ty + 16 * i][c], xs[ty + 16 * i][c], x_sq[i]);
+      }
 #pragma unroll 8
       for (int c = 0; c < kTileDim; ++c) {
         float xv[4], ev[4];
@@ -96,8 +104,10 @@ __global__ void __launch_bounds__(256) nearest_code_kernel(NearestCodeParams p) 
     }
     const int64_t row = row0 + ty + 16 * i;
     if (tx == 0 && row < p.rows) {
+      // A rounded expansion can dip below 0 for a code equal to x: clamp (NaN stays NaN).
+      const float d = v + x_sq[i];
       p.idx[row] = k;
-      p.best[row] = v;
+      p.dist[row] = d < 0.0f ? 0.0f : d;
     }
   }
 }
