@@ -11,9 +11,14 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR [STEP...]]   (default: gpu-check-<date>, all steps)
 #
-# STEP is any of build, tests, sanitize, bench (default: all four, in that order), or bench:OP for one
+# STEP is any of build, tests, sanitize, bench (default: all four, in that order), bench:OP for one
 # op family of the benchmark (reparam_kl, likelihood, vq), so that a run that must fit a time limit
-# per command can be split over several commands on one machine.
+# per command can be split over several commands on one machine, or tune:vq (the Triton search's
+# block sizes swept on the benchmark shapes: vq_tune.md; not part of the default steps).
+#
+# The machines have no network: the benchmark's comparison library comes as wheels in ./.whl
+# (bench/fetch_gpu_wheels.sh downloads them where pip works; carry `.whl`), installed here into
+# /tmp/site when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
@@ -56,6 +61,15 @@ if want sanitize; then
       compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" tests/cuda_sanitize_cases.py
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitize.log" | tail -1 >> "$summary"
   done
+fi
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$summary" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if want tune:vq; then
+  step "tune vq" "$OUT_DIR/bench.log" "$PY" bench/tune_vq_triton.py --out "$OUT_DIR/vq_tune.md"
 fi
 
 bench_ops=""

@@ -57,6 +57,24 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
+# Dense tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, by device-name fragment:
+# (16-bit inputs, TF32 inputs). The H200 has the H100 SXM's compute.
+_TENSOR_CORE_PEAKS = (("H100 PCIe", 756.0, 378.0), ("H100 NVL", 835.0, 418.0), ("H100", 989.4, 494.7),
+                      ("H200", 989.4, 494.7), ("A100", 312.0, 156.0))
+
+
+def tensor_core_peak_tflops(device: str, dtype: torch.dtype) -> float | None:
+    """The device's dense tensor-core peak for products of ``dtype`` inputs (float32 counts as
+    TF32), or None for a device not in the table."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, peak_16bit, peak_tf32 in _TENSOR_CORE_PEAKS:
+        if fragment in name:
+            return peak_tf32 if dtype == torch.float32 else peak_16bit
+    return None
+
+
 def environment(device: str) -> dict:
     """Device, versions and date written into every result row."""
     import pyvae

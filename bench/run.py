@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     command = os.environ.get("PYVAE_BENCH_COMMAND") or f"python bench/run.py {args_text}".strip()
+    # pyvae's own settings change what is measured: record them as part of the command
+    settings = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+                        if k.startswith("PYVAE_") and k != "PYVAE_BENCH_COMMAND")
+    command = f"{settings} {command}".strip()
     env = harness.environment(args.device)
     out_dir = args.out or harness.RESULTS / harness.device_slug(args.device)
     print(f"pyvae benchmarks on {env['device_name']} ({args.device}); torch {env['torch']}, triton {env['triton']}")

@@ -9,14 +9,16 @@ nearest_code providers::
 
 vector_quantize forward+backward against vector-quantize-pytorch's ``VectorQuantize`` with a learned
 codebook (no EMA) and commitment weight 0.25, the same losses as pyvae's (installed only for the
-benchmark; the rows are skipped where it is missing). TFLOP/s counts 2 N K D.
+benchmark; the rows are skipped where it is missing). TFLOP/s counts 2 N K D; on a GPU the notes of
+the ``fast`` rows give it as a share of the dense tensor-core peak (TF32 for float32 inputs, bf16
+for bfloat16 ones) and how often ``fast`` departs from ``exact``.
 """
 from __future__ import annotations
 
 import torch
 
 import pyvae
-from harness import Case, Row, time_case
+from harness import Case, Row, tensor_core_peak_tflops, time_case
 
 OP = "vq"
 
@@ -34,9 +36,9 @@ def cdist_nearest(x, e):
 
 def shapes(device: str, quick: bool) -> dict:
     if device == "cpu":
-        return {"nearest": [(16384, 1024, 64)], "vq": [(16384, 1024, 64)]}
-    return {"nearest": [(65536, 16384, 256)] if not quick else [(16384, 4096, 256)],
-            "vq": [(16384, 4096, 256)]}
+        return {"nearest": [(16384, 1024, 64, torch.float32)], "vq": [(16384, 1024, 64)]}
+    n, k, d = (65536, 16384, 256) if not quick else (16384, 4096, 256)
+    return {"nearest": [(n, k, d, torch.float32), (n, k, d, torch.bfloat16)], "vq": [(16384, 4096, 256)]}
 
 
 def _vqp_step(n, k, d, device):
@@ -72,8 +74,8 @@ def run(device: str, quick: bool = False, progress=None) -> list[Row]:
     rows: list[Row] = []
     backends_here = [b for b in pyvae.backends.available(device, "vq")
                      if b != "torch" and not (b == "triton" and device == "cpu")]
-    for n, k, d in shapes(device, quick)["nearest"]:
-        x, e = torch.randn(n, d, device=device), torch.randn(k, d, device=device)
+    for n, k, d, dtype in shapes(device, quick)["nearest"]:
+        x, e = torch.randn(n, d, device=device).to(dtype), torch.randn(k, d, device=device).to(dtype)
         steps = {"eager": lambda: eager_nearest(x, e), "torch.cdist": lambda: cdist_nearest(x, e),
                  "torch.compile": (lambda f: lambda: f(x, e))(torch.compile(eager_nearest)),
                  "torch.compile max-autotune": (lambda f: lambda: f(x, e))(
@@ -82,12 +84,15 @@ def run(device: str, quick: bool = False, progress=None) -> list[Row]:
             for precision in (("exact",) if device == "cpu" else ("exact", "fast")):
                 steps[f"pyvae {b} {precision}"] = (lambda b, p: lambda: pyvae.nearest_code(
                     x, e, precision=p, backend=b))(b, precision)
-        traffic = 4 * (n * d + k * d) + 8 * n
-        case_rows = time_case(Case(f"{OP} nearest_code", f"N={n} K={k} D={d}", torch.float32, "forward", steps,
+        traffic = x.element_size() * (n * d + k * d) + 12 * n
+        case_rows = time_case(Case(f"{OP} nearest_code", f"N={n} K={k} D={d}", dtype, "forward", steps,
                                    traffic, n * d, flops=2 * n * k * d), device)
+        peak = tensor_core_peak_tflops(device, dtype)
         for row in case_rows:
             if row.provider.endswith(" fast"):
                 row.note = _mismatch_note(x, e, row.provider.split()[1])
+                if peak and row.tflops:
+                    row.note += f"; {100 * row.tflops / peak:.0f}% of the {peak:g} TFLOP/s dense tensor-core peak"
         rows += case_rows
         if progress is not None:
             progress.update(1)

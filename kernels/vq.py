@@ -6,8 +6,14 @@ Precision (the launcher picks): ``exact`` converts to float32 and uses 3xTF32 (`
 operand split into two TF32 parts, three tensor-core products, float32-level error; exact for
 16-bit inputs, whose mantissas fit one TF32 part); ``fast`` uses plain TF32, or the inputs' own
 16-bit tensor-core products when x and the codebook share a 16-bit dtype.
+
+Block sizes: :func:`search_config` (``PYVAE_VQ_TRITON_CONFIG="BLOCK_N,BLOCK_K,BLOCK_D,warps,stages"``
+overrides it, for tuning); ``bench/tune_vq_triton.py`` sweeps them on a GPU.
 """
 from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -57,20 +63,64 @@ def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_co
     tl.store(dist_ptr + rows, dist, mask=rows < n_rows)
 
 
+class SearchConfig(NamedTuple):
+    block_n: int     # rows of x per program
+    block_k: int     # codes per tile of the running argmin
+    block_d: int     # dimensions per tl.dot step
+    num_warps: int
+    num_stages: int
+
+
+def _config_from_env() -> Optional[SearchConfig]:
+    spec = os.environ.get("PYVAE_VQ_TRITON_CONFIG")
+    if not spec:
+        return None
+    try:
+        values = [int(v) for v in spec.split(",")]
+        config = SearchConfig(*values)
+    except (TypeError, ValueError):
+        raise ValueError(f"PYVAE_VQ_TRITON_CONFIG must be 'BLOCK_N,BLOCK_K,BLOCK_D,num_warps,num_stages' "
+                         f"(powers of two >= 16 for the blocks), got {spec!r}") from None
+    if any(b < 16 or b & (b - 1) for b in config[:3]):
+        raise ValueError(f"PYVAE_VQ_TRITON_CONFIG: block sizes must be powers of two >= 16, got {spec!r}")
+    return config
+
+
+def search_config(n_rows: int, n_codes: int, dim: int, dot_fp32: bool) -> SearchConfig:
+    """Block sizes of the search for this problem. Not yet tuned on a GPU: 64 x 64 tiles (fine
+    for every shape the tests use); bench/tune_vq_triton.py measures the alternatives."""
+    override = _config_from_env()
+    if override is not None:
+        return override
+    return SearchConfig(64, 64, min(max(16, triton.next_power_of_2(dim)), 64), 4, 3)
+
+
+def launch_search(x2: torch.Tensor, e: torch.Tensor, exact: bool, idx: torch.Tensor, dist: torch.Tensor,
+                  config: Optional[SearchConfig] = None) -> None:
+    """Runs the search of the [N, D] rows ``x2`` against the [K, D] codebook ``e`` (unit column
+    strides) into ``idx`` and ``dist`` ([N] each), with ``config`` or :func:`search_config`'s."""
+    n_rows, dim = x2.shape
+    n_codes = e.shape[0]
+    if n_rows == 0:
+        return
+    e_sq = e.float().square().sum(1)
+    same_16bit = x2.dtype == e.dtype and x2.dtype in (torch.float16, torch.bfloat16)
+    dot_fp32 = exact or not same_16bit
+    c = config or search_config(n_rows, n_codes, dim, dot_fp32)
+    wrap_triton(_nearest_code_kernel)[(triton.cdiv(n_rows, c.block_n),)](
+        x2, e, e_sq, idx, dist, n_rows, n_codes, dim, x2.stride(0), e.stride(0), DOT_FP32=dot_fp32,
+        INPUT_PRECISION="tf32x3" if exact else "tf32", BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_D=c.block_d,
+        num_warps=c.num_warps, num_stages=c.num_stages)
+
+
 @triton_op("pyvae::nearest_code_triton", mutates_args=())
 def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.nearest_code`` (same schema and outputs)."""
     dim = codebook.shape[1]
     x2 = as_rows(x, x.numel() // dim if dim else 0, dim)
     e = as_rows(codebook, codebook.shape[0], dim)
-    n_rows, n_codes = x2.shape[0], e.shape[0]
+    n_rows = x2.shape[0]
     idx = torch.empty(n_rows, dtype=torch.int64, device=x.device)
     dist = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    if n_rows:
-        e_sq = e.float().square().sum(1)
-        block_d = min(max(16, triton.next_power_of_2(dim)), 64)
-        same_16bit = x2.dtype == e.dtype and x2.dtype in (torch.float16, torch.bfloat16)
-        wrap_triton(_nearest_code_kernel)[(triton.cdiv(n_rows, 64),)](
-            x2, e, e_sq, idx, dist, n_rows, n_codes, dim, x2.stride(0), e.stride(0), DOT_FP32=exact or not same_16bit,
-            INPUT_PRECISION="tf32x3" if exact else "tf32", BLOCK_N=64, BLOCK_K=64, BLOCK_D=block_d)
+    launch_search(x2, e, exact, idx, dist)
     return idx.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])

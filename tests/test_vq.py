@@ -47,6 +47,24 @@ def test_low_precision_and_shapes(backend, dtype):
     assert_exact(x.float(), codebook.float(), idx)
 
 
+@pytest.mark.skipif("triton" not in VQ_BACKENDS, reason="needs the triton backend")
+def test_triton_search_config_override(monkeypatch):
+    # Every block shape must give the same answer: ragged tails in rows, codes and dims, and ties.
+    x, codebook = torch.randn(70, 37), torch.randn(90, 37)
+    codebook[50] = codebook[3]  # a tie: code 3 must win
+    x[5] = codebook[3]
+    reference = pyvae.nearest_code(x, codebook, backend="triton")
+    assert reference[0][5] == 3
+    for spec in ("16,32,16,4,2", "32,16,64,8,3"):
+        monkeypatch.setenv("PYVAE_VQ_TRITON_CONFIG", spec)
+        idx, dist = pyvae.nearest_code(x, codebook, backend="triton")
+        assert torch.equal(idx, reference[0])
+        torch.testing.assert_close(dist, reference[1], rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("PYVAE_VQ_TRITON_CONFIG", "64,24,16,4,3")
+    with pytest.raises(ValueError, match="PYVAE_VQ_TRITON_CONFIG"):
+        pyvae.nearest_code(x, codebook, backend="triton")
+
+
 @pytest.mark.parametrize("backend", VQ_BACKENDS)
 def test_ties_go_to_the_lowest_index(backend):
     codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
