@@ -4,6 +4,7 @@
 // and raises ValueError/TypeError naming them; the checks here guard direct torch.ops calls.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -385,6 +386,9 @@ at::Tensor check_codebook(const at::Tensor& x, const at::Tensor& codebook) {
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const at::Tensor& codebook, bool exact) {
+  // Called under torch.autocast, the op still has autocast's keys in effect: without this guard the
+  // float32 GEMM of the search would be recast to bfloat16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor x2 = check_codebook(x, codebook);
   const auto rows_shape = x.sizes().slice(0, x.dim() - 1);
   at::Tensor idx = at::empty({x2.size(0)}, x.options().dtype(at::kLong));

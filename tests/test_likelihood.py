@@ -436,3 +436,22 @@ def test_likelihood_layers():
                                pyvae.continuous_bernoulli_nll(logits, target.flatten(1)[:, :10], reduction="sum"))
     with pytest.raises(ValueError, match="logvar must be"):
         pyvae.nn.GaussianLikelihood("per-pixel")
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_autocast(pair):
+    # A decoder under autocast hands bf16 logits / means to the loss next to float32 targets.
+    device, backend = pair
+    decoder = torch.nn.Linear(16, 24).to(device)
+    z = torch.randn(5, 16, device=device)
+    target = torch.rand(5, 24, device=device)
+    for name, fn in LOSSES.items():
+        decoder.zero_grad()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            pred = decoder(z)
+            out = fn(pred, target, backend=backend)
+        assert pred.dtype == torch.bfloat16 and out.dtype == torch.float32
+        expected = reference(name, pred.detach(), target, "batchmean")
+        assert_close(out, expected, torch.bfloat16, SUM)
+        out.backward()
+        assert decoder.weight.grad is not None and decoder.weight.grad.isfinite().all()

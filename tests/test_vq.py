@@ -322,3 +322,17 @@ def test_gpu_codebook_gradient_deterministic(backend):
     counts, sums = pyvae.codebook_stats(x, r.indices, 8, backend=backend)
     torch.testing.assert_close(sums.cpu(), torch.zeros(8, 16).index_add_(0, r.indices.cpu(), x.cpu()),
                                rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", VQ_BACKENDS)
+def test_autocast(backend):
+    # An encoder under autocast hands bf16 rows to a float32 codebook.
+    encoder = torch.nn.Linear(12, 8)
+    codebook = torch.randn(20, 8, requires_grad=True)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        x = encoder(torch.randn(30, 12))
+        res = pyvae.vector_quantize(x, codebook, backend=backend)
+    assert x.dtype == torch.bfloat16 and res.quantized.dtype == torch.bfloat16
+    assert_exact(x.detach().float(), codebook.detach(), res.indices)
+    (res.quantized.float().sum() + res.loss).backward()
+    assert encoder.weight.grad.isfinite().all() and codebook.grad.isfinite().all()
