@@ -291,12 +291,18 @@ struct LikelihoodGrads {
   at::Tensor pred, target, logvar;  // empty (numel 0) when not asked for: the schema has no optional outputs
 };
 
-// Allocates the asked-for gradients and points the kernel at them.
+// Allocates the asked-for gradients and points the kernel at them. The log-variance's is
+// [row groups, *pred.shape[1:]] (see kLogvarGroupRows) when logvar is shared by the batch.
 LikelihoodGrads allocate_grads(const at::Tensor& pred, const at::Tensor& target, bool pred_grad, bool target_grad,
                                bool logvar_grad, LikelihoodParams& p) {
+  std::vector<int64_t> logvar_grad_shape{0};
+  if (logvar_grad) {
+    logvar_grad_shape = pred.sizes().vec();
+    logvar_grad_shape[0] = row_groups(pred.size(0), p.logvar_group_rows);
+  }
   LikelihoodGrads g{pred_grad ? new_output(pred.sizes(), pred.options()) : at::empty({0}, pred.options()),
                     target_grad ? new_output(target.sizes(), target.options()) : at::empty({0}, target.options()),
-                    new_output(logvar_grad ? pred.sizes() : at::IntArrayRef{0}, pred.options().dtype(at::kFloat))};
+                    new_output(logvar_grad_shape, pred.options().dtype(at::kFloat))};
   p.grad_pred = pred_grad ? g.pred.data_ptr() : nullptr;
   p.grad_target = target_grad ? g.target.data_ptr() : nullptr;
   p.grad_logvar = logvar_grad ? g.logvar.data_ptr<float>() : nullptr;
@@ -311,7 +317,7 @@ LikelihoodForwardResult likelihood_forward_impl(const std::string& loss, const a
                                                 const at::Tensor& target, const std::optional<at::Tensor>& logvar,
                                                 double fixed_logvar, double constant, bool per_element,
                                                 bool pred_grad, bool target_grad, bool logvar_grad,
-                                                double grad_scale, bool cuda) {
+                                                double grad_scale, bool group_logvar_grad, bool cuda) {
   LikelihoodChecked c = check_likelihood(loss, pred, target, logvar, fixed_logvar, constant);
   const int64_t rows = c.kernel.rows, cols = c.kernel.cols;
   at::Tensor out = per_element ? new_output(pred.sizes(), pred.options().dtype(at::kFloat))
@@ -321,6 +327,8 @@ LikelihoodForwardResult likelihood_forward_impl(const std::string& loss, const a
   p.loss = out.data_ptr<float>();
   p.per_element = per_element;
   p.grad_scale = static_cast<float>(grad_scale);
+  p.logvar_group_rows =
+      group_logvar_grad && c.kernel.logvar != nullptr && c.kernel.logvar_row_stride == 0 ? kLogvarGroupRows : 1;
   LikelihoodGrads g = allocate_grads(pred, target, pred_grad, target_grad, logvar_grad && logvar.has_value(), p);
   run_likelihood(p, cuda);
   if (!per_element) {
@@ -333,9 +341,9 @@ LikelihoodForwardResult likelihood_forward_impl(const std::string& loss, const a
 LikelihoodForwardResult likelihood_forward_cpu(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
                                                const std::optional<at::Tensor>& logvar, double fixed_logvar,
                                                double constant, bool per_element, bool pred_grad, bool target_grad,
-                                               bool logvar_grad, double grad_scale) {
+                                               bool logvar_grad, double grad_scale, bool group_logvar_grad) {
   return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad,
-                                 target_grad, logvar_grad, grad_scale, false);
+                                 target_grad, logvar_grad, grad_scale, group_logvar_grad, false);
 }
 
 void check_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
@@ -356,10 +364,10 @@ LikelihoodForwardResult likelihood_forward_cuda(const std::string& loss, const a
                                                 const at::Tensor& target, const std::optional<at::Tensor>& logvar,
                                                 double fixed_logvar, double constant, bool per_element,
                                                 bool pred_grad, bool target_grad, bool logvar_grad,
-                                                double grad_scale) {
+                                                double grad_scale, bool group_logvar_grad) {
   const c10::cuda::CUDAGuard guard(pred.device());
   return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad,
-                                 target_grad, logvar_grad, grad_scale, true);
+                                 target_grad, logvar_grad, grad_scale, group_logvar_grad, true);
 }
 
 void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
@@ -456,9 +464,12 @@ TORCH_LIBRARY(pyvae, m) {
   // of each element's loss with respect to pred / target / logvar, where asked (else empty):
   // backward then only scales them. Every derivative is multiplied by grad_scale (the reduction's
   // factor, 1/B for "batchmean"). grad_logvar is float32 in the prediction's shape (not yet
-  // reduced to logvar's).
+  // reduced to logvar's), except that with group_logvar_grad and a logvar shared by the batch (size 1
+  // or absent in dim 0) its dim 0 holds ceil(B / 16) sums over consecutive groups of 16 rows (for an
+  // upstream gradient that is the same for every row: a scalar loss).
   m.def("likelihood_forward(str loss, Tensor pred, Tensor target, Tensor? logvar, float fixed_logvar, "
-        "float constant, bool per_element, bool pred_grad, bool target_grad, bool logvar_grad, float grad_scale) "
+        "float constant, bool per_element, bool pred_grad, bool target_grad, bool logvar_grad, float grad_scale, "
+        "bool group_logvar_grad) "
         "-> (Tensor loss, Tensor grad_pred, Tensor grad_target, Tensor grad_logvar)");
   // grad (contiguous, float32/float16/bfloat16) *= scale (one float32 value on grad's device),
   // skipped when scale is 1, without a host synchronisation on CUDA (the kernel reads the scale).

@@ -1,7 +1,25 @@
-"""Tensor layout helpers shared by the Triton launchers."""
+"""Tensor layout helpers shared by the Triton launchers (and the ops' fake kernels: no Triton here)."""
 from __future__ import annotations
 
 import torch
+
+LOGVAR_GROUP_ROWS = 16  # == kLogvarGroupRows in csrc/common/likelihood_params.h
+
+
+def logvar_group_rows(pred: torch.Tensor, logvar: torch.Tensor | None, group_logvar_grad: bool) -> int:
+    """Rows per partial sum of the log-variance's gradient: 16 when asked for and logvar is shared
+    by the batch (absent or of size 1 in dim 0, or a batch of one), else 1 (per element)."""
+    if logvar is None or not group_logvar_grad:
+        return 1
+    shared = logvar.dim() < pred.dim() or logvar.shape[0] == 1 or pred.shape[0] == 1
+    return LOGVAR_GROUP_ROWS if shared else 1
+
+
+def logvar_grad_shape(pred: torch.Tensor, logvar: torch.Tensor, group_logvar_grad: bool) -> tuple[int, ...]:
+    """Shape of the likelihood op's grad_logvar output: the prediction's, with dim 0 counting row
+    groups (see :func:`logvar_group_rows`)."""
+    group = logvar_group_rows(pred, logvar, group_logvar_grad)
+    return (-(-pred.shape[0] // group), *pred.shape[1:])
 
 
 def as_rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

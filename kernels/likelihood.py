@@ -1,9 +1,10 @@
 """Triton kernels of the reconstruction likelihoods, registered as ``torch.ops.pyvae.*_triton``.
 
-Same work split as the CUDA kernels (``csrc/cuda/likelihood.cu``): a segment is one column block
-(``COLUMN_BLOCK`` columns) of one row; a program owns BLOCK_R segments and walks their columns in
-BLOCK_C chunks, writing one partial sum per segment, which the launcher adds in block order:
-deterministic, no atomics. The per-element formulas are those of ``csrc/common/likelihood_math.h``.
+Same work split as the CUDA kernels (``csrc/cuda/likelihood.cu``): rows are cut into column blocks
+(``COLUMN_BLOCK`` columns); a program owns BLOCK_R consecutive rows of one block and walks their
+columns in BLOCK_C chunks, writing one partial sum per row and block, which the launcher adds in
+block order: deterministic, no atomics. A log-variance shared by the batch has its gradient summed
+over groups of ``LOGVAR_GROUP_ROWS`` rows in the kernel (one program per group and block). The per-element formulas are those of ``csrc/common/likelihood_math.h``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._layout import as_rows
+from ._layout import as_rows, logvar_grad_shape, logvar_group_rows
 
 COLUMN_BLOCK = 16384  # == kLikelihoodColumnBlock in csrc/common/likelihood_params.h
 LOSS_IDS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
@@ -86,17 +87,6 @@ def _terms(p, t, v, LOSS: tl.constexpr):
 
 
 @triton.jit
-def _segment_chunk(seg, segments, n_blocks, cols, c0, BLOCK_C: tl.constexpr):
-    """Rows, columns and mask of chunk c0 of segments ``seg`` ([R] each; tiles [R, C])."""
-    row = seg // n_blocks
-    col_begin = (seg % n_blocks) * 16384
-    col_end = tl.minimum(col_begin + 16384, cols)
-    col = col_begin[:, None] + c0 + tl.arange(0, BLOCK_C)[None, :]
-    mask = (seg[:, None] < segments) & (col < col_end[:, None])
-    return row, col, mask
-
-
-@triton.jit
 def _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col, mask, pred_row_stride,
                  target_row_stride, logvar_row_stride, HAS_LOGVAR: tl.constexpr):
     r2 = row[:, None]
@@ -114,18 +104,25 @@ def _likelihood_kernel(pred_ptr, target_ptr, logvar_ptr, out_ptr, grad_pred_ptr,
                        fixed_logvar, constant, grad_scale, rows, cols, n_blocks, pred_row_stride, target_row_stride,
                        logvar_row_stride, LOSS: tl.constexpr, HAS_LOGVAR: tl.constexpr, PER_ELEMENT: tl.constexpr,
                        PRED_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr, LOGVAR_GRAD: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Losses and the asked-for derivatives in one pass (LikelihoodParams in likelihood_params.h)."""
-    segments = rows * n_blocks
-    seg = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    span = tl.minimum(cols, 16384)
+                       GROUP_LOGVAR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Losses and the asked-for derivatives in one pass (LikelihoodParams in likelihood_params.h).
+    A program owns BLOCK_R consecutive rows of one column block; with GROUP_LOGVAR, BLOCK_R is the
+    row group of the log-variance's gradient, whose column sums it writes."""
+    tile = tl.program_id(0).to(tl.int64)
+    row_tile = tile // n_blocks
+    block = tile % n_blocks
+    row = row_tile * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    col_begin = block * 16384  # COLUMN_BLOCK
+    col_end = tl.minimum(col_begin + 16384, cols)
+    r2 = row[:, None]
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, span, BLOCK_C):
-        row, col, mask = _segment_chunk(seg, segments, n_blocks, cols, c0, BLOCK_C)
-        p, t, v = _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col, mask, pred_row_stride,
-                               target_row_stride, logvar_row_stride, HAS_LOGVAR)
+    for c0 in range(0, col_end - col_begin, BLOCK_C):
+        col = col_begin + c0 + tl.arange(0, BLOCK_C)
+        mask = (r2 < rows) & (col[None, :] < col_end)
+        p, t, v = _load_inputs(pred_ptr, target_ptr, logvar_ptr, fixed_logvar, row, col[None, :], mask,
+                               pred_row_stride, target_row_stride, logvar_row_stride, HAS_LOGVAR)
         value, d_pred, d_target, d_logvar = _terms(p, t, v, LOSS)
-        out = row[:, None] * cols + col
+        out = r2 * cols + col[None, :]
         value = tl.where(mask, value + constant, 0.0)
         if PER_ELEMENT:
             tl.store(out_ptr + out, value, mask=mask)
@@ -136,9 +133,13 @@ def _likelihood_kernel(pred_ptr, target_ptr, logvar_ptr, out_ptr, grad_pred_ptr,
         if TARGET_GRAD:
             tl.store(grad_target_ptr + out, (d_target * grad_scale).to(grad_target_ptr.dtype.element_ty), mask=mask)
         if LOGVAR_GRAD:
-            tl.store(grad_logvar_ptr + out, d_logvar * grad_scale, mask=mask)
+            if GROUP_LOGVAR:
+                group_sum = tl.sum(tl.where(mask, d_logvar * grad_scale, 0.0), axis=0)
+                tl.store(grad_logvar_ptr + row_tile * cols + col, group_sum, mask=col < col_end)
+            else:
+                tl.store(grad_logvar_ptr + out, d_logvar * grad_scale, mask=mask)
     if not PER_ELEMENT:
-        tl.store(out_ptr + seg, acc, mask=seg < segments)
+        tl.store(out_ptr + row * n_blocks + block, acc, mask=row < rows)
 
 
 @triton.jit
@@ -152,10 +153,10 @@ def _scale_unless_one_kernel(grad_ptr, scale_ptr, n, BLOCK: tl.constexpr):
         tl.store(grad_ptr + offs, (g * s).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _tile(cols: int) -> tuple[int, int]:
-    block_c = min(triton.next_power_of_2(max(1, min(cols, COLUMN_BLOCK))), 2048)
-    return max(1, 2048 // block_c), block_c
-
+def _tile(cols: int, group_rows: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C): 2048-element tiles, BLOCK_R = the row group when there is one."""
+    block_c = min(triton.next_power_of_2(max(1, min(cols, COLUMN_BLOCK))), 2048 // group_rows)
+    return (group_rows if group_rows > 1 else max(1, 2048 // block_c)), block_c
 
 
 def _prepare(pred, target, logvar):
@@ -170,32 +171,35 @@ def _prepare(pred, target, logvar):
     return rows, cols, pred2, target2, full.contiguous().reshape(rows, cols), cols
 
 
-def _grads(pred, target, pred_grad: bool, target_grad: bool, logvar_grad: bool):
+def _grads(pred, target, logvar, pred_grad: bool, target_grad: bool, logvar_grad: bool, group_logvar_grad: bool):
     """The asked-for gradient buffers (empty when not asked: the schema has no optional outputs)."""
     return (torch.empty_like(pred, memory_format=torch.contiguous_format) if pred_grad else pred.new_empty(0),
             torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty(0),
-            pred.new_empty(pred.shape if logvar_grad else (0,), dtype=torch.float32))
+            pred.new_empty(logvar_grad_shape(pred, logvar, group_logvar_grad) if logvar_grad else (0,),
+                           dtype=torch.float32))
 
 
 @triton_op("pyvae::likelihood_forward_triton", mutates_args=())
 def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: Optional[torch.Tensor],
                               fixed_logvar: float, constant: float, per_element: bool, pred_grad: bool,
-                              target_grad: bool, logvar_grad: bool,
-                              grad_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              target_grad: bool, logvar_grad: bool, grad_scale: float,
+                              group_logvar_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.likelihood_forward`` (same schema and outputs)."""
     rows, cols, pred2, target2, logvar2, logvar_row_stride = _prepare(pred, target, logvar)
     n_blocks = max(1, triton.cdiv(cols, COLUMN_BLOCK))
     out = pred.new_empty(pred.shape if per_element else (rows, n_blocks), dtype=torch.float32)
     logvar_grad = logvar_grad and logvar is not None
-    grad_pred, grad_target, grad_logvar = grads = _grads(pred, target, pred_grad, target_grad, logvar_grad)
+    grad_pred, grad_target, grad_logvar = grads = _grads(pred, target, logvar, pred_grad, target_grad, logvar_grad,
+                                                         group_logvar_grad)
+    group_rows = logvar_group_rows(pred, logvar, group_logvar_grad) if logvar_grad else 1
     if rows > 0 and cols > 0:
-        block_r, block_c = _tile(cols)
-        wrap_triton(_likelihood_kernel)[(triton.cdiv(rows * n_blocks, block_r),)](
+        block_r, block_c = _tile(cols, group_rows)
+        wrap_triton(_likelihood_kernel)[(triton.cdiv(rows, block_r) * n_blocks,)](
             pred2, target2, logvar2, out, grad_pred if pred_grad else out, grad_target if target_grad else out,
             grad_logvar if logvar_grad else out, fixed_logvar, constant, grad_scale, rows, cols, n_blocks, pred2.stride(0),
             target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss], HAS_LOGVAR=logvar is not None,
             PER_ELEMENT=per_element, PRED_GRAD=pred_grad, TARGET_GRAD=target_grad, LOGVAR_GRAD=logvar_grad,
-            BLOCK_R=block_r, BLOCK_C=block_c)
+            GROUP_LOGVAR=group_rows > 1, BLOCK_R=block_r, BLOCK_C=block_c)
     if not per_element:
         out = pred.new_zeros((rows,), dtype=torch.float32) if cols == 0 else (
             out.reshape(rows) if n_blocks == 1 else out.sum(1))

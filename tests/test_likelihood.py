@@ -314,7 +314,7 @@ def test_opcheck(pair):
         for per_element in (False, True):
             for grads in ((False, False, False), (True, True, loss == "gaussian")):
                 torch.library.opcheck(op, (loss, pred, target, logvar if loss == "gaussian" else None, 0.2, 0.1,
-                                           per_element, *grads, 0.25), **checks)
+                                           per_element, *grads, 0.25, loss == "gaussian"), **checks)
 
 
 @pytest.mark.parametrize("pair", NATIVE_PAIRS, ids=pair_id)
@@ -455,3 +455,30 @@ def test_autocast(pair):
         assert_close(out, expected, torch.bfloat16, SUM)
         out.backward()
         assert decoder.weight.grad is not None and decoder.weight.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("shape", [(37, 2, 9), (18, 16390)], ids=["3-row-groups", "2-column-blocks"])
+def test_shared_logvar_gradient_summed_in_row_groups(pair, shape):
+    # A logvar shared by the batch gets its gradient as sums over groups of 16 rows (ragged last
+    # group, several column blocks): against float64 autograd, for a scalar and a per-row upstream.
+    device, backend = pair
+    skip_slow(backend, device, math.prod(shape) // 8)
+    mean, target = make(shape, torch.float32, device, "gaussian", requires_grad=True)
+    logvar = (0.3 * torch.randn(1, *shape[1:], device=device)).requires_grad_()
+    for reduction in ("batchmean", "per_sample"):
+        out = pyvae.gaussian_nll(mean, target, logvar, reduction=reduction, backend=backend)
+        grad_out = torch.rand_like(out) + 0.5
+        grads = torch.autograd.grad(out, [mean, logvar], grad_out)
+        ref_inputs = [mean.detach().double().requires_grad_(), logvar.detach().double().requires_grad_()]
+        expected = reference("gaussian", ref_inputs[0], target.detach(), reduction, ref_inputs[1])
+        ref_grads = torch.autograd.grad(expected, ref_inputs, grad_out.double())
+        for g, rg in zip(grads, ref_grads):
+            assert g.shape == rg.shape
+            assert_close(g, rg, torch.float32, VALUE, scale=math.prod(shape) / rg.numel())
+    if backend != "torch":
+        op = torch.ops.pyvae.likelihood_forward_triton if backend == "triton" else torch.ops.pyvae.likelihood_forward
+        for group in (False, True):
+            grad_logvar = op("gaussian", mean.detach(), target, logvar.detach(), 0.0, 0.0, False, False, False, True,
+                             1.0, group)[3]
+            assert grad_logvar.shape == ((-(-shape[0] // 16) if group else shape[0]), *shape[1:])

@@ -27,6 +27,13 @@ struct LikelihoodInputs {
 // does not depend on how many there are.
 constexpr int64_t kLikelihoodColumnBlock = 16384;
 
+// A log-variance shared by the whole batch (per pixel, per channel, a scalar) gets its gradient
+// summed over the batch: the kernels add the derivatives of each group of this many consecutive
+// rows in row order and write one partial row per group (the caller adds the groups in order), so
+// the buffer is rows / 16 times smaller than the prediction and forward+backward keeps one full
+// gradient buffer, not two.
+constexpr int64_t kLogvarGroupRows = 16;
+
 // One pass over prediction and target: the per-element or per-row losses and, where asked, the
 // derivatives of each element's loss with respect to its prediction, target and log-variance,
 // times grad_scale (the reduction's factor: 1/B for "batchmean"), i.e. the gradients of the reduced
@@ -38,10 +45,15 @@ struct LikelihoodParams {
   bool per_element;
   void* grad_pred;      // [rows, cols] in pred_dtype, or nullptr
   void* grad_target;    // [rows, cols] in target_dtype, or nullptr
-  float* grad_logvar;   // [rows, cols] float32 (reduced to logvar's shape by the caller), or nullptr
+  // float32 [ceil(rows / logvar_group_rows), cols], row g the sum of the derivatives of rows
+  // g * logvar_group_rows ... (reduced to logvar's shape by the caller), or nullptr
+  float* grad_logvar;
+  int64_t logvar_group_rows;  // kLogvarGroupRows when logvar is shared by the batch, else 1
   float grad_scale;     // multiplies every derivative
 };
 
 PYVAE_HD int64_t column_blocks(int64_t cols) { return (cols + kLikelihoodColumnBlock - 1) / kLikelihoodColumnBlock; }
+
+PYVAE_HD int64_t row_groups(int64_t rows, int64_t group_rows) { return (rows + group_rows - 1) / group_rows; }
 
 }  // namespace pyvae

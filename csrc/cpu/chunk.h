@@ -74,6 +74,11 @@ inline void prefetch_span(const void* p, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(c + offset);
 }
 
+// sum[c] += values[c] for c in [0, n).
+inline void add_chunk(const float* __restrict values, int64_t n, float* __restrict sum) {
+  for (int64_t c = 0; c < n; ++c) sum[c] += values[c];
+}
+
 // Adds values[0, n) into the lanes, element c of the chunk going to lane c % kLanes (chunks start
 // at multiples of kLanes, so this is also the column's lane).
 inline void accumulate_lanes(const float* __restrict values, int64_t n, float* __restrict lanes) {

@@ -32,6 +32,7 @@ from typing import Union
 import torch
 
 from .. import backends
+from ..kernels._layout import logvar_grad_shape
 from ._common import check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows
 
 __all__ = ["bernoulli_nll", "gaussian_nll", "continuous_bernoulli_nll", "LikelihoodFunction", "likelihood_reference"]
@@ -69,7 +70,9 @@ def likelihood_reference(loss: str, pred: torch.Tensor, target: torch.Tensor, lo
 
 # --------------------------------------------------------------------------- backends
 def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad, target_grad,
-                   logvar_grad, grad_scale):
+                   logvar_grad, grad_scale, group_logvar_grad):
+    # (group_logvar_grad: the reference always returns the per-element gradient, which backward
+    # reduces just the same)
     values = likelihood_reference(loss, pred, target, logvar, fixed_logvar, constant).expand(pred.shape)
     out = values if per_element else values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
     grads = _torch_derivatives(loss, pred, target, logvar, fixed_logvar, target_grad, logvar_grad and logvar is not None,
@@ -104,13 +107,16 @@ def _scale_grad_(grad: torch.Tensor, scale: torch.Tensor, backend: str) -> None:
         torch.ops.pyvae.scale_grad_(grad, scale)
 
 
-def _grad_scale(reduction: str, shape: torch.Size) -> float:
-    """The factor the reduction applies to every element's gradient."""
+def _grad_options(reduction: str, shape: torch.Size) -> tuple[float, bool]:
+    """(grad_scale, group_logvar_grad) of the forward op for this reduction: the factor it applies
+    to every element's gradient, and whether every row gets the same upstream gradient (a scalar
+    loss), so that a log-variance shared by the batch can have its gradient summed in the kernel."""
+    scalar = reduction in ("sum", "batchmean", "mean")
     if reduction == "batchmean" and shape[0] > 0:
-        return 1.0 / shape[0]
+        return 1.0 / shape[0], scalar
     if reduction == "mean" and shape.numel() > 0:
-        return 1.0 / shape.numel()
-    return 1.0
+        return 1.0 / shape.numel(), scalar
+    return 1.0, scalar
 
 
 def _forward_op(backend: str):
@@ -139,7 +145,7 @@ class LikelihoodFunction(torch.autograd.Function):
         wanted = (grad_mode and ctx.needs_input_grad[1], grad_mode and ctx.needs_input_grad[2],
                   grad_mode and logvar is not None and ctx.needs_input_grad[3])
         out, *unit_grads = forward_op(loss, pred, target, logvar, fixed_logvar, constant, reduction == "none", *wanted,
-                                      _grad_scale(reduction, pred.shape))
+                                      *_grad_options(reduction, pred.shape))
         if reduction not in ("none", "per_sample"):
             out = reduce_rows(out, reduction, pred.numel())
         ctx.save_for_backward(pred, target, logvar)
@@ -156,7 +162,7 @@ class LikelihoodFunction(torch.autograd.Function):
         ctx.unit_grads = None  # scaled in place below: a second backward must recompute them
         if unit_grads is None:
             _, *unit_grads = _forward_op(ctx.backend)(ctx.loss, pred, target, logvar, ctx.fixed_logvar, 0.0, False,
-                                                      *ctx.wanted, _grad_scale(ctx.reduction, pred.shape))
+                                                      *ctx.wanted, *_grad_options(ctx.reduction, pred.shape))
         if ctx.reduction in ("sum", "batchmean", "mean"):  # a scalar loss: one upstream value, often 1
             upstream = grad_out.float().reshape(())
             for g, want in zip(unit_grads, ctx.wanted):
@@ -285,11 +291,12 @@ def _gaussian_nll_optimal(mean, target, full, reduction, backend):
 # --------------------------------------------------------------------------- fake kernels
 def _register_fakes() -> None:
     def forward_fake(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad, target_grad,
-                     logvar_grad, grad_scale):
+                     logvar_grad, grad_scale, group_logvar_grad):
         return (pred.new_empty(pred.shape if per_element else pred.shape[:1], dtype=torch.float32),
                 torch.empty_like(pred, memory_format=torch.contiguous_format) if pred_grad else pred.new_empty(0),
                 torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty(0),
-                pred.new_empty(pred.shape if logvar_grad and logvar is not None else (0,), dtype=torch.float32))
+                pred.new_empty(logvar_grad_shape(pred, logvar, group_logvar_grad) if logvar_grad and logvar is not None else (0,),
+                               dtype=torch.float32))
 
     torch.library.register_fake("pyvae::likelihood_forward", forward_fake)
     torch.library.register_fake("pyvae::scale_grad_", lambda grad, scale: None)
