@@ -424,12 +424,17 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const 
 }
 #endif
 
-std::tuple<at::Tensor, at::Tensor> codebook_stats_cpu(const at::Tensor& x, const at::Tensor& idx, int64_t num_codes) {
+void check_codebook_stats(const at::Tensor& x, const at::Tensor& idx, int64_t num_codes) {
   TORCH_CHECK_VALUE(num_codes > 0, "num_codes must be positive, got ", num_codes);
   TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "indices must be int64, got ", idx.scalar_type());
   kernel_dtype(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1 && idx.numel() * (x.dim() ? x.size(-1) : 1) == x.numel(),
                     "indices must have x's shape without its last dim, got ", idx.sizes(), " for x ", x.sizes());
+  TORCH_CHECK_VALUE(idx.device() == x.device(), "indices must be on the device of x");
+}
+
+std::tuple<at::Tensor, at::Tensor> codebook_stats_cpu(const at::Tensor& x, const at::Tensor& idx, int64_t num_codes) {
+  check_codebook_stats(x, idx, num_codes);
   const at::Tensor x2 = x.reshape({idx.numel(), x.size(-1)});
   const at::Tensor i1 = idx.reshape({-1}).contiguous();
   if (i1.numel() > 0) {
@@ -442,6 +447,36 @@ std::tuple<at::Tensor, at::Tensor> codebook_stats_cpu(const at::Tensor& x, const
   cpu::codebook_stats(x2, i1, counts, sums);
   return {counts, sums};
 }
+
+#ifdef PYVAE_WITH_CUDA
+// The indices' range is not checked here (that would read them back to the host): the Python API
+// checks it; out-of-range indices fail the scatter's device-side assertion.
+std::tuple<at::Tensor, at::Tensor> codebook_stats_cuda(const at::Tensor& x, const at::Tensor& idx, int64_t num_codes) {
+  check_codebook_stats(x, idx, num_codes);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = idx.numel(), dim = x.size(-1);
+  const at::Tensor x2 = as_rows(x, rows, dim);
+  const at::Tensor flat = idx.reshape({-1});
+  const at::Tensor counts = at::zeros({num_codes}, idx.options()).scatter_add_(0, flat, at::ones_like(flat));
+  at::Tensor sums = at::zeros({num_codes, dim}, x.options().dtype(at::kFloat));
+  if (rows > 0 && dim > 0) {
+    const at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+    const at::Tensor starts = counts.cumsum(0) - counts;
+    const at::Tensor chunk_end = at::floor_divide(counts + (kStatsChunkRows - 1), kStatsChunkRows).cumsum(0);
+    const int64_t max_chunks = num_codes + (rows + kStatsChunkRows - 1) / kStatsChunkRows;
+    const at::Tensor chunk_code =
+        at::searchsorted(chunk_end, at::arange(max_chunks, idx.options()), /*out_int32=*/false, /*right=*/true);
+    at::Tensor partial = at::empty({max_chunks, dim}, x.options().dtype(at::kFloat));
+    const CodebookStatsParams p{kernel_dtype(x, "x"), x2.data_ptr(), x2.stride(0), rows, dim, num_codes,
+                                order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+                                chunk_end.data_ptr<int64_t>(), chunk_code.data_ptr<int64_t>(), max_chunks,
+                                partial.data_ptr<float>(), sums.data_ptr<float>()};
+    cuda::codebook_stats(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {counts.to(at::kFloat), sums};
+}
+#endif
 
 }  // namespace
 }  // namespace pyvae
@@ -497,5 +532,6 @@ TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
   m.impl("likelihood_forward", &pyvae::likelihood_forward_cuda);
   m.impl("scale_grad_", &pyvae::scale_grad_cuda);
   m.impl("nearest_code", &pyvae::nearest_code_cuda);
+  m.impl("codebook_stats", &pyvae::codebook_stats_cuda);
 }
 #endif

@@ -124,3 +124,73 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, exact: bool) ->
     dist = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     launch_search(x2, e, exact, idx, dist)
     return idx.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])
+
+
+# --------------------------------------------------------------------------- per-code statistics
+STATS_CHUNK_ROWS = 64  # rows of one code summed by one program (== kStatsChunkRows in csrc/cuda/vq.cu)
+
+
+@triton.jit
+def _stats_chunk_kernel(x_ptr, order_ptr, starts_ptr, counts_ptr, chunk_end_ptr, chunk_code_ptr, partial_ptr,
+                        n_codes, dim, x_row_stride, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum of one chunk (<= CHUNK rows, in sorted order) of one code's rows: partial[chunk]."""
+    chunk = tl.program_id(0).to(tl.int64)
+    code = tl.load(chunk_code_ptr + chunk)
+    if code < n_codes:
+        count = tl.load(counts_ptr + code)
+        n_chunks = (count + CHUNK - 1) // CHUNK
+        first = tl.load(starts_ptr + code) + (chunk - (tl.load(chunk_end_ptr + code) - n_chunks)) * CHUNK
+        end = tl.load(starts_ptr + code) + count
+        pos = first + tl.arange(0, CHUNK)
+        rows = tl.load(order_ptr + pos, mask=pos < end, other=0)
+        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        tile = tl.load(x_ptr + rows[:, None] * x_row_stride + dd[None, :],
+                       mask=(pos[:, None] < end) & (dd[None, :] < dim), other=0.0).to(tl.float32)
+        tl.store(partial_ptr + chunk * dim + dd, tl.sum(tile, axis=0), mask=dd < dim)
+
+
+@triton.jit
+def _stats_merge_kernel(partial_ptr, counts_ptr, chunk_end_ptr, sums_ptr, dim, CHUNK: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """sums[code] = its chunks' partial sums added in order."""
+    code = tl.program_id(0).to(tl.int64)
+    count = tl.load(counts_ptr + code)
+    last = tl.load(chunk_end_ptr + code)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for c in range(last - (count + CHUNK - 1) // CHUNK, last):
+        acc += tl.load(partial_ptr + c * dim + dd, mask=dd < dim, other=0.0)
+    tl.store(sums_ptr + code * dim + dd, acc, mask=dd < dim)
+
+
+@triton_op("pyvae::codebook_stats_triton", mutates_args=())
+def codebook_stats_triton(x: torch.Tensor, idx: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``torch.ops.pyvae.codebook_stats``: counts (float32 [K]) and sums (float32
+    [K, D]) of the rows of x assigned to each code, deterministic and without host synchronisation.
+
+    The rows are ordered by code (a stable sort), each code's rows are cut into chunks of
+    STATS_CHUNK_ROWS, one program sums a chunk (so a code that takes most rows still spreads over
+    many programs), and a second kernel adds each code's chunk sums in order. There are at most
+    K + N / STATS_CHUNK_ROWS chunks, a bound known without reading the counts back.
+    """
+    dim = x.shape[-1]
+    x2 = as_rows(x, x.numel() // dim if dim else 0, dim)
+    flat = idx.reshape(-1)
+    n = flat.numel()
+    counts = torch.zeros(num_codes, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    sums = torch.zeros(num_codes, dim, dtype=torch.float32, device=x.device)
+    if n and dim:
+        order = torch.sort(flat, stable=True).indices
+        starts = torch.cumsum(counts, 0) - counts
+        chunk_end = torch.cumsum((counts + STATS_CHUNK_ROWS - 1) // STATS_CHUNK_ROWS, 0)
+        max_chunks = num_codes + triton.cdiv(n, STATS_CHUNK_ROWS)
+        chunk_code = torch.searchsorted(chunk_end, torch.arange(max_chunks, device=x.device), right=True)
+        partial = torch.empty(max_chunks, dim, dtype=torch.float32, device=x.device)
+        block_d = min(triton.next_power_of_2(dim), 128)
+        d_blocks = triton.cdiv(dim, block_d)
+        wrap_triton(_stats_chunk_kernel)[(max_chunks, d_blocks)](
+            x2, order, starts, counts, chunk_end, chunk_code, partial, num_codes, dim, x2.stride(0),
+            CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
+        wrap_triton(_stats_merge_kernel)[(num_codes, d_blocks)](
+            partial, counts, chunk_end, sums, dim, CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
+    return counts.float(), sums

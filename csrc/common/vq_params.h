@@ -19,4 +19,25 @@ struct NearestCodeParams {
   float* dist;   // [rows]: |x|^2 + min over k of (|e_k|^2 - 2 x.e_k), clamped at 0
 };
 
+// Per-code sums of the rows of x [rows, dim] (unit column stride), deterministic: the rows sorted by
+// code (order), each code's rows cut into chunks of kStatsChunkRows summed by one thread block each
+// into partial[chunk], then each code's chunk sums added in order into sums[code]. Chunk c belongs
+// to code chunk_code[c] (codes for c past the last chunk); code k's chunks end at chunk_end[k]
+// (inclusive prefix sum of ceil(counts / kStatsChunkRows)), its rows start at order[starts[k]].
+constexpr int64_t kStatsChunkRows = 64;
+
+struct CodebookStatsParams {
+  DType x_dtype;
+  const void* x;
+  int64_t x_row_stride, rows, dim, codes;
+  const int64_t* order;       // [rows]
+  const int64_t* starts;      // [codes]
+  const int64_t* counts;      // [codes]
+  const int64_t* chunk_end;   // [codes]
+  const int64_t* chunk_code;  // [max_chunks]
+  int64_t max_chunks;         // codes + ceil(rows / kStatsChunkRows) >= the number of chunks
+  float* partial;             // [max_chunks, dim]
+  float* sums;                // [codes, dim]
+};
+
 }  // namespace pyvae

@@ -6,6 +6,8 @@
 // first code tile and is added at the end. Memory beyond the outputs: none (no N x K matrix).
 #include <math.h>
 
+#include <algorithm>
+
 #include "common.cuh"
 #include "vq.h"
 
@@ -112,7 +114,42 @@ __global__ void __launch_bounds__(256) nearest_code_kernel(NearestCodeParams p) 
   }
 }
 
+// One thread block per (chunk, 256 columns): a thread adds its column over the chunk's rows in
+// sorted order (coalesced across the block's threads).
+__global__ void __launch_bounds__(256) stats_chunk_kernel(CodebookStatsParams p) {
+  const int64_t chunk = blockIdx.x;
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t code = p.chunk_code[chunk];
+  if (code >= p.codes || col >= p.dim) return;
+  const int64_t count = p.counts[code];
+  const int64_t first_chunk = p.chunk_end[code] - (count + kStatsChunkRows - 1) / kStatsChunkRows;
+  const int64_t begin = p.starts[code] + (chunk - first_chunk) * kStatsChunkRows;
+  const int64_t end = min(begin + kStatsChunkRows, p.starts[code] + count);
+  float acc = 0.0f;
+  for (int64_t pos = begin; pos < end; ++pos) acc += load_any(p.x_dtype, p.x, p.order[pos] * p.x_row_stride + col);
+  p.partial[chunk * p.dim + col] = acc;
+}
+
+__global__ void __launch_bounds__(256) stats_merge_kernel(CodebookStatsParams p) {
+  const int64_t code = blockIdx.x;
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (col >= p.dim) return;
+  const int64_t last = p.chunk_end[code];
+  float acc = 0.0f;
+  for (int64_t c = last - (p.counts[code] + kStatsChunkRows - 1) / kStatsChunkRows; c < last; ++c)
+    acc += p.partial[c * p.dim + col];
+  p.sums[code * p.dim + col] = acc;
+}
+
 }  // namespace
+
+void codebook_stats(const CodebookStatsParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.dim == 0) return;
+  const unsigned threads = static_cast<unsigned>(std::min<int64_t>(256, (p.dim + 31) / 32 * 32));
+  const unsigned col_blocks = static_cast<unsigned>((p.dim + threads - 1) / threads);
+  stats_chunk_kernel<<<dim3(static_cast<unsigned>(p.max_chunks), col_blocks), threads, 0, stream>>>(p);
+  stats_merge_kernel<<<dim3(static_cast<unsigned>(p.codes), col_blocks), threads, 0, stream>>>(p);
+}
 
 void nearest_code(const NearestCodeParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;

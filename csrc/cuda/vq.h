@@ -6,4 +6,5 @@
 
 namespace pyvae::cuda {
 void nearest_code(const NearestCodeParams& p, cudaStream_t stream);
+void codebook_stats(const CodebookStatsParams& p, cudaStream_t stream);
 }  // namespace pyvae::cuda

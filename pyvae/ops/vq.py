@@ -6,17 +6,18 @@ Layers of this op family:
     kernels   ``csrc/cpu/vq.cpp`` (BLAS GEMM block by block with a running argmin),
               ``csrc/cuda/vq.cu`` (shared-memory float32 tiles, running argmin per thread, shuffle
               merge), ``kernels/vq.py`` (tl.dot tiles with a running argmin in registers);
-    ops       ``torch.ops.pyvae.nearest_code`` (CPU, CUDA), ``torch.ops.pyvae.codebook_stats`` (CPU)
-              and ``torch.ops.pyvae.nearest_code_triton``, with fake implementations;
+    ops       ``torch.ops.pyvae.nearest_code`` and ``codebook_stats`` (CPU, CUDA) and their
+              ``_triton`` twins, with fake implementations. The GPU statistics sort the rows by code,
+              sum fixed 64-row chunks of each code's rows in parallel and add each code's chunk
+              sums in order: deterministic, balanced when one code takes most rows, no host sync;
     autograd  :class:`VQFunction`: straight-through gradient to x, commitment gradient to x, and
               the codebook gradient from deterministic per-code counts and sums (no one-hot, no
               scatter with atomics, nothing of size N x K);
     API       :func:`nearest_code`, :func:`vector_quantize`, :func:`codebook_stats`.
 
-Status (issue #4, in progress): every backend searches with its own kernel; on the GPU the per-code
-statistics (and so the codebook gradient) use the deterministic sort-based reference for now, the
-CUDA search is plain float32 (``precision="fast"`` does not yet use tensor cores there), and none
-of the GPU code has run on a GPU yet.
+Status (issue #4, in progress): every backend has its own search and statistics kernels; the CUDA
+search is plain float32 (``precision="fast"`` uses tensor cores only on the ``triton`` backend), and
+none of the GPU code has run on a GPU yet.
 
 Distances are squared L2. Ties go to the lowest index. A code whose distance is NaN is never
 chosen; a row of x containing NaN gets index 0 and distance NaN, on every backend.
@@ -98,11 +99,11 @@ def _nearest(backend: str, x, codebook, exact: bool):
 
 
 def _stats(backend: str, x, idx, num_codes: int):
-    if backend == "cpu":
-        return torch.ops.pyvae.codebook_stats(x, idx, num_codes)
-    # torch, and on the GPU (cuda, triton) until they have kernels of their own: the sort-based
-    # reference, deterministic on any device
-    return codebook_stats_reference(x, idx, num_codes)
+    if backend == "torch":
+        return codebook_stats_reference(x, idx, num_codes)
+    if backend == "triton":
+        return torch.ops.pyvae.codebook_stats_triton(x, idx, num_codes)
+    return torch.ops.pyvae.codebook_stats(x, idx, num_codes)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -188,7 +189,8 @@ def codebook_stats(x: torch.Tensor, idx: torch.Tensor, num_codes: int, *,
     ``[K, D]``), deterministic: what an EMA codebook update needs.
 
     ``idx`` is int64 of ``x.shape[:-1]`` with values in ``[0, num_codes)`` (checked; on a GPU the
-    check reads the indices' range back to the host).
+    check reads the indices' range back to the host — the op itself, used by ``vector_quantize``'s
+    backward, does not synchronise).
     """
     check_floating("x", x, "torch")
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64:
