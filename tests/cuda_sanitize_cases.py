@@ -43,6 +43,20 @@ def main() -> None:
                 for logvar in logvars:
                     out = pyvae.gaussian_nll(pred, target, logvar, reduction=reduction, backend="cuda")
                     out.backward(torch.ones_like(out))
+            # an upstream gradient of 2: the in-place scaling runs (for 1 it returns at once)
+            out = pyvae.gaussian_nll(pred, target, logvars[1], reduction="sum", backend="cuda")
+            out.backward(torch.full_like(out, 2.0))
+    # vector quantisation: odd D and K, ragged tiles, every dtype, strided x, skewed code usage
+    for n, k, d in [(1, 1, 3), (70, 5, 7), (129, 65, 33), (300, 1000, 64)]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(n, 2 * d, device="cuda").to(dtype)[:, ::2].requires_grad_()
+            codebook = torch.randn(k, d, device="cuda").to(dtype).requires_grad_()
+            for precision in ("exact", "fast"):
+                r = pyvae.vector_quantize(x, codebook, precision=precision, backend="cuda")
+                (r.quantized.float().sum() + r.loss).backward()
+            skewed = torch.zeros(n, dtype=torch.int64, device="cuda")
+            skewed[: n // 3] = torch.arange(n // 3, device="cuda") % k
+            pyvae.codebook_stats(x.detach(), skewed, k, backend="cuda")
     torch.cuda.synchronize()
     print("sanitize cases done")
 

@@ -356,3 +356,20 @@ def test_autocast(backend):
     assert_exact(x.detach().float(), codebook.detach(), res.indices)
     (res.quantized.float().sum() + res.loss).backward()
     assert encoder.weight.grad.isfinite().all() and codebook.grad.isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("d,dtype", [(3, torch.float32), (300, torch.float32), (64, torch.bfloat16)])
+def test_gpu_codebook_stats(backend, d, dtype):
+    if backend not in pyvae.backends.available("cuda", "vq"):
+        pytest.skip(f"{backend} not available")
+    torch.manual_seed(0)
+    idx = torch.cat([torch.full((5000,), 7), torch.full((64,), 2), torch.randint(0, 300, (3001,))])
+    idx = idx[torch.randperm(idx.numel())].cuda()
+    x = torch.randn(idx.numel(), 2 * d, device="cuda")[:, ::2].to(dtype)
+    counts, sums = pyvae.codebook_stats(x, idx, 300, backend=backend)
+    expected = torch.zeros(300, d, dtype=torch.float64, device="cuda").index_add_(0, idx, x.double())
+    torch.testing.assert_close(counts, torch.bincount(idx, minlength=300).float())
+    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-3)
+    assert torch.equal(pyvae.codebook_stats(x, idx, 300, backend=backend)[1], sums)
