@@ -417,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const 
   at::Tensor dist = at::empty({x2.size(0)}, x.options().dtype(at::kFloat));
   NearestCodeParams p{kernel_dtype(x, "x"), kernel_dtype(codebook, "codebook"), x2.data_ptr(), e.data_ptr(),
                       x2.stride(0), e.stride(0), x2.size(0), e.size(0), e.size(1), code_sq.data_ptr<float>(),
-                      idx.data_ptr<int64_t>(), dist.data_ptr<float>()};
+                      idx.data_ptr<int64_t>(), dist.data_ptr<float>(), exact};
   cuda::nearest_code(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {idx.view(rows_shape), dist.view(rows_shape)};

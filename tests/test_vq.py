@@ -252,15 +252,20 @@ def test_memory_never_n_by_k():
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 @pytest.mark.parametrize("n,k,d,dtype", [(4097, 1000, 64, torch.float32), (513, 65, 3, torch.float32),
-                                         (1000, 300, 1000, torch.float32), (777, 129, 64, torch.bfloat16)])
+                                         (1000, 300, 1000, torch.float32), (777, 129, 64, torch.bfloat16),
+                                         (300, 70, 37, torch.float16)])
 def test_gpu_nearest_code(backend, precision, n, k, d, dtype):
     if backend not in pyvae.backends.available("cuda", "vq"):
         pytest.skip(f"{backend} not available")
     x, codebook = torch.randn(n, d, device="cuda").to(dtype), torch.randn(k, d, device="cuda").to(dtype)
     idx, dist = pyvae.nearest_code(x, codebook, precision=precision, backend=backend)
-    if precision == "exact":
+    if precision == "exact" or dtype != torch.float32:
+        # 16-bit inputs: the tensor cores' products of 16-bit values are exact and accumulate in
+        # float32, so "fast" meets the exact criterion too
         assert_exact(x.float().cpu(), codebook.float().cpu(), idx.cpu())
-    else:  # reduced precision: report-level agreement only
+        expected = ((x.double() - codebook.double()[idx]) ** 2).sum(1)
+        torch.testing.assert_close(dist.double(), expected, rtol=1e-4, atol=1e-4 * d)
+    else:  # TF32: report-level agreement only
         ref, _ = pyvae.nearest_code(x.cpu(), codebook.cpu(), backend="torch")
         assert (idx.cpu() == ref).float().mean() > 0.9
     r = pyvae.vector_quantize(x.float().requires_grad_(), codebook.float().requires_grad_(), backend=backend)
@@ -272,8 +277,10 @@ def test_gpu_ties_and_nan():
     for backend in [b for b in ("cuda", "triton") if b in pyvae.backends.available("cuda", "vq")]:
         codebook = torch.tensor([[float("nan"), 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0]], device="cuda")
         x = torch.tensor([[0.1, 0.1], [float("nan"), 1.0], [0.9, 0.8]], device="cuda")
-        idx, dist = pyvae.nearest_code(x, codebook, backend=backend)
-        assert idx.tolist() == [2, 0, 1] and dist[1].isnan()
+        for dtype in (torch.float32, torch.bfloat16):
+            for precision in ("exact", "fast"):
+                idx, dist = pyvae.nearest_code(x.to(dtype), codebook.to(dtype), precision=precision, backend=backend)
+                assert idx.tolist() == [2, 0, 1] and dist[1].isnan(), (dtype, precision)
 
 
 def test_vector_quantizer_layer_learned_codebook():

@@ -17,6 +17,7 @@ struct NearestCodeParams {
   const float* code_sq;
   int64_t* idx;  // [rows]
   float* dist;   // [rows]: |x|^2 + min over k of (|e_k|^2 - 2 x.e_k), clamped at 0
+  bool exact;    // false: tensor cores where the dtypes allow (16-bit x and codebook of one dtype)
 };
 
 // Per-code sums of the rows of x [rows, dim] (unit column stride), deterministic: the rows sorted by

@@ -1,10 +1,12 @@
-// CUDA nearest-code search in float32: a block takes 64 rows of x and walks the codebook 64 codes
-// at a time, staging 32-dimension slices of both in shared memory; each thread accumulates a 4 x 4
-// tile of dot products and keeps, for its 4 rows, the running (min, argmin) over the codes it has
+// CUDA nearest-code search: a block takes 64 rows of x and walks the codebook 64 codes at a time,
+// staging 32-dimension slices of both in shared memory; the tile's dot products come from CUDA
+// cores in float32 (each thread a 4 x 4 block) or, for precision="fast" on 16-bit inputs, from the
+// tensor cores; each thread keeps, for its 4 rows, the running (min, argmin) over the codes it has
 // seen. The 16 threads that share rows then merge their candidates with a shuffle tree that prefers
 // the lower index on ties. |x|^2 (which does not change the argmin) comes from the x slices of the
 // first code tile and is added at the end. Memory beyond the outputs: none (no N x K matrix).
 #include <math.h>
+#include <mma.h>
 
 #include <algorithm>
 
@@ -30,19 +32,82 @@ __device__ __forceinline__ bool before(float v, int64_t i, float best_v, int64_t
   return v < best_v || (v == best_v && i < best_i);
 }
 
+// Thread t of a block owns rows ty + 16 i and codes tx + 16 j (i, j < 4) of each 64 x 64 tile.
+struct TileLane {
+  int tx, ty;
+};
+
+__device__ __forceinline__ TileLane tile_lane() { return {static_cast<int>(threadIdx.x % 16), static_cast<int>(threadIdx.x / 16)}; }
+
+struct RunningBest {
+  float best[4], x_sq[4];
+  int64_t idx[4];
+};
+
+__device__ __forceinline__ void init_best(RunningBest& b) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    b.best[i] = INFINITY;
+    b.idx[i] = 0;
+    b.x_sq[i] = 0.0f;
+  }
+}
+
+// Folds the dot products dot(i, j) of a code tile into the thread's running (min, argmin) per row.
+// Codes come in increasing order: a strict < keeps the lowest on ties, and NaN never wins.
+template <typename Dot>
+__device__ __forceinline__ void fold_tile(const NearestCodeParams& p, int64_t code0, TileLane lane, Dot dot,
+                                          RunningBest& b) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t code = code0 + lane.tx + 16 * j;
+    if (code >= p.codes) continue;
+    const float sq = p.code_sq[code];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float d = sq - 2.0f * dot(i, j);
+      if (d < b.best[i]) {
+        b.best[i] = d;
+        b.idx[i] = code;
+      }
+    }
+  }
+}
+
+// Merges the 16 candidates of each row (lanes ty*16 .. ty*16+15 of one warp half), adds |x|^2 and
+// writes the row's code and distance.
+__device__ __forceinline__ void finish_rows(const NearestCodeParams& p, int64_t row0, TileLane lane,
+                                            const RunningBest& b) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float v = b.best[i];
+    int64_t k = b.idx[i];
+    for (int offset = 8; offset > 0; offset /= 2) {
+      const float other_v = __shfl_xor_sync(0xffffffffu, v, offset, 16);
+      const int64_t other_k = __shfl_xor_sync(0xffffffffu, k, offset, 16);
+      if (before(other_v, other_k, v, k)) {
+        v = other_v;
+        k = other_k;
+      }
+    }
+    const int64_t row = row0 + lane.ty + 16 * i;
+    if (lane.tx == 0 && row < p.rows) {
+      // A rounded expansion can dip below 0 for a code equal to x: clamp (NaN stays NaN).
+      const float d = v + b.x_sq[i];
+      p.idx[row] = k;
+      p.dist[row] = d < 0.0f ? 0.0f : d;
+    }
+  }
+}
+
+// float32 arithmetic on CUDA cores, any input dtypes.
 __global__ void __launch_bounds__(256) nearest_code_kernel(NearestCodeParams p) {
   __shared__ float xs[kTileRows][kTileDim + 1];
   __shared__ float es[kTileCodes][kTileDim + 1];
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // codes tx + 16 j, rows ty + 16 i
+  const TileLane lane = tile_lane();
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  float best[4], x_sq[4];
-  int64_t best_idx[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    best[i] = INFINITY;
-    best_idx[i] = 0;
-    x_sq[i] = 0.0f;
-  }
+  RunningBest b;
+  init_best(b);
   for (int64_t code0 = 0; code0 < p.codes; code0 += kTileCodes) {
     float acc[4][4] = {};
     for (int64_t d0 = 0; d0 < p.dim; d0 += kTileDim) {
@@ -60,15 +125,15 @@ __global__ void __launch_bounds__(256) nearest_code_kernel(NearestCodeParams p) 
 #pragma unroll 8
         for (int c = 0; c < kTileDim; ++c)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) x_sq[i] = fmaf(xs[ty + 16 * i][c], xs[ty + 16 * i][c], x_sq[i]);
+          for (int i = 0; i < 4; ++i) b.x_sq[i] = fmaf(xs[lane.ty + 16 * i][c], xs[lane.ty + 16 * i][c], b.x_sq[i]);
       }
 #pragma unroll 8
       for (int c = 0; c < kTileDim; ++c) {
         float xv[4], ev[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) xv[i] = xs[ty + 16 * i][c];
+        for (int i = 0; i < 4; ++i) xv[i] = xs[lane.ty + 16 * i][c];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) ev[j] = es[tx + 16 * j][c];
+        for (int j = 0; j < 4; ++j) ev[j] = es[lane.tx + 16 * j][c];
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -76,42 +141,72 @@ __global__ void __launch_bounds__(256) nearest_code_kernel(NearestCodeParams p) 
       }
       __syncthreads();
     }
+    fold_tile(p, code0, lane, [&](int i, int j) { return acc[i][j]; }, b);
+  }
+  finish_rows(p, row0, lane, b);
+}
+
+// precision="fast" with x and the codebook in one 16-bit dtype T: the tile's dot products come
+// from the tensor cores (WMMA 16 x 16 x 16, float32 accumulation: the products of 16-bit values
+// are exact, so only the accumulation order differs from the float32 kernel). Eight warps each
+// compute a 16 x 32 block of the 64 x 64 tile from 16-bit shared-memory slices, store it to shared
+// memory, and the argmin proceeds as above.
+template <typename T>
+__global__ void __launch_bounds__(256) nearest_code_wmma_kernel(NearestCodeParams p) {
+  using namespace nvcuda;
+  constexpr int kPad = 8;  // keeps 16-bit rows 16-byte aligned for WMMA and staggers the banks
+  __shared__ __align__(32) T xs[kTileRows][kTileDim + kPad];
+  __shared__ __align__(32) T es[kTileCodes][kTileDim + kPad];
+  __shared__ __align__(32) float scores[kTileRows][kTileCodes + 4];
+  const TileLane lane = tile_lane();
+  const int warp = threadIdx.x / 32;
+  const int frag_row = 16 * (warp / 2), frag_code = 32 * (warp % 2);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const T* x = static_cast<const T*>(p.x);
+  const T* e = static_cast<const T*>(p.codebook);
+  RunningBest b;
+  init_best(b);
+  for (int64_t code0 = 0; code0 < p.codes; code0 += kTileCodes) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+    wmma::fill_fragment(acc[0], 0.0f);
+    wmma::fill_fragment(acc[1], 0.0f);
+    for (int64_t d0 = 0; d0 < p.dim; d0 += kTileDim) {
+      for (int t = threadIdx.x; t < kTileRows * kTileDim; t += blockDim.x) {
+        const int r = t / kTileDim, c = t % kTileDim;
+        const int64_t row = row0 + r, dim = d0 + c, code = code0 + r;
+        xs[r][c] = row < p.rows && dim < p.dim ? x[row * p.x_row_stride + dim] : from_f32<T>(0.0f);
+        es[r][c] = code < p.codes && dim < p.dim ? e[code * p.codebook_row_stride + dim] : from_f32<T>(0.0f);
+      }
+      __syncthreads();
+      if (code0 == 0) {
+        for (int c = 0; c < kTileDim; ++c)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // codes in increasing order: a strict < keeps the lowest on ties
-      const int64_t code = code0 + tx + 16 * j;
-      if (code >= p.codes) continue;
-      const float sq = p.code_sq[code];
+          for (int i = 0; i < 4; ++i) {
+            const float v = to_f32(xs[lane.ty + 16 * i][c]);
+            b.x_sq[i] = fmaf(v, v, b.x_sq[i]);
+          }
+      }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float d = sq - 2.0f * acc[i][j];
-        if (d < best[i]) {  // NaN never wins
-          best[i] = d;
-          best_idx[i] = code;
+      for (int k = 0; k < kTileDim; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, &xs[frag_row][k], kTileDim + kPad);
+#pragma unroll
+        for (int f = 0; f < 2; ++f) {
+          // B = E^T: element (k, n) is es[n][k], i.e. E's rows read column-major
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
+          wmma::load_matrix_sync(bt, &es[frag_code + 16 * f][k], kTileDim + kPad);
+          wmma::mma_sync(acc[f], a, bt, acc[f]);
         }
       }
+      __syncthreads();
     }
+    wmma::store_matrix_sync(&scores[frag_row][frag_code], acc[0], kTileCodes + 4, wmma::mem_row_major);
+    wmma::store_matrix_sync(&scores[frag_row][frag_code + 16], acc[1], kTileCodes + 4, wmma::mem_row_major);
+    __syncthreads();
+    fold_tile(p, code0, lane, [&](int i, int j) { return scores[lane.ty + 16 * i][lane.tx + 16 * j]; }, b);
+    __syncthreads();  // scores is rewritten by the next tile
   }
-  // Merge the 16 candidates of each row (lanes ty*16 .. ty*16+15 of one warp half).
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float v = best[i];
-    int64_t k = best_idx[i];
-    for (int offset = 8; offset > 0; offset /= 2) {
-      const float other_v = __shfl_xor_sync(0xffffffffu, v, offset, 16);
-      const int64_t other_k = __shfl_xor_sync(0xffffffffu, k, offset, 16);
-      if (before(other_v, other_k, v, k)) {
-        v = other_v;
-        k = other_k;
-      }
-    }
-    const int64_t row = row0 + ty + 16 * i;
-    if (tx == 0 && row < p.rows) {
-      // A rounded expansion can dip below 0 for a code equal to x: clamp (NaN stays NaN).
-      const float d = v + x_sq[i];
-      p.idx[row] = k;
-      p.dist[row] = d < 0.0f ? 0.0f : d;
-    }
-  }
+  finish_rows(p, row0, lane, b);
 }
 
 // One thread block per (chunk, 256 columns): a thread adds its column over the chunk's rows in
@@ -154,7 +249,13 @@ void codebook_stats(const CodebookStatsParams& p, cudaStream_t stream) {
 void nearest_code(const NearestCodeParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   const unsigned blocks = static_cast<unsigned>((p.rows + kTileRows - 1) / kTileRows);
-  nearest_code_kernel<<<blocks, 256, 0, stream>>>(p);
+  const bool tensor_cores = !p.exact && p.x_dtype == p.codebook_dtype && p.x_dtype != DType::kFloat32;
+  if (tensor_cores && p.x_dtype == DType::kBFloat16)
+    nearest_code_wmma_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p);
+  else if (tensor_cores)
+    nearest_code_wmma_kernel<__half><<<blocks, 256, 0, stream>>>(p);
+  else
+    nearest_code_kernel<<<blocks, 256, 0, stream>>>(p);
 }
 
 }  // namespace pyvae::cuda
