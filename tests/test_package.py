@@ -96,6 +96,21 @@ def test_cpu_cache_limit_from_environment(tmp_path):
     assert held["0"] == 0 and held["1024"] == 64 * 8192 * 4
 
 
+def test_cpu_cache_gives_back_the_oldest_blocks_over_its_limit(tmp_path):
+    # 3 MiB limit: 2 MiB blocks of two shapes alternate; only the most recent one stays cached.
+    code = ("import torch, pyvae\n"
+            "held = []\n"
+            "for cols in (8192, 8200, 8192):\n"
+            "    x = torch.randn(64, cols, requires_grad=True)\n"
+            "    pyvae.bernoulli_nll(x, torch.rand(64, cols), backend='cpu').backward()\n"
+            "    x.grad = None\n"
+            "    held.append(pyvae.backends.cpu_cache_bytes())\n"
+            "print(*held)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env={**os.environ, "PYVAE_CPU_CACHE_MB": "3"}).stdout
+    assert [int(v) for v in out.split()] == [64 * 8192 * 4, 64 * 8200 * 4, 64 * 8192 * 4]
+
+
 def test_no_top_level_kernels_module():
     import importlib.util
     import pyvae.kernels  # noqa: F401

@@ -6,7 +6,8 @@
 
 #include <cstdlib>
 #include <mutex>
-#include <unordered_map>
+#include <iterator>
+#include <list>
 #include <vector>
 
 namespace pyvae::cpu {
@@ -41,41 +42,11 @@ class BufferCache final : public c10::Allocator {
 
   void clear() {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& [bytes, blocks] : free_)
-      for (void* data : blocks) c10::free_cpu(data);
+    for (const Block& block : free_) c10::free_cpu(block.data);
     free_.clear();
     cached_bytes_ = 0;
   }
 
- private:
-  void* take(size_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(bytes);
-    if (it == free_.end() || it->second.empty()) return nullptr;
-    void* data = it->second.back();
-    it->second.pop_back();
-    cached_bytes_ -= bytes;
-    return data;
-  }
-
-  // The storage's deleter: keep the block while it fits under the limit, else free it.
-  static void release(void* ctx) {
-    const Block* block = static_cast<Block*>(ctx);
-    BufferCache& cache = instance();
-    bool kept = false;
-    if (block->bytes >= kMinCachedBytes) {
-      std::lock_guard<std::mutex> lock(cache.mutex_);
-      if (cache.cached_bytes_ + block->bytes <= cache.limit_) {
-        cache.free_[block->bytes].push_back(block->data);
-        cache.cached_bytes_ += block->bytes;
-        kept = true;
-      }
-    }
-    if (!kept) c10::free_cpu(block->data);
-    delete block;
-  }
-
- public:
   // Never destroyed: tensors may be freed during interpreter shutdown, after static destructors.
   static BufferCache& instance() {
     static BufferCache* cache = new BufferCache();
@@ -83,8 +54,45 @@ class BufferCache final : public c10::Allocator {
   }
 
  private:
+  // The most recently freed block of exactly this size (a loop repeats its shapes), if any.
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
+      if (it->bytes != bytes) continue;
+      void* data = it->data;
+      free_.erase(std::next(it).base());
+      cached_bytes_ -= bytes;
+      return data;
+    }
+    return nullptr;
+  }
+
+  // The storage's deleter: keep the block, giving back the least recently freed ones while the
+  // cache is over its limit (so sizes a program no longer uses do not stay forever).
+  static void release(void* ctx) {
+    const Block block = *static_cast<Block*>(ctx);
+    delete static_cast<Block*>(ctx);
+    BufferCache& cache = instance();
+    if (block.bytes < kMinCachedBytes || block.bytes > cache.limit_) {
+      c10::free_cpu(block.data);
+      return;
+    }
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(cache.mutex_);
+      cache.free_.push_back(block);
+      cache.cached_bytes_ += block.bytes;
+      while (cache.cached_bytes_ > cache.limit_) {
+        evicted.push_back(cache.free_.front().data);
+        cache.cached_bytes_ -= cache.free_.front().bytes;
+        cache.free_.pop_front();
+      }
+    }
+    for (void* data : evicted) c10::free_cpu(data);
+  }
+
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
+  std::list<Block> free_;  // oldest first
   size_t cached_bytes_ = 0;
   const size_t limit_ = limit_from_env();
 };
