@@ -123,8 +123,8 @@ class VQFunction(torch.autograd.Function):
     def forward(ctx, x, codebook, idx, backend: str):
         q = codebook.index_select(0, idx.reshape(-1)).reshape(x.shape).to(x.dtype)
         cdt = _compute_dtype(x, codebook)
-        diff = x.to(cdt) - q.to(cdt)
-        mse = (diff * diff).sum() / max(x.numel(), 1)
+        # one fused pass (no N x D temporaries beyond mse_loss's own)
+        mse = torch.nn.functional.mse_loss(x.to(cdt), q.to(cdt), reduction="sum") / max(x.numel(), 1)
         ctx.save_for_backward(x, codebook, idx)
         ctx.backend = backend
         return q, mse, mse.clone()
@@ -136,10 +136,14 @@ class VQFunction(torch.autograd.Function):
         cdt = _compute_dtype(x, codebook)
         grad_x = grad_codebook = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_q.to(cdt) if grad_q is not None else torch.zeros_like(x, dtype=cdt)
             if grad_commitment is not None:
+                # (x - e[idx]) * 2 c / numel + grad_q, in place in one buffer
                 q = codebook.index_select(0, idx.reshape(-1)).reshape(x.shape)
-                grad_x = grad_x + (grad_commitment * scale) * (x.to(cdt) - q.to(cdt))
+                grad_x = torch.sub(x.to(cdt), q.to(cdt)).mul_(grad_commitment * scale)
+                if grad_q is not None:
+                    grad_x.add_(grad_q)
+            else:
+                grad_x = grad_q.to(cdt) if grad_q is not None else torch.zeros_like(x, dtype=cdt)
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1] and grad_codebook_loss is not None:
             counts, sums = _stats(ctx.backend, x, idx, codebook.shape[0])
