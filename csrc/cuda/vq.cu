@@ -1,7 +1,7 @@
 // CUDA nearest-code search: a block takes 64 rows of x and walks the codebook 64 codes at a time,
 // staging 32-dimension slices of both in shared memory; the tile's dot products come from CUDA
-// cores in float32 (each thread a 4 x 4 block) or, for precision="fast" on 16-bit inputs, from the
-// tensor cores; each thread keeps, for its 4 rows, the running (min, argmin) over the codes it has
+// cores in float32 (each thread a 4 x 4 block) or, for precision="fast" with x and the codebook of
+// one dtype, from the tensor cores (16-bit products, or TF32 for float32); each thread keeps, for its 4 rows, the running (min, argmin) over the codes it has
 // seen. The 16 threads that share rows then merge their candidates with a shuffle tree that prefers
 // the lower index on ties. |x|^2 (which does not change the argmin) comes from the x slices of the
 // first code tile and is added at the end. Memory beyond the outputs: none (no N x K matrix).
@@ -9,6 +9,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "vq.h"
@@ -146,17 +147,35 @@ __global__ void __launch_bounds__(256) nearest_code_kernel(NearestCodeParams p) 
   finish_rows(p, row0, lane, b);
 }
 
-// precision="fast" with x and the codebook in one 16-bit dtype T: the tile's dot products come
-// from the tensor cores (WMMA 16 x 16 x 16, float32 accumulation: the products of 16-bit values
-// are exact, so only the accumulation order differs from the float32 kernel). Eight warps each
-// compute a 16 x 32 block of the 64 x 64 tile from 16-bit shared-memory slices, store it to shared
-// memory, and the argmin proceeds as above.
+// WMMA operand types per input dtype: 16-bit inputs multiply as they are (16 x 16 x 16), float32
+// ones as TF32 (16 x 16 x 8; the fragments' elements must be rounded to TF32 after loading).
+template <typename T> struct WmmaOperand {
+  using fragment_type = T;
+  static constexpr int kK = 16, kPad = 8;  // pad: 16-byte aligned rows, staggered banks
+};
+template <> struct WmmaOperand<float> {
+  using fragment_type = nvcuda::wmma::precision::tf32;
+  static constexpr int kK = 8, kPad = 4;
+};
+
+template <typename Fragment>
+__device__ __forceinline__ void round_to_tf32(Fragment& f) {
+#pragma unroll
+  for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+}
+
+// precision="fast" with x and the codebook of one dtype T: the tile's dot products come from the
+// tensor cores with float32 accumulation — for 16-bit T the products are exact (only the
+// accumulation order differs from the float32 kernel); for float32 they are TF32. Eight warps each
+// compute a 16 x 32 block of the 64 x 64 tile from shared-memory slices, store it to shared
+// memory, and the argmin proceeds as in the float32 kernel.
 template <typename T>
 __global__ void __launch_bounds__(256) nearest_code_wmma_kernel(NearestCodeParams p) {
   using namespace nvcuda;
-  constexpr int kPad = 8;  // keeps 16-bit rows 16-byte aligned for WMMA and staggers the banks
-  __shared__ __align__(32) T xs[kTileRows][kTileDim + kPad];
-  __shared__ __align__(32) T es[kTileCodes][kTileDim + kPad];
+  using Op = WmmaOperand<T>;
+  using FT = typename Op::fragment_type;
+  __shared__ __align__(32) T xs[kTileRows][kTileDim + Op::kPad];
+  __shared__ __align__(32) T es[kTileCodes][kTileDim + Op::kPad];
   __shared__ __align__(32) float scores[kTileRows][kTileCodes + 4];
   const TileLane lane = tile_lane();
   const int warp = threadIdx.x / 32;
@@ -167,7 +186,7 @@ __global__ void __launch_bounds__(256) nearest_code_wmma_kernel(NearestCodeParam
   RunningBest b;
   init_best(b);
   for (int64_t code0 = 0; code0 < p.codes; code0 += kTileCodes) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+    wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float> acc[2];
     wmma::fill_fragment(acc[0], 0.0f);
     wmma::fill_fragment(acc[1], 0.0f);
     for (int64_t d0 = 0; d0 < p.dim; d0 += kTileDim) {
@@ -187,14 +206,16 @@ __global__ void __launch_bounds__(256) nearest_code_wmma_kernel(NearestCodeParam
           }
       }
 #pragma unroll
-      for (int k = 0; k < kTileDim; k += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, &xs[frag_row][k], kTileDim + kPad);
+      for (int k = 0; k < kTileDim; k += Op::kK) {
+        wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, FT, wmma::row_major> a;
+        wmma::load_matrix_sync(a, &xs[frag_row][k], kTileDim + Op::kPad);
+        if constexpr (std::is_same_v<T, float>) round_to_tf32(a);
 #pragma unroll
         for (int f = 0; f < 2; ++f) {
           // B = E^T: element (k, n) is es[n][k], i.e. E's rows read column-major
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-          wmma::load_matrix_sync(bt, &es[frag_code + 16 * f][k], kTileDim + kPad);
+          wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, FT, wmma::col_major> bt;
+          wmma::load_matrix_sync(bt, &es[frag_code + 16 * f][k], kTileDim + Op::kPad);
+          if constexpr (std::is_same_v<T, float>) round_to_tf32(bt);
           wmma::mma_sync(acc[f], a, bt, acc[f]);
         }
       }
@@ -249,13 +270,12 @@ void codebook_stats(const CodebookStatsParams& p, cudaStream_t stream) {
 void nearest_code(const NearestCodeParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   const unsigned blocks = static_cast<unsigned>((p.rows + kTileRows - 1) / kTileRows);
-  const bool tensor_cores = !p.exact && p.x_dtype == p.codebook_dtype && p.x_dtype != DType::kFloat32;
-  if (tensor_cores && p.x_dtype == DType::kBFloat16)
-    nearest_code_wmma_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p);
-  else if (tensor_cores)
-    nearest_code_wmma_kernel<__half><<<blocks, 256, 0, stream>>>(p);
-  else
-    nearest_code_kernel<<<blocks, 256, 0, stream>>>(p);
+  if (p.exact || p.x_dtype != p.codebook_dtype) return void(nearest_code_kernel<<<blocks, 256, 0, stream>>>(p));
+  switch (p.x_dtype) {
+    case DType::kFloat32: return void(nearest_code_wmma_kernel<float><<<blocks, 256, 0, stream>>>(p));
+    case DType::kFloat16: return void(nearest_code_wmma_kernel<__half><<<blocks, 256, 0, stream>>>(p));
+    case DType::kBFloat16: return void(nearest_code_wmma_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p));
+  }
 }
 
 }  // namespace pyvae::cuda

@@ -16,8 +16,8 @@ Layers of this op family:
     API       :func:`nearest_code`, :func:`vector_quantize`, :func:`codebook_stats`.
 
 Status (issue #4, in progress): every backend has its own search and statistics kernels; the CUDA
-search uses tensor cores (WMMA) for ``precision="fast"`` on 16-bit inputs of one dtype and float32
-CUDA cores otherwise (no TF32 path there); none of the GPU code has run on a GPU yet.
+search uses tensor cores (WMMA: TF32 or 16-bit) for ``precision="fast"`` when x and the codebook
+share a dtype and float32 CUDA cores otherwise; none of the GPU code has run on a GPU yet.
 
 Distances are squared L2. Ties go to the lowest index. A code whose distance is NaN is never
 chosen; a row of x containing NaN gets index 0 and distance NaN, on every backend.
@@ -179,9 +179,9 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, precision: str = "e
     ``backend="torch"``), dtypes may differ; arithmetic is float32. ``precision="exact"``: on float32
     inputs the chosen code's float64 distance exceeds the float64 minimum by at most
     ``1e-5 (|x|^2 + |e_best|^2)`` (Triton: 3xTF32 tensor-core products). ``"fast"`` may use
-    reduced-precision matrix units: Triton TF32 for float32 inputs; tensor cores on x and a codebook
-    of one 16-bit dtype (Triton, CUDA), whose products are exact, so that still meets the exact
-    criterion; on the CPU it is the same as exact. Memory: one block of distances at a time, never
+    reduced-precision matrix units when x and the codebook share a dtype (Triton, CUDA): TF32 for
+    float32, the 16-bit products themselves (exact, so that still meets the exact criterion) for
+    float16/bfloat16; on the CPU, and for mixed dtypes, it is the same as exact. Memory: one block of distances at a time, never
     N x K. No gradient.
     """
     resolved = _check(x, codebook, backend, precision)
