@@ -114,6 +114,18 @@ def test_vector_quantize_values_and_gradients(backend):
     torch.testing.assert_close(r.perplexity.double(), expected_perplexity, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("backend", VQ_BACKENDS)
+def test_mixed_dtypes_losses_use_the_codes_as_stored(backend):
+    # bf16 x, float32 codebook: quantized is in x's dtype, but the losses measure the float32 codes.
+    torch.manual_seed(0)
+    x = torch.randn(40, 8).bfloat16()
+    codebook = torch.randn(11, 8)
+    r = pyvae.vector_quantize(x, codebook, backend=backend)
+    assert r.quantized.dtype == torch.bfloat16
+    expected = ((x.double() - codebook.double()[r.indices]) ** 2).mean()
+    torch.testing.assert_close(r.codebook_loss.double(), expected, rtol=1e-5, atol=0)
+
+
 def test_float64_gradients_match_stop_gradient_autograd():
     """gradcheck cannot see stop-gradients (the straight-through output is numerically e[idx]), so the
     float64 gradients are compared with autograd through the detach()-based definitions instead."""

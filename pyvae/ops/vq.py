@@ -121,10 +121,11 @@ class VQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, codebook, idx, backend: str):
-        q = codebook.index_select(0, idx.reshape(-1)).reshape(x.shape).to(x.dtype)
+        chosen = codebook.index_select(0, idx.reshape(-1)).reshape(x.shape)
         cdt = _compute_dtype(x, codebook)
-        # one fused pass (no N x D temporaries beyond mse_loss's own)
-        mse = torch.nn.functional.mse_loss(x.to(cdt), q.to(cdt), reduction="sum") / max(x.numel(), 1)
+        # the codes as stored (not rounded to x's dtype), in one fused pass
+        mse = torch.nn.functional.mse_loss(x.to(cdt), chosen.to(cdt), reduction="sum") / max(x.numel(), 1)
+        q = chosen.to(x.dtype)
         ctx.save_for_backward(x, codebook, idx)
         ctx.backend = backend
         return q, mse, mse.clone()
