@@ -131,3 +131,11 @@ def test_gaussian_latent_layer():
     assert layer.proj.weight.grad.abs().sum() > 0
     layer.eval()
     torch.testing.assert_close(layer(h).z, layer.proj(h).chunk(2, -1)[0])
+
+
+def test_source_tree_imports_without_the_build():
+    # `import pyvae` from a checkout (no extension, no pyvae.kernels) falls back to the torch backend.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", "import pyvae; print(pyvae.__file__, pyvae.backends.available('cpu'))"],
+                         capture_output=True, text=True, check=True, cwd=repo).stdout
+    assert out.startswith(os.path.join(repo, "pyvae")) and "['torch']" in out

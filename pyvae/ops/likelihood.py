@@ -33,7 +33,6 @@ from typing import Union
 import torch
 
 from .. import backends
-from ..kernels._layout import logvar_grad_shape
 from ._common import check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows
 
 __all__ = ["bernoulli_nll", "gaussian_nll", "continuous_bernoulli_nll", "LikelihoodFunction", "likelihood_reference"]
@@ -291,6 +290,9 @@ def _gaussian_nll_optimal(mean, target, full, reduction, backend):
 
 # --------------------------------------------------------------------------- fake kernels
 def _register_fakes() -> None:
+    # pyvae.kernels exists only in an installed pyvae (setup.py maps kernels/ there), as do the ops
+    from ..kernels._layout import logvar_grad_shape
+
     def forward_fake(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad, target_grad,
                      logvar_grad, grad_scale, group_logvar_grad):
         return (pred.new_empty(pred.shape if per_element else pred.shape[:1], dtype=torch.float32),
