@@ -71,9 +71,10 @@ void likelihood_impl(const LikelihoodParams& p) {
   const int64_t blocks = column_blocks(in.cols);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::min(in.cols, kLikelihoodColumnBlock));
   // The Bernoulli losses' element math is long: interleaved with it, loads from memory find the
-  // out-of-order window full of arithmetic and few cache misses overlap (software prefetching did not help).
-  // Copying each chunk into an L1 buffer first issues its loads back to back: 1.5x faster measured
-  // on the forward. The Gaussian streams fast enough directly, and the copy would cost it.
+  // out-of-order window full of arithmetic and few cache misses overlap. Copying each chunk into an
+  // L1 buffer first issues its loads back to back (1.5x faster forward, measured), and prefetching
+  // the next chunk while this one is computed gains another ~13% (Bernoulli; prefetching without
+  // the copy gained nothing). The Gaussian streams fast enough directly, and the copy would cost it.
   const bool stage_inputs = in.loss != Loss::kGaussian;
   // Work items are (group of rows, column block); a group is one row unless logvar's gradient is
   // summed over the batch (see kLogvarGroupRows): then its rows' derivatives are added, in row
@@ -100,6 +101,11 @@ void likelihood_impl(const LikelihoodParams& p) {
           const int64_t at = r * in.cols + col0;  // this chunk in the contiguous outputs
           const TP* pred_row = pred + r * in.pred_row_stride + col0;
           const TT* target_row = target + r * in.target_row_stride + col0;
+          if (stage_inputs && col0 + kChunk < col_end) {
+            const int64_t next = std::min(kChunk, col_end - col0 - kChunk);
+            prefetch_span(pred_row + kChunk, next * sizeof(TP));
+            prefetch_span(target_row + kChunk, next * sizeof(TT));
+          }
           const float* pred_f =
               stage_inputs ? to_float_buffer(pred_row, n, pred_buf) : as_float(pred_row, n, pred_buf);
           const float* target_f =
