@@ -14,11 +14,12 @@ struct LossTerms {
   float value, d_pred, d_target, d_logvar;
 };
 
-// softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|), stable for any x, and sigmoid(x), sharing e^-|x| and the reciprocal of u = 1 + e^-|x| (one
-// exp, one log, one division: the CPU is bound by these). log1p(e) = log(u) + (e - (u - 1)) / u,
-// the second term restoring the rounding of u.
+// softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|), stable for any x, and sigmoid(x),
+// sharing e = e^-|x| and the reciprocal of u = 1 + e (one exp, one log, one division: the CPU is
+// bound by these). log1p(e) = log(u) + (e - (u - 1)) / u, the second term restoring the rounding
+// of u. e and log1p(e) are returned too, for the continuous Bernoulli's normaliser.
 struct SoftplusSigmoid {
-  float softplus, sigmoid;
+  float softplus, sigmoid, exp_neg_abs, log1p_exp_neg_abs;
 };
 
 PYVAE_HD SoftplusSigmoid softplus_sigmoid_f(float x) {
@@ -26,26 +27,25 @@ PYVAE_HD SoftplusSigmoid softplus_sigmoid_f(float x) {
   const float u = 1.0f + e;
   const float r = 1.0f / u;
   const float log1p_e = (u == 1.0f ? e : log_unit(u)) + (e - (u - 1.0f)) * r;
-  return {(x > 0.0f ? x : 0.0f) + log1p_e, x >= 0.0f ? r : e * r};
+  return {(x > 0.0f ? x : 0.0f) + log1p_e, x >= 0.0f ? r : e * r, e, log1p_e};
 }
 
 // log C(lambda) of the continuous Bernoulli in terms of the logit l: C = l / tanh(l / 2), even in l.
-// Below |l| = 0.25 its Taylor series (error < 2e-9), above it log|l| - log1p(-e^-|l|) + log1p(e^-|l|).
-PYVAE_HD float cb_log_norm(float l) {
+// Below |l| = 0.25 its Taylor series (error < 2e-9), above it log|l| - log1p(-e) + log1p(e) with
+// e = e^-|l| and log1p(e) from softplus_sigmoid_f.
+PYVAE_HD float cb_log_norm(float l, float e, float log1p_e) {
   const float a = fabsf(l);
   const float z = l * l;
   const float series = 0.69314718055994531f + z * (1.0f / 12.0f + z * (-7.0f / 1440.0f + z * (31.0f / 90720.0f)));
-  const float e = exp_f(-a);
-  const float direct = log_f(a) - log1p_f(-e) + log1p_f(e);  // discarded below 0.25 (a may be 0 there)
+  const float direct = log_f(a) - log1p_f(-e) + log1p_e;  // discarded below 0.25 (a may be 0 there)
   return a < 0.25f ? series : direct;
 }
 
-// d log C / dl = 1/l - 1/sinh(l).
-PYVAE_HD float cb_log_norm_grad(float l) {
+// d log C / dl = 1/l - 1/sinh(l), e = e^-|l|.
+PYVAE_HD float cb_log_norm_grad(float l, float e) {
   const float a = fabsf(l);
   const float z = l * l;
   const float series = l * (1.0f / 6.0f + z * (-7.0f / 360.0f + z * (31.0f / 15120.0f)));
-  const float e = exp_f(-a);
   const float inv_sinh_a = 2.0f * e / (1.0f - e * e);
   const float direct = 1.0f / (a < 0.25f ? 1.0f : l) - (l > 0.0f ? inv_sinh_a : -inv_sinh_a);
   return a < 0.25f ? series : direct;
@@ -69,8 +69,8 @@ PYVAE_HD LossTerms loss_terms(float p, float t, float logvar, float constant) {
     out.d_logvar = 0.5f * (1.0f - diff * scaled);
   } else {
     const SoftplusSigmoid s = softplus_sigmoid_f(p);
-    out.value = s.softplus - t * p - cb_log_norm(p);
-    out.d_pred = s.sigmoid - t - cb_log_norm_grad(p);
+    out.value = s.softplus - t * p - cb_log_norm(p, s.exp_neg_abs, s.log1p_exp_neg_abs);
+    out.d_pred = s.sigmoid - t - cb_log_norm_grad(p, s.exp_neg_abs);
     out.d_target = -p;
   }
   return out;
