@@ -98,6 +98,14 @@ def _nearest(backend: str, x, codebook, exact: bool):
     return torch.ops.pyvae.nearest_code(x, codebook, exact)
 
 
+def _stats_of_own_search(x: torch.Tensor, idx: torch.Tensor, num_codes: int,
+                         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`codebook_stats` for indices from this package's own search (so they lie in
+    range): no argument checks, and so no host synchronisation on a GPU. For layers."""
+    with torch.no_grad():
+        return _stats(backends.resolve(backend, x.device, _OP), x, idx, num_codes)
+
+
 def _stats(backend: str, x, idx, num_codes: int):
     if backend == "torch":
         return codebook_stats_reference(x, idx, num_codes)
