@@ -395,6 +395,17 @@ def test_gpu_codebook_stats(backend, d, dtype):
     assert torch.equal(pyvae.codebook_stats(x, idx, 300, backend=backend)[1], sums)
 
 
+def test_ema_layer_unused_codes_stay_put():
+    torch.manual_seed(0)
+    layer = pyvae.nn.VectorQuantizer(6, 4, ema_decay=0.9)
+    before = layer.codebook.clone()
+    r = layer(0.1 * torch.randn(16, 4))
+    unused = r.counts == 0
+    assert unused.any() and (~unused).any()
+    torch.testing.assert_close(layer.codebook[unused], before[unused], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(layer.codebook[~unused], before[~unused])
+
+
 @pytest.mark.parametrize("backend", VQ_BACKENDS)
 def test_ema_layer_backward_uses_the_codes_of_its_forward(backend):
     # The EMA step rewrites the codebook during forward; backward (which once failed on the

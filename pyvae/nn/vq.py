@@ -15,7 +15,8 @@ class VectorQuantizer(nn.Module):
     ``ema_decay=None``: the codebook is a parameter trained by the codebook loss (VQ-VAE, van den
     Oord et al. 2017). ``ema_decay=0.99`` (say): the codebook is a buffer updated in training mode
     from deterministic per-code counts and sums (:func:`pyvae.codebook_stats`) with Laplace
-    smoothing, and the returned loss is ``beta * commitment_loss`` only. ``forward`` returns a
+    smoothing, starting from one pseudo-observation per code at its initial position (so unused
+    codes stay put), and the returned loss is ``beta * commitment_loss`` only. ``forward`` returns a
     :class:`pyvae.ops.VQResult`; ``state_dict`` holds the codebook (and the EMA statistics).
 
     Under data parallelism (``torch.distributed`` initialised, more than one process) the EMA
@@ -33,8 +34,11 @@ class VectorQuantizer(nn.Module):
         if ema_decay is None:
             self.codebook = nn.Parameter(init)
         else:
+            # The EMA starts as if each code had one observation at its initial position: a code
+            # unused so far stays where it is (ema_sums / ema_counts), instead of being divided by
+            # the smoothing eps and thrown ~1/eps away, as zero initial counts would do.
             self.register_buffer("codebook", init)
-            self.register_buffer("ema_counts", torch.zeros(num_codes))
+            self.register_buffer("ema_counts", torch.ones(num_codes))
             self.register_buffer("ema_sums", init.clone())
 
     def forward(self, x: torch.Tensor) -> VQResult:
