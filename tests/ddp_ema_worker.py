@@ -1,6 +1,7 @@
 """One rank of tests/test_vq.py::test_ema_codebook_is_synchronised_under_ddp (not a pytest module):
 trains a DDP-wrapped EMA VectorQuantizer for a few steps on this rank's share of a fixed batch and
 saves its codebook."""
+import faulthandler
 import os
 import sys
 
@@ -10,8 +11,7 @@ import torch.distributed as dist
 import pyvae
 
 
-def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def train(rank: int, world: int) -> torch.Tensor:
     torch.manual_seed(0)
     data = torch.randn(world * 64, 4) + torch.randint(0, 3, (world * 64, 1)) * 3.0  # the same everywhere
     encoder = torch.nn.Linear(4, 4)
@@ -20,7 +20,16 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     for _ in range(3):  # no optimizer step: the encoder stays as initialised
         r = model(data[rank::world])
         r.loss.backward()
-    torch.save(layer.codebook, os.path.join(out_dir, f"codebook{rank}.pt"))
+    return layer.codebook.clone()
+
+
+def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang shows up in the log, not as a timeout
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # DDP is gone (train returned) before the process group: the other order can hang at exit
+    codebook = train(rank, world)
+    torch.save(codebook, os.path.join(out_dir, f"codebook{rank}.pt"))
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -430,9 +430,16 @@ def test_ema_codebook_is_synchronised_under_ddp(tmp_path):
     import sys
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_ema_worker.py")
     init_file = str(tmp_path / "init")
-    procs = [subprocess.Popen([sys.executable, worker, str(rank), "2", init_file, str(tmp_path)])
-             for rank in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # loopback: no hostname lookup
+    logs = [open(tmp_path / f"rank{rank}.log", "w") for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, worker, str(rank), "2", init_file, str(tmp_path)], env=env,
+                              stdout=logs[rank], stderr=subprocess.STDOUT) for rank in range(2)]
+    try:
+        codes = [p.wait(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0], "\n".join((tmp_path / f"rank{rank}.log").read_text() for rank in range(2))
     codebooks = [torch.load(tmp_path / f"codebook{rank}.pt") for rank in range(2)]
     assert torch.equal(codebooks[0], codebooks[1])
 
