@@ -16,8 +16,8 @@ Layers of this op family (the shape every pyvae op follows):
               backward would read the inputs twice and evaluate the transcendental functions twice.
               Peak memory: the inputs plus one gradient buffer (a log-variance shared by the batch
               gets its gradient as sums over 16-row groups, 1/16 of the size, for scalar losses). A
-              second backward through the same graph (``retain_graph=True``) recomputes the derivatives with the forward op, so it
-              returns bit-identical gradients.
+              second backward through the same graph (``retain_graph=True``) recomputes the
+              derivatives with the forward op, so it returns bit-identical gradients.
     API       :func:`bernoulli_nll`, :func:`gaussian_nll`, :func:`continuous_bernoulli_nll`.
 
 Inputs are ``[B, ...]``: ``reduction="per_sample"`` sums over all dims but the first (the
@@ -107,11 +107,14 @@ def _scale_grad_(grad: torch.Tensor, scale: torch.Tensor, backend: str) -> None:
         torch.ops.pyvae.scale_grad_(grad, scale)
 
 
+_SCALAR_REDUCTIONS = ("sum", "batchmean", "mean")  # one upstream gradient value for every element
+
+
 def _grad_options(reduction: str, shape: torch.Size) -> tuple[float, bool]:
     """(grad_scale, group_logvar_grad) of the forward op for this reduction: the factor it applies
     to every element's gradient, and whether every row gets the same upstream gradient (a scalar
     loss), so that a log-variance shared by the batch can have its gradient summed in the kernel."""
-    scalar = reduction in ("sum", "batchmean", "mean")
+    scalar = reduction in _SCALAR_REDUCTIONS
     if reduction == "batchmean" and shape[0] > 0:
         return 1.0 / shape[0], scalar
     if reduction == "mean" and shape.numel() > 0:
@@ -163,7 +166,7 @@ class LikelihoodFunction(torch.autograd.Function):
         if unit_grads is None:
             _, *unit_grads = _forward_op(ctx.backend)(ctx.loss, pred, target, logvar, ctx.fixed_logvar, 0.0, False,
                                                       *ctx.wanted, *_grad_options(ctx.reduction, pred.shape))
-        if ctx.reduction in ("sum", "batchmean", "mean"):  # a scalar loss: one upstream value, often 1
+        if ctx.reduction in _SCALAR_REDUCTIONS:  # one upstream value, often 1
             upstream = grad_out.float().reshape(())
             for g, want in zip(unit_grads, ctx.wanted):
                 if want:
