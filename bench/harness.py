@@ -167,15 +167,37 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
 
 
 def peak_memory(device: str, fn: Callable[[], object]) -> int | None:
-    """Peak bytes allocated above the starting point while running fn (CUDA only)."""
-    if not device.startswith("cuda"):
+    """Peak bytes allocated above the starting point while running fn once (its outputs included).
+
+    CUDA: the caching allocator's peak statistics. CPU: every allocation and free made through
+    PyTorch's CPU allocator, as recorded by the profiler's memory events, summed in time order
+    (``at::empty`` inside C++ ops included, so a kernel's internal blocks count). pyvae's CPU
+    output-buffer cache is emptied first, so its outputs are fresh allocations; buffers it takes
+    back leave no free event and stay counted, which errs on the high side."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    if device != "cpu":
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - start
+    try:
+        import pyvae.backends
+        pyvae.backends.empty_cpu_cache()
+    except (ImportError, AttributeError):
+        pass
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((ev.start_ns(), ev.nbytes()) for ev in prof.profiler.kineto_results.events()
+                    if ev.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 @dataclass
@@ -216,7 +238,7 @@ def time_case(case: Case, device: str, label: str = "") -> list[Row]:
             rows.append(Row(case.op, case.shape, str(case.dtype).replace("torch.", ""), case.mode, name,
                             t.median_ms, t.p20_ms, t.p80_ms, case.traffic_bytes, gbps, 100 * gbps / copy_gbps,
                             saved_tensor_bytes(case.steps[name]) if backward else None,
-                            peak_memory(device, case.steps[name]) if backward else None,
+                            peak_memory(device, case.steps[name]),
                             eager_ms / t.median_ms, graph,
                             case.flops / (t.median_ms * 1e-3) / 1e12 if case.flops else None))
     return rows
@@ -246,7 +268,10 @@ def markdown_table(rows: list[Row], env: dict, command: str) -> str:
         f"pyvae {env['pyvae']}, python {env['python']}, {env['threads']} CPU threads.",
         "",
         "Times are medians (p20-p80) in ms. GB/s counts the minimal logical traffic (inputs read once, "
-        "outputs written once); % copy is that rate over a device copy measured in the same run.",
+        "outputs written once); % copy is that rate over a device copy measured in the same run. "
+        "Peak mem: the most memory allocated above the starting point during one call, outputs "
+        "included (CPU: PyTorch's allocator as the profiler records it, pyvae's buffer cache emptied "
+        "first).",
         "",
         "| op | shape | dtype | mode | provider | median ms | p20-p80 ms | GB/s | % copy | TFLOP/s | x eager | saved for bwd | peak mem | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -35,10 +35,19 @@ def cdist_nearest(x, e):
 
 
 def shapes(device: str, quick: bool) -> dict:
+    """The issue's target shapes first; then, unless quick, shapes at the ends of the supported
+    ranges (D = 3 and 1000, K = 1 and 65536), to show the search has no cliff there."""
     if device == "cpu":
-        return {"nearest": [(16384, 1024, 64, torch.float32)], "vq": [(16384, 1024, 64)]}
+        nearest = [(16384, 1024, 64, torch.float32)]
+        if not quick:
+            nearest += [(4096, k, d, torch.float32) for k, d in ((1024, 3), (1024, 1000), (1, 64), (65536, 64))]
+        return {"nearest": nearest, "vq": [(16384, 1024, 64)]}
     n, k, d = (65536, 16384, 256) if not quick else (16384, 4096, 256)
-    return {"nearest": [(n, k, d, torch.float32), (n, k, d, torch.bfloat16)], "vq": [(16384, 4096, 256)]}
+    nearest = [(n, k, d, torch.float32), (n, k, d, torch.bfloat16)]
+    if not quick:
+        nearest += [(65536, k, d, torch.float32) for k, d in ((1024, 3), (1024, 1000), (1, 256))]
+        nearest += [(16384, 65536, 256, torch.float32)]
+    return {"nearest": nearest, "vq": [(16384, 4096, 256)]}
 
 
 def _vqp_step(n, k, d, device):
