@@ -265,8 +265,11 @@ LikelihoodChecked check_likelihood(const std::string& loss, const at::Tensor& pr
     TORCH_CHECK_VALUE(logvar->device() == pred.device(), "logvar must be on the device of the prediction");
     TORCH_CHECK_VALUE(at::is_expandable_to(logvar->sizes(), pred.sizes()), "logvar of shape ", logvar->sizes(),
                       " does not broadcast to the prediction's shape ", pred.sizes());
+    if (rows == 0) return c;  // nothing to read; the gradient is [0, ...] either way
     const at::Tensor full = logvar->to(at::kFloat).expand(pred.sizes());
-    const bool shared_by_batch = full.stride(0) == 0 || rows == 1;
+    // Decided by shape, as the fake kernel and the Triton launcher do (kernels/_layout.py): an
+    // expanded view of a [B, ...] tensor (stride 0 in dim 0) still gets a per-element gradient.
+    const bool shared_by_batch = rows == 1 || logvar->dim() < pred.dim() || logvar->size(0) == 1;
     c.logvar = shared_by_batch ? full.select(0, 0).contiguous().reshape({1, cols})
                                : full.contiguous().reshape({rows, cols});
     c.kernel.logvar = c.logvar.data_ptr<float>();

@@ -11,8 +11,13 @@ def logvar_group_rows(pred: torch.Tensor, logvar: torch.Tensor | None, group_log
     by the batch (absent or of size 1 in dim 0, or a batch of one), else 1 (per element)."""
     if logvar is None or not group_logvar_grad:
         return 1
-    shared = logvar.dim() < pred.dim() or logvar.shape[0] == 1 or pred.shape[0] == 1
-    return LOGVAR_GROUP_ROWS if shared else 1
+    return LOGVAR_GROUP_ROWS if logvar_shared_by_batch(pred, logvar) else 1
+
+
+def logvar_shared_by_batch(pred: torch.Tensor, logvar: torch.Tensor) -> bool:
+    """Whether every row of the batch reads the same log-variances. Decided by shape, not strides
+    (an expanded view of a [B, ...] tensor is per-row data), as the C++ op does."""
+    return logvar.dim() < pred.dim() or logvar.shape[0] == 1 or pred.shape[0] == 1
 
 
 def logvar_grad_shape(pred: torch.Tensor, logvar: torch.Tensor, group_logvar_grad: bool) -> tuple[int, ...]:

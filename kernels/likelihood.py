@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._layout import as_rows, logvar_grad_shape, logvar_group_rows
+from ._layout import as_rows, logvar_grad_shape, logvar_group_rows, logvar_shared_by_batch
 
 COLUMN_BLOCK = 16384  # == kLikelihoodColumnBlock in csrc/common/likelihood_params.h
 LOSS_IDS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
@@ -163,10 +163,10 @@ def _prepare(pred, target, logvar):
     rows = pred.shape[0]
     cols = math.prod(pred.shape[1:])
     pred2, target2 = as_rows(pred, rows, cols), as_rows(target, rows, cols)
-    if logvar is None:
+    if logvar is None or rows == 0:
         return rows, cols, pred2, target2, pred2, 0
     full = logvar.float().expand(pred.shape)
-    if full.stride(0) == 0 or rows == 1:
+    if logvar_shared_by_batch(pred, logvar):
         return rows, cols, pred2, target2, full[0].contiguous().reshape(1, cols), 0
     return rows, cols, pred2, target2, full.contiguous().reshape(rows, cols), cols
 

@@ -112,6 +112,28 @@ def test_gaussian_logvar_forms(pair, form, full):
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gaussian_logvar_expanded_to_the_batch(pair, reduction):
+    # A learned per-channel log-variance handed over as .expand(B, ...): batch-shaped with stride 0
+    # in dim 0. Its gradient follows the shape (per element, summed by expand's backward), over
+    # more than one 16-row group.
+    device, backend = pair
+    shape = (37, 5)
+    mean, target = make(shape, torch.float32, device, "gaussian", requires_grad=True)
+    param = (0.5 * torch.randn(1, 5, device=device)).requires_grad_()
+    out = pyvae.gaussian_nll(mean, target, param.expand(shape), reduction=reduction, backend=backend)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [mean, param], grad_out)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (mean, target, param)]
+    expected = reference("gaussian", ref_inputs[0], ref_inputs[1], reduction, ref_inputs[2].expand(shape), 0.0, True)
+    ref_grads = torch.autograd.grad(expected, [ref_inputs[0], ref_inputs[2]], grad_out.double())
+    assert_close(out, expected, torch.float32, VALUE if reduction == "none" else SUM, 1 if reduction == "none" else 5)
+    for g, rg in zip(grads, ref_grads):
+        assert g.shape == rg.shape
+        assert_close(g, rg, torch.float32, VALUE, scale=math.prod(shape) / rg.numel() * 10)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
 @pytest.mark.parametrize("full", [True, False])
 def test_gaussian_optimal_variance(pair, full):
     device, backend = pair
@@ -260,6 +282,13 @@ def test_empty_batch(pair):
     assert pyvae.bernoulli_nll(pred, pred, reduction="per_sample", backend=backend).shape == (0,)
     assert pyvae.bernoulli_nll(pred, pred, reduction="sum", backend=backend).item() == 0
     assert pyvae.bernoulli_nll(pred, pred, reduction="none", backend=backend).shape == (0, 3, 4)
+    # a shared log-variance on an empty batch: a zero loss and a zero gradient
+    mean = pred.clone().requires_grad_()
+    for logvar in (torch.zeros(3, 4, device=device), torch.zeros(1, 3, 1, device=device)):
+        logvar.requires_grad_()
+        loss = pyvae.gaussian_nll(mean, pred, logvar, reduction="sum", backend=backend)
+        loss.backward()
+        assert loss.item() == 0 and torch.equal(logvar.grad, torch.zeros_like(logvar))
 
 
 # ----------------------------------------------------------------------------- bad input
