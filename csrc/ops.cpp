@@ -134,6 +134,8 @@ ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tenso
     TORCH_CHECK_VALUE(grad_z->dim() == mu.dim() + 1 && grad_z->sizes().slice(1) == mu.sizes(),
                       "grad_z must have shape [n_samples, *mu.shape], got ", grad_z->sizes());
     TORCH_CHECK_TYPE(grad_z->scalar_type() == mu.scalar_type(), "grad_z must have the dtype of mu");
+    TORCH_CHECK_VALUE(grad_z->device() == mu.device(), "grad_z must be on the device of mu (", mu.device(),
+                      "), got ", grad_z->device());
     buf.grad_z = grad_z->contiguous();
     p.grad_z = buf.grad_z.data_ptr();
     p.samples = grad_z->size(0);
@@ -142,6 +144,8 @@ ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tenso
     TORCH_CHECK_VALUE(grad_kl->sizes() == mu.sizes(),
                       "grad_kl must have the shape of mu (expanded if need be), got ", grad_kl->sizes());
     TORCH_CHECK_TYPE(grad_kl->scalar_type() == at::kFloat, "grad_kl must be float32");
+    TORCH_CHECK_VALUE(grad_kl->device() == mu.device(), "grad_kl must be on the device of mu (", mu.device(),
+                      "), got ", grad_kl->device());
     buf.grad_kl = grad_kl->reshape({in.kernel.rows, in.kernel.cols});  // a view for expanded per-row/scalar grads
     p.grad_kl = buf.grad_kl.data_ptr<float>();
     p.grad_kl_row_stride = buf.grad_kl.stride(0);
@@ -213,7 +217,8 @@ ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& lo
   }
   if (in.kernel.cols == 0) kl.zero_();
   if (in.kernel.rows == 0 || in.kernel.cols == 0) {
-    seed_used.zero_();  // nothing to draw: any key will do for an empty backward
+    // nothing to draw: an empty backward takes any key; a given seed is recorded as on the CPU
+    seed_used.fill_(seed.value_or(0));
   } else {
     cuda::reparam_kl_forward(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -226,9 +231,9 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cuda(const at::Tensor& mu
                                                             const std::optional<at::Tensor>& grad_z,
                                                             const std::optional<at::Tensor>& grad_kl) {
   CheckedInputs in = check_inputs(mu, logvar);
-  const c10::cuda::CUDAGuard guard(mu.device());
   BackwardBuffers buf;
-  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
+  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);  // checks every device
+  const c10::cuda::CUDAGuard guard(mu.device());
   cuda::reparam_kl_backward(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {buf.grad_mu, buf.grad_logvar};
@@ -322,6 +327,10 @@ LikelihoodForwardResult likelihood_forward_impl(const std::string& loss, const a
                                                 bool pred_grad, bool target_grad, bool logvar_grad,
                                                 double grad_scale, bool group_logvar_grad, bool cuda) {
   LikelihoodChecked c = check_likelihood(loss, pred, target, logvar, fixed_logvar, constant);
+#ifdef PYVAE_WITH_CUDA
+  std::optional<c10::cuda::CUDAGuard> guard;  // after the checks: the inputs' devices are known to agree
+  if (cuda) guard.emplace(pred.device());
+#endif
   const int64_t rows = c.kernel.rows, cols = c.kernel.cols;
   at::Tensor out = per_element ? new_output(pred.sizes(), pred.options().dtype(at::kFloat))
                                : at::empty({rows, column_blocks(cols)}, pred.options().dtype(at::kFloat));
@@ -368,7 +377,6 @@ LikelihoodForwardResult likelihood_forward_cuda(const std::string& loss, const a
                                                 double fixed_logvar, double constant, bool per_element,
                                                 bool pred_grad, bool target_grad, bool logvar_grad,
                                                 double grad_scale, bool group_logvar_grad) {
-  const c10::cuda::CUDAGuard guard(pred.device());
   return likelihood_forward_impl(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad,
                                  target_grad, logvar_grad, grad_scale, group_logvar_grad, true);
 }
@@ -410,8 +418,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
 
 #ifdef PYVAE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const at::Tensor& codebook, bool exact) {
-  check_codebook(x, codebook);
-  const at::Tensor x2 = as_rows(x, x.numel() / codebook.size(1), codebook.size(1));
+  const at::Tensor x_rows = check_codebook(x, codebook);  // one copy at most, e.g. for a permuted x
+  const at::Tensor x2 = as_rows(x_rows, x_rows.size(0), x_rows.size(1));
   const at::Tensor e = as_rows(codebook, codebook.size(0), codebook.size(1));
   const c10::cuda::CUDAGuard guard(x.device());
   const auto rows_shape = x.sizes().slice(0, x.dim() - 1);
@@ -466,7 +474,8 @@ std::tuple<at::Tensor, at::Tensor> codebook_stats_cuda(const at::Tensor& x, cons
     const at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));
     const at::Tensor starts = counts.cumsum(0) - counts;
     const at::Tensor chunk_end = at::floor_divide(counts + (kStatsChunkRows - 1), kStatsChunkRows).cumsum(0);
-    const int64_t max_chunks = num_codes + (rows + kStatsChunkRows - 1) / kStatsChunkRows;
+    // every chunk holds a row, and each code's count rounds up to whole chunks
+    const int64_t max_chunks = std::min(rows, num_codes + (rows + kStatsChunkRows - 1) / kStatsChunkRows);
     const at::Tensor chunk_code =
         at::searchsorted(chunk_end, at::arange(max_chunks, idx.options()), /*out_int32=*/false, /*right=*/true);
     at::Tensor partial = at::empty({max_chunks, dim}, x.options().dtype(at::kFloat));

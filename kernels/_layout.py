@@ -1,6 +1,8 @@
 """Tensor layout helpers shared by the Triton launchers (and the ops' fake kernels: no Triton here)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 LOGVAR_GROUP_ROWS = 16  # == kLogvarGroupRows in csrc/common/likelihood_params.h
@@ -32,3 +34,9 @@ def as_rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     of a wider tensor), else a copy."""
     t2 = t.reshape(rows, cols)
     return t2 if t2.stride(1) == 1 or cols == 1 else t2.contiguous()
+
+
+def launch_device(t: torch.Tensor):
+    """Context making ``t``'s GPU the current device: Triton launches on the current device and its
+    current stream, whatever device the arguments are on. A no-op for CPU tensors (interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

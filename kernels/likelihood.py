@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._layout import as_rows, logvar_grad_shape, logvar_group_rows, logvar_shared_by_batch
+from ._layout import as_rows, launch_device, logvar_grad_shape, logvar_group_rows, logvar_shared_by_batch
 
 COLUMN_BLOCK = 16384  # == kLikelihoodColumnBlock in csrc/common/likelihood_params.h
 LOSS_IDS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
@@ -194,12 +194,13 @@ def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tenso
     group_rows = logvar_group_rows(pred, logvar, group_logvar_grad) if logvar_grad else 1
     if rows > 0 and cols > 0:
         block_r, block_c = _tile(cols, group_rows)
-        wrap_triton(_likelihood_kernel)[(triton.cdiv(rows, block_r) * n_blocks,)](
-            pred2, target2, logvar2, out, grad_pred if pred_grad else out, grad_target if target_grad else out,
-            grad_logvar if logvar_grad else out, fixed_logvar, constant, grad_scale, rows, cols, n_blocks, pred2.stride(0),
-            target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss], HAS_LOGVAR=logvar is not None,
-            PER_ELEMENT=per_element, PRED_GRAD=pred_grad, TARGET_GRAD=target_grad, LOGVAR_GRAD=logvar_grad,
-            GROUP_LOGVAR=group_rows > 1, BLOCK_R=block_r, BLOCK_C=block_c)
+        with launch_device(pred):
+            wrap_triton(_likelihood_kernel)[(triton.cdiv(rows, block_r) * n_blocks,)](
+                pred2, target2, logvar2, out, grad_pred if pred_grad else out, grad_target if target_grad else out,
+                grad_logvar if logvar_grad else out, fixed_logvar, constant, grad_scale, rows, cols, n_blocks,
+                pred2.stride(0), target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss], HAS_LOGVAR=logvar is not None,
+                PER_ELEMENT=per_element, PRED_GRAD=pred_grad, TARGET_GRAD=target_grad, LOGVAR_GRAD=logvar_grad,
+                GROUP_LOGVAR=group_rows > 1, BLOCK_R=block_r, BLOCK_C=block_c)
     if not per_element:
         out = pred.new_zeros((rows,), dtype=torch.float32) if cols == 0 else (
             out.reshape(rows) if n_blocks == 1 else out.sum(1))
@@ -218,4 +219,5 @@ def scale_grad_triton_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     n = grad.numel()
     if n:
         block = 4096
-        wrap_triton(_scale_unless_one_kernel)[(triton.cdiv(n, block),)](grad, scale, n, BLOCK=block)
+        with launch_device(grad):
+            wrap_triton(_scale_unless_one_kernel)[(triton.cdiv(n, block),)](grad, scale, n, BLOCK=block)

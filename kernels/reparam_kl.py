@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._layout import as_rows
+from ._layout import as_rows, launch_device
 
 
 @triton.jit
@@ -73,7 +73,8 @@ def _reparam_kl_fwd_kernel(mu_ptr, logvar_ptr, seed_value, seed_ptr, z_ptr, kl_p
         g, col, mask, mu, logvar, std = _load_chunk(mu_ptr, logvar_ptr, r3, rows, cols, mu_row_stride,
                                                     logvar_row_stride, g0, lane, BLOCK_G)
         z = mu + std * _eps(seed, r, groups_per_row, g, sample, lane)
-        tl.store(z_ptr + (sample * rows + r3) * cols + col, z.to(z_ptr.dtype.element_ty), mask=mask)
+        # 64-bit before the product: samples * rows may pass 2**31
+        tl.store(z_ptr + (sample.to(tl.int64) * rows + r3) * cols + col, z.to(z_ptr.dtype.element_ty), mask=mask)
         if sample == 0:
             kl = 0.5 * (mu * mu + std * std - 1.0 - logvar)
             if KL_PER_ELEMENT:
@@ -102,10 +103,12 @@ def _reparam_kl_bwd_kernel(mu_ptr, logvar_ptr, seed_ptr, grad_z_ptr, grad_kl_ptr
         grad_z_eps = tl.zeros([BLOCK_R, BLOCK_G, 4], dtype=tl.float32)
         if HAS_GRAD_Z:
             for sample in range(0, samples):
-                gz = tl.load(grad_z_ptr + (sample * rows + r3) * cols + col, mask=mask, other=0.0).to(tl.float32)
+                gz_row = tl.cast(sample, tl.int64) * rows + r3  # 64-bit: samples * rows may pass 2**31
+                gz = tl.load(grad_z_ptr + gz_row * cols + col, mask=mask, other=0.0).to(tl.float32)
                 grad_mu += gz
                 grad_z_eps += gz * _eps(seed, r, groups_per_row, g, sample, lane)
-        grad_logvar = 0.5 * std * grad_z_eps
+        # a missing upstream gradient adds nothing (not 0 * inf for an infinite std or mu)
+        grad_logvar = 0.5 * std * grad_z_eps if HAS_GRAD_Z else tl.zeros([BLOCK_R, BLOCK_G, 4], dtype=tl.float32)
         if HAS_GRAD_KL:
             gkl = tl.load(grad_kl_ptr + r3 * grad_kl_row_stride + col * grad_kl_col_stride, mask=mask, other=0.0)
             grad_mu += gkl * mu
@@ -150,9 +153,10 @@ def reparam_kl_forward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: Opti
     mu2, logvar2 = as_rows(mu, rows, cols), as_rows(logvar, rows, cols)
     block_r, block_g = _tile(cols)
     grid = (triton.cdiv(rows, block_r), n_samples)
-    wrap_triton(_reparam_kl_fwd_kernel)[grid](
-        mu2, logvar2, 0 if seed is None else seed, seed_used, z, kl, rows, cols, mu2.stride(0), logvar2.stride(0),
-        SEED_GIVEN=seed is not None, KL_PER_ELEMENT=kl_per_element, BLOCK_R=block_r, BLOCK_G=block_g)
+    with launch_device(mu):
+        wrap_triton(_reparam_kl_fwd_kernel)[grid](
+            mu2, logvar2, 0 if seed is None else seed, seed_used, z, kl, rows, cols, mu2.stride(0), logvar2.stride(0),
+            SEED_GIVEN=seed is not None, KL_PER_ELEMENT=kl_per_element, BLOCK_R=block_r, BLOCK_G=block_g)
     return z, kl, seed_used
 
 
@@ -171,9 +175,10 @@ def reparam_kl_backward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: tor
     gz = grad_z.contiguous() if grad_z is not None else mu2
     gkl = grad_kl.reshape(rows, cols) if grad_kl is not None else mu2
     block_r, block_g = _tile(cols)
-    wrap_triton(_reparam_kl_bwd_kernel)[(triton.cdiv(rows, block_r),)](
-        mu2, logvar2, seed, gz, gkl, grad_mu, grad_logvar, rows, cols,
-        grad_z.shape[0] if grad_z is not None else 0, mu2.stride(0), logvar2.stride(0),
-        gkl.stride(0), gkl.stride(1), HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
-        BLOCK_R=block_r, BLOCK_G=block_g)
+    with launch_device(mu):
+        wrap_triton(_reparam_kl_bwd_kernel)[(triton.cdiv(rows, block_r),)](
+            mu2, logvar2, seed, gz, gkl, grad_mu, grad_logvar, rows, cols,
+            grad_z.shape[0] if grad_z is not None else 0, mu2.stride(0), logvar2.stride(0),
+            gkl.stride(0), gkl.stride(1), HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
+            BLOCK_R=block_r, BLOCK_G=block_g)
     return grad_mu, grad_logvar

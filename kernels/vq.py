@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._layout import as_rows
+from ._layout import as_rows, launch_device
 
 
 @triton.jit
@@ -105,12 +105,16 @@ def launch_search(x2: torch.Tensor, e: torch.Tensor, exact: bool, idx: torch.Ten
         return
     e_sq = e.float().square().sum(1)
     same_16bit = x2.dtype == e.dtype and x2.dtype in (torch.float16, torch.bfloat16)
-    dot_fp32 = exact or not same_16bit
+    # Products of 16-bit values are exact, so "exact" needs no float32 dot for them. Triton's
+    # interpreter (CPU tensors) multiplies bfloat16 operands as their raw bits: upcast there.
+    interpreted_bf16 = x2.device.type == "cpu" and x2.dtype == torch.bfloat16
+    dot_fp32 = not same_16bit or interpreted_bf16
     c = config or search_config(n_rows, n_codes, dim, dot_fp32)
-    wrap_triton(_nearest_code_kernel)[(triton.cdiv(n_rows, c.block_n),)](
-        x2, e, e_sq, idx, dist, n_rows, n_codes, dim, x2.stride(0), e.stride(0), DOT_FP32=dot_fp32,
-        INPUT_PRECISION="tf32x3" if exact else "tf32", BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_D=c.block_d,
-        num_warps=c.num_warps, num_stages=c.num_stages)
+    with launch_device(x2):
+        wrap_triton(_nearest_code_kernel)[(triton.cdiv(n_rows, c.block_n),)](
+            x2, e, e_sq, idx, dist, n_rows, n_codes, dim, x2.stride(0), e.stride(0), DOT_FP32=dot_fp32,
+            INPUT_PRECISION="tf32x3" if exact else "tf32", BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_D=c.block_d,
+            num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 @triton_op("pyvae::nearest_code_triton", mutates_args=())
@@ -183,14 +187,17 @@ def codebook_stats_triton(x: torch.Tensor, idx: torch.Tensor, num_codes: int) ->
         order = torch.sort(flat, stable=True).indices
         starts = torch.cumsum(counts, 0) - counts
         chunk_end = torch.cumsum((counts + STATS_CHUNK_ROWS - 1) // STATS_CHUNK_ROWS, 0)
-        max_chunks = num_codes + triton.cdiv(n, STATS_CHUNK_ROWS)
+        # every chunk holds a row, and each code's count rounds up to whole chunks
+        max_chunks = min(n, num_codes + triton.cdiv(n, STATS_CHUNK_ROWS))
         chunk_code = torch.searchsorted(chunk_end, torch.arange(max_chunks, device=x.device), right=True)
         partial = torch.empty(max_chunks, dim, dtype=torch.float32, device=x.device)
         block_d = min(triton.next_power_of_2(dim), 128)
         d_blocks = triton.cdiv(dim, block_d)
-        wrap_triton(_stats_chunk_kernel)[(max_chunks, d_blocks)](
-            x2, order, starts, counts, chunk_end, chunk_code, partial, num_codes, dim, x2.stride(0),
-            CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
-        wrap_triton(_stats_merge_kernel)[(num_codes, d_blocks)](
-            partial, counts, chunk_end, sums, dim, CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
+        with launch_device(x2):
+            wrap_triton(_stats_chunk_kernel)[(max_chunks, d_blocks)](
+                x2, order, starts, counts, chunk_end, chunk_code, partial, num_codes, dim, x2.stride(0),
+                CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
+        with launch_device(x2):
+            wrap_triton(_stats_merge_kernel)[(num_codes, d_blocks)](
+                partial, counts, chunk_end, sums, dim, CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
     return counts.float(), sums

@@ -275,6 +275,23 @@ def test_nan_inf_as_eager(pair):
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("used", ["z", "kl"])
+def test_backward_nan_inf_as_eager_with_one_output_used(pair, used):
+    # The unused output's gradient adds nothing: an infinite std or mu must not turn into 0 * inf = NaN.
+    device, backend = pair
+    special = torch.tensor([0.0, float("nan"), float("inf"), -float("inf"), 100.0, 200.0, -100.0, 1.0], device=device)
+    mu, logvar = (t.contiguous().requires_grad_() for t in torch.meshgrid(special, special, indexing="ij"))
+    z, kl = pyvae.reparameterize_kl(mu, logvar, seed=5, reduction="none", backend=backend)
+    grads = torch.autograd.grad((z if used == "z" else kl).sum(), [mu, logvar])
+    eps = reference_eps(torch.tensor(5, device=device), mu.shape, 1, torch.float32)[0]
+    out_eager = mu + torch.exp(0.5 * logvar) * eps if used == "z" else -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    for g, g_eager in zip(grads, torch.autograd.grad(out_eager.sum(), [mu, logvar])):
+        assert torch.equal(g.isnan(), g_eager.isnan()) and torch.equal(g.isinf(), g_eager.isinf())
+        finite = g_eager.isfinite()
+        torch.testing.assert_close(g[finite], g_eager[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
 def test_autocast(pair):
     device, backend = pair
     layer = torch.nn.Linear(16, 8).to(device)
@@ -371,6 +388,14 @@ def test_different_devices():
         pytest.skip("needs two devices")
     with pytest.raises(ValueError, match="same device|one device"):
         pyvae.reparameterize_kl(torch.randn(2, 3), torch.randn(2, 3, device="cuda"))
+    # the raw backward op, called directly: upstream gradients on another device than mu
+    if "cuda" in pyvae.backends.available("cuda"):
+        mu = torch.randn(2, 3, device="cuda")
+        seed = torch.tensor(1, device="cuda")
+        with pytest.raises(ValueError, match="grad_kl must be on the device of mu"):
+            torch.ops.pyvae.reparam_kl_backward(mu, mu, seed, None, torch.ones(2, 3))
+        with pytest.raises(ValueError, match="grad_z must be on the device of mu"):
+            torch.ops.pyvae.reparam_kl_backward(mu, mu, seed, torch.ones(1, 2, 3), None)
 
 
 def test_bad_input_leaves_no_partial_output():

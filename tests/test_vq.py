@@ -171,6 +171,14 @@ def test_codebook_stats_skewed(backend, d, dtype):
     assert torch.equal(pyvae.codebook_stats(x, idx, 40, backend=backend)[1], sums)
 
 
+@pytest.mark.parametrize("backend", [b for b in VQ_BACKENDS if b != "triton"])  # 16M rows: not in the interpreter
+def test_codebook_stats_counts_past_2_24(backend):
+    # A float32 running count stops at 2**24; counts are exact integers rounded once to float32.
+    n = 2**24 + 3
+    counts, sums = pyvae.codebook_stats(torch.ones(n, 1), torch.zeros(n, dtype=torch.int64), 2, backend=backend)
+    assert counts.tolist() == [2.0**24 + 4, 0.0]  # 2**24 + 3 rounded to float32
+
+
 @pytest.mark.parametrize("backend", VQ_BACKENDS)
 def test_empty_x(backend):
     x = torch.randn(0, 4, requires_grad=True)
@@ -283,6 +291,25 @@ def test_gpu_nearest_code(backend, precision, n, k, d, dtype):
         assert (idx.cpu() == ref).float().mean() > 0.9
     r = pyvae.vector_quantize(x.float().requires_grad_(), codebook.float().requires_grad_(), backend=backend)
     r.loss.backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_tensors_on_a_device_that_is_not_current(backend):
+    # Triton launches on the current device: the launchers must switch to the tensors' device.
+    if backend not in pyvae.backends.available("cuda", "vq"):
+        pytest.skip(f"{backend} not available")
+    x, codebook = torch.randn(300, 37), torch.randn(50, 37)
+    expected = pyvae.nearest_code(x, codebook, backend="cpu")[0]
+    with torch.cuda.device(0):
+        idx, _ = pyvae.nearest_code(x.to("cuda:1"), codebook.to("cuda:1"), backend=backend)
+        counts, _ = pyvae.codebook_stats(x.to("cuda:1"), idx, 50, backend=backend)
+        loss = pyvae.bernoulli_nll(x.to("cuda:1"), x.sigmoid().to("cuda:1"), backend=backend)
+        z, kl = pyvae.reparameterize_kl(x.to("cuda:1"), x.to("cuda:1"), seed=1, backend=backend)
+    assert torch.equal(idx.cpu(), expected) and counts.sum().item() == 300
+    torch.testing.assert_close(loss.cpu(), pyvae.bernoulli_nll(x, x.sigmoid(), backend="cpu"))
+    torch.testing.assert_close(kl.cpu(), pyvae.reparameterize_kl(x, x, seed=1, backend="cpu")[1])
 
 
 @pytest.mark.gpu

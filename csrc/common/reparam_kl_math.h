@@ -20,4 +20,16 @@ PYVAE_HD float kl_dlogvar(float std) { return 0.5f * (std * std - 1.0f); }
 // d z / d logvar = 0.5 std eps.
 PYVAE_HD float z_dlogvar(float std, float eps) { return 0.5f * std * eps; }
 
+// Backward for one element from the sums over samples of grad_z (gz_sum) and grad_z * eps
+// (gz_eps_sum) and the KL's upstream gradient gkl. A missing upstream gradient adds nothing, as in
+// autograd through the eager formulas: not 0 * inf, which would turn an infinite mu or std into NaN.
+struct InputGrads {
+  float mu, logvar;
+};
+PYVAE_HD InputGrads input_grads(bool has_grad_z, bool has_grad_kl, float mu, float std, float gz_sum,
+                                float gz_eps_sum, float gkl) {
+  return {gz_sum + (has_grad_kl ? gkl * mu : 0.0f),
+          (has_grad_z ? z_dlogvar(std, gz_eps_sum) : 0.0f) + (has_grad_kl ? gkl * kl_dlogvar(std) : 0.0f)};
+}
+
 }  // namespace pyvae

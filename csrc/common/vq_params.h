@@ -17,7 +17,7 @@ struct NearestCodeParams {
   const float* code_sq;
   int64_t* idx;  // [rows]
   float* dist;   // [rows]: |x|^2 + min over k of (|e_k|^2 - 2 x.e_k), clamped at 0
-  bool exact;    // false: tensor cores where the dtypes allow (16-bit x and codebook of one dtype)
+  bool exact;    // false: TF32 tensor cores for float32 too (16-bit x and codebook of one dtype use them always)
 };
 
 // Per-code sums of the rows of x [rows, dim] (unit column stride), deterministic: the rows sorted by
@@ -36,7 +36,7 @@ struct CodebookStatsParams {
   const int64_t* counts;      // [codes]
   const int64_t* chunk_end;   // [codes]
   const int64_t* chunk_code;  // [max_chunks]
-  int64_t max_chunks;         // codes + ceil(rows / kStatsChunkRows) >= the number of chunks
+  int64_t max_chunks;         // min(rows, codes + ceil(rows / kStatsChunkRows)) >= the number of chunks
   float* partial;             // [max_chunks, dim]
   float* sums;                // [codes, dim]
 };

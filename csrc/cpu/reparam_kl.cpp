@@ -48,15 +48,16 @@ PYVAE_MULTIVERSION void z_and_kl(const float* __restrict mu, const float* __rest
   }
 }
 
-// The backward of one chunk: grad_mu = gz_sum + gkl mu, grad_logvar = 0.5 std gz_eps_sum + gkl dKL/dlogvar
-// (in place of the two sums).
-PYVAE_MULTIVERSION void grads(const float* __restrict mu, const float* __restrict logvar, const float* __restrict gkl,
-                              int64_t n, float* __restrict gz_sum, float* __restrict gz_eps_sum) {
+// The backward of one chunk: grad_mu and grad_logvar (input_grads) in place of the two sums.
+PYVAE_MULTIVERSION void grads(bool has_grad_z, bool has_grad_kl, const float* __restrict mu,
+                              const float* __restrict logvar, const float* __restrict gkl, int64_t n,
+                              float* __restrict gz_sum, float* __restrict gz_eps_sum) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    const float sd = std_from_logvar(logvar[c]);
-    gz_sum[c] += gkl[c] * mu[c];
-    gz_eps_sum[c] = z_dlogvar(sd, gz_eps_sum[c]) + gkl[c] * kl_dlogvar(sd);
+    const InputGrads g =
+        input_grads(has_grad_z, has_grad_kl, mu[c], std_from_logvar(logvar[c]), gz_sum[c], gz_eps_sum[c], gkl[c]);
+    gz_sum[c] = g.mu;
+    gz_eps_sum[c] = g.logvar;
   }
 }
 
@@ -185,7 +186,7 @@ void backward_impl(const ReparamKLBackwardParams& p) {
               gkl_f = gkl;
             }
           }
-          grads(mu_f, logvar_f, gkl_f, n, gz_sum + i * n, gz_eps_sum + i * n);
+          grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, n, gz_sum + i * n, gz_eps_sum + i * n);
         }
         store_chunk(gz_sum, nr * n, grad_mu_out);
         store_chunk(gz_eps_sum, nr * n, grad_logvar_out);

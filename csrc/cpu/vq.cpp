@@ -96,9 +96,11 @@ void codebook_stats(const at::Tensor& x, const at::Tensor& idx, at::Tensor& coun
   const int64_t* ip = idx.data_ptr<int64_t>();
   float* cp = counts.data_ptr<float>();
   float* sp = sums.data_ptr<float>();
-  std::fill(cp, cp + k, 0.0f);
   std::fill(sp, sp + k * d, 0.0f);
-  for (int64_t i = 0; i < n; ++i) cp[ip[i]] += 1.0f;
+  // counted in int64 (a float32 count stops at 2^24), then rounded once, as the GPU kernels do
+  std::vector<int64_t> code_counts(k, 0);
+  for (int64_t i = 0; i < n; ++i) ++code_counts[ip[i]];
+  for (int64_t c = 0; c < k; ++c) cp[c] = static_cast<float>(code_counts[c]);
   // Each thread owns a slice of the columns and adds rows in order: deterministic for any thread count.
   at::parallel_for(0, d, std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)), [&](int64_t c_begin, int64_t c_end) {
     for (int64_t i = 0; i < n; ++i) {

@@ -90,9 +90,10 @@ __global__ void __launch_bounds__(kThreads)
       const float gkl = p.grad_kl != nullptr && col + k < p.in.cols
                             ? p.grad_kl[r * p.grad_kl_row_stride + (col + k) * p.grad_kl_col_stride]
                             : 0.0f;
-      const float sd = std_from_logvar(logvar[k]);
-      grad_mu[k] = gz_sum[k] + gkl * mu[k];
-      grad_logvar[k] = z_dlogvar(sd, gz_eps_sum[k]) + gkl * kl_dlogvar(sd);
+      const InputGrads g = input_grads(grad_z != nullptr, p.grad_kl != nullptr, mu[k], std_from_logvar(logvar[k]),
+                                       gz_sum[k], gz_eps_sum[k], gkl);
+      grad_mu[k] = g.mu;
+      grad_logvar[k] = g.logvar;
     }
     store4(static_cast<T*>(p.grad_mu) + r * p.in.cols, col, p.in.cols, vec_out, grad_mu);
     store4(static_cast<T*>(p.grad_logvar) + r * p.in.cols, col, p.in.cols, vec_out, grad_logvar);

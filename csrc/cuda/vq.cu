@@ -164,7 +164,7 @@ __device__ __forceinline__ void round_to_tf32(Fragment& f) {
   for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
 }
 
-// precision="fast" with x and the codebook of one dtype T: the tile's dot products come from the
+// x and the codebook of one dtype T, 16-bit or (precision="fast") float32: the tile's dot products come from the
 // tensor cores with float32 accumulation — for 16-bit T the products are exact (only the
 // accumulation order differs from the float32 kernel); for float32 they are TF32. Eight warps each
 // compute a 16 x 32 block of the 64 x 64 tile from shared-memory slices, store it to shared
@@ -270,7 +270,10 @@ void codebook_stats(const CodebookStatsParams& p, cudaStream_t stream) {
 void nearest_code(const NearestCodeParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   const unsigned blocks = static_cast<unsigned>((p.rows + kTileRows - 1) / kTileRows);
-  if (p.exact || p.x_dtype != p.codebook_dtype) return void(nearest_code_kernel<<<blocks, 256, 0, stream>>>(p));
+  // Tensor cores for one shared dtype: 16-bit products are exact, so "exact" takes them too; float32
+  // goes through TF32 there, for "fast" only.
+  const bool tensor_cores = p.x_dtype == p.codebook_dtype && (!p.exact || p.x_dtype != DType::kFloat32);
+  if (!tensor_cores) return void(nearest_code_kernel<<<blocks, 256, 0, stream>>>(p));
   switch (p.x_dtype) {
     case DType::kFloat32: return void(nearest_code_wmma_kernel<float><<<blocks, 256, 0, stream>>>(p));
     case DType::kFloat16: return void(nearest_code_wmma_kernel<__half><<<blocks, 256, 0, stream>>>(p));
