@@ -169,11 +169,10 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
 def peak_memory(device: str, fn: Callable[[], object]) -> int | None:
     """Peak bytes allocated above the starting point while running fn once (its outputs included).
 
-    CUDA: the caching allocator's peak statistics. CPU: every allocation and free made through
-    PyTorch's CPU allocator, as recorded by the profiler's memory events, summed in time order
-    (``at::empty`` inside C++ ops included, so a kernel's internal blocks count). pyvae's CPU
-    output-buffer cache is emptied first, so its outputs are fresh allocations; buffers it takes
-    back leave no free event and stay counted, which errs on the high side."""
+    CUDA: the caching allocator's peak statistics. CPU: the profiler's memory events (every
+    allocation and free through PyTorch's CPU allocator, ``at::empty`` inside C++ ops included, and
+    pyvae's output-buffer cache, which reports the tensors it hands out and takes back the same
+    way), summed in time order. Like CUDA's, it counts live tensors, not blocks held in a cache."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -183,11 +182,6 @@ def peak_memory(device: str, fn: Callable[[], object]) -> int | None:
         return torch.cuda.max_memory_allocated() - start
     if device != "cpu":
         return None
-    try:
-        import pyvae.backends
-        pyvae.backends.empty_cpu_cache()
-    except (ImportError, AttributeError):
-        pass
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -270,8 +264,7 @@ def markdown_table(rows: list[Row], env: dict, command: str) -> str:
         "Times are medians (p20-p80) in ms. GB/s counts the minimal logical traffic (inputs read once, "
         "outputs written once); % copy is that rate over a device copy measured in the same run. "
         "Peak mem: the most memory allocated above the starting point during one call, outputs "
-        "included (CPU: PyTorch's allocator as the profiler records it, pyvae's buffer cache emptied "
-        "first).",
+        "included (CPU: live tensors as the profiler's memory events record them).",
         "",
         "| op | shape | dtype | mode | provider | median ms | p20-p80 ms | GB/s | % copy | TFLOP/s | x eager | saved for bwd | peak mem | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -114,23 +114,27 @@ def available(device: torch.device | str = "cpu", op: str | None = None) -> list
     """The backends that can serve tensors on ``device`` (for ``op``, if given), in order of
     preference for ``auto``."""
     device = torch.device(device)
-    key = (device.type, len(_TRITON_BROKEN))
+    key = (device.type, device.index, len(_TRITON_BROKEN))
     if key not in _AVAILABLE:
         _AVAILABLE[key] = _find_available(device)
     found = _AVAILABLE[key]
     return [b for b in found if b in IMPLEMENTED.get(op, BACKENDS)]
 
 
-_AVAILABLE: dict[tuple[str, int], list[str]] = {}
+_AVAILABLE: dict[tuple[str, int | None, int], list[str]] = {}
+
+# The GPU kernels use bfloat16 and TF32 tensor-core instructions, which begin with Ampere.
+MIN_CUDA_CAPABILITY = (8, 0)
 
 
 def _find_available(device: torch.device) -> list[str]:
     ext = native_extension()
     found = []
     if device.type == "cuda":
-        if ext is not None and ext.has_cuda and torch.cuda.is_available():
+        gpu_ok = torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= MIN_CUDA_CAPABILITY
+        if ext is not None and ext.has_cuda and gpu_ok:
             found.append("cuda")
-        if _HAS_TRITON and torch.cuda.is_available() and not _TRITON_BROKEN:
+        if _HAS_TRITON and gpu_ok and not _TRITON_BROKEN:
             found.append("triton")
     elif device.type == "cpu":
         if ext is not None:

@@ -4,6 +4,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <iterator>
@@ -28,6 +29,7 @@ class BufferCache final : public c10::Allocator {
   at::DataPtr allocate(size_t bytes) override {
     void* data = bytes >= kMinCachedBytes ? take(bytes) : nullptr;
     if (data == nullptr) data = c10::alloc_cpu(bytes);
+    report_to_profiler(data, static_cast<int64_t>(bytes));
     return {data, new Block{data, bytes}, &BufferCache::release, at::Device(at::kCPU)};
   }
 
@@ -73,6 +75,7 @@ class BufferCache final : public c10::Allocator {
     const Block block = *static_cast<Block*>(ctx);
     delete static_cast<Block*>(ctx);
     BufferCache& cache = instance();
+    cache.report_to_profiler(block.data, -static_cast<int64_t>(block.bytes));
     if (block.bytes < kMinCachedBytes || block.bytes > cache.limit_) {
       c10::free_cpu(block.data);
       return;
@@ -91,6 +94,15 @@ class BufferCache final : public c10::Allocator {
     for (void* data : evicted) c10::free_cpu(data);
   }
 
+  // Tensors handed out and given back, as PyTorch's CPU allocator reports its own (what the
+  // profiler's memory view counts): blocks held in the cache are not live.
+  void report_to_profiler(void* data, int64_t delta) {
+    const int64_t live = live_bytes_.fetch_add(delta) + delta;
+    c10::reportMemoryUsageToProfiler(data, delta, static_cast<size_t>(live), static_cast<size_t>(live),
+                                     at::Device(at::kCPU));
+  }
+
+  std::atomic<int64_t> live_bytes_{0};
   std::mutex mutex_;
   std::list<Block> free_;  // oldest first
   size_t cached_bytes_ = 0;
