@@ -49,16 +49,26 @@ PYVAE_MULTIVERSION void z_and_kl(const float* __restrict mu, const float* __rest
 }
 
 // The backward of one chunk: grad_mu and grad_logvar (input_grads) in place of the two sums.
-PYVAE_MULTIVERSION void grads(bool has_grad_z, bool has_grad_kl, const float* __restrict mu,
-                              const float* __restrict logvar, const float* __restrict gkl, int64_t n,
-                              float* __restrict gz_sum, float* __restrict gz_eps_sum) {
+// The flags are template constants so that the loop vectorises (as run-time flags inside it, they
+// halved the speed of the whole backward).
+template <bool kHasGradZ, bool kHasGradKL>
+PYVAE_HD void grads_loop(const float* __restrict mu, const float* __restrict logvar, const float* __restrict gkl,
+                         int64_t n, float* __restrict gz_sum, float* __restrict gz_eps_sum) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
     const InputGrads g =
-        input_grads(has_grad_z, has_grad_kl, mu[c], std_from_logvar(logvar[c]), gz_sum[c], gz_eps_sum[c], gkl[c]);
+        input_grads(kHasGradZ, kHasGradKL, mu[c], std_from_logvar(logvar[c]), gz_sum[c], gz_eps_sum[c], gkl[c]);
     gz_sum[c] = g.mu;
     gz_eps_sum[c] = g.logvar;
   }
+}
+
+PYVAE_MULTIVERSION void grads(bool has_grad_z, bool has_grad_kl, const float* __restrict mu,
+                              const float* __restrict logvar, const float* __restrict gkl, int64_t n,
+                              float* __restrict gz_sum, float* __restrict gz_eps_sum) {
+  if (has_grad_z && has_grad_kl) return grads_loop<true, true>(mu, logvar, gkl, n, gz_sum, gz_eps_sum);
+  if (has_grad_z) return grads_loop<true, false>(mu, logvar, gkl, n, gz_sum, gz_eps_sum);
+  grads_loop<false, true>(mu, logvar, gkl, n, gz_sum, gz_eps_sum);
 }
 
 // Asks for columns [col0, col0 + n) of rows [r0, r0 + nr). Called before the noise of a chunk is
