@@ -252,6 +252,7 @@ Loss parse_loss(const std::string& name) {
 struct LikelihoodChecked {
   at::Tensor pred, target, logvar;  // the [rows, cols] (logvar [1 or rows, cols], float32) views
   LikelihoodInputs kernel;
+  bool logvar_shared_by_batch = false;  // by shape (== kernels/_layout.logvar_shared_by_batch)
 };
 
 LikelihoodChecked check_likelihood(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
@@ -272,13 +273,14 @@ LikelihoodChecked check_likelihood(const std::string& loss, const at::Tensor& pr
                       " does not broadcast to the prediction's shape ", pred.sizes());
     if (rows == 0) return c;  // nothing to read; the gradient is [0, ...] either way
     const at::Tensor full = logvar->to(at::kFloat).expand(pred.sizes());
-    // Decided by shape, as the fake kernel and the Triton launcher do (kernels/_layout.py): an
-    // expanded view of a [B, ...] tensor (stride 0 in dim 0) still gets a per-element gradient.
-    const bool shared_by_batch = rows == 1 || logvar->dim() < pred.dim() || logvar->size(0) == 1;
-    c.logvar = shared_by_batch ? full.select(0, 0).contiguous().reshape({1, cols})
-                               : full.contiguous().reshape({rows, cols});
+    // Whether the gradient is summed over row groups is decided by shape, as the fake kernel and
+    // the Triton launcher do: an expanded view of a [B, ...] tensor gets a per-element gradient. It
+    // is still read as one row (stride 0), without a copy.
+    c.logvar_shared_by_batch = rows == 1 || logvar->dim() < pred.dim() || logvar->size(0) == 1;
+    const bool one_row = full.stride(0) == 0 || rows == 1;
+    c.logvar = one_row ? full.select(0, 0).contiguous().reshape({1, cols}) : full.contiguous().reshape({rows, cols});
     c.kernel.logvar = c.logvar.data_ptr<float>();
-    c.kernel.logvar_row_stride = shared_by_batch ? 0 : cols;
+    c.kernel.logvar_row_stride = one_row ? 0 : cols;
   }
   return c;
 }
@@ -340,7 +342,7 @@ LikelihoodForwardResult likelihood_forward_impl(const std::string& loss, const a
   p.per_element = per_element;
   p.grad_scale = static_cast<float>(grad_scale);
   p.logvar_group_rows =
-      group_logvar_grad && c.kernel.logvar != nullptr && c.kernel.logvar_row_stride == 0 ? kLogvarGroupRows : 1;
+      group_logvar_grad && c.kernel.logvar != nullptr && c.logvar_shared_by_batch ? kLogvarGroupRows : 1;
   LikelihoodGrads g = allocate_grads(pred, target, pred_grad, target_grad, logvar_grad && logvar.has_value(), p);
   run_likelihood(p, cuda);
   if (!per_element) {

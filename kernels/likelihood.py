@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._layout import as_rows, launch_device, logvar_grad_shape, logvar_group_rows, logvar_shared_by_batch
+from ._layout import as_rows, launch_device, logvar_grad_shape, logvar_group_rows
 
 COLUMN_BLOCK = 16384  # == kLikelihoodColumnBlock in csrc/common/likelihood_params.h
 LOSS_IDS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
@@ -166,7 +166,7 @@ def _prepare(pred, target, logvar):
     if logvar is None or rows == 0:
         return rows, cols, pred2, target2, pred2, 0
     full = logvar.float().expand(pred.shape)
-    if logvar_shared_by_batch(pred, logvar):
+    if full.stride(0) == 0 or rows == 1:  # one row read by all (the gradient's grouping is by shape)
         return rows, cols, pred2, target2, full[0].contiguous().reshape(1, cols), 0
     return rows, cols, pred2, target2, full.contiguous().reshape(rows, cols), cols
 
@@ -198,9 +198,10 @@ def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tenso
             wrap_triton(_likelihood_kernel)[(triton.cdiv(rows, block_r) * n_blocks,)](
                 pred2, target2, logvar2, out, grad_pred if pred_grad else out, grad_target if target_grad else out,
                 grad_logvar if logvar_grad else out, fixed_logvar, constant, grad_scale, rows, cols, n_blocks,
-                pred2.stride(0), target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss], HAS_LOGVAR=logvar is not None,
-                PER_ELEMENT=per_element, PRED_GRAD=pred_grad, TARGET_GRAD=target_grad, LOGVAR_GRAD=logvar_grad,
-                GROUP_LOGVAR=group_rows > 1, BLOCK_R=block_r, BLOCK_C=block_c)
+                pred2.stride(0), target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss],
+                HAS_LOGVAR=logvar is not None, PER_ELEMENT=per_element, PRED_GRAD=pred_grad,
+                TARGET_GRAD=target_grad, LOGVAR_GRAD=logvar_grad, GROUP_LOGVAR=group_rows > 1, BLOCK_R=block_r,
+                BLOCK_C=block_c)
     if not per_element:
         out = pred.new_zeros((rows,), dtype=torch.float32) if cols == 0 else (
             out.reshape(rows) if n_blocks == 1 else out.sum(1))

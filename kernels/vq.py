@@ -197,7 +197,6 @@ def codebook_stats_triton(x: torch.Tensor, idx: torch.Tensor, num_codes: int) ->
             wrap_triton(_stats_chunk_kernel)[(max_chunks, d_blocks)](
                 x2, order, starts, counts, chunk_end, chunk_code, partial, num_codes, dim, x2.stride(0),
                 CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
-        with launch_device(x2):
             wrap_triton(_stats_merge_kernel)[(num_codes, d_blocks)](
                 partial, counts, chunk_end, sums, dim, CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
     return counts.float(), sums
