@@ -238,6 +238,11 @@ def test_stable_at_extreme_logits(pair):
         assert out.isfinite().all() and logits_g.grad.isfinite().all()
         expected = reference(loss, logits, target, "none")
         torch.testing.assert_close(out.double(), expected, rtol=2e-6, atol=2e-6)
+    # Far below 0, softplus(l) = log1p(e^l) is e^l to within a rounding: relative accuracy, where an
+    # absolute tolerance would not see a wrong factor (an earlier CPU/CUDA version returned 2 e^l).
+    deep = torch.tensor([[-17.0, -25.0, -40.0, -80.0]], device=device)
+    out = pyvae.bernoulli_nll(deep, torch.zeros_like(deep), reduction="none", backend=backend)
+    torch.testing.assert_close(out.double(), deep.double().exp(), rtol=1e-5, atol=0.0)
     # lambda = 0.5: log C = log 2 exactly, so the NLL of any target is 0 and its slope 0.5 - t
     zero = torch.zeros(1, 3, device=device)
     assert pyvae.continuous_bernoulli_nll(zero, torch.rand(1, 3, device=device), reduction="none",

@@ -44,20 +44,28 @@ PYVAE_HD float round_nearest(float v) {
 // 2^k for k in [-126, 127].
 PYVAE_HD float pow2i(int32_t k) { return int_bits_to_float((k + 127) << 23); }
 
-// e^x with IEEE special cases: +inf -> +inf, -inf -> 0, NaN -> NaN, overflow -> +inf.
-PYVAE_HD float exp_f(float x) {
-  float xc = x < -104.0f ? -104.0f : x;  // NaN passes through the clamps and is restored below
-  xc = xc > 88.8f ? 88.8f : xc;
-  const float k = round_nearest(xc * 1.44269504088896341f);
-  float r = xc - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
+// e^r for |r| <= ln(2)/2.
+PYVAE_HD float exp_reduced(float r) {
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+// ln 2 in two parts: kLn2High has 9 significant bits, so k * kLn2High is exact for any integer |k| < 2^15.
+constexpr float kLn2High = 0.693359375f;
+constexpr float kLn2Low = -2.12194440e-4f;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// e^x with IEEE special cases: +inf -> +inf, -inf -> 0, NaN -> NaN, overflow -> +inf.
+PYVAE_HD float exp_f(float x) {
+  float xc = x < -104.0f ? -104.0f : x;  // NaN passes through the clamps and is restored below
+  xc = xc > 88.8f ? 88.8f : xc;
+  const float k = round_nearest(xc * kLog2e);
+  const float y = exp_reduced(xc - k * kLn2High - k * kLn2Low);
   // Scale in two halves so 2^k stays a normal float over the whole clamped range.
   const int32_t ki = static_cast<int32_t>(k);
   const int32_t k_half = ki / 2;
@@ -67,15 +75,20 @@ PYVAE_HD float exp_f(float x) {
   return x != x ? x : result;
 }
 
-// Natural log of a positive, finite, normal float (the Box-Muller argument lies in [1e-7, 1)).
-PYVAE_HD float log_unit(float x) {
-  const int32_t bits = float_to_int_bits(x);
-  float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
-  float m = int_bits_to_float((bits & 0x007fffff) | 0x3f800000);  // m in [1, 2)
-  const bool high = m > 1.41421356f;
-  m = high ? 0.5f * m : m;
-  e = high ? e + 1.0f : e;
-  const float f = m - 1.0f;
+// e^-a for a >= 0 (+inf -> 0, NaN -> NaN): exp_f's shorter sibling for the Bernoulli losses, which
+// are bound by the latency of this and log1p_unit on the CPU. Results below the smallest normal
+// float (a > -ln(FLT_MIN) = 87.3365) are flushed to 0, so one power of two scales every result.
+PYVAE_HD float exp_neg(float a) {
+  constexpr float kMaxA = 87.3365f;
+  const float ac = a > kMaxA ? kMaxA : a;  // NaN passes through
+  const float k = round_nearest(ac * kLog2e);
+  const float y = exp_reduced(k * kLn2High - ac + k * kLn2Low);
+  const float result = y * pow2i(-static_cast<int32_t>(k));
+  return a > kMaxA ? 0.0f : result;
+}
+
+// log(1 + f) + e ln 2 for f in [sqrt(1/2) - 1, sqrt(2) - 1].
+PYVAE_HD float log_reduced(float f, float e) {
   const float z = f * f;
   float y = 7.0376836292e-2f;
   y = y * f - 1.1514610310e-1f;
@@ -87,9 +100,27 @@ PYVAE_HD float log_unit(float x) {
   y = y * f - 2.4999993993e-1f;
   y = y * f + 3.3333331174e-1f;
   y = y * f * z;
-  y = y - 2.12194440e-4f * e;
+  y = y + kLn2Low * e;
   y = y - 0.5f * z;
-  return f + y + 0.693359375f * e;
+  return f + y + kLn2High * e;
+}
+
+// Natural log of a positive, finite, normal float (the Box-Muller argument lies in [1e-7, 1)).
+PYVAE_HD float log_unit(float x) {
+  const int32_t bits = float_to_int_bits(x);
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
+  float m = int_bits_to_float((bits & 0x007fffff) | 0x3f800000);  // m in [1, 2)
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;
+  e = high ? e + 1.0f : e;
+  return log_reduced(m - 1.0f, e);
+}
+
+// log(1 + x) for x in [0, 1] (NaN -> NaN), without forming 1 + x: below sqrt(2) - 1, x is the
+// reduced argument itself; above, (1 + x) / 2 = 1 + (x - 1) / 2 with x - 1 exact or nearly so.
+PYVAE_HD float log1p_unit(float x) {
+  const bool high = x > 0.41421356f;
+  return log_reduced(high ? 0.5f * (x - 1.0f) : x, high ? 1.0f : 0.0f);
 }
 
 // Natural log of a positive normal float, +inf and NaN passing through as in logf. (Kept apart

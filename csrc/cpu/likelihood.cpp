@@ -15,21 +15,27 @@ namespace {
 
 // The element loop of one chunk: losses, and with kGrads the derivatives too. Compile-time flags
 // keep each variant a straight vectorisable loop; target_clones does not apply to templates, hence
-// the wrappers.
+// the wrappers. n <= kChunk.
 template <Loss kLoss, bool kGrads>
 inline __attribute__((always_inline)) void chunk_impl(const float* __restrict pred, const float* __restrict target,
                                                       const float* __restrict logvar, float constant,
                                                       float grad_scale, int64_t n, float* __restrict out,
                                                       float* __restrict d_pred, float* __restrict d_target,
                                                       float* __restrict d_logvar) {
+  alignas(64) float exp_buf[kChunk];  // e^-|pred| in a loop of its own (see kUsesExpNegAbs)
+  if constexpr (kUsesExpNegAbs<kLoss>) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) exp_buf[c] = exp_neg_abs(pred[c]);
+  }
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    const LossTerms t = loss_terms<kLoss>(pred[c], target[c], logvar[c], constant);
+    const LossTerms t = loss_terms_given_exp<kLoss>(pred[c], target[c], logvar[c], constant,
+                                                           kUsesExpNegAbs<kLoss> ? exp_buf[c] : 0.0f);
     out[c] = t.value;
     if constexpr (kGrads) {
       d_pred[c] = t.d_pred * grad_scale;
       d_target[c] = t.d_target * grad_scale;
-      d_logvar[c] = t.d_logvar * grad_scale;
+      if constexpr (kLoss == Loss::kGaussian) d_logvar[c] = t.d_logvar * grad_scale;
     }
   }
 }
