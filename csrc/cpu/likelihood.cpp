@@ -76,12 +76,6 @@ void likelihood_impl(const LikelihoodParams& p) {
   const ChunkFn chunk = chunk_fn(in.loss, grads);
   const int64_t blocks = column_blocks(in.cols);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::min(in.cols, kLikelihoodColumnBlock));
-  // The Bernoulli losses' element math is long: interleaved with it, loads from memory find the
-  // out-of-order window full of arithmetic and few cache misses overlap. Copying each chunk into an
-  // L1 buffer first issues its loads back to back (1.5x faster forward, measured), and prefetching
-  // the next chunk while this one is computed gains another ~13% (Bernoulli; prefetching without
-  // the copy gained nothing). The Gaussian streams fast enough directly, and the copy would cost it.
-  const bool stage_inputs = in.loss != Loss::kGaussian;
   // Work items are (group of rows, column block); a group is one row unless logvar's gradient is
   // summed over the batch (see kLogvarGroupRows): then its rows' derivatives are added, in row
   // order, into an accumulator of one column block (64 KiB at most, cache-resident) while the rows
@@ -107,15 +101,8 @@ void likelihood_impl(const LikelihoodParams& p) {
           const int64_t at = r * in.cols + col0;  // this chunk in the contiguous outputs
           const TP* pred_row = pred + r * in.pred_row_stride + col0;
           const TT* target_row = target + r * in.target_row_stride + col0;
-          if (stage_inputs && col0 + kChunk < col_end) {
-            const int64_t next = std::min(kChunk, col_end - col0 - kChunk);
-            prefetch_span(pred_row + kChunk, next * sizeof(TP));
-            prefetch_span(target_row + kChunk, next * sizeof(TT));
-          }
-          const float* pred_f =
-              stage_inputs ? to_float_buffer(pred_row, n, pred_buf) : as_float(pred_row, n, pred_buf);
-          const float* target_f =
-              stage_inputs ? to_float_buffer(target_row, n, target_buf) : as_float(target_row, n, target_buf);
+          const float* pred_f = as_float(pred_row, n, pred_buf);
+          const float* target_f = as_float(target_row, n, target_buf);
           const float* logvar_f = in.logvar ? in.logvar + r * in.logvar_row_stride + col0 : fixed;
           float* out = p.per_element ? p.loss + at : value_buf;
           float* d_pred = grad_pred ? float_target(grad_pred + at, d_pred_buf) : d_pred_buf;
