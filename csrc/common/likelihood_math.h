@@ -15,8 +15,8 @@ struct LossTerms {
 };
 
 // softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|), stable for any x, and sigmoid(x),
-// sharing e = e^-|x| (passed in: see loss_terms) and 1 / (1 + e). e and log1p(e) are returned too,
-// for the continuous Bernoulli's normaliser.
+// sharing e = e^-|x| (passed in: see kUsesExpNegAbs) and 1 / (1 + e). e and log1p(e) are
+// returned too, for the continuous Bernoulli's normaliser.
 struct SoftplusSigmoid {
   float softplus, sigmoid, exp_neg_abs, log1p_exp_neg_abs;
 };
