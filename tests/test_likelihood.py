@@ -516,3 +516,35 @@ def test_shared_logvar_gradient_summed_in_row_groups(pair, shape):
             grad_logvar = op("gaussian", mean.detach(), target, logvar.detach(), 0.0, 0.0, False, False, False, True,
                              1.0, group)[3]
             assert grad_logvar.shape == ((-(-shape[0] // 16) if group else shape[0]), *shape[1:])
+
+
+def test_cpu_float16_conversion_paths_agree(tmp_path):
+    """float16 chunks are converted with F16C where the CPU has it and in portable code otherwise
+    (PYVAE_CPU_ISA=portable forces that): both round to nearest even, so losses and gradients are
+    bit-identical, including infinities, float16 subnormals and values that overflow float16."""
+    if "cpu" not in pyvae.backends.available("cpu"):
+        pytest.skip("extension not built")
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import sys, torch, pyvae\n"
+        "torch.manual_seed(0)\n"
+        "pred = (3 * torch.randn(5, 1037)).half()\n"
+        "pred[0, :6] = torch.tensor([float('inf'), -float('inf'), 6e-8, -6e-8, 65504.0, 1e-5]).half()\n"
+        "target = torch.rand(5, 1037).half()\n"
+        "pred.requires_grad_(); target.requires_grad_()\n"
+        "out = pyvae.gaussian_nll(pred, target, reduction='none', backend='cpu')\n"
+        "out.backward(torch.full_like(out, 3e4))  # gradients beyond float16's range round to inf\n"
+        "b = pyvae.bernoulli_nll(pred.detach(), target.detach(), reduction='per_sample', backend='cpu')\n"
+        "torch.save([out, b, pred.grad, target.grad], sys.argv[1])\n")
+    results = []
+    for isa in ("portable", "avx2"):
+        path = tmp_path / f"{isa}.pt"
+        run = subprocess.run([sys.executable, "-c", script, str(path)], cwd=tmp_path, capture_output=True,
+                             text=True, env={**os.environ, "PYVAE_CPU_ISA": isa})
+        assert run.returncode == 0, run.stderr
+        results.append(torch.load(path))
+    assert results[1][2].dtype == torch.float16 and results[1][2].isinf().any()
+    for a, b in zip(*results):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())

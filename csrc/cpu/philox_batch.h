@@ -4,10 +4,9 @@
 // Philox needs, one instruction for 4 (AVX2) or 8 (AVX-512) lanes: about 2x faster overall.
 #pragma once
 #include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "../common/philox.h"
+#include "chunk.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -92,25 +91,10 @@ __attribute__((target("avx2"))) inline void philox_words_avx2(uint64_t seed, uin
 }
 #endif
 
-// 2: AVX-512, 1: AVX2, 0: portable. The widest this CPU runs, capped by PYVAE_CPU_ISA
-// ("avx512", "avx2" or "portable"), which lets the tests exercise every path on one machine.
-inline int philox_isa() {
-#if defined(__x86_64__)
-  int isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
-#else
-  int isa = 0;
-#endif
-  if (const char* cap = getenv("PYVAE_CPU_ISA")) {
-    const int asked = strcmp(cap, "portable") == 0 ? 0 : strcmp(cap, "avx2") == 0 ? 1 : 2;
-    isa = asked < isa ? asked : isa;
-  }
-  return isa;
-}
-
 // Philox words of groups [group0, group0 + n) with the implementation picked once per process.
 inline void philox_words(uint64_t seed, uint64_t group0, uint32_t sample, int64_t n, PhiloxWords out) {
 #if defined(__x86_64__)
-  static const int isa = philox_isa();
+  const int isa = cpu_isa();
   if (isa == 2) return philox_words_avx512(seed, group0, sample, n, out);
   if (isa == 1) return philox_words_avx2(seed, group0, sample, n, out);
 #endif
