@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import pyvae
 from pyvae.ops.likelihood import LikelihoodFunction, likelihood_reference
 
-from conftest import device_backends, devices
+from conftest import device_backends, devices, run_with_cpu_isa
 from tolerances import SUM, VALUE, assert_close
 
 REDUCTIONS = ["none", "per_sample", "sum", "batchmean", "mean"]
@@ -522,11 +522,6 @@ def test_cpu_float16_conversion_paths_agree(tmp_path):
     """float16 chunks are converted with F16C where the CPU has it and in portable code otherwise
     (PYVAE_CPU_ISA=portable forces that): both round to nearest even, so losses and gradients are
     bit-identical, including infinities, float16 subnormals and values that overflow float16."""
-    if "cpu" not in pyvae.backends.available("cpu"):
-        pytest.skip("extension not built")
-    import os
-    import subprocess
-    import sys
     script = (
         "import sys, torch, pyvae\n"
         "torch.manual_seed(0)\n"
@@ -541,8 +536,7 @@ def test_cpu_float16_conversion_paths_agree(tmp_path):
     results = []
     for isa in ("portable", "avx2"):
         path = tmp_path / f"{isa}.pt"
-        run = subprocess.run([sys.executable, "-c", script, str(path)], cwd=tmp_path, capture_output=True,
-                             text=True, env={**os.environ, "PYVAE_CPU_ISA": isa})
+        run = run_with_cpu_isa(isa, script, tmp_path, str(path))
         assert run.returncode == 0, run.stderr
         results.append(torch.load(path))
     assert results[1][2].dtype == torch.float16 and results[1][2].isinf().any()

@@ -9,7 +9,7 @@ import torch
 import pyvae
 from pyvae.ops.reparam_kl import ReparamKLFunction, reference_eps, reparameterize_kl_reference
 
-from conftest import device_backends, devices
+from conftest import device_backends, devices, run_with_cpu_isa
 from tolerances import SUM, VALUE, assert_close
 
 REDUCTIONS = ["none", "per_sample", "sum", "batchmean", "mean"]
@@ -511,11 +511,6 @@ def test_no_host_sync(backend):
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 def test_cpu_philox_paths(isa, tmp_path):
     """Every SIMD path of the CPU noise generator (forced by PYVAE_CPU_ISA) draws the reference stream."""
-    if "cpu" not in pyvae.backends.available("cpu"):
-        pytest.skip("extension not built")
-    import os
-    import subprocess
-    import sys
     script = (
         "import torch, pyvae\n"
         "from pyvae.ops.reparam_kl import reference_eps\n"
@@ -525,8 +520,7 @@ def test_cpu_philox_paths(isa, tmp_path):
         "    ref = reference_eps(torch.tensor(seed), mu.shape, 2)\n"
         "    torch.testing.assert_close(z.double(), ref, atol=2e-5, rtol=1e-5)\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "PYVAE_CPU_ISA": isa})
+    out = run_with_cpu_isa(isa, script, tmp_path)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
