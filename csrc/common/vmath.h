@@ -77,14 +77,14 @@ PYVAE_HD float exp_f(float x) {
 
 // e^-a for a >= 0 (+inf -> 0, NaN -> NaN): exp_f's shorter sibling for the Bernoulli losses, which
 // are bound by the latency of this and log1p_unit on the CPU. Results below the smallest normal
-// float (a > -ln(FLT_MIN) = 87.3365) are flushed to 0, so one power of two scales every result.
+// float (a > -ln(FLT_MIN) = 87.33654) are flushed to 0, so one power of two scales every result.
 PYVAE_HD float exp_neg(float a) {
-  constexpr float kMaxA = 87.3365f;
-  const float ac = a > kMaxA ? kMaxA : a;  // NaN passes through
+  constexpr float kMaxA = 87.33654f;
+  const float ac = a <= kMaxA ? a : kMaxA;  // NaN too, so that k converts to an integer defined
   const float k = round_nearest(ac * kLog2e);
   const float y = exp_reduced(k * kLn2High - ac + k * kLn2Low);
   const float result = y * pow2i(-static_cast<int32_t>(k));
-  return a > kMaxA ? 0.0f : result;
+  return a <= kMaxA ? result : (a > kMaxA ? 0.0f : a);
 }
 
 // log(1 + f) + e ln 2 for f in [sqrt(1/2) - 1, sqrt(2) - 1].

@@ -39,15 +39,14 @@ void with_dtype(DType dtype, F&& f) {
   }
 }
 
-// 2: AVX-512, 1: AVX2 (with FMA and F16C), 0: portable. The widest this CPU runs, capped by
-// PYVAE_CPU_ISA ("avx512", "avx2" or "portable"), which lets the tests exercise every path on one
-// machine. Read once per process.
+// 2: AVX-512, 1: AVX2, 0: portable; levels 1 and 2 include F16C. The widest this CPU runs, capped
+// by PYVAE_CPU_ISA ("avx512", "avx2" or "portable"), which lets the tests exercise every path on
+// one machine. Read once per process.
 inline int cpu_isa() {
   static const int isa = [] {
 #if defined(__x86_64__)
-    int widest = __builtin_cpu_supports("avx512f") ? 2
-                 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 1
-                                                                                     : 0;
+    const bool f16c = __builtin_cpu_supports("f16c");
+    int widest = __builtin_cpu_supports("avx512f") && f16c ? 2 : __builtin_cpu_supports("avx2") && f16c ? 1 : 0;
 #else
     int widest = 0;
 #endif

@@ -35,7 +35,7 @@ inline __attribute__((always_inline)) void chunk_impl(const float* __restrict pr
     if constexpr (kGrads) {
       d_pred[c] = t.d_pred * grad_scale;
       d_target[c] = t.d_target * grad_scale;
-      if constexpr (kLoss == Loss::kGaussian) d_logvar[c] = t.d_logvar * grad_scale;
+      d_logvar[c] = t.d_logvar * grad_scale;  // 0 but for the Gaussian
     }
   }
 }
