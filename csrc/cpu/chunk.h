@@ -61,9 +61,8 @@ inline int cpu_isa() {
 
 #if defined(__x86_64__)
 // float16 <-> float32 with the F16C instructions, 8 at a time. The callers are built for the
-// baseline ISA, where c10::Half converts one element at a time in integer code (5x slower, and the
-// larger part of a float16 likelihood's time). Round to nearest even, as c10::Half does; NaNs stay
-// NaN (payloads may differ).
+// baseline ISA, where c10::Half converts one element at a time in integer code. Round to nearest
+// even, as c10::Half does; NaNs stay NaN (payloads may differ).
 __attribute__((target("avx,f16c"))) inline void half_to_float_f16c(const c10::Half* __restrict src, int64_t n,
                                                                    float* __restrict dst) {
   int64_t c = 0;
@@ -82,28 +81,22 @@ __attribute__((target("avx,f16c"))) inline void float_to_half_f16c(const float* 
 }
 #endif
 
-// A chunk of a row as floats, copied (and converted) into `buffer`.
-template <typename T>
-inline const float* to_float_buffer(const T* __restrict src, int64_t n, float* __restrict buffer) {
-#if defined(__x86_64__)
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    if (cpu_isa() >= 1) {
-      half_to_float_f16c(src, n, buffer);
-      return buffer;
-    }
-  }
-#endif
-  for (int64_t c = 0; c < n; ++c) buffer[c] = static_cast<float>(src[c]);
-  return buffer;
-}
-
 // A chunk of a row as floats: the row itself for float32, else converted into `buffer`.
 template <typename T>
 inline const float* as_float(const T* __restrict src, int64_t n, float* __restrict buffer) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    return to_float_buffer(src, n, buffer);
+#if defined(__x86_64__)
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      if (cpu_isa() >= 1) {
+        half_to_float_f16c(src, n, buffer);
+        return buffer;
+      }
+    }
+#endif
+    for (int64_t c = 0; c < n; ++c) buffer[c] = static_cast<float>(src[c]);
+    return buffer;
   }
 }
 
