@@ -54,10 +54,12 @@ if [ ! -f "$stamp" ] || [ -n "$(find setup.py CMakeLists.txt csrc pyvae kernels 
   mkdir -p build && touch "$stamp"
 fi
 
-# The benchmark's comparison library, for the benchmark only (and only where it can be fetched).
-if [ "$cmd" = bench ] && ! have vector_quantize_pytorch; then
-  pip_install vector-quantize-pytorch || echo "[run.sh] vector-quantize-pytorch unavailable: its rows are skipped"
-fi
+# scikit-learn (the CLI's bundled digits) and vector-quantize-pytorch (what pyvae.nn.VectorQuantize
+# is tested and benchmarked against), where they can be fetched: the tests and rows that need them
+# are skipped, with a reason, on a machine without network that lacks them.
+for mod_pkg in sklearn:scikit-learn vector_quantize_pytorch:vector-quantize-pytorch==1.32.0; do
+  have "${mod_pkg%%:*}" || pip_install "${mod_pkg#*:}" || echo "[run.sh] ${mod_pkg#*:} unavailable: what needs it is skipped"
+done
 
 case "$cmd" in
   bench) export PYVAE_BENCH_COMMAND="./run.sh bench${*:+ $*}"; cd bench && exec "../$VPY" run.py "$@" ;;

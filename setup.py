@@ -70,13 +70,17 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["pyvae", "pyvae.ops", "pyvae.nn", "pyvae.kernels"],
+    packages=["pyvae", "pyvae.ops", "pyvae.nn", "pyvae.models", "pyvae.kernels"],
     package_dir={"pyvae.kernels": "kernels"},
     ext_modules=[CMakeExtension("pyvae._C")],
     cmdclass={"build_ext": CMakeBuild},
     # torch is required but not declared: declaring it lets pip "upgrade" a CPU torch to a CUDA
     # wheel of several GB; setup.py refuses to build without one instead.
-    extras_require={"triton": ["triton"], "bench": ["matplotlib", "pytest-benchmark"],
-                    "test": ["pytest", "scipy", "numpy"]},
+    # The training CLI (`pyvae train`) needs tqdm, matplotlib and scikit-learn (its bundled digits).
+    install_requires=["numpy", "tqdm"],
+    extras_require={"triton": ["triton"], "train": ["matplotlib", "scikit-learn"],
+                    "bench": ["matplotlib", "pytest-benchmark", "vector-quantize-pytorch"],
+                    "test": ["pytest", "scipy", "numpy", "scikit-learn", "matplotlib", "vector-quantize-pytorch"]},
+    entry_points={"console_scripts": ["pyvae = pyvae.__main__:main"]},
     zip_safe=False,
 )

@@ -1,0 +1,1 @@
+"""Thin VAE models built on pyvae.nn."""
