@@ -1,0 +1,246 @@
+"""What every pyvae model shares: the output type, input checks, the likelihood layer, the beta
+schedule, and the method set built on three hooks (encode, decode, log_importance_weights)."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..nn import BernoulliLikelihood, ContinuousBernoulliLikelihood, GaussianLikelihood
+
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
+
+
+class ModelOutput(NamedTuple):
+    """What every model's ``forward`` returns."""
+    loss: torch.Tensor                         # scalar float32: the objective to minimise
+    recon_loss: torch.Tensor                   # [B] float32 reconstruction NLL per example (nats)
+    kl: Optional[torch.Tensor] = None          # [B] float32 true KL(q(z|x) || p(z)) (None for VQVAE)
+    recon: Optional[torch.Tensor] = None       # [B, *input_shape] reconstruction in data space
+    z: Optional[torch.Tensor] = None           # latent sample [B, latent_dim] (VQVAE: quantized [B, D, h, w])
+    vq_loss: Optional[torch.Tensor] = None     # scalar VQ loss (VQVAE)
+    indices: Optional[torch.Tensor] = None     # [B, h, w] int64 code indices (VQVAE)
+    perplexity: Optional[torch.Tensor] = None  # scalar code perplexity of the batch (VQVAE)
+
+
+def as_shape(name: str, shape: Union[int, Sequence[int]]) -> tuple[int, ...]:
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(shape).__name__}") from None
+    if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape!r}")
+    return shape
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def make_likelihood(likelihood: str, gaussian_logvar: Union[str, float, None], input_shape: tuple[int, ...],
+                    backend: str) -> nn.Module:
+    """The likelihood layer with per-example reduction; a learned Gaussian variance is one per
+    channel for image shapes ``(C, H, W)`` and one overall otherwise."""
+    if likelihood == "bernoulli":
+        return BernoulliLikelihood(reduction="per_sample", backend=backend)
+    if likelihood == "continuous_bernoulli":
+        return ContinuousBernoulliLikelihood(reduction="per_sample", backend=backend)
+    if likelihood == "gaussian":
+        logvar_shape = (input_shape[0], 1, 1) if len(input_shape) == 3 else ()
+        return GaussianLikelihood(gaussian_logvar, logvar_shape, reduction="per_sample", backend=backend)
+    raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
+
+
+def continuous_bernoulli_mean(logits: torch.Tensor) -> torch.Tensor:
+    """Mean of the continuous Bernoulli with ``lambda = sigmoid(l)``: ``1 / (1 - e^-l) - 1 / l``.
+
+    The two terms cancel near ``l = 0`` (``lambda = 0.5``), so there the series
+    ``1/2 + l/12 - l^3/720 + l^5/30240 - l^7/1209600`` (from the Bernoulli numbers) is used; its
+    truncation error is below 2e-8 for ``|l| < 1``.
+    """
+    l = logits.float()
+    near = l.abs() < 1.0
+    safe = torch.where(near, torch.ones_like(l), l)
+    direct = -1.0 / torch.expm1(-safe) - 1.0 / safe
+    s = l * l
+    series = 0.5 + l * (1.0 / 12.0 + s * (-1.0 / 720.0 + s * (1.0 / 30240.0 - s / 1209600.0)))
+    return torch.where(near, series, direct).to(logits.dtype)
+
+
+class BaseVAE(nn.Module):
+    """The shared API of pyvae's models (see :mod:`pyvae.models`).
+
+    A subclass builds its networks and provides ``forward``, ``encode``, ``decode``, ``sample``,
+    ``negative_elbo`` and ``log_importance_weights``; this class holds the input checks, the
+    likelihood, the beta schedule and the methods derived from those (``reconstruct``,
+    ``interpolate``, ``anomaly_score``).
+
+    Beta schedule: ``beta_t = beta * min(step / kl_warmup_steps, 1)`` (``beta`` when
+    ``kl_warmup_steps=0``), where ``step`` is a buffer counting training-mode ``forward`` calls
+    (saved in the ``state_dict``, so a resumed run continues the ramp). It is computed on the device
+    as a tensor: no host synchronisation, and ``torch.compile`` traces it.
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: Optional[int] = None
+
+    def __init__(self, input_shape, *, likelihood: str = "bernoulli", gaussian_logvar="learned",
+                 beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0, backend: str = "auto",
+                 image: bool = False) -> None:
+        super().__init__()
+        self.input_shape = as_shape("input_shape", input_shape)
+        if image and len(self.input_shape) != 3:
+            raise ValueError(f"input_shape must be (C, H, W) for {type(self).__name__}, got {self.input_shape}")
+        if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        if isinstance(kl_warmup_steps, bool) or not isinstance(kl_warmup_steps, int) or kl_warmup_steps < 0:
+            raise ValueError(f"kl_warmup_steps must be an int >= 0, got {kl_warmup_steps!r}")
+        if not (isinstance(free_bits, (int, float)) and not isinstance(free_bits, bool) and free_bits >= 0):
+            raise ValueError(f"free_bits must be a number >= 0 (nats per latent dimension), got {free_bits!r}")
+        self.likelihood = likelihood
+        self.recon_likelihood = make_likelihood(likelihood, gaussian_logvar, self.input_shape, backend)
+        self.beta = float(beta)
+        self.kl_warmup_steps = kl_warmup_steps
+        self.free_bits = float(free_bits)
+        self.backend = backend
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    # ------------------------------------------------------------------ checks
+    def _check_x(self, x, name: str = "x") -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor [B, {', '.join(map(str, self.input_shape))}], "
+                            f"got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{name} must have shape [B, {', '.join(map(str, self.input_shape))}] for this "
+                             f"{type(self).__name__}, got {tuple(x.shape)}")
+
+    def _check_y(self, y, batch: int, device: torch.device) -> None:
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError(f"y must be None: {type(self).__name__} is not conditional (use CVAE for labels)")
+            return
+        if y is None:
+            raise ValueError(f"y is required: {type(self).__name__} is conditioned on class labels "
+                             f"(int64 [B] in [0, {self.num_classes}))")
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"y must be an integer tensor of class labels, got "
+                            f"{getattr(y, 'dtype', type(y).__name__)}")
+        if tuple(y.shape) != (batch,):
+            raise ValueError(f"y must have shape [B] = [{batch}] (one label per example), got {tuple(y.shape)}")
+        if y.device != device:
+            raise ValueError(f"y is on {y.device} but x is on {device}")
+        msg = f"y must hold class labels in [0, {self.num_classes})"
+        if y.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Reading a CPU tensor is no device synchronisation; elsewhere a device-side assert.
+            if batch and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ValueError(f"{msg}, got values in [{int(y.min())}, {int(y.max())}]")
+        else:
+            torch._assert_async(((y >= 0) & (y < self.num_classes)).all(), msg)
+
+    def _labels(self, y, n: int, device: torch.device):
+        """``y`` for ``n`` generated examples: a tensor [n] or one int for all (conditional models)."""
+        if self.num_classes is not None and isinstance(y, int) and not isinstance(y, bool):
+            y = torch.full((n,), y, dtype=torch.int64, device=device)
+        self._check_y(y, n, device)
+        return y
+
+    # ------------------------------------------------------------------ the objective
+    def current_beta(self) -> torch.Tensor:
+        """The KL weight of the next training step, a float32 0-d tensor on the model's device."""
+        if self.kl_warmup_steps == 0:
+            return torch.full((), self.beta, dtype=torch.float32, device=self.step.device)
+        ramp = (self.step.float() / self.kl_warmup_steps).clamp(max=1.0)
+        return self.beta * ramp
+
+    def _advance_schedule(self) -> None:
+        if self.training:
+            # A new tensor, not step.add_(1): under torch.compile, AOT autograd may recompute beta
+            # from the buffer in backward, and would then read the incremented value.
+            self.step = self.step + 1
+
+    def _recon_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.recon_likelihood(params, x)
+
+    def _to_data(self, params: torch.Tensor) -> torch.Tensor:
+        """Decoder output (logits or mean) -> data-space mean / probability."""
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(params)
+        if self.likelihood == "continuous_bernoulli":
+            return continuous_bernoulli_mean(params)
+        return params
+
+    # ------------------------------------------------------------------ the method set
+    def encode(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, n: int, y=None, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def negative_elbo(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, seed: Optional[int] = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_importance_weights(self, x: torch.Tensor, k: int, y: Optional[torch.Tensor] = None, *,
+                               seed: Optional[int] = None) -> torch.Tensor:
+        """``[k, B]`` float32 log importance weights ``log p(x, z_i) - log q(z_i | x)`` for ``k``
+        posterior draws per example: what :func:`pyvae.metrics.iwae_nll` averages."""
+        raise NotImplementedError(f"{type(self).__name__} provides no importance weights")
+
+    def reconstruct(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``decode(encode(x, y), y)``: the reconstruction from the posterior mean, in data space."""
+        return self.decode(self.encode(x, y), y)
+
+    @torch.no_grad()
+    def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, method: str = "linear",
+                    y=None) -> torch.Tensor:
+        """Decodes ``steps`` latents from ``encode(x1)`` to ``encode(x2)`` (single examples
+        ``[*input_shape]``): ``method="linear"`` or ``"slerp"`` (spherical, Shoemake 1985; linear
+        where the two latents are parallel). ``y``: one label (int or 0-d/[1] tensor) for both, for
+        conditional models. Returns ``[steps, *input_shape]``."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"steps must be an int >= 2, got {steps!r}")
+        if method not in ("linear", "slerp"):
+            raise ValueError(f"method must be 'linear' or 'slerp', got {method!r}")
+        for name, v in (("x1", x1), ("x2", x2)):
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != self.input_shape:
+                raise ValueError(f"{name} must be one example of shape {list(self.input_shape)}, got "
+                                 f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        x = torch.stack([x1, x2])
+        if self.num_classes is not None and isinstance(y, torch.Tensor):
+            if y.numel() != 1:
+                raise ValueError(f"y must be one label (an int or a one-element tensor) for both x1 and x2, got "
+                                 f"shape {tuple(y.shape)}")
+            y = int(y.reshape(()))
+        y2 = self._labels(y, 2, x.device)
+        z = self.encode(x, y2)
+        z1, z2 = z[0].reshape(-1), z[1].reshape(-1)
+        t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype).unsqueeze(1)
+        if method == "linear":
+            w1, w2 = 1 - t, t
+        else:
+            cos = torch.dot(z1, z2) / (z1.norm() * z2.norm()).clamp_min(1e-12)
+            omega = torch.arccos(cos.clamp(-1.0, 1.0))
+            sin = torch.sin(omega)
+            parallel = sin < 1e-6
+            safe = torch.where(parallel, torch.ones_like(sin), sin)
+            w1 = torch.where(parallel, 1 - t, torch.sin((1 - t) * omega) / safe)
+            w2 = torch.where(parallel, t, torch.sin(t * omega) / safe)
+        path = (w1 * z1 + w2 * z2).reshape(steps, *z.shape[1:])
+        ys = None if y2 is None else y2[:1].expand(steps)
+        return self.decode(path, ys)
+
+    @torch.no_grad()
+    def anomaly_score(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, seed: Optional[int] = 0) -> torch.Tensor:
+        """``[B]`` per-example negative ELBO (higher = more anomalous), from a posterior sample
+        drawn with ``seed`` (fixed by default, so a score is repeatable)."""
+        return self.negative_elbo(x, y, seed=seed)

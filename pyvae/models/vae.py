@@ -1,0 +1,226 @@
+"""Gaussian-latent VAEs: VAE (MLP), ConvVAE (convolutional), CVAE (class-conditional MLP)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..nn import GaussianLatent
+from ..ops.likelihood import gaussian_nll
+from ..ops.reparam_kl import reparameterize_kl
+from ._conv import check_channels, conv_decoder, conv_encoder
+from .base import BaseVAE, ModelOutput, positive_int
+
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear + ReLU between consecutive sizes."""
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _hidden_dims(hidden_dims) -> tuple[int, ...]:
+    try:
+        dims = tuple(hidden_dims)
+    except TypeError:
+        raise TypeError(f"hidden_dims must be a sequence of ints, got {type(hidden_dims).__name__}") from None
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        raise ValueError(f"hidden_dims must be positive ints, got {dims!r}")
+    return dims
+
+
+class GaussianVAE(BaseVAE):
+    """A VAE with a Gaussian posterior ``q(z|x) = N(mu, diag(exp(logvar)))`` and a N(0, I) prior.
+
+    A subclass builds ``self.latent`` (a :class:`pyvae.nn.GaussianLatent`) and provides
+    ``_features(x, y) -> h`` (the encoder up to the latent layer) and ``_params(z, y)`` (the decoder:
+    the likelihood's parameters, ``[N, *input_shape]``).
+
+    ``forward`` in training mode samples ``z`` (fused reparameterisation + KL) and returns
+    ``loss = mean(recon_loss + beta_t * kl_loss)`` where ``kl_loss`` is the KL with the free-bits
+    floor; in eval mode ``z`` is the posterior mean (the layer's convention), so its ``loss`` is not an
+    ELBO estimate; :meth:`negative_elbo` is.
+    """
+
+    latent: GaussianLatent
+
+    def _features(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _params(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> ModelOutput:
+        self._check_x(x)
+        self._check_y(y, x.shape[0], x.device)
+        post = self.latent(self._features(x, y))
+        params = self._params(post.z, y)
+        recon_loss = self._recon_nll(params, x)
+        beta = self.beta if self.kl_warmup_steps == 0 else self.current_beta()
+        loss = (recon_loss + beta * post.kl_loss).mean()
+        self._advance_schedule()
+        return ModelOutput(loss, recon_loss, post.kl, self._to_data(params), post.z)
+
+    def _posterior(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_x(x)
+        self._check_y(y, x.shape[0], x.device)
+        # A fixed seed: the layer's own draw (unused here) then takes nothing from PyTorch's generator.
+        post = self.latent(self._features(x, y), seed=0)
+        return post.mu, post.logvar
+
+    def encode(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The posterior mean ``mu`` ``[B, latent_dim]``."""
+        return self._posterior(x, y)[0]
+
+    def decode(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Data-space means ``[N, *input_shape]`` of ``p(x|z)``: probabilities (Bernoulli), the
+        continuous-Bernoulli mean, or the Gaussian mean."""
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"z must have shape [N, latent_dim = {self.latent_dim}], got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        self._check_y(y, z.shape[0], z.device)
+        return self._to_data(self._params(z, y))
+
+    @torch.no_grad()
+    def sample(self, n: int, y=None, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``n`` draws decoded from the prior, ``z ~ N(0, I)``, in data space ``[n, *input_shape]``.
+        ``y``: labels ``[n]`` or one int for all (conditional models)."""
+        positive_int("n", n)
+        ref = self.latent.proj.weight
+        y = self._labels(y, n, ref.device)
+        z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
+        return self.decode(z, y)
+
+    @torch.no_grad()
+    def negative_elbo(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, seed: Optional[int] = 0) -> torch.Tensor:
+        """``[B]`` per-example negative ELBO ``-log p(x|z) + KL(q(z|x) || p(z))`` with one posterior
+        sample ``z`` drawn with ``seed`` (None: from PyTorch's generator), beta = 1, no free bits."""
+        mu, logvar = self._posterior(x, y)
+        z, kl = reparameterize_kl(mu, logvar, seed=seed, backend=self.backend)
+        return self._recon_nll(self._params(z, y), x) + kl
+
+    @torch.no_grad()
+    def log_importance_weights(self, x: torch.Tensor, k: int, y: Optional[torch.Tensor] = None, *,
+                               seed: Optional[int] = None) -> torch.Tensor:
+        """``[k, B]``: ``log p(x|z_i) + log p(z_i) - log q(z_i|x)`` for ``k`` draws ``z_i ~ q(z|x)``
+        per example, all drawn and decoded in one batch of ``k * B``."""
+        positive_int("k", k)
+        mu, logvar = self._posterior(x, y)
+        b, d = mu.shape
+        z, _ = reparameterize_kl(mu, logvar, n_samples=k, seed=seed, backend=self.backend)
+        z = z.reshape(k * b, d)
+        ys = None if y is None else y.repeat(k)
+        x_k = x.expand(k, *x.shape).reshape(k * b, *self.input_shape)
+        log_px = -self._recon_nll(self._params(z, ys), x_k)
+        # log p(z) - log q(z|x) as Gaussian NLLs of z; their log(2 pi) constants cancel (full=False).
+        mu_k = mu.expand(k, b, d).reshape(k * b, d)
+        logvar_k = logvar.expand(k, b, d).reshape(k * b, d)
+        log_q = -gaussian_nll(mu_k, z, logvar_k, full=False, reduction="per_sample", backend=self.backend)
+        log_p = -gaussian_nll(torch.zeros_like(z), z, None, full=False, reduction="per_sample", backend=self.backend)
+        return (log_px + log_p - log_q).view(k, b)
+
+
+class _MLPVAE(GaussianVAE):
+    """MLP encoder and decoder on flattened inputs; with ``num_classes``, a one-hot label is
+    concatenated to the encoder's input and to z at the decoder's input."""
+
+    def __init__(self, input_shape, num_classes: Optional[int], latent_dim: int, hidden_dims, likelihood: str,
+                 beta: float, kl_warmup_steps: int, free_bits: float, backend: str, gaussian_logvar) -> None:
+        super().__init__(input_shape, likelihood=likelihood, gaussian_logvar=gaussian_logvar, beta=beta,
+                         kl_warmup_steps=kl_warmup_steps, free_bits=free_bits, backend=backend)
+        self.num_classes = num_classes
+        self.latent_dim = positive_int("latent_dim", latent_dim)
+        self.hidden_dims = _hidden_dims(hidden_dims)
+        cond = num_classes or 0
+        features = math.prod(self.input_shape)
+        self.encoder = _mlp((features + cond, *self.hidden_dims))
+        self.latent = GaussianLatent(self.hidden_dims[-1] if self.hidden_dims else features + cond, latent_dim,
+                                     backend=backend, free_bits=free_bits)
+        widths = (latent_dim + cond, *reversed(self.hidden_dims))
+        self.decoder = nn.Sequential(_mlp(widths), nn.Linear(widths[-1], features))
+
+    def _one_hot(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # A comparison, not F.one_hot, whose range check reads the labels back to the host.
+        return (y.unsqueeze(1) == torch.arange(self.num_classes, device=y.device)).to(dtype)
+
+    def _features(self, x, y):
+        h = x.flatten(1)
+        if self.num_classes is not None:
+            h = torch.cat([h, self._one_hot(y, h.dtype)], dim=1)
+        return self.encoder(h)
+
+    def _params(self, z, y):
+        if self.num_classes is not None:
+            z = torch.cat([z, self._one_hot(y, z.dtype)], dim=1)
+        return self.decoder(z).view(z.shape[0], *self.input_shape)
+
+
+class VAE(_MLPVAE):
+    """A VAE with MLP encoder and decoder on inputs ``[B, *input_shape]`` (flattened inside).
+
+    Encoder ``prod(input_shape) -> hidden_dims[0] -> ... -> hidden_dims[-1]`` (Linear + ReLU), then
+    a :class:`pyvae.nn.GaussianLatent` to ``latent_dim``; decoder the mirror, ending in a Linear to
+    the likelihood's parameters. ``likelihood``: ``"bernoulli"``, ``"continuous_bernoulli"`` or
+    ``"gaussian"`` (variance from ``gaussian_logvar``: ``"learned"`` (one scalar; per channel for
+    ``(C, H, W)`` shapes), ``"optimal"`` or a fixed float). ``beta``, ``kl_warmup_steps`` and
+    ``free_bits`` shape the objective (see :class:`pyvae.models.BaseVAE`); ``backend`` goes to the ops.
+    """
+
+    def __init__(self, input_shape, *, latent_dim: int = 16, hidden_dims: Sequence[int] = (256, 128),
+                 likelihood: str = "bernoulli", beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0,
+                 backend: str = "auto", gaussian_logvar="learned") -> None:
+        super().__init__(input_shape, None, latent_dim, hidden_dims, likelihood, beta, kl_warmup_steps, free_bits,
+                         backend, gaussian_logvar)
+
+
+class CVAE(_MLPVAE):
+    """A conditional VAE (Sohn et al. 2015): :class:`VAE`'s MLPs with a one-hot class label
+    concatenated to the encoder's input and to z at the decoder's input, so both ``q(z|x, y)`` and
+    ``p(x|z, y)`` see it. Every method takes ``y``: int64 labels ``[B]`` in ``[0, num_classes)``
+    (required; ``sample`` and ``interpolate`` also take one int for all)."""
+
+    def __init__(self, input_shape, num_classes: int, *, latent_dim: int = 16, hidden_dims: Sequence[int] = (256, 128),
+                 likelihood: str = "bernoulli", beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0,
+                 backend: str = "auto", gaussian_logvar="learned") -> None:
+        positive_int("num_classes", num_classes)
+        super().__init__(input_shape, num_classes, latent_dim, hidden_dims, likelihood, beta, kl_warmup_steps,
+                         free_bits, backend, gaussian_logvar)
+
+
+class ConvVAE(GaussianVAE):
+    """A convolutional VAE on images ``[B, C, H, W]`` (any H, W: 8x8 digits, 3x64x64, ...).
+
+    Encoder: one 3x3 stride-2 convolution + ReLU per entry of ``channels`` (so H and W shrink by
+    2 ** len(channels), rounding up), a Linear + ReLU to ``hidden_dim``, then a
+    :class:`pyvae.nn.GaussianLatent`. Decoder: Linear + ReLU to ``hidden_dim`` and to the last
+    feature map, transposed convolutions back to (H, W), and a 3x3 convolution to the likelihood's
+    parameters. Other arguments as in :class:`VAE`.
+    """
+
+    def __init__(self, input_shape, *, latent_dim: int = 16, channels: Sequence[int] = (32, 64), hidden_dim: int = 256,
+                 likelihood: str = "bernoulli", beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0,
+                 backend: str = "auto", gaussian_logvar="learned") -> None:
+        super().__init__(input_shape, likelihood=likelihood, gaussian_logvar=gaussian_logvar, beta=beta,
+                         kl_warmup_steps=kl_warmup_steps, free_bits=free_bits, backend=backend, image=True)
+        self.latent_dim = positive_int("latent_dim", latent_dim)
+        self.channels = check_channels(channels)
+        self.hidden_dim = positive_int("hidden_dim", hidden_dim)
+        c, h, w = self.input_shape
+        strides = (2,) * len(self.channels)
+        convs, sizes = conv_encoder(c, self.channels, strides, (h, w))
+        self._feature_map = (self.channels[-1], *sizes[-1])
+        flat = math.prod(self._feature_map)
+        self.encoder = nn.Sequential(convs, nn.Flatten(), nn.Linear(flat, hidden_dim), nn.ReLU())
+        self.latent = GaussianLatent(hidden_dim, latent_dim, backend=backend, free_bits=free_bits)
+        self.decoder_input = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, flat),
+                                           nn.ReLU())
+        self.decoder = conv_decoder(c, self.channels, strides, sizes)
+
+    def _features(self, x, y):
+        return self.encoder(x)
+
+    def _params(self, z, y):
+        return self.decoder(self.decoder_input(z).view(z.shape[0], *self._feature_map))

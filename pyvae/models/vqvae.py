@@ -1,0 +1,173 @@
+"""VQ-VAE (van den Oord et al. 2017): a convolutional encoder and decoder around
+pyvae.nn.VectorQuantizer."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..nn import VectorQuantizer
+from ..ops.vq import VQResult
+from ._conv import check_channels, conv_decoder, conv_encoder
+from .base import BaseVAE, ModelOutput, positive_int
+
+
+@contextlib.contextmanager
+def _eval(module: nn.Module):
+    """``module`` in eval mode for the block: a quantizer then reads its codebook without an EMA step."""
+    was = module.training
+    module.train(False)
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
+class VQVAE(BaseVAE):
+    """A VQ-VAE on images ``[B, C, H, W]``.
+
+    Encoder: one 3x3 convolution + ReLU per entry of ``channels``, the first ``downsample`` of them
+    with stride 2 (the latent grid is (H, W) / 2 ** downsample, rounded up), a 3x3 convolution +
+    ReLU and a 1x1 convolution to ``code_dim`` channels. The latent grid ``[B, code_dim, h, w]`` is
+    quantised by a :class:`pyvae.nn.VectorQuantizer` on its channel-last view ``[B, h, w, code_dim]``
+    (no copy: the ops read strided rows). Decoder: the mirror, to the likelihood's parameters.
+
+    ``ema_decay`` (default 0.99; None = a codebook trained by the codebook loss) and ``beta`` (the
+    commitment weight) go to the quantizer, as do ``dead_code_threshold`` (default None: 1.0 with an
+    EMA codebook, i.e. a code whose EMA count falls below one row per batch is restarted at a row of
+    the batch; 0 = off, the only choice for a learned codebook) and any further keyword
+    (``kmeans_init``, ``kmeans_iters``, ``cosine``, ``straight_through``, ``precision``,
+    ``usage_decay``, ``sync_ema``). ``loss`` is ``recon_loss.mean() + vq_loss``.
+
+    With a uniform prior over the K codes and a deterministic posterior, the KL term of the ELBO is
+    ``h * w * log K`` per example (van den Oord et al. 2017, section 3.1): :meth:`negative_elbo` adds
+    it to the reconstruction NLL.
+    """
+
+    def __init__(self, input_shape, *, num_codes: int = 128, code_dim: int = 16, channels: Sequence[int] = (32, 64),
+                 downsample: int = 2, ema_decay: Optional[float] = 0.99, beta: float = 0.25,
+                 dead_code_threshold: Optional[float] = None, likelihood: str = "bernoulli", backend: str = "auto",
+                 gaussian_logvar="learned", **vq_options) -> None:
+        super().__init__(input_shape, likelihood=likelihood, gaussian_logvar=gaussian_logvar, beta=beta,
+                         backend=backend, image=True)
+        self.num_codes = positive_int("num_codes", num_codes)
+        self.code_dim = positive_int("code_dim", code_dim)
+        self.channels = check_channels(channels)
+        if isinstance(downsample, bool) or not isinstance(downsample, int) or not 0 <= downsample <= len(self.channels):
+            raise ValueError(f"downsample must be an int in [0, len(channels) = {len(self.channels)}] (the number "
+                             f"of stride-2 stages), got {downsample!r}")
+        self.downsample = downsample
+        c, h, w = self.input_shape
+        strides = tuple(2 if i < downsample else 1 for i in range(len(self.channels)))
+        convs, sizes = conv_encoder(c, self.channels, strides, (h, w))
+        self.latent_shape = sizes[-1]
+        top = self.channels[-1]
+        self.encoder = nn.Sequential(convs, nn.Conv2d(top, top, 3, padding=1), nn.ReLU(), nn.Conv2d(top, code_dim, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(code_dim, top, 3, padding=1), nn.ReLU(),
+                                     conv_decoder(c, self.channels, strides, sizes))
+        if dead_code_threshold is None:
+            dead_code_threshold = 0.0 if ema_decay is None else 1.0
+        self.vq = VectorQuantizer(num_codes, code_dim, beta=beta, ema_decay=ema_decay, backend=backend,
+                                  dead_code_threshold=dead_code_threshold, **vq_options)
+
+    def _quantize(self, z_e: torch.Tensor) -> tuple[VQResult, torch.Tensor]:
+        """The quantizer's result on the channel-last view, and the quantized grid ``[B, D, h, w]``."""
+        result = self.vq(z_e.permute(0, 2, 3, 1))
+        return result, result.quantized.permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> ModelOutput:
+        self._check_x(x)
+        self._check_y(y, x.shape[0], x.device)
+        result, zq = self._quantize(self.encoder(x))
+        params = self.decoder(zq)
+        recon_loss = self._recon_nll(params, x)
+        loss = recon_loss.mean() + result.loss
+        self._advance_schedule()
+        return ModelOutput(loss, recon_loss, None, self._to_data(params), zq, result.loss, result.indices,
+                           result.perplexity)
+
+    def _encode(self, x: torch.Tensor, y) -> tuple[torch.Tensor, VQResult, torch.Tensor]:
+        self._check_x(x)
+        self._check_y(y, x.shape[0], x.device)
+        z_e = self.encoder(x)
+        with _eval(self.vq):
+            result, zq = self._quantize(z_e)
+        return z_e, result, zq
+
+    def encode(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The quantized latents ``[B, code_dim, h, w]`` (the codebook is not updated)."""
+        return self._encode(x, y)[2]
+
+    def encode_indices(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The code indices ``[B, h, w]`` (int64) of ``x``."""
+        return self._encode(x, y)[1].indices
+
+    def decode(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Data-space means ``[N, *input_shape]`` decoded from latents ``[N, code_dim, h, w]`` (taken
+        as they are: quantized or not)."""
+        expected = (self.code_dim, *self.latent_shape)
+        if not isinstance(z, torch.Tensor) or z.dim() != 4 or tuple(z.shape[1:]) != expected:
+            raise ValueError(f"z must have shape [N, {', '.join(map(str, expected))}] (code_dim, h, w), got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        self._check_y(y, z.shape[0], z.device)
+        return self._to_data(self.decoder(z))
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Data-space means ``[N, *input_shape]`` of the code grid ``indices`` ``[N, h, w]``."""
+        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 3 \
+                or tuple(indices.shape[1:]) != self.latent_shape:
+            raise ValueError(f"indices must be int64 [N, {', '.join(map(str, self.latent_shape))}], got "
+                             f"{getattr(indices, 'dtype', type(indices).__name__)} "
+                             f"{tuple(getattr(indices, 'shape', ()))}")
+        codes = self.vq._normalize(nn.functional.embedding(indices, self.vq.codebook))  # unit codes if cosine
+        return self.decode(codes.permute(0, 3, 1, 2))
+
+    @torch.no_grad()
+    def sample(self, n: int, y=None, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``n`` images decoded from code grids whose codes are drawn independently from the
+        quantizer's recent code usage (its ``usage`` buffer; uniform without one, or before any
+        training step). A VQ-VAE has no learned prior: a PixelCNN over the indices would give
+        coherent samples, these show what the codes decode to."""
+        positive_int("n", n)
+        self._check_y(y, n, self.vq.codebook.device)
+        probs = torch.ones(self.num_codes, device=self.vq.codebook.device)
+        usage = getattr(self.vq, "usage", None)
+        if isinstance(usage, torch.Tensor):
+            probs = torch.where(usage.sum() > 0, usage.float().clamp_min(0), probs)
+        h, w = self.latent_shape
+        indices = torch.multinomial(probs, n * h * w, replacement=True, generator=generator)
+        return self.decode_indices(indices.view(n, h, w))
+
+    def _vq_weight(self) -> float:
+        # The layer's loss per element of the latent grid: beta * commitment with an EMA codebook,
+        # codebook + beta * commitment (equal values) without one.
+        return self.vq.beta if self.vq.ema_decay is not None else 1.0 + self.vq.beta
+
+    @torch.no_grad()
+    def anomaly_score(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, seed: Optional[int] = 0) -> torch.Tensor:
+        """``[B]`` reconstruction NLL plus each example's VQ loss term (its mean squared distance to
+        its codes times the layer's weight: the batch mean of these is the layer's loss). Deterministic;
+        ``seed`` is accepted for the common signature."""
+        z_e, _, zq = self._encode(x, y)
+        nll = self._recon_nll(self.decoder(zq), x)
+        z_e = self.vq._normalize(z_e.permute(0, 2, 3, 1))  # what the layer compares with its codes
+        return nll + self._vq_weight() * (z_e - zq.permute(0, 2, 3, 1)).square().flatten(1).mean(1).float()
+
+    @torch.no_grad()
+    def negative_elbo(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, seed: Optional[int] = 0) -> torch.Tensor:
+        """``[B]`` reconstruction NLL + ``h * w * log(num_codes)`` (the KL of the deterministic
+        posterior from a uniform prior over codes). Deterministic; ``seed`` is accepted for the
+        common signature."""
+        _, _, zq = self._encode(x, y)
+        kl = math.prod(self.latent_shape) * math.log(self.num_codes)
+        return self._recon_nll(self.decoder(zq), x) + kl
+
+    def log_importance_weights(self, x: torch.Tensor, k: int, y: Optional[torch.Tensor] = None, *,
+                               seed: Optional[int] = None) -> torch.Tensor:
+        """``[k, B]``, every row ``-negative_elbo(x)``: the posterior is deterministic, so all
+        importance weights are equal and the importance-weighted bound is the ELBO."""
+        positive_int("k", k)
+        return (-self.negative_elbo(x, y)).expand(k, x.shape[0])
