@@ -128,6 +128,10 @@ def test_continuous_bernoulli_mean_near_half_and_saturated():
     far = torch.tensor([-200.0, -50.0, -30.0, -5.0, 5.0, 30.0, 50.0, 200.0], dtype=torch.float64)
     torch.testing.assert_close(continuous_bernoulli_mean(far.float()).double(), 1 / (1 - torch.exp(-far)) - 1 / far,
                                atol=1e-7, rtol=1e-6)
+    got64 = continuous_bernoulli_mean(logits.double())
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, expected, atol=1e-12, rtol=0)
+    assert continuous_bernoulli_mean(logits.half()).dtype == torch.float16
 
 
 def test_decode_is_in_data_space():

@@ -61,11 +61,12 @@ def continuous_bernoulli_mean(logits: torch.Tensor) -> torch.Tensor:
     """Mean of the continuous Bernoulli with ``lambda = sigmoid(l)``: ``1 / (1 - e^-l) - 1 / l``.
 
     The two terms cancel near ``l = 0`` (``lambda = 0.5``), so there the series
-    ``1/2 + l/12 - l^3/720 + l^5/30240 - l^7/1209600`` (from the Bernoulli numbers) is used; its
-    truncation error is below 2e-8 for ``|l| < 1``.
+    ``1/2 + l/12 - l^3/720 + l^5/30240 - l^7/1209600`` (from the Bernoulli numbers) is used, for
+    ``|l| < 1`` in float32 (truncation error below 2.1e-8 |l|^9) and ``|l| < 0.05`` in float64.
+    Computed in float32 (float64 for float64 logits); returned in the dtype of ``logits``.
     """
-    l = logits.float()
-    near = l.abs() < 1.0
+    l = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    near = l.abs() < (0.05 if l.dtype == torch.float64 else 1.0)
     safe = torch.where(near, torch.ones_like(l), l)
     direct = -1.0 / torch.expm1(-safe) - 1.0 / safe
     s = l * l
@@ -80,6 +81,8 @@ class BaseVAE(nn.Module):
     ``negative_elbo`` and ``log_importance_weights``; this class holds the input checks, the
     likelihood, the beta schedule and the methods derived from those (``reconstruct``,
     ``interpolate``, ``anomaly_score``).
+
+    ``image=True`` (for subclasses) requires ``input_shape`` to be ``(C, H, W)``.
 
     Beta schedule: ``beta_t = beta * min(step / kl_warmup_steps, 1)`` (``beta`` when
     ``kl_warmup_steps=0``), where ``step`` is a buffer counting training-mode ``forward`` calls

@@ -33,7 +33,8 @@ class VQVAE(BaseVAE):
     with stride 2 (the latent grid is (H, W) / 2 ** downsample, rounded up), a 3x3 convolution +
     ReLU and a 1x1 convolution to ``code_dim`` channels. The latent grid ``[B, code_dim, h, w]`` is
     quantised by a :class:`pyvae.nn.VectorQuantizer` on its channel-last view ``[B, h, w, code_dim]``
-    (no copy: the ops read strided rows). Decoder: the mirror, to the likelihood's parameters.
+    (the op gathers its rows, one copy of the grid). Decoder: the mirror, to the likelihood's
+    parameters.
 
     ``ema_decay`` (default 0.99; None = a codebook trained by the codebook loss) and ``beta`` (the
     commitment weight) go to the quantizer, as do ``dead_code_threshold`` (default None: 1.0 with an
