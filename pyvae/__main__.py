@@ -1,4 +1,6 @@
-"""``python -m pyvae``: version, how the extension was built, and the backends on each device."""
+"""``python -m pyvae`` (and the ``pyvae`` console script): with no arguments, the install report
+(version, how the extension was built, the backends on each device); ``pyvae train ...`` trains a
+model (see :mod:`pyvae.train`)."""
 from __future__ import annotations
 
 import platform
@@ -9,7 +11,27 @@ import torch
 from . import __version__, backends
 
 
-def main() -> int:
+USAGE = "usage: pyvae [train ...]   (no command: the install report; `pyvae train --help` for training)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatches ``argv`` (default: the command line) and returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        return report()
+    if argv[0] == "train":
+        from . import train  # matplotlib, tqdm and scikit-learn load only for training
+
+        return train.main(argv[1:])
+    if argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    print(f"pyvae: error: unknown command {argv[0]!r}; {USAGE}", file=sys.stderr)
+    return 2
+
+
+def report() -> int:
+    """Prints the install report."""
     print(f"pyvae {__version__}")
     print(f"python {platform.python_version()}  torch {torch.__version__}  (CUDA {torch.version.cuda or 'none'})")
     try:

@@ -1,0 +1,356 @@
+"""The training CLI (`pyvae train`, pyvae.train, pyvae.data): end-to-end runs of every model,
+metrics.json against independent references, --resume, the atomic checkpoint, bad input, and a
+two-process torchrun run."""
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import pyvae
+from pyvae import data as pdata
+from pyvae import train as ptrain
+from pyvae.__main__ import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small models and one epoch: the point is the plumbing, not the fit.
+TINY = {
+    "vae": ["--hidden-dims", "32", "--latent-dim", "4"],
+    "convvae": ["--channels", "4,8", "--hidden-dim", "16", "--latent-dim", "4"],
+    "cvae": ["--hidden-dims", "32", "--latent-dim", "4"],
+    "vqvae": ["--channels", "8,8", "--num-codes", "16", "--code-dim", "4"],
+}
+
+
+def cli(capsys, *argv):
+    """Runs `pyvae ...` in this process: (exit status, stdout, stderr). Training runs use one
+    thread: the models are tiny, and on a busy machine multi-threaded small ops are many times slower."""
+    argv = [str(a) for a in argv] + (["--threads", "1"] if argv[:1] == ("train",) else [])
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def tiny_run(capsys, model, out, *extra):
+    rc, stdout, err = cli(capsys, "train", "--model", model, *TINY[model], "--epochs", "1", "--batch-size", "128",
+                          "--iwae-k", "8", "--quiet", "--out", out, *extra)
+    assert rc == 0, err
+    return json.loads((out / "metrics.json").read_text())
+
+
+def digits_split():
+    """The digits split, computed here from scikit-learn and the documented seed and fraction."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images.reshape(len(d.images), -1) / 16.0
+    order = np.random.default_rng(pdata.SPLIT_SEED).permutation(len(x))
+    n_test = round(len(x) * pdata.TEST_FRACTION)
+    return x[order[n_test:]], x[order[:n_test]], d.target[order[n_test:]], d.target[order[:n_test]]
+
+
+def load_model(run_dir):
+    """The trained model, rebuilt from the checkpoint and the options in metrics.json."""
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    args = ptrain.parse_args(["--model", ckpt["args"]["model"]])
+    for k, v in ckpt["args"].items():
+        setattr(args, k, tuple(v) if isinstance(v, list) else v)
+    model = ptrain.build_model(args, pdata.load_dataset(args.dataset))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def check_png(path):
+    import matplotlib.image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, (path, img.shape)
+    assert img[..., :3].std() > 0.05, f"{path} is (nearly) blank"
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("model", ["vae", "convvae", "cvae", "vqvae"])
+def test_every_model_trains_and_reports(capsys, tmp_path, model):
+    m = tiny_run(capsys, model, tmp_path)
+    _, x_test, _, y_test = digits_split()
+    assert m["model"] == model and m["n_test"] == len(x_test) and m["n_train"] == 1797 - len(x_test)
+    assert m["epochs"] == 1 and m["steps"] == math.ceil(m["n_train"] / 128)
+    assert m["steps_per_second"] > 0 and m["wall_seconds"] >= m["train_seconds"] > 0
+    assert m["device"] == "cpu" and m["world_size"] == 1 and m["torch_version"] == torch.__version__
+    assert m["backends"] == {op: pyvae.backends.resolve("auto", torch.device("cpu"), op)
+                             for op in ("reparam_kl", "likelihood", "vq")}
+    assert m["relative_improvement"] == pytest.approx((m["baseline"]["test_nll"] - m["test_negative_elbo"])
+                                                      / abs(m["baseline"]["test_nll"]))
+    # the reported test negative ELBO is the trained model's, recomputed here from the checkpoint
+    net, ckpt = load_model(tmp_path)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == m["steps"] and len(ckpt["history"]["step_loss"]) == m["steps"]
+    x = torch.tensor(x_test, dtype=torch.float32).view(-1, 1, 8, 8)
+    y = torch.tensor(y_test) if model == "cvae" else None
+    assert m["test_negative_elbo"] == pytest.approx(net.negative_elbo(x, y).double().mean().item(), rel=1e-5)
+    if model == "vqvae":
+        counts = np.bincount(net.encode_indices(x).flatten().numpy(), minlength=16)
+        assert m["code_counts"] == counts.tolist()
+        assert m["codes_used"] == (counts > 0).sum() and m["code_usage"] == pytest.approx((counts > 0).mean())
+        p = counts / counts.sum()
+        assert m["perplexity"] == pytest.approx(math.exp(-(p[p > 0] * np.log(p[p > 0])).sum()), rel=1e-5)
+        pictures = ["samples.png", "reconstructions.png", "loss_curves.png", "code_usage.png"]
+    else:
+        assert m["test_negative_elbo"] == pytest.approx(m["test_recon_nll"] + m["test_kl"])
+        assert 0 < m["test_kl"] and math.isfinite(m["iwae_nll_k8"])
+        assert 0 <= m["active_units"] <= 4 and len(m["latent_variances"]) == 4
+        pictures = ["samples.png", "reconstructions.png", "loss_curves.png", "latent_traversal.png"]
+    assert m["pictures"] == pictures
+    for name in pictures:
+        check_png(tmp_path / name)
+
+
+def test_baseline_matches_an_independent_fit():
+    x_train, x_test, _, _ = digits_split()
+    data = pdata.load_dataset("digits")
+    nll, info = ptrain.baseline_nll(data, "bernoulli")
+    p = (x_train.sum(0) + 0.5) / (len(x_train) + 1)
+    ref = -(x_test * np.log(p) + (1 - x_test) * np.log1p(-p)).sum(1)
+    np.testing.assert_allclose(nll.numpy(), ref, rtol=1e-5)
+    nll, _ = ptrain.baseline_nll(data, "gaussian")
+    mean, var = x_train.mean(0), np.maximum(x_train.var(0), 1 / 255 ** 2 / 12)
+    ref = (0.5 * np.log(2 * np.pi * var) + (x_test - mean) ** 2 / (2 * var)).sum(1)
+    np.testing.assert_allclose(nll.numpy(), ref, rtol=1e-4)
+    # continuous Bernoulli: the fitted logits are the maximum-likelihood ones of the smoothed counts,
+    # so the training NLL of slightly moved logits is higher
+    nll, _ = ptrain.baseline_nll(data, "continuous_bernoulli")
+    cb = torch.distributions.ContinuousBernoulli
+    assert torch.isfinite(nll).all()
+    assert nll.double().mean() < (-cb(probs=torch.tensor(p).clamp(1e-3, 1 - 1e-3)).log_prob(
+        torch.tensor(x_test)).sum(1)).mean()
+
+
+def test_a_short_vae_run_beats_the_baseline(capsys, tmp_path):
+    rc, out, err = cli(capsys, "train", "--model", "vae", "--hidden-dims", "64", "--latent-dim", "4",
+                       "--epochs", "6", "--batch-size", "32", "--lr", "3e-3", "--iwae-k", "20", "--out", tmp_path)
+    assert rc == 0, err
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert math.isfinite(m["test_negative_elbo"]) and m["test_negative_elbo"] < m["baseline"]["test_nll"]
+    assert m["relative_improvement"] > 0.02
+    assert m["iwae_nll_k20"] < m["test_negative_elbo"] + 0.1  # a tighter bound (up to noise)
+    assert m["active_units"] >= 1
+    history = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]["epochs"]
+    assert history[-1]["test_negative_elbo"] == pytest.approx(m["test_negative_elbo"], rel=1e-6)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert "epoch 6/6" in out and "test negative ELBO" in out  # per-epoch lines and the summary
+
+
+# ---------------------------------------------------------------------------------- resume
+def test_resume_continues_exactly(capsys, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    base = ["train", "--model", "vqvae", *TINY["vqvae"], "--batch-size", "256", "--iwae-k", "2", "--quiet"]
+    assert cli(capsys, *base, "--epochs", "3", "--out", a)[0] == 0
+    assert cli(capsys, *base, "--epochs", "2", "--out", b)[0] == 0
+    first = torch.load(b / "checkpoint.pt", weights_only=True)
+    assert first["epoch"] == 2
+    assert cli(capsys, *base, "--epochs", "3", "--out", b, "--resume")[0] == 0
+    ca = torch.load(a / "checkpoint.pt", weights_only=True)
+    cb = torch.load(b / "checkpoint.pt", weights_only=True)
+    assert cb["epoch"] == 3 and cb["step"] == ca["step"] == 3 * math.ceil(1438 / 256)
+    assert cb["history"]["step_loss"][:len(first["history"]["step_loss"])] == first["history"]["step_loss"]
+    assert cb["history"]["step_loss"] == ca["history"]["step_loss"]
+    assert [e["test_negative_elbo"] for e in cb["history"]["epochs"]] == \
+           [e["test_negative_elbo"] for e in ca["history"]["epochs"]]
+    for k, v in ca["model"].items():  # the EMA codebook and its statistics included
+        assert torch.equal(v, cb["model"][k]), k
+    assert json.loads((b / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_resume_refuses_other_options_and_fresh_runs_keep_checkpoints(capsys, tmp_path):
+    base = ["train", "--model", "vae", *TINY["vae"], "--batch-size", "512", "--iwae-k", "2", "--quiet", "--out", tmp_path]
+    assert cli(capsys, *base, "--epochs", "1")[0] == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    rc, _, err = cli(capsys, *base, "--epochs", "2", "--resume", "--lr", "0.01")
+    assert rc == 2 and "--lr 0.001 (now 0.01)" in err and err.count("\n") == 1
+    rc, _, err = cli(capsys, *base, "--epochs", "2")
+    assert rc == 2 and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    rc, _, err = cli(capsys, *base, "--epochs", "1", "--resume")  # already there: only the outputs again
+    assert rc == 0 and (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert cli(capsys, *base, "--epochs", "1", "--overwrite", "--seed", "1")[0] == 0
+    assert (tmp_path / "checkpoint.pt").read_bytes() != before
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(capsys, tmp_path, monkeypatch):
+    base = ["train", "--model", "vae", *TINY["vae"], "--batch-size", "512", "--iwae-k", "2", "--quiet", "--out", tmp_path]
+    assert cli(capsys, *base, "--epochs", "1")[0] == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def crashing_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.seek(len(before) // 2)
+        f.truncate()  # half a checkpoint written, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="No space left"):  # not a usage error: it propagates
+        main([str(a) for a in base] + ["--epochs", "2", "--resume", "--threads", "1"])
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", "metrics.json", "samples.png", "reconstructions.png",
+                                                   "loss_curves.png", "latent_traversal.png"])  # no temporary left
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+# ------------------------------------------------------------------------------- bad input
+def _write(path, **arrays):
+    if path.suffix == ".npy":
+        np.save(path, next(iter(arrays.values())))
+    else:
+        np.savez(path, **arrays)
+    return path
+
+
+def _bad_inputs(tmp_path):
+    img = np.random.default_rng(0).random((20, 8, 8)).astype(np.float32)
+    return [
+        (["--model", "gan"], "argument --model: invalid choice: 'gan'"),
+        (["--model", "vae", "--colour"], "unrecognized arguments: --colour"),
+        (["--model", "vae", "--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+        (["--model", "vae", "--num-codes", "8"], "--num-codes does not apply to --model vae"),
+        ([], "the following arguments are required: --model"),
+        (["--model", "vae", "--dataset", tmp_path / "missing.npz"], "dataset file not found"),
+        (["--model", "vae", "--dataset", _write(tmp_path / "flat.npy", x=img.reshape(20, 64))],
+         "images must be [N, H, W], [N, C, H, W] or [N, H, W, C]; got an array of shape (20, 64)"),
+        (["--model", "vae", "--dataset", _write(tmp_path / "int.npy", x=(img * 9).astype(np.int32))],
+         "got dtype int32"),
+        (["--model", "vae", "--dataset", _write(tmp_path / "range.npz", x=img * 2)],
+         "floating-point images must lie in [0, 1]"),
+        (["--model", "vae", "--dataset", _write(tmp_path / "nan.npz", x=np.where(img > 0.5, np.nan, img))],
+         "NaN or infinite"),
+        (["--model", "cvae", "--dataset", _write(tmp_path / "nolabels.npz", images=img)],
+         "--model cvae needs class labels"),
+        (["--model", "cvae", "--dataset", _write(tmp_path / "badlabels.npz", x=img, y=np.arange(19))],
+         "labels must be a 1-D array with one label per image (20)"),
+        (["--model", "cvae", "--dataset", _write(tmp_path / "floatlabels.npz", x=img, y=np.ones(20))],
+         "labels must be integers"),
+        (["--model", "vae", "--dataset", _corrupt(tmp_path / "corrupt.npz")], "cannot be read as .npz"),
+        (["--model", "vae", "--dataset", tmp_path], "is a directory"),
+        (["--model", "vae", "--dataset", _touch(tmp_path / "images.csv")], "unsupported file type '.csv'"),
+        (["--model", "vae", "--resume"], "--resume: no checkpoint at"),
+        (["--model", "vqvae", "--downsample", "5"], "downsample must be an int in [0, len(channels) = 2]"),
+        (["--model", "vae", "--backend", "cuda"], "--backend cuda: backend 'cuda' cannot serve tensors on device"),
+    ] + ([] if torch.cuda.is_available() else [(["--model", "vae", "--device", "cuda"], "CUDA is not available")])
+
+
+def _touch(path):
+    path.write_text("0,1\n")
+    return path
+
+
+def _corrupt(path):
+    path.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    return path
+
+
+def test_bad_input_gets_one_line_and_exit_status_2(capsys, tmp_path):
+    os.chdir(tmp_path)  # the default --out (runs/<model>) must not exist for the --resume case
+    for argv, message in _bad_inputs(tmp_path):
+        rc, out, err = cli(capsys, "train", *argv)
+        assert rc == 2, (argv, err)
+        assert err.startswith("pyvae train: error: ") and message in err and err.count("\n") == 1, (argv, err)
+        assert out == ""
+    assert not os.path.exists("runs")  # nothing was written
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pyvae", "train", "--model", "vae", "--dataset", str(tmp_path / "x.npz")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"pyvae train: error: dataset file not found: {tmp_path / 'x.npz'} " \
+                               "(--dataset takes 'digits' or an .npz/.npy file)"
+    r = subprocess.run([sys.executable, "-m", "pyvae", "fit"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown command 'fit'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_python_m_pyvae_still_prints_the_install_report():
+    r = subprocess.run([sys.executable, "-m", "pyvae"], capture_output=True, text=True, timeout=120, check=True)
+    assert r.stdout.startswith(f"pyvae {pyvae.__version__}\n") and "cpu (" in r.stdout and "auto:" in r.stdout
+
+
+# ------------------------------------------------------------------------------------ data
+def test_array_files_are_read_in_every_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    nchw = rng.random((10, 3, 5, 6)).astype(np.float32)
+    for name, array, expected in [
+        ("nhwc.npy", nchw.transpose(0, 2, 3, 1), nchw),
+        ("nchw.npy", nchw, nchw),
+        ("nhw.npy", nchw[:, 0], nchw[:, :1]),
+        ("u8.npy", (nchw * 255).astype(np.uint8), (nchw * 255).astype(np.uint8) / np.float32(255)),
+        ("bool.npy", nchw > 0.5, (nchw > 0.5).astype(np.float32)),
+    ]:
+        images, labels = pdata.load_array_file(str(_write(tmp_path / name, x=array)))
+        assert images.dtype == np.float32 and labels is None
+        np.testing.assert_allclose(images, expected, rtol=1e-6, err_msg=name)
+    # .npz: 'images' wins over an earlier array; labels by name; else the first non-label array
+    labels = rng.integers(0, 4, 10)
+    images, y = pdata.load_array_file(str(_write(tmp_path / "a.npz", other=nchw[:, :1] * 0, images=nchw, labels=labels)))
+    np.testing.assert_array_equal(images, nchw) and np.testing.assert_array_equal(y, labels)
+    images, y = pdata.load_array_file(str(_write(tmp_path / "b.npz", y=labels, pics=nchw)))
+    np.testing.assert_array_equal(images, nchw) and np.testing.assert_array_equal(y, labels)
+    ds = pdata.load_dataset(str(tmp_path / "b.npz"))
+    assert ds.input_shape == (3, 5, 6) and len(ds.x_test) == 2 and len(ds.x_train) == 8 and ds.num_classes == 4
+    order = np.random.default_rng(pdata.SPLIT_SEED).permutation(10)
+    np.testing.assert_array_equal(ds.x_test.numpy(), nchw[order[:2]])
+    np.testing.assert_array_equal(ds.y_train.numpy(), labels[order[2:]])
+
+
+def test_digits_dataset():
+    x_train, x_test, y_train, _ = digits_split()
+    ds = pdata.load_dataset("digits")
+    assert ds.input_shape == (1, 8, 8) and ds.num_classes == 10
+    np.testing.assert_allclose(ds.x_train.reshape(len(x_train), -1).numpy(), x_train, rtol=1e-6)
+    np.testing.assert_allclose(ds.x_test.reshape(len(x_test), -1).numpy(), x_test, rtol=1e-6)
+    np.testing.assert_array_equal(ds.y_train.numpy(), y_train)
+    binary = pdata.load_dataset("digits", binarize=True)
+    np.testing.assert_array_equal(binary.x_test.reshape(len(x_test), -1).numpy(), (x_test >= 0.5).astype(np.float32))
+
+
+def test_batches_cover_the_data_and_split_between_ranks():
+    one = ptrain.batches(103, 10, epoch=4, seed=7, world=1)
+    assert torch.equal(torch.sort(torch.cat(one)).values, torch.arange(103))
+    assert [len(b) for b in one] == [10] * 10 + [3]
+    assert all(torch.equal(a, b) for a, b in zip(one, ptrain.batches(103, 10, epoch=4, seed=7, world=1)))
+    assert not torch.equal(one[0], ptrain.batches(103, 10, epoch=5, seed=7, world=1)[0])
+    four = ptrain.batches(103, 10, epoch=4, seed=7, world=4)  # the last 3 cannot give each of 4 ranks one
+    assert len(four) == 10 and all(torch.equal(a, b) for a, b in zip(one, four))
+    assert [len(s) for s in four[0].tensor_split(4)] == [3, 3, 2, 2]  # how train() shards a batch
+
+
+# ------------------------------------------------------------------------------ processes
+def _hashes(state: dict) -> dict:
+    return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest() for k, v in state.items()}
+
+
+def test_two_process_torchrun_keeps_the_ranks_identical(capsys, tmp_path):
+    argv = ["--model", "vqvae", *TINY["vqvae"], "--epochs", "1", "--batch-size", "96", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "pyvae", "train", *argv, "--out", str(tmp_path / "ddp"), "--debug-rank-state"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "ddp" / "rank_state" / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0] == ranks[1]  # every parameter and buffer, the EMA codebook and its statistics included
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    assert _hashes(ckpt["model"]) == ranks[0]
+    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == math.ceil(1438 / 96)
+    # one process on the whole batches computes the same (up to the order of float sums)
+    assert cli(capsys, "train", *argv, "--out", tmp_path / "one")[0] == 0
+    single = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    for k, v in single["model"].items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+    np.testing.assert_allclose(ckpt["history"]["step_loss"], single["history"]["step_loss"], rtol=1e-4)
