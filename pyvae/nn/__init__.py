@@ -2,6 +2,7 @@
 from .latent import GaussianLatent
 from .likelihood import BernoulliLikelihood, ContinuousBernoulliLikelihood, GaussianLikelihood
 from .vq import VectorQuantizer
+from .vq_compat import VectorQuantize
 
 __all__ = ["BernoulliLikelihood", "ContinuousBernoulliLikelihood", "GaussianLatent", "GaussianLikelihood",
-           "VectorQuantizer"]
+           "VectorQuantize", "VectorQuantizer"]
