@@ -19,9 +19,10 @@ import torch
 import harness
 import likelihood
 import reparam_kl
+import train_step
 import vq
 
-SUITES = {"reparam_kl": reparam_kl, "likelihood": likelihood, "vq": vq}
+SUITES = {"reparam_kl": reparam_kl, "likelihood": likelihood, "vq": vq, "train_step": train_step}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -488,3 +488,22 @@ def test_inference_methods_leave_the_generator_alone(name):
     model.anomaly_score(x, y)
     assert torch.equal(torch.get_rng_state(), state)
     assert model.training and model.step.item() == 0
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli"])
+def test_forward_recon_is_detached_and_not_kept_for_backward(likelihood):
+    # recon is for looking at: autograd must not keep it (a Bernoulli VAE would otherwise hold a
+    # second image-sized tensor, the sigmoid's output, through backward)
+    model = pyvae.models.ConvVAE((1, 8, 8), latent_dim=3, channels=(4,), hidden_dim=8, likelihood=likelihood)
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(torch.rand(5, 1, 8, 8))
+    assert not out.recon.requires_grad
+    assert out.recon.untyped_storage().data_ptr() not in saved
+    out.loss.backward()
+    torch.testing.assert_close(out.recon, model._to_data(model._params(out.z, None)))

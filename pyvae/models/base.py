@@ -18,7 +18,7 @@ class ModelOutput(NamedTuple):
     loss: torch.Tensor                         # scalar float32: the objective to minimise
     recon_loss: torch.Tensor                   # [B] float32 reconstruction NLL per example (nats)
     kl: Optional[torch.Tensor] = None          # [B] float32 true KL(q(z|x) || p(z)) (None for VQVAE)
-    recon: Optional[torch.Tensor] = None       # [B, *input_shape] reconstruction in data space
+    recon: Optional[torch.Tensor] = None       # [B, *input_shape] reconstruction in data space (detached)
     z: Optional[torch.Tensor] = None           # latent sample [B, latent_dim] (VQVAE: quantized [B, D, h, w])
     vq_loss: Optional[torch.Tensor] = None     # scalar VQ loss (VQVAE)
     indices: Optional[torch.Tensor] = None     # [B, h, w] int64 code indices (VQVAE)
@@ -179,6 +179,13 @@ class BaseVAE(nn.Module):
         if self.likelihood == "continuous_bernoulli":
             return continuous_bernoulli_mean(params)
         return params
+
+    def _recon(self, params: torch.Tensor) -> torch.Tensor:
+        """``forward``'s reconstruction: detached, so that autograd keeps no data-space copy of the
+        decoder's output through backward (the loss reads the likelihood's parameters directly);
+        ``decode`` gives a differentiable one."""
+        with torch.no_grad():
+            return self._to_data(params.detach())
 
     # ------------------------------------------------------------------ the method set
     def encode(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:

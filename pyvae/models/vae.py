@@ -62,7 +62,7 @@ class GaussianVAE(BaseVAE):
         beta = self.beta if self.kl_warmup_steps == 0 else self.current_beta()
         loss = (recon_loss + beta * post.kl_loss).mean()
         self._advance_schedule()
-        return ModelOutput(loss, recon_loss, post.kl, self._to_data(params), post.z)
+        return ModelOutput(loss, recon_loss, post.kl, self._recon(params), post.z)
 
     def _posterior(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_x(x)

@@ -87,7 +87,7 @@ class VQVAE(BaseVAE):
         recon_loss = self._recon_nll(params, x)
         loss = recon_loss.mean() + result.loss
         self._advance_schedule()
-        return ModelOutput(loss, recon_loss, None, self._to_data(params), zq, result.loss, result.indices,
+        return ModelOutput(loss, recon_loss, None, self._recon(params), zq, result.loss, result.indices,
                            result.perplexity)
 
     def _encode(self, x: torch.Tensor, y) -> tuple[torch.Tensor, VQResult, torch.Tensor]:
