@@ -56,11 +56,12 @@ class VectorQuantizer(nn.Module):
     the codes, and x gets the gradient through the rotation and rescaling that map x onto its code
     (treated as constants), as ``vector_quantize_pytorch.rotate_to`` computes it.
 
-    Buffers ``usage`` ([K], the fraction of rows each code took) and ``perplexity`` (scalar) are
-    exponential moving averages over training batches with decay ``usage_decay``; the first
-    batches are plain averages (weight ``1/(t+1)`` until that falls to ``1 - usage_decay``), so
-    they carry no start-up bias. Monitoring only: they and the step counter ``steps`` are not in
-    the state_dict (which keeps the layer's keys as before) and start again after a load.
+    Buffers ``usage`` ([K], the fraction of a batch's rows each code took) and ``perplexity``
+    (scalar, exp of the entropy of those fractions) are exponential moving averages over training
+    batches with decay ``usage_decay``; the first batches are plain averages (weight ``1/(t+1)``
+    at step t until that falls to ``1 - usage_decay``), so they carry no start-up bias. Monitoring
+    only: they and the step counter ``steps`` are left out of the state_dict (which keeps the
+    layer's keys as before), so a layer restored from a checkpoint starts them afresh.
 
     Under data parallelism (``torch.distributed`` initialised, more than one process) the EMA
     counts and sums, the k-means statistics and the rows of restarts are exchanged between the
@@ -288,8 +289,9 @@ def rotation_trick(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """The rotation trick (Fifty et al. 2024, sec. 4.2): a tensor with the value of ``codes`` whose
     gradient reaches ``x`` through ``s R x``, where R rotates x/|x| onto codes/|codes| and
     s = |codes| / |x|, both treated as constants (the math of ``vector_quantize_pytorch.rotate_to``).
-    Computed in float32; ``codes`` get no gradient."""
-    xf, ef = x.float(), codes.detach().float()
+    Computed in float32 (float64 for float64 inputs); ``codes`` get no gradient."""
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    xf, ef = x.to(cdt), codes.detach().to(cdt)
     x_norm = xf.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)
     e_norm = ef.norm(dim=-1, keepdim=True)
     u = (xf / x_norm).detach()
