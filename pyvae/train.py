@@ -36,6 +36,7 @@ VAE_FAMILY = ("vae", "convvae", "cvae")
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+ACTIVE_THRESHOLD = 0.01  # Var_x E[z_u | x] above which a latent unit counts as active (Burda et al. 2016)
 
 # The CLI's defaults per model, for the digits: small enough that a default run takes a minute or
 # two on a laptop-class CPU. Options left at None here take the model class's own default.
@@ -181,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--downsample", type=_nonnegative_int, help=f"stride-2 stages before the quantizer {d}")
     g.add_argument("--ema-decay", type=_ema_decay, help=f"codebook EMA decay, or 'none' for a learned codebook {d}")
     g.add_argument("--dead-code-threshold", type=_nonnegative_float,
-                   help=f"restart codes whose EMA count falls below this (0 = off) {d}")
+                   help="restart codes whose EMA count falls below this (0 = off). Default: 1 with an EMA codebook, "
+                   "else 0")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="output directory. Default: runs/<model>")
     g.add_argument("--device", choices=("cpu", "cuda"), help="Default: cuda if available, else cpu")
@@ -217,6 +219,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             setattr(args, name, value)
     if args.gaussian_logvar is not None and args.likelihood != "gaussian":
         raise UsageError("--gaussian-logvar applies to --likelihood gaussian only")
+    if args.dataset != "digits":
+        args.dataset = os.path.abspath(args.dataset)  # a resumed run may start from another directory
     if args.out is None:
         args.out = os.path.join("runs", args.model)
     if args.resume and args.overwrite:
@@ -396,19 +400,24 @@ def _per_example(fn, x: torch.Tensor, y: Optional[torch.Tensor], chunk: int = 51
     return torch.cat(parts) if parts else x.new_zeros(0)
 
 
-def test_negative_elbo(model, data: ImageDataset, run: Run, conditional: bool) -> float:
-    """Mean negative ELBO over the test set (each rank evaluates its share)."""
+def test_losses(model, data: ImageDataset, run: Run, conditional: bool) -> dict[str, float]:
+    """Mean test negative ELBO (and, for a VQ-VAE, whose ELBO holds the constant h*w*log K, the
+    reconstruction NLL); each rank evaluates its share of the test set."""
+    vq = getattr(model, "num_codes", None) is not None
     x, y = data.x_test.to(run.device), data.y_test.to(run.device) if conditional else None
     share = slice(run.rank, None, run.world)
     was = model.training
     model.eval()
-    values = _per_example(lambda xb, yb: model.negative_elbo(xb, yb), x[share], None if y is None else y[share])
+    x, y = x[share], None if y is None else y[share]
+    sums = [_per_example(lambda xb, yb: model.negative_elbo(xb, yb), x, y).double().sum()]
+    if vq:
+        sums.append(_per_example(lambda xb, yb: model(xb).recon_loss, x, y).double().sum())
     model.train(was)
-    total = torch.stack([values.double().sum(), torch.tensor(float(len(values)), dtype=torch.float64,
-                                                            device=values.device)])
+    sums = torch.stack(sums + [torch.tensor(float(len(x)), dtype=torch.float64, device=run.device)])
     if run.distributed:
-        dist.all_reduce(total)
-    return float(total[0] / total[1])
+        dist.all_reduce(sums)
+    sums = (sums[:-1] / sums[-1]).tolist()
+    return dict(zip(("test_negative_elbo", "test_recon_nll"), sums))
 
 
 def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: torch.nn.Module, state: Optional[dict],
@@ -471,14 +480,14 @@ def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: torch.n
             dist.all_reduce(step_loss)
         step_loss = step_loss.tolist()
         train_seconds = time.perf_counter() - epoch_start
-        test = test_negative_elbo(model, data, run, y_all is not None)
+        test = test_losses(model, data, run, y_all is not None)
         epoch += 1
-        if not all(math.isfinite(v) for v in step_loss) or not math.isfinite(test):
-            raise TrainingError(f"training diverged in epoch {epoch} (loss {step_loss[-1] if step_loss else test}); "
-                                f"the last good checkpoint is kept. Try a smaller --lr")
+        if not all(math.isfinite(v) for v in [*step_loss, *test.values()]):
+            raise TrainingError(f"training diverged in epoch {epoch} (train loss {step_loss[-1] if step_loss else '-'}, "
+                                f"test {test['test_negative_elbo']}); the last good checkpoint is kept. Try a smaller --lr")
         history["step_loss"] += step_loss
         history["epochs"].append({"epoch": epoch, "step": step, "train_loss": sum(step_loss) / max(len(step_loss), 1),
-                                  "test_negative_elbo": test, "seconds": train_seconds})
+                                  **test, "seconds": train_seconds})
         history["train_seconds"] += train_seconds
         if run.main:
             save_checkpoint(os.path.join(run.out, CHECKPOINT), {
@@ -486,8 +495,9 @@ def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: torch.n
                 "epoch": epoch, "step": step, "rng": _rng_state(run.device), "args": _compatible_args(args),
                 "history": history, "pyvae_version": __version__})
             if not args.quiet:
+                recon = f"  test recon NLL {test['test_recon_nll']:.3f}" if "test_recon_nll" in test else ""
                 log(f"epoch {epoch}/{args.epochs}  train loss {history['epochs'][-1]['train_loss']:.3f}  "
-                    f"test negative ELBO {test:.3f} nats  ({train_seconds:.1f} s)")
+                    f"test negative ELBO {test['test_negative_elbo']:.3f}{recon} nats  ({train_seconds:.1f} s)")
     history["steps"] = step
     return history
 
@@ -554,14 +564,14 @@ def evaluate(args: argparse.Namespace, run: Run, data: ImageDataset, model) -> d
         result["test_recon_nll"] = model_nll - result["test_kl"]
         iwae = metrics.iwae_nll(model, x, k=args.iwae_k, y=y, seed=args.seed)
         result[f"iwae_nll_k{args.iwae_k}"] = float(iwae.double().mean())
-        count, variances = metrics.active_units(model, x, y=y, return_variances=True)
+        count, variances = metrics.active_units(model, x, ACTIVE_THRESHOLD, y=y, return_variances=True)
         result["active_units"] = count
         result["latent_dim"] = model.latent_dim
         result["latent_variances"] = [round(v, 6) for v in variances.tolist()]
     else:
         test_idx = _per_example(lambda xb, yb: model.encode_indices(xb), x, None)
         train_idx = _per_example(lambda xb, yb: model.encode_indices(xb), data.x_train.to(run.device), None)
-        result["test_recon_nll"] = model_nll - math.prod(model.latent_shape) * math.log(model.num_codes)
+        result["test_recon_nll"] = float(_per_example(lambda xb, yb: model(xb).recon_loss, x, None).double().mean())
         result["num_codes"] = model.num_codes
         result["latent_grid"] = list(model.latent_shape)
         result["code_usage"] = metrics.code_usage(test_idx, model.num_codes)
@@ -655,11 +665,16 @@ def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model
     # an epoch's mean loss belongs to the middle of the epoch; the test value to its end
     ax.plot([e["epoch"] - 0.5 for e in epochs], [e["train_loss"] for e in epochs], color="tab:blue", marker=".",
             label="train loss, epoch mean")
-    ax.plot([e["epoch"] for e in epochs], [e["test_negative_elbo"] for e in epochs], color="tab:orange",
-            marker=".", label="test negative ELBO")
+    if args.model in VAE_FAMILY:
+        test, test_label = [e["test_negative_elbo"] for e in epochs], "test negative ELBO"
+    else:  # the ELBO adds the constant h*w*log K to this, which would put it far above the rest
+        constant = metrics["test_negative_elbo"] - metrics["test_recon_nll"]
+        test = [e["test_recon_nll"] for e in epochs]
+        test_label = f"test reconstruction NLL (+ {constant:.1f} = negative ELBO)"
+    ax.plot([e["epoch"] for e in epochs], test, color="tab:orange", marker=".", label=test_label)
     base = metrics["baseline"]["test_nll"]
     ax.axhline(base, color="gray", ls="--", lw=1, label=f"baseline (independent pixels) {base:.2f}")
-    values = sorted(step_loss + [e["test_negative_elbo"] for e in epochs] + [base])
+    values = sorted(step_loss + test + [base])
     if values:
         lo, hi = values[0], values[int(0.95 * (len(values) - 1))]
         pad = 0.1 * (hi - lo) or 1.0
@@ -673,7 +688,8 @@ def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model
 
     if args.model in VAE_FAMILY:
         variances = torch.tensor(metrics["latent_variances"])
-        dims = variances.argsort(descending=True)[:min(8, model.latent_dim)].tolist()
+        order = variances.argsort(descending=True).tolist()
+        dims = [d for d in order if variances[d] > ACTIVE_THRESHOLD][:8] or order[:2]  # active ones, else two
         steps = torch.linspace(-3, 3, 9, device=device)
         z = torch.zeros(len(dims), len(steps), model.latent_dim, device=device)
         for row, d in enumerate(dims):
@@ -683,7 +699,7 @@ def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model
         images = model.decode(z, yz)
         fig, ax = plt.subplots(figsize=(5, 0.6 * len(dims) + 0.5))
         _show_grid(ax, _grid(images, len(steps)),
-                   "latent traversal: rows = the most active dimensions, -3..3 around 0"
+                   f"latent traversal: {len(dims)} most active dimensions, -3..3 around 0"
                    + (" (class 0)" if args.model == "cvae" else ""))
         save(fig, "latent_traversal.png")
     else:
@@ -776,13 +792,15 @@ def _run(args: argparse.Namespace, run: Run, started: float, log: Callable[[str]
 
 
 def _summary(m: dict) -> str:
-    line = (f"test negative ELBO {m['test_negative_elbo']:.3f} nats; baseline {m['baseline']['test_nll']:.3f} "
-            f"({100 * m['relative_improvement']:.1f}% lower)")
+    change = m["relative_improvement"]
+    line = (f"test negative ELBO {m['test_negative_elbo']:.3f} nats, {100 * abs(change):.1f}% "
+            f"{'below' if change >= 0 else 'above'} the independent-pixel baseline's {m['baseline']['test_nll']:.3f}")
     if "active_units" in m:
         line += f"; iwae_nll {m[next(k for k in m if k.startswith('iwae_nll'))]:.3f}; " \
                 f"active units {m['active_units']}/{m['latent_dim']}"
     else:
-        line += f"; codes used {m['codes_used']}/{m['num_codes']}, perplexity {m['perplexity']:.1f}"
+        line += f" (reconstruction NLL {m['test_recon_nll']:.3f}); codes used {m['codes_used']}/{m['num_codes']}, " \
+                f"perplexity {m['perplexity']:.1f}"
     return line + f"; {m['steps']} steps in {m['train_seconds']:.1f} s ({m['steps_per_second']:.1f}/s)"
 
 
