@@ -184,7 +184,8 @@ def test_resume_continues_exactly(capsys, tmp_path, model):
 
 
 def test_resume_refuses_other_options_and_fresh_runs_keep_checkpoints(capsys, tmp_path):
-    base = ["train", "--model", "vae", *TINY["vae"], "--batch-size", "512", "--iwae-k", "2", "--quiet", "--out", tmp_path]
+    base = ["train", "--model", "vae", *TINY["vae"], "--batch-size", "512", "--iwae-k", "2", "--quiet",
+            "--out", tmp_path]
     assert cli(capsys, *base, "--epochs", "1")[0] == 0
     before = (tmp_path / "checkpoint.pt").read_bytes()
     rc, _, err = cli(capsys, *base, "--epochs", "2", "--resume", "--lr", "0.01")
@@ -199,7 +200,8 @@ def test_resume_refuses_other_options_and_fresh_runs_keep_checkpoints(capsys, tm
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(capsys, tmp_path, monkeypatch):
-    base = ["train", "--model", "vae", *TINY["vae"], "--batch-size", "512", "--iwae-k", "2", "--quiet", "--out", tmp_path]
+    base = ["train", "--model", "vae", *TINY["vae"], "--batch-size", "512", "--iwae-k", "2", "--quiet",
+            "--out", tmp_path]
     assert cli(capsys, *base, "--epochs", "1")[0] == 0
     before = (tmp_path / "checkpoint.pt").read_bytes()
     real_save = torch.save
@@ -215,8 +217,9 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(capsys, tmp_path, m
         main([str(a) for a in base] + ["--epochs", "2", "--resume", "--threads", "1"])
     monkeypatch.undo()
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", "metrics.json", "samples.png", "reconstructions.png",
-                                                   "loss_curves.png", "latent_traversal.png"])  # no temporary left
+    assert sorted(os.listdir(tmp_path)) == sorted([  # no temporary file left
+        "checkpoint.pt", "metrics.json", "samples.png", "reconstructions.png", "loss_curves.png",
+        "latent_traversal.png"])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
@@ -312,10 +315,13 @@ def test_array_files_are_read_in_every_layout(tmp_path):
         np.testing.assert_allclose(images, expected, rtol=1e-6, err_msg=name)
     # .npz: 'images' wins over an earlier array; labels by name; else the first non-label array
     labels = rng.integers(0, 4, 10)
-    images, y = pdata.load_array_file(str(_write(tmp_path / "a.npz", other=nchw[:, :1] * 0, images=nchw, labels=labels)))
-    np.testing.assert_array_equal(images, nchw) and np.testing.assert_array_equal(y, labels)
+    path = _write(tmp_path / "a.npz", other=nchw[:, :1] * 0, images=nchw, labels=labels)
+    images, y = pdata.load_array_file(str(path))
+    np.testing.assert_array_equal(images, nchw)
+    np.testing.assert_array_equal(y, labels)
     images, y = pdata.load_array_file(str(_write(tmp_path / "b.npz", y=labels, pics=nchw)))
-    np.testing.assert_array_equal(images, nchw) and np.testing.assert_array_equal(y, labels)
+    np.testing.assert_array_equal(images, nchw)
+    np.testing.assert_array_equal(y, labels)
     ds = pdata.load_dataset(str(tmp_path / "b.npz"))
     assert ds.input_shape == (3, 5, 6) and len(ds.x_test) == 2 and len(ds.x_train) == 8 and ds.num_classes == 4
     order = np.random.default_rng(pdata.SPLIT_SEED).permutation(10)
