@@ -32,4 +32,55 @@ PYVAE_HD InputGrads input_grads(bool has_grad_z, bool has_grad_kl, float mu, flo
           (has_grad_z ? z_dlogvar(std, gz_eps_sum) : 0.0f) + (has_grad_kl ? gkl * kl_dlogvar(std) : 0.0f)};
 }
 
+// ---------------------------------------------------------------------------- a Gaussian prior
+// KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) for one element,
+//   0.5 (prior_logvar - logvar + (e^logvar + (mu - prior_mu)^2) / e^prior_logvar - 1),
+// is evaluated as  u^2 + half_r - 0.5 (x + 1)  from
+//   x      = logvar - prior_logvar,
+//   half_r = e^(x - ln 2)                        (half the variance ratio r = e^x),
+//   s      = e^(-(prior_logvar + ln 2) / 2)      (1 / sqrt(2 var_p)),
+//   u      = (mu - prior_mu) s                   (u^2 = (mu - prior_mu)^2 / (2 var_p)).
+// The variances never appear alone: e^logvar / e^prior_logvar would overflow (inf / inf = NaN) as
+// soon as logvar > 88.7 whatever the ratio. The factors 1/2 sit inside the exponentials, so half_r
+// and u^2 overflow only where they themselves exceed FLT_MAX, and then so does the KL (a sum of
+// them and terms that are at most |x| / 2). s overflows only for prior_logvar < -177 (a prior
+// variance of 1e-77, zero in float32), where a zero difference mu - prior_mu is kept at u = 0.
+// (The standard normal, prior = None, keeps kl_term above: the kernels pick it at compile time.)
+struct PriorKL {
+  float x, half_r, s, u;
+};
+
+constexpr float kLn2 = 0.693147180559945309f;
+
+PYVAE_HD PriorKL prior_kl_parts(float mu, float logvar, float prior_mu, float prior_logvar) {
+  const float x = logvar - prior_logvar;
+  const float d = mu - prior_mu;
+  const float s = exp_f(-0.5f * (prior_logvar + kLn2));
+  return {x, exp_f(x - kLn2), s, d == 0.0f ? 0.0f : d * s};
+}
+
+PYVAE_HD float kl_term_prior(const PriorKL& k) { return k.u * k.u + k.half_r - 0.5f * (k.x + 1.0f); }
+
+// With r = e^(logvar - prior_logvar), d = mu - prior_mu, w = e^(-prior_logvar):
+//   d/dmu = d w = 2 u s,  d/dprior_mu = -d w,  d/dlogvar = 0.5 (r - 1) = half_r - 0.5,
+//   d/dprior_logvar = 0.5 (1 - r - d^2 w) = 0.5 - half_r - u^2.
+struct PriorKLGrads {
+  float mu, logvar, prior_mu, prior_logvar;
+};
+
+PYVAE_HD PriorKLGrads prior_kl_grads(const PriorKL& k) {
+  const float dmu = 2.0f * (k.u * k.s);
+  return {dmu, k.half_r - 0.5f, -dmu, 0.5f - k.half_r - k.u * k.u};
+}
+
+// Backward for one element with a prior and an upstream KL gradient gkl (without one, the prior
+// plays no part and input_grads above applies): the gradients of mu and logvar, and of the prior's
+// mean and log-variance (per element; summed over broadcast dimensions by the caller).
+PYVAE_HD PriorKLGrads input_grads_prior(bool has_grad_z, float mu, float logvar, float prior_mu,
+                                        float prior_logvar, float std, float gz_sum, float gz_eps_sum, float gkl) {
+  const PriorKLGrads d = prior_kl_grads(prior_kl_parts(mu, logvar, prior_mu, prior_logvar));
+  return {gz_sum + gkl * d.mu, (has_grad_z ? z_dlogvar(std, gz_eps_sum) : 0.0f) + gkl * d.logvar, gkl * d.prior_mu,
+          gkl * d.prior_logvar};
+}
+
 }  // namespace pyvae

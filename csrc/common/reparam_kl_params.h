@@ -1,6 +1,7 @@
 // Plain-data description of one reparameterize + KL call, filled in by csrc/ops.cpp and read by the
 // CPU and CUDA kernels (which stay torch-free). Inputs are viewed as [rows, cols] with unit column
-// stride and the given row strides; z and the gradients are contiguous.
+// stride and the given row strides; z and the gradients are contiguous. A prior's mean and
+// log-variance are read in place with row and column strides (0 where they broadcast).
 #pragma once
 #include <stdint.h>
 
@@ -15,6 +16,16 @@ struct ReparamKLInputs {
   const void* logvar;
   int64_t mu_row_stride, logvar_row_stride;
   int64_t rows, cols;
+};
+
+// The Gaussian prior N(prior_mu, e^prior_logvar) the KL is taken against; `present` false: N(0, I),
+// with the kernels' prior-free code. When present, a null mu or logvar reads as 0. Element (r, c)
+// of each is at r * row_stride + c * col_stride, in the dtype of mu; col_stride is 0 or 1.
+struct ReparamKLPrior {
+  bool present;
+  const void* mu;
+  const void* logvar;
+  int64_t mu_row_stride, mu_col_stride, logvar_row_stride, logvar_col_stride;
 };
 
 // Where the forward kernel gets its Philox key, and where it records it for backward.
@@ -33,6 +44,7 @@ struct SeedSource {
 
 struct ReparamKLForwardParams {
   ReparamKLInputs in;
+  ReparamKLPrior prior;
   SeedSource seed;
   int64_t samples;
   void* z;    // [samples, rows, cols] in dtype
@@ -42,6 +54,7 @@ struct ReparamKLForwardParams {
 
 struct ReparamKLBackwardParams {
   ReparamKLInputs in;
+  ReparamKLPrior prior;  // read only with a grad_kl (without one the prior plays no part)
   const int64_t* seed;    // the key forward recorded (same memory space as the tensors)
   int64_t samples;        // of grad_z
   const void* grad_z;     // [samples, rows, cols] in dtype, or nullptr (no gradient through z)
@@ -49,6 +62,10 @@ struct ReparamKLBackwardParams {
   int64_t grad_kl_row_stride, grad_kl_col_stride;
   void* grad_mu;      // [rows, cols] in dtype
   void* grad_logvar;  // [rows, cols] in dtype
+  // float32 [rows, cols] per-element gradients of the prior's mean and log-variance (the caller
+  // sums them over broadcast dims), or nullptr where not asked for (and always without grad_kl)
+  float* grad_prior_mu;
+  float* grad_prior_logvar;
 };
 
 }  // namespace pyvae
