@@ -162,6 +162,7 @@ ReparamKLForwardParams forward_params(const CheckedInputs& in, int64_t n_samples
 struct BackwardBuffers {
   at::Tensor grad_z, grad_kl, grad_mu, grad_logvar;
   at::Tensor grad_prior_mu, grad_prior_logvar;  // float32 [rows, cols] per element, where asked for
+  ReparamKLPriorGrads prior_grads{};            // pointers into them
 };
 
 ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tensor& seed,
@@ -200,23 +201,22 @@ ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tenso
   return p;
 }
 
-// The prior's half of backward's parameters: the prior itself, and float32 per-element buffers for
-// the gradients asked for (none without grad_kl: the prior's gradients are then zero).
-void prior_backward_params(const CheckedPrior& prior, const std::optional<at::Tensor>& prior_mu,
-                           const std::optional<at::Tensor>& prior_logvar, bool prior_mu_grad, bool prior_logvar_grad,
-                           const at::Tensor& mu, ReparamKLBackwardParams& p, BackwardBuffers& buf) {
+// Float32 per-element buffers for the prior's gradients asked for (none without grad_kl: they are
+// then zero).
+void allocate_prior_grads(const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
+                          bool prior_mu_grad, bool prior_logvar_grad, const at::Tensor& mu,
+                          const ReparamKLBackwardParams& p, BackwardBuffers& buf) {
   TORCH_CHECK_VALUE(!prior_mu_grad || prior_mu.has_value(), "prior_mu_grad needs a prior_mu");
   TORCH_CHECK_VALUE(!prior_logvar_grad || prior_logvar.has_value(), "prior_logvar_grad needs a prior_logvar");
-  p.prior = prior.kernel;
   if (p.grad_kl == nullptr) return;
   const auto options = mu.options().dtype(at::kFloat);
   if (prior_mu_grad) {
     buf.grad_prior_mu = new_output({p.in.rows, p.in.cols}, options);
-    p.grad_prior_mu = buf.grad_prior_mu.data_ptr<float>();
+    buf.prior_grads.mu = buf.grad_prior_mu.data_ptr<float>();
   }
   if (prior_logvar_grad) {
     buf.grad_prior_logvar = new_output({p.in.rows, p.in.cols}, options);
-    p.grad_prior_logvar = buf.grad_prior_logvar.data_ptr<float>();
+    buf.prior_grads.logvar = buf.grad_prior_logvar.data_ptr<float>();
   }
 }
 
@@ -250,11 +250,10 @@ ForwardResult reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& log
   check_seed_value(seed);
   auto [z, kl, seed_used] = allocate_forward(mu, n_samples, kl_per_element);
   ReparamKLForwardParams p = forward_params(in, n_samples, kl_per_element, z, kl, seed_used);
-  p.prior = prior.kernel;
   p.seed.key = seed.has_value() ? *seed : draw_cpu_key();
   *p.seed.key_out = p.seed.key;
   if (in.kernel.cols == 0) kl.zero_();  // an empty sum per row
-  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_forward(p);
+  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_forward(p, prior.kernel);
   return {z, kl, seed_used};
 }
 
@@ -267,8 +266,8 @@ BackwardResult reparam_kl_backward_cpu(const at::Tensor& mu, const at::Tensor& l
   const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
   BackwardBuffers buf;
   ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
-  prior_backward_params(prior, prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu, p, buf);
-  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_backward(p);
+  allocate_prior_grads(prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu, p, buf);
+  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_backward(p, prior.kernel, buf.prior_grads);
   return backward_result(buf, prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu);
 }
 
@@ -283,7 +282,6 @@ ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& lo
   const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
   auto [z, kl, seed_used] = allocate_forward(mu, n_samples, kl_per_element);
   ReparamKLForwardParams p = forward_params(in, n_samples, kl_per_element, z, kl, seed_used);
-  p.prior = prior.kernel;
   if (seed.has_value()) {
     p.seed.key = *seed;
   } else {
@@ -312,7 +310,7 @@ ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& lo
     // nothing to draw: an empty backward takes any key; a given seed is recorded as on the CPU
     seed_used.fill_(seed.value_or(0));
   } else {
-    cuda::reparam_kl_forward(p, c10::cuda::getCurrentCUDAStream());
+    cuda::reparam_kl_forward(p, prior.kernel, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {z, kl, seed_used};
@@ -329,8 +327,8 @@ BackwardResult reparam_kl_backward_cuda(const at::Tensor& mu, const at::Tensor& 
   BackwardBuffers buf;
   ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);  // checks every device
   const c10::cuda::CUDAGuard guard(mu.device());
-  prior_backward_params(prior, prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu, p, buf);
-  cuda::reparam_kl_backward(p, c10::cuda::getCurrentCUDAStream());
+  allocate_prior_grads(prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu, p, buf);
+  cuda::reparam_kl_backward(p, prior.kernel, buf.prior_grads, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return backward_result(buf, prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu);
 }

@@ -20,12 +20,15 @@ struct ReparamKLInputs {
 
 // The Gaussian prior N(prior_mu, e^prior_logvar) the KL is taken against; `present` false: N(0, I),
 // with the kernels' prior-free code. When present, a null mu or logvar reads as 0. Element (r, c)
-// of each is at r * row_stride + c * col_stride, in the dtype of mu; col_stride is 0 or 1.
+// of each is at r * row_stride + c * col_stride, in the dtype of mu; col_stride is 0 or 1. Kept
+// apart from the call's params (the kernels take it as an argument of its own), so that the
+// prior-free kernels are compiled exactly as before.
 struct ReparamKLPrior {
   bool present;
   const void* mu;
   const void* logvar;
   int64_t mu_row_stride, mu_col_stride, logvar_row_stride, logvar_col_stride;
+  bool vec;  // CUDA: every tensor read along the row (col_stride 1) allows packed loads (set by the launcher)
 };
 
 // Where the forward kernel gets its Philox key, and where it records it for backward.
@@ -44,7 +47,6 @@ struct SeedSource {
 
 struct ReparamKLForwardParams {
   ReparamKLInputs in;
-  ReparamKLPrior prior;
   SeedSource seed;
   int64_t samples;
   void* z;    // [samples, rows, cols] in dtype
@@ -54,7 +56,6 @@ struct ReparamKLForwardParams {
 
 struct ReparamKLBackwardParams {
   ReparamKLInputs in;
-  ReparamKLPrior prior;  // read only with a grad_kl (without one the prior plays no part)
   const int64_t* seed;    // the key forward recorded (same memory space as the tensors)
   int64_t samples;        // of grad_z
   const void* grad_z;     // [samples, rows, cols] in dtype, or nullptr (no gradient through z)
@@ -62,10 +63,14 @@ struct ReparamKLBackwardParams {
   int64_t grad_kl_row_stride, grad_kl_col_stride;
   void* grad_mu;      // [rows, cols] in dtype
   void* grad_logvar;  // [rows, cols] in dtype
-  // float32 [rows, cols] per-element gradients of the prior's mean and log-variance (the caller
-  // sums them over broadcast dims), or nullptr where not asked for (and always without grad_kl)
-  float* grad_prior_mu;
-  float* grad_prior_logvar;
+};
+
+// Backward's outputs for the prior: float32 [rows, cols] per-element gradients of its mean and
+// log-variance (the caller sums them over broadcast dims), or nullptr where not asked for. Written
+// only with a grad_kl (without one the prior plays no part and its gradients are zero).
+struct ReparamKLPriorGrads {
+  float* mu;
+  float* logvar;
 };
 
 }  // namespace pyvae

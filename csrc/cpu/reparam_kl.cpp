@@ -103,11 +103,11 @@ inline __attribute__((always_inline)) void prior_grads_loop(
   }
 }
 
-PYVAE_MULTIVERSION void prior_grads(bool has_grad_z, const float* __restrict mu, const float* __restrict logvar,
-                                    const float* __restrict prior_mu, const float* __restrict prior_logvar,
-                                    const float* __restrict gkl, int64_t n, float* __restrict gz_sum,
-                                    float* __restrict gz_eps_sum, float* __restrict d_prior_mu,
-                                    float* __restrict d_prior_logvar) {
+PYVAE_MULTIVERSION void chunk_prior_grads(bool has_grad_z, const float* __restrict mu,
+                                          const float* __restrict logvar, const float* __restrict prior_mu,
+                                          const float* __restrict prior_logvar, const float* __restrict gkl,
+                                          int64_t n, float* __restrict gz_sum, float* __restrict gz_eps_sum,
+                                          float* __restrict d_prior_mu, float* __restrict d_prior_logvar) {
   if (has_grad_z)
     return prior_grads_loop<true>(mu, logvar, prior_mu, prior_logvar, gkl, n, gz_sum, gz_eps_sum, d_prior_mu,
                                   d_prior_logvar);
@@ -151,14 +151,13 @@ struct RowBlocks {
 };
 
 template <typename T>
-void forward_impl(const ReparamKLForwardParams& p) {
+void forward_impl(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) {
   const T* mu = static_cast<const T*>(p.in.mu);
   const T* logvar = static_cast<const T*>(p.in.logvar);
   T* z = static_cast<T*>(p.z);
   const uint64_t seed = static_cast<uint64_t>(p.seed.key);  // the host resolved it (csrc/ops.cpp)
   const RowBlocks blocks(p.in.rows, p.in.cols);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
-  const ReparamKLPrior& prior = p.prior;
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], kl_buf[kChunk], eps[kChunk], z_buf[kChunk],
         prior_mu_buf[kChunk], prior_logvar_buf[kChunk], zeros[kChunk] = {};
@@ -203,7 +202,8 @@ void forward_impl(const ReparamKLForwardParams& p) {
 }
 
 template <typename T>
-void backward_impl(const ReparamKLBackwardParams& p) {
+void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior,
+                   const ReparamKLPriorGrads& prior_grads) {
   const T* mu = static_cast<const T*>(p.in.mu);
   const T* logvar = static_cast<const T*>(p.in.logvar);
   const T* grad_z = static_cast<const T*>(p.grad_z);
@@ -212,7 +212,6 @@ void backward_impl(const ReparamKLBackwardParams& p) {
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
   const RowBlocks blocks(p.in.rows, p.in.cols);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
-  const ReparamKLPrior& prior = p.prior;
   const bool with_prior = prior.present && p.grad_kl != nullptr;  // without a KL gradient it plays no part
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], gz_buf[kChunk], eps[kChunk], gz_sum_buf[kChunk],
@@ -276,10 +275,10 @@ void backward_impl(const ReparamKLBackwardParams& p) {
             // the prior's gradients go straight to their float32 outputs (row i of the block at i * n,
             // as the sums), or to scratch where they are not wanted
             const int64_t at = r0 * p.in.cols + col0 + i * n;
-            float* d_prior_mu = p.grad_prior_mu != nullptr ? p.grad_prior_mu + at : d_prior_mu_buf;
-            float* d_prior_logvar = p.grad_prior_logvar != nullptr ? p.grad_prior_logvar + at : d_prior_logvar_buf;
-            prior_grads(grad_z != nullptr, mu_f, logvar_f, prior_mu_f, prior_logvar_f, gkl_f, n, gz_sum + i * n,
-                        gz_eps_sum + i * n, d_prior_mu, d_prior_logvar);
+            float* d_prior_mu = prior_grads.mu != nullptr ? prior_grads.mu + at : d_prior_mu_buf;
+            float* d_prior_logvar = prior_grads.logvar != nullptr ? prior_grads.logvar + at : d_prior_logvar_buf;
+            chunk_prior_grads(grad_z != nullptr, mu_f, logvar_f, prior_mu_f, prior_logvar_f, gkl_f, n,
+                              gz_sum + i * n, gz_eps_sum + i * n, d_prior_mu, d_prior_logvar);
           } else {
             grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, n, gz_sum + i * n,
                   gz_eps_sum + i * n);
@@ -294,12 +293,13 @@ void backward_impl(const ReparamKLBackwardParams& p) {
 
 }  // namespace
 
-void reparam_kl_forward(const ReparamKLForwardParams& p) {
-  with_dtype(p.in.dtype, [&](auto t) { forward_impl<decltype(t)>(p); });
+void reparam_kl_forward(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) {
+  with_dtype(p.in.dtype, [&](auto t) { forward_impl<decltype(t)>(p, prior); });
 }
 
-void reparam_kl_backward(const ReparamKLBackwardParams& p) {
-  with_dtype(p.in.dtype, [&](auto t) { backward_impl<decltype(t)>(p); });
+void reparam_kl_backward(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior,
+                         const ReparamKLPriorGrads& prior_grads) {
+  with_dtype(p.in.dtype, [&](auto t) { backward_impl<decltype(t)>(p, prior, prior_grads); });
 }
 
 }  // namespace pyvae::cpu

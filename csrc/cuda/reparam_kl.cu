@@ -42,10 +42,10 @@ __device__ __forceinline__ void load4_prior(const void* base, int64_t row_stride
   load4(row, col, cols, vec, out);
 }
 
-// kPrior: the KL against p.prior (reparam_kl_math.h), else against N(0, I) with the code as it was.
+// kPrior: the KL against `prior` (reparam_kl_math.h), else against N(0, I) with the code as it was.
 template <typename T, bool kPrior>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(ReparamKLForwardParams p, int threads_per_row, bool vec_in, bool vec_out, bool vec_prior) {
+    forward_kernel(ReparamKLForwardParams p, ReparamKLPrior prior, int threads_per_row, bool vec_in, bool vec_out) {
   const int lane = threadIdx.x % threads_per_row;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / threads_per_row) + threadIdx.x / threads_per_row;
   const bool active = r < p.in.rows;
@@ -61,9 +61,9 @@ __global__ void __launch_bounds__(kThreads)
     load4(logvar_row, col, p.in.cols, vec_in, logvar);
     if constexpr (kPrior) {
       float prior_mu[4], prior_logvar[4];
-      load4_prior<T>(p.prior.mu, p.prior.mu_row_stride, p.prior.mu_col_stride, r, col, p.in.cols, vec_prior, prior_mu);
-      load4_prior<T>(p.prior.logvar, p.prior.logvar_row_stride, p.prior.logvar_col_stride, r, col, p.in.cols,
-                     vec_prior, prior_logvar);
+      load4_prior<T>(prior.mu, prior.mu_row_stride, prior.mu_col_stride, r, col, p.in.cols, prior.vec, prior_mu);
+      load4_prior<T>(prior.logvar, prior.logvar_row_stride, prior.logvar_col_stride, r, col, p.in.cols, prior.vec,
+                     prior_logvar);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         sd[k] = std_from_logvar(logvar[k]);
@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(kThreads)
 // kPrior: with a prior and a KL gradient (p.grad_kl not null), which also gives the prior's gradients.
 template <typename T, bool kPrior>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(ReparamKLBackwardParams p, int threads_per_row, bool vec_in, bool vec_out, bool vec_prior) {
+    backward_kernel(ReparamKLBackwardParams p, ReparamKLPrior prior, ReparamKLPriorGrads prior_grads,
+                    int threads_per_row, bool vec_in, bool vec_out) {
   const int lane = threadIdx.x % threads_per_row;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / threads_per_row) + threadIdx.x / threads_per_row;
   if (r >= p.in.rows) return;  // no block-wide sync below
@@ -122,9 +123,9 @@ __global__ void __launch_bounds__(kThreads)
     float grad_mu[4], grad_logvar[4];
     if constexpr (kPrior) {
       float prior_mu[4], prior_logvar[4], grad_prior_mu[4], grad_prior_logvar[4];
-      load4_prior<T>(p.prior.mu, p.prior.mu_row_stride, p.prior.mu_col_stride, r, col, p.in.cols, vec_prior, prior_mu);
-      load4_prior<T>(p.prior.logvar, p.prior.logvar_row_stride, p.prior.logvar_col_stride, r, col, p.in.cols,
-                     vec_prior, prior_logvar);
+      load4_prior<T>(prior.mu, prior.mu_row_stride, prior.mu_col_stride, r, col, p.in.cols, prior.vec, prior_mu);
+      load4_prior<T>(prior.logvar, prior.logvar_row_stride, prior.logvar_col_stride, r, col, p.in.cols, prior.vec,
+                     prior_logvar);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const float gkl =
@@ -137,9 +138,9 @@ __global__ void __launch_bounds__(kThreads)
         grad_prior_logvar[k] = g.prior_logvar;
       }
       // float32 outputs, fresh contiguous allocations
-      if (p.grad_prior_mu != nullptr) store4(p.grad_prior_mu + r * p.in.cols, col, p.in.cols, vec_out, grad_prior_mu);
-      if (p.grad_prior_logvar != nullptr)
-        store4(p.grad_prior_logvar + r * p.in.cols, col, p.in.cols, vec_out, grad_prior_logvar);
+      if (prior_grads.mu != nullptr) store4(prior_grads.mu + r * p.in.cols, col, p.in.cols, vec_out, grad_prior_mu);
+      if (prior_grads.logvar != nullptr)
+        store4(prior_grads.logvar + r * p.in.cols, col, p.in.cols, vec_out, grad_prior_logvar);
     } else {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -168,53 +169,59 @@ bool prior_packable(const ReparamKLPrior& prior, int64_t cols) {
 }
 
 template <typename T>
-void launch_forward(const ReparamKLForwardParams& p, cudaStream_t stream) {
+void launch_forward(const ReparamKLForwardParams& p, const ReparamKLPrior& prior, cudaStream_t stream) {
   const RowLayout layout = row_layout(p.in.cols);
   const bool vec_in = packable<T>(p.in.mu, p.in.mu_row_stride, p.in.cols) && packable<T>(p.in.logvar, p.in.logvar_row_stride, p.in.cols);
   // z and kl are fresh contiguous allocations (256-byte aligned by the caching allocator).
   const bool vec_out = p.in.cols % 4 == 0;
   const int64_t blocks = (p.in.rows + layout.rows_per_block - 1) / layout.rows_per_block;
-  if (p.prior.present) {
-    forward_kernel<T, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        p, layout.threads_per_row, vec_in, vec_out, prior_packable<T>(p.prior, p.in.cols));
+  ReparamKLPrior q = prior;
+  q.vec = prior_packable<T>(prior, p.in.cols);
+  if (prior.present) {
+    forward_kernel<T, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, q, layout.threads_per_row,
+                                                                                     vec_in, vec_out);
   } else {
-    forward_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, layout.threads_per_row, vec_in,
-                                                                                      vec_out, false);
+    forward_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, q, layout.threads_per_row,
+                                                                                      vec_in, vec_out);
   }
 }
 
 template <typename T>
-void launch_backward(const ReparamKLBackwardParams& p, cudaStream_t stream) {
+void launch_backward(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior,
+                     const ReparamKLPriorGrads& prior_grads, cudaStream_t stream) {
   const RowLayout layout = row_layout(p.in.cols);
   const bool vec_in = packable<T>(p.in.mu, p.in.mu_row_stride, p.in.cols) && packable<T>(p.in.logvar, p.in.logvar_row_stride, p.in.cols);
   const bool vec_out = p.in.cols % 4 == 0 && (p.grad_z == nullptr || packable<T>(p.grad_z, p.in.cols, p.in.cols));
   const int64_t blocks = (p.in.rows + layout.rows_per_block - 1) / layout.rows_per_block;
-  if (p.prior.present && p.grad_kl != nullptr) {  // without a KL gradient the prior plays no part
+  ReparamKLPrior q = prior;
+  q.vec = prior_packable<T>(prior, p.in.cols);
+  if (prior.present && p.grad_kl != nullptr) {  // without a KL gradient the prior plays no part
     backward_kernel<T, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        p, layout.threads_per_row, vec_in, vec_out, prior_packable<T>(p.prior, p.in.cols));
+        p, q, prior_grads, layout.threads_per_row, vec_in, vec_out);
   } else {
-    backward_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, layout.threads_per_row,
-                                                                                       vec_in, vec_out, false);
+    backward_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        p, q, prior_grads, layout.threads_per_row, vec_in, vec_out);
   }
 }
 
 }  // namespace
 
-void reparam_kl_forward(const ReparamKLForwardParams& p, cudaStream_t stream) {
+void reparam_kl_forward(const ReparamKLForwardParams& p, const ReparamKLPrior& prior, cudaStream_t stream) {
   if (p.in.rows == 0 || p.in.cols == 0) return;
   switch (p.in.dtype) {
-    case DType::kFloat32: return launch_forward<float>(p, stream);
-    case DType::kFloat16: return launch_forward<__half>(p, stream);
-    case DType::kBFloat16: return launch_forward<__nv_bfloat16>(p, stream);
+    case DType::kFloat32: return launch_forward<float>(p, prior, stream);
+    case DType::kFloat16: return launch_forward<__half>(p, prior, stream);
+    case DType::kBFloat16: return launch_forward<__nv_bfloat16>(p, prior, stream);
   }
 }
 
-void reparam_kl_backward(const ReparamKLBackwardParams& p, cudaStream_t stream) {
+void reparam_kl_backward(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior,
+                         const ReparamKLPriorGrads& prior_grads, cudaStream_t stream) {
   if (p.in.rows == 0 || p.in.cols == 0) return;
   switch (p.in.dtype) {
-    case DType::kFloat32: return launch_backward<float>(p, stream);
-    case DType::kFloat16: return launch_backward<__half>(p, stream);
-    case DType::kBFloat16: return launch_backward<__nv_bfloat16>(p, stream);
+    case DType::kFloat32: return launch_backward<float>(p, prior, prior_grads, stream);
+    case DType::kFloat16: return launch_backward<__half>(p, prior, prior_grads, stream);
+    case DType::kBFloat16: return launch_backward<__nv_bfloat16>(p, prior, prior_grads, stream);
   }
 }
 
