@@ -152,7 +152,8 @@ def _reparam_kl_bwd_kernel(mu_ptr, logvar_ptr, seed_ptr, grad_z_ptr, grad_kl_ptr
                 prior_logvar = _load_prior(prior_logvar_ptr, r3, col, mask, prior_logvar_row_stride,
                                            prior_logvar_col_stride, PRIOR_LOGVAR)
                 x, half_r, s, u = _prior_kl_parts(mu, logvar, prior_mu, prior_logvar)
-                d_mu = gkl * (2.0 * (u * s))  # d w
+                # d w; 0 for d = 0 also where s overflows (u = 0 there, and 0 * inf would be NaN)
+                d_mu = gkl * tl.where((u == 0.0) & (s == float("inf")), 0.0, 2.0 * (u * s))
                 grad_mu += d_mu
                 grad_logvar += gkl * (half_r - 0.5)
                 if PRIOR_MU_GRAD:

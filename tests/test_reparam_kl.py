@@ -716,6 +716,7 @@ def test_prior_given_alone(pair, given):
     assert_close(grad, expected, torch.float32, SUM)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the Triton interpreter
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
 def test_prior_large_logvar_difference_is_stable(pair):
     """Finite KL and gradients where the literal float32 formula overflows (inf / inf, inf * 0)."""
@@ -729,6 +730,7 @@ def test_prior_large_logvar_difference_is_stable(pair):
         [2.0, 60.0, -1.0, -20.0],     # logvar - prior_logvar = 80
         [0.0, -100.0, 0.0, -100.0],   # tiny variances, equal
         [5.0, -170.0, 5.0, -170.0],   # a prior variance that is 0 in float32, mu = prior_mu
+        [5.0, -190.0, 5.0, -200.0],   # ... and exp(-prior_logvar / 2) overflows too
     ], device=device)
     mu, logvar, prior_mu, prior_logvar = (c.contiguous().view(1, -1).requires_grad_() for c in cases.t())
     literal = literal_prior_kl(mu.detach(), logvar.detach(), prior_mu.detach(), prior_logvar.detach())
@@ -826,6 +828,26 @@ def test_prior_autograd_saves_only_inputs_and_seed():
     saved = z.grad_fn.saved_tensors
     assert len(saved) == 5
     assert sum(t.numel() for t in saved) == 2 * mu.numel() + 8 + 32 + 1
+
+
+def test_prior_broadcast_not_materialised_cpu():
+    """The C++ op reads a [Z] or [1, Z] prior in place: forward allocates what it does without a
+    prior (z, kl, the seed), nothing of mu's size more."""
+    if "cpu" not in pyvae.backends.available("cpu"):
+        pytest.skip("extension not built")
+    from torch.profiler import ProfilerActivity, profile
+    mu, logvar = make_inputs((512, 256), torch.float32, "cpu")
+    prior_mu, prior_logvar = torch.randn(256), torch.randn(1, 256)
+
+    def allocated(**prior):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            pyvae.reparameterize_kl(mu, logvar, seed=1, backend="cpu", **prior)
+        return sum(ev.nbytes() for ev in prof.profiler.kineto_results.events()
+                   if ev.name() == "[memory]" and ev.nbytes() > 0)
+
+    plain = allocated()
+    assert plain >= mu.numel() * 4  # z is seen
+    assert allocated(prior_mu=prior_mu, prior_logvar=prior_logvar) <= plain + 4096
 
 
 def test_prior_broadcast_read_in_place():

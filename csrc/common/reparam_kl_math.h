@@ -63,13 +63,14 @@ PYVAE_HD float kl_term_prior(const PriorKL& k) { return k.u * k.u + k.half_r - 0
 
 // With r = e^(logvar - prior_logvar), d = mu - prior_mu, w = e^(-prior_logvar):
 //   d/dmu = d w = 2 u s,  d/dprior_mu = -d w,  d/dlogvar = 0.5 (r - 1) = half_r - 0.5,
-//   d/dprior_logvar = 0.5 (1 - r - d^2 w) = 0.5 - half_r - u^2.
+//   d/dprior_logvar = 0.5 (1 - r - d^2 w) = 0.5 - half_r - u^2
+// (d w = 0 for d = 0 also where s overflows: u = 0 there, and 0 * inf would be NaN).
 struct PriorKLGrads {
   float mu, logvar, prior_mu, prior_logvar;
 };
 
 PYVAE_HD PriorKLGrads prior_kl_grads(const PriorKL& k) {
-  const float dmu = 2.0f * (k.u * k.s);
+  const float dmu = k.u == 0.0f && k.s == INFINITY ? 0.0f : 2.0f * (k.u * k.s);
   return {dmu, k.half_r - 0.5f, -dmu, 0.5f - k.half_r - k.u * k.u};
 }
 

@@ -177,7 +177,8 @@ def _torch_backward(mu, logvar, seed, grad_z, grad_kl, prior_mu=None, prior_logv
     if grad_kl is not None and (prior_mu is not None or prior_logvar is not None):
         gkl = grad_kl.to(cdt)
         _, half_r, s, u = _prior_parts(mu_c, logvar_c, prior_mu, prior_logvar, cdt)
-        d_mu = gkl * (2.0 * (u * s))  # (mu - prior_mu) exp(-prior_logvar)
+        # (mu - prior_mu) exp(-prior_logvar); 0 for mu = prior_mu also where s overflows (0 * inf)
+        d_mu = gkl * torch.where((u == 0) & (s == math.inf), 0.0, 2.0 * (u * s))
         grad_mu = grad_mu + d_mu
         grad_logvar = grad_logvar + gkl * (half_r - 0.5)
         if prior_mu_grad:
