@@ -57,7 +57,7 @@ PYVAE_MULTIVERSION void z_and_kl_prior(const float* __restrict mu, const float* 
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
     z[c] = mu[c] + std_from_logvar(logvar[c]) * eps[c];
-    kl[c] = kl_term_prior(prior_kl_parts(mu[c], logvar[c], prior_mu[c], prior_logvar[c]));
+    kl[c] = kl_term_prior(mu[c], logvar[c], prior_mu[c], prior_logvar[c]);
   }
 }
 
@@ -94,12 +94,13 @@ inline __attribute__((always_inline)) void prior_grads_loop(
     float* __restrict gz_eps_sum, float* __restrict d_prior_mu, float* __restrict d_prior_logvar) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    const PriorKLGrads g = input_grads_prior(kHasGradZ, mu[c], logvar[c], prior_mu[c], prior_logvar[c],
-                                             std_from_logvar(logvar[c]), gz_sum[c], gz_eps_sum[c], gkl[c]);
+    const PriorKLGrads d = prior_kl_grads(mu[c], logvar[c], prior_mu[c], prior_logvar[c]);
+    const InputGrads g =
+        input_grads_prior(kHasGradZ, d.mu, d.logvar, std_from_logvar(logvar[c]), gz_sum[c], gz_eps_sum[c], gkl[c]);
     gz_sum[c] = g.mu;
     gz_eps_sum[c] = g.logvar;
-    d_prior_mu[c] = g.prior_mu;
-    d_prior_logvar[c] = g.prior_logvar;
+    d_prior_mu[c] = -(gkl[c] * d.mu);
+    d_prior_logvar[c] = gkl[c] * d.prior_logvar;
   }
 }
 

@@ -67,8 +67,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         sd[k] = std_from_logvar(logvar[k]);
-        kl[k] = col + k < p.in.cols ? kl_term_prior(prior_kl_parts(mu[k], logvar[k], prior_mu[k], prior_logvar[k]))
-                                    : 0.0f;
+        kl[k] = col + k < p.in.cols ? kl_term_prior(mu[k], logvar[k], prior_mu[k], prior_logvar[k]) : 0.0f;
       }
     } else {
 #pragma unroll
@@ -130,12 +129,13 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < 4; ++k) {
         const float gkl =
             col + k < p.in.cols ? p.grad_kl[r * p.grad_kl_row_stride + (col + k) * p.grad_kl_col_stride] : 0.0f;
-        const PriorKLGrads g = input_grads_prior(grad_z != nullptr, mu[k], logvar[k], prior_mu[k], prior_logvar[k],
-                                                 std_from_logvar(logvar[k]), gz_sum[k], gz_eps_sum[k], gkl);
+        const PriorKLGrads d = prior_kl_grads(mu[k], logvar[k], prior_mu[k], prior_logvar[k]);
+        const InputGrads g = input_grads_prior(grad_z != nullptr, d.mu, d.logvar, std_from_logvar(logvar[k]),
+                                               gz_sum[k], gz_eps_sum[k], gkl);
         grad_mu[k] = g.mu;
         grad_logvar[k] = g.logvar;
-        grad_prior_mu[k] = g.prior_mu;
-        grad_prior_logvar[k] = g.prior_logvar;
+        grad_prior_mu[k] = -(gkl * d.mu);
+        grad_prior_logvar[k] = gkl * d.prior_logvar;
       }
       // float32 outputs, fresh contiguous allocations
       if (prior_grads.mu != nullptr) store4(prior_grads.mu + r * p.in.cols, col, p.in.cols, vec_out, grad_prior_mu);
