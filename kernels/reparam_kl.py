@@ -6,6 +6,12 @@ row form a group; group j of row r of sample s draws ``tl.philox(seed, lo(r*G + 
 ``uint_to_uniform_float`` and ``pair_uniform_to_normal`` (the mapping of ``tl.randn4x``).
 A program owns BLOCK_R rows and walks their columns in BLOCK_G-group chunks, so the per-row KL sum
 is a fixed-order in-register reduction: deterministic, no atomics.
+
+With a Gaussian prior (PRIOR_MU / PRIOR_LOGVAR, compile-time flags: without one the kernels are the
+prior-free ones) the KL is taken against N(prior_mu, exp(prior_logvar)) in the stable form of
+``csrc/common/reparam_kl_math.h``; the prior tensors are read in place through their strides (0
+where they broadcast), and backward writes their per-element float32 gradients, which the launcher
+sums over the broadcast dims.
 """
 from __future__ import annotations
 
