@@ -10,9 +10,20 @@ max-autotune-no-cudagraphs modes)::
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
         return z, kl
 
+With a Gaussian prior (the hierarchical VAE's case: a full-tensor prior from the layer above),
+the eager baseline is the same sample and the KL term for term::
+
+    def eager_reparam_kl_prior(mu, logvar, prior_mu, prior_logvar):
+        eps = torch.randn_like(mu)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        kl = 0.5 * torch.sum(prior_logvar - logvar
+                             + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1, dim=-1)
+        return z, kl
+
 Minimal logical traffic per element, in bytes of the input dtype s: forward reads mu and logvar
 and writes z (3s); backward reads mu, logvar and grad_z and writes grad_mu and grad_logvar (5s).
-The per-sample KL (4 bytes a row) is counted too.
+With the prior, forward reads four inputs and writes z (5s); backward reads the four and grad_z
+and writes four gradients (9s). The per-sample KL (4 bytes a row) is counted too.
 """
 from __future__ import annotations
 
@@ -32,6 +43,20 @@ def eager_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor):
     return z, kl
 
 
+def eager_reparam_kl_prior(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor,
+                           prior_logvar: torch.Tensor):
+    eps = torch.randn_like(mu)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    kl = 0.5 * torch.sum(prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1,
+                         dim=-1)
+    return z, kl
+
+
+def prior_shapes(device: str, quick: bool) -> list[tuple[int, int]]:
+    """Shapes of the cases with a full-tensor Gaussian prior."""
+    return [(4096, 1024)] if device == "cpu" or quick else [(4096, 1024), (65536, 1024)]
+
+
 def shapes(device: str, quick: bool) -> list[tuple[int, int]]:
     if device == "cpu":
         return [(4096, 1024), (128, 32)] if quick else [(4096, 1024), (1024, 256), (128, 32)]
@@ -49,6 +74,33 @@ def providers(device: str) -> dict:
             continue  # the reference and the Triton interpreter are not contenders
         found[f"pyvae {backend}"] = (lambda b: lambda mu, lv: pyvae.reparameterize_kl(mu, lv, backend=b))(backend)
     return found
+
+
+def prior_providers(device: str) -> dict:
+    found = {
+        "eager": eager_reparam_kl_prior,
+        "torch.compile": torch.compile(eager_reparam_kl_prior),
+        "torch.compile max-autotune": torch.compile(eager_reparam_kl_prior, mode="max-autotune-no-cudagraphs"),
+    }
+    for backend in pyvae.backends.available(device):
+        if backend in ("torch",) or (backend == "triton" and device == "cpu"):
+            continue
+        found[f"pyvae {backend}"] = (lambda b: lambda mu, lv, pm, plv: pyvae.reparameterize_kl(
+            mu, lv, prior_mu=pm, prior_logvar=plv, backend=b))(backend)
+    return found
+
+
+def _prior_step(fn, inputs, mode):
+    def forward():
+        return fn(*inputs)
+
+    def forward_backward():
+        z, kl = fn(*inputs)
+        torch.autograd.backward([z, kl], [torch.ones_like(z), torch.ones_like(kl)])
+        for t in inputs:
+            t.grad = None
+
+    return forward if mode == "forward" else forward_backward
 
 
 def _step(fn, mu, logvar, mode):
@@ -77,8 +129,22 @@ def run(device: str, quick: bool = False, dtype: torch.dtype = torch.float32, pr
             rows += time_case(Case(OP, f"{batch}x{zdim}", dtype, mode, steps, traffic, n), device)
             if progress is not None:
                 progress.update(1)
+    provs = prior_providers(device)
+    for batch, zdim in prior_shapes(device, quick):
+        for mode in ("forward", "forward+backward"):
+            n = batch * zdim
+            grad = mode != "forward"
+            inputs = [torch.randn(batch, zdim, device=device, dtype=dtype).requires_grad_(grad),
+                      (0.5 * torch.randn(batch, zdim, device=device, dtype=dtype)).requires_grad_(grad),
+                      torch.randn(batch, zdim, device=device, dtype=dtype).requires_grad_(grad),
+                      (0.5 * torch.randn(batch, zdim, device=device, dtype=dtype)).requires_grad_(grad)]
+            traffic = (5 if mode == "forward" else 14) * elem * n + 4 * batch * (1 if mode == "forward" else 2)
+            steps = {name: _prior_step(fn, inputs, mode) for name, fn in provs.items()}
+            rows += time_case(Case(OP, f"{batch}x{zdim} prior", dtype, mode, steps, traffic, n), device)
+            if progress is not None:
+                progress.update(1)
     return rows
 
 
 def n_cases(device: str, quick: bool) -> int:
-    return 2 * len(shapes(device, quick))
+    return 2 * (len(shapes(device, quick)) + len(prior_shapes(device, quick)))

@@ -75,6 +75,47 @@ CheckedInputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar) {
   return in;
 }
 
+// A prior tensor as the kernels read it: broadcast to mu's shape and viewed as [rows, cols] in place
+// (stride 0 along the broadcast dims: a [Z] or [1, Z] prior is one row read by every row), copied
+// only where no such view exists (e.g. [A, 1, Z] for an [A, B, Z] mu) or the columns are strided.
+at::Tensor prior_rows(const at::Tensor& t, const char* name, const at::Tensor& mu, int64_t rows, int64_t cols) {
+  TORCH_CHECK_TYPE(t.scalar_type() == mu.scalar_type(), name, " must have the dtype of mu (", mu.scalar_type(),
+                   "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == mu.device(), name, " must be on the device of mu (", mu.device(), "), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(at::is_expandable_to(t.sizes(), mu.sizes()), name, " of shape ", t.sizes(),
+                    " does not broadcast to mu's shape ", mu.sizes());
+  at::Tensor v = t.expand(mu.sizes()).reshape({rows, cols});
+  return cols > 1 && v.stride(1) != 0 && v.stride(1) != 1 ? v.contiguous() : v;
+}
+
+struct CheckedPrior {
+  at::Tensor mu, logvar;  // the [rows, cols] views the kernel pointers point into (undefined if absent)
+  ReparamKLPrior kernel;
+};
+
+CheckedPrior check_prior(const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
+                         const at::Tensor& mu, const CheckedInputs& in) {
+  CheckedPrior c{};
+  c.kernel.present = prior_mu.has_value() || prior_logvar.has_value();
+  const int64_t rows = in.kernel.rows, cols = in.kernel.cols;
+  // cols == 1: only column 0 is read, whatever the stride
+  const auto col_stride = [&](const at::Tensor& v) -> int64_t { return cols > 1 && v.stride(1) == 0 ? 0 : 1; };
+  if (prior_mu.has_value()) {
+    c.mu = prior_rows(*prior_mu, "prior_mu", mu, rows, cols);
+    c.kernel.mu = c.mu.data_ptr();
+    c.kernel.mu_row_stride = c.mu.stride(0);
+    c.kernel.mu_col_stride = col_stride(c.mu);
+  }
+  if (prior_logvar.has_value()) {
+    c.logvar = prior_rows(*prior_logvar, "prior_logvar", mu, rows, cols);
+    c.kernel.logvar = c.logvar.data_ptr();
+    c.kernel.logvar_row_stride = c.logvar.stride(0);
+    c.kernel.logvar_col_stride = col_stride(c.logvar);
+  }
+  return c;
+}
+
 void check_seed_value(const std::optional<int64_t>& seed) {
   TORCH_CHECK_VALUE(!seed.has_value() || *seed >= 0, "seed must be in [0, 2**63 - 1], got ", seed.value_or(0));
 }
@@ -120,6 +161,8 @@ ReparamKLForwardParams forward_params(const CheckedInputs& in, int64_t n_samples
 
 struct BackwardBuffers {
   at::Tensor grad_z, grad_kl, grad_mu, grad_logvar;
+  at::Tensor grad_prior_mu, grad_prior_logvar;  // float32 [rows, cols] per element, where asked for
+  ReparamKLPriorGrads prior_grads{};            // pointers into them
 };
 
 ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tensor& seed,
@@ -158,38 +201,85 @@ ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tenso
   return p;
 }
 
+// Float32 per-element buffers for the prior's gradients asked for (none without grad_kl: they are
+// then zero).
+void allocate_prior_grads(const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
+                          bool prior_mu_grad, bool prior_logvar_grad, const at::Tensor& mu,
+                          const ReparamKLBackwardParams& p, BackwardBuffers& buf) {
+  TORCH_CHECK_VALUE(!prior_mu_grad || prior_mu.has_value(), "prior_mu_grad needs a prior_mu");
+  TORCH_CHECK_VALUE(!prior_logvar_grad || prior_logvar.has_value(), "prior_logvar_grad needs a prior_logvar");
+  if (p.grad_kl == nullptr) return;
+  const auto options = mu.options().dtype(at::kFloat);
+  if (prior_mu_grad) {
+    buf.grad_prior_mu = new_output({p.in.rows, p.in.cols}, options);
+    buf.prior_grads.mu = buf.grad_prior_mu.data_ptr<float>();
+  }
+  if (prior_logvar_grad) {
+    buf.grad_prior_logvar = new_output({p.in.rows, p.in.cols}, options);
+    buf.prior_grads.logvar = buf.grad_prior_logvar.data_ptr<float>();
+  }
+}
+
+// A prior's gradient in its own shape and dtype: the kernel's per-element float32 values summed over
+// the dims where it broadcasts (at::sum_to: a fixed-order reduction), zeros without a KL gradient,
+// an empty tensor where not asked for (the schema has no optional outputs).
+at::Tensor reduce_prior_grad(const at::Tensor& per_element, const std::optional<at::Tensor>& prior, bool wanted,
+                             const at::Tensor& mu) {
+  if (!wanted) return at::empty({0}, mu.options());
+  if (!per_element.defined()) return at::zeros(prior->sizes(), prior->options());
+  return at::sum_to(per_element.view(mu.sizes()), prior->sizes()).to(prior->scalar_type()).contiguous();
+}
+
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+BackwardResult backward_result(const BackwardBuffers& buf, const std::optional<at::Tensor>& prior_mu,
+                               const std::optional<at::Tensor>& prior_logvar, bool prior_mu_grad,
+                               bool prior_logvar_grad, const at::Tensor& mu) {
+  return {buf.grad_mu, buf.grad_logvar, reduce_prior_grad(buf.grad_prior_mu, prior_mu, prior_mu_grad, mu),
+          reduce_prior_grad(buf.grad_prior_logvar, prior_logvar, prior_logvar_grad, mu)};
+}
+
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardResult reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar, std::optional<int64_t> seed,
-                                     int64_t n_samples, bool kl_per_element) {
+                                     int64_t n_samples, bool kl_per_element,
+                                     const std::optional<at::Tensor>& prior_mu,
+                                     const std::optional<at::Tensor>& prior_logvar) {
   CheckedInputs in = check_inputs(mu, logvar);
+  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
   check_seed_value(seed);
   auto [z, kl, seed_used] = allocate_forward(mu, n_samples, kl_per_element);
   ReparamKLForwardParams p = forward_params(in, n_samples, kl_per_element, z, kl, seed_used);
   p.seed.key = seed.has_value() ? *seed : draw_cpu_key();
   *p.seed.key_out = p.seed.key;
   if (in.kernel.cols == 0) kl.zero_();  // an empty sum per row
-  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_forward(p);
+  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_forward(p, prior.kernel);
   return {z, kl, seed_used};
 }
 
-std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
-                                                           const at::Tensor& seed,
-                                                           const std::optional<at::Tensor>& grad_z,
-                                                           const std::optional<at::Tensor>& grad_kl) {
+BackwardResult reparam_kl_backward_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
+                                       const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_kl,
+                                       const std::optional<at::Tensor>& prior_mu,
+                                       const std::optional<at::Tensor>& prior_logvar, bool prior_mu_grad,
+                                       bool prior_logvar_grad) {
   CheckedInputs in = check_inputs(mu, logvar);
+  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
   BackwardBuffers buf;
   ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
-  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_backward(p);
-  return {buf.grad_mu, buf.grad_logvar};
+  allocate_prior_grads(prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu, p, buf);
+  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_backward(p, prior.kernel, buf.prior_grads);
+  return backward_result(buf, prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu);
 }
 
 #ifdef PYVAE_WITH_CUDA
 ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar, std::optional<int64_t> seed,
-                                      int64_t n_samples, bool kl_per_element) {
+                                      int64_t n_samples, bool kl_per_element,
+                                      const std::optional<at::Tensor>& prior_mu,
+                                      const std::optional<at::Tensor>& prior_logvar) {
   CheckedInputs in = check_inputs(mu, logvar);
   check_seed_value(seed);
   const c10::cuda::CUDAGuard guard(mu.device());
+  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
   auto [z, kl, seed_used] = allocate_forward(mu, n_samples, kl_per_element);
   ReparamKLForwardParams p = forward_params(in, n_samples, kl_per_element, z, kl, seed_used);
   if (seed.has_value()) {
@@ -220,23 +310,27 @@ ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& lo
     // nothing to draw: an empty backward takes any key; a given seed is recorded as on the CPU
     seed_used.fill_(seed.value_or(0));
   } else {
-    cuda::reparam_kl_forward(p, c10::cuda::getCurrentCUDAStream());
+    cuda::reparam_kl_forward(p, prior.kernel, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {z, kl, seed_used};
 }
 
-std::tuple<at::Tensor, at::Tensor> reparam_kl_backward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
-                                                            const at::Tensor& seed,
-                                                            const std::optional<at::Tensor>& grad_z,
-                                                            const std::optional<at::Tensor>& grad_kl) {
+BackwardResult reparam_kl_backward_cuda(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
+                                        const std::optional<at::Tensor>& grad_z,
+                                        const std::optional<at::Tensor>& grad_kl,
+                                        const std::optional<at::Tensor>& prior_mu,
+                                        const std::optional<at::Tensor>& prior_logvar, bool prior_mu_grad,
+                                        bool prior_logvar_grad) {
   CheckedInputs in = check_inputs(mu, logvar);
+  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);  // checks the priors' devices
   BackwardBuffers buf;
   ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);  // checks every device
   const c10::cuda::CUDAGuard guard(mu.device());
-  cuda::reparam_kl_backward(p, c10::cuda::getCurrentCUDAStream());
+  allocate_prior_grads(prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu, p, buf);
+  cuda::reparam_kl_backward(p, prior.kernel, buf.prior_grads, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {buf.grad_mu, buf.grad_logvar};
+  return backward_result(buf, prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu);
 }
 #endif
 
@@ -499,13 +593,19 @@ TORCH_LIBRARY(pyvae, m) {
   // z: [n_samples, *mu.shape] in mu's dtype; kl (float32): mu.shape if kl_per_element else mu.shape[:-1];
   // seed_used: 0-d int64 on mu's device, the Philox key (seed, or one drawn from torch's generator
   // for mu's device when seed is None) that backward regenerates eps from.
-  m.def("reparam_kl_forward(Tensor mu, Tensor logvar, int? seed, int n_samples, bool kl_per_element) "
+  // The KL is taken against N(prior_mu, exp(prior_logvar)) (tensors of mu's dtype and device that
+  // broadcast to mu; either alone means 0 for the other), or N(0, I) when both are None.
+  m.def("reparam_kl_forward(Tensor mu, Tensor logvar, int? seed, int n_samples, bool kl_per_element, "
+        "Tensor? prior_mu=None, Tensor? prior_logvar=None) "
         "-> (Tensor z, Tensor kl, Tensor seed_used)",
         {at::Tag::nondeterministic_seeded});
   // seed: forward's seed_used; grad_z: [n_samples, *mu.shape]; grad_kl: float32 of mu's shape
-  // (an expanded view is fine).
-  m.def("reparam_kl_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl) "
-        "-> (Tensor grad_mu, Tensor grad_logvar)");
+  // (an expanded view is fine); the prior as in forward. grad_prior_mu / grad_prior_logvar: in the
+  // prior's shape and dtype (summed over its broadcast dims) where prior_mu_grad / prior_logvar_grad
+  // ask for them, else empty.
+  m.def("reparam_kl_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl, "
+        "Tensor? prior_mu=None, Tensor? prior_logvar=None, bool prior_mu_grad=False, bool prior_logvar_grad=False) "
+        "-> (Tensor grad_mu, Tensor grad_logvar, Tensor grad_prior_mu, Tensor grad_prior_logvar)");
   // Negative log-likelihood terms of loss "bernoulli" | "gaussian" | "continuous_bernoulli" for
   // prediction/target [B, ...]: float32 per element (per_element) or per sample [B]. logvar
   // (Gaussian) broadcasts to the prediction; without it every element uses fixed_logvar; constant

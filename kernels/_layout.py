@@ -36,6 +36,15 @@ def as_rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return t2 if t2.stride(1) == 1 or cols == 1 else t2.contiguous()
 
 
+def as_rows_broadcast(t: torch.Tensor, shape: torch.Size, rows: int, cols: int) -> torch.Tensor:
+    """``t`` broadcast to ``shape`` as [rows, cols], read in place (stride 0 along broadcast dims: a
+    [Z] or [1, Z] tensor is one row every row reads), copied only where no such view exists (e.g.
+    [A, 1, Z] for [A, B, Z]) or the columns are strided. Column stride 0 or 1 (as the C++ op's
+    prior_rows)."""
+    t2 = t.expand(shape).reshape(rows, cols)
+    return t2 if cols <= 1 or t2.stride(1) in (0, 1) else t2.contiguous()
+
+
 def launch_device(t: torch.Tensor):
     """Context making ``t``'s GPU the current device: Triton launches on the current device and its
     current stream, whatever device the arguments are on. A no-op for CPU tensors (interpreter)."""

@@ -6,6 +6,12 @@ row form a group; group j of row r of sample s draws ``tl.philox(seed, lo(r*G + 
 ``uint_to_uniform_float`` and ``pair_uniform_to_normal`` (the mapping of ``tl.randn4x``).
 A program owns BLOCK_R rows and walks their columns in BLOCK_G-group chunks, so the per-row KL sum
 is a fixed-order in-register reduction: deterministic, no atomics.
+
+With a Gaussian prior (PRIOR_MU / PRIOR_LOGVAR, compile-time flags: without one the kernels are the
+prior-free ones) the KL is taken against N(prior_mu, exp(prior_logvar)) in the stable form of
+``csrc/common/reparam_kl_math.h``; the prior tensors are read in place through their strides (0
+where they broadcast), and backward writes their per-element float32 gradients, which the launcher
+sums over the broadcast dims.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._layout import as_rows, launch_device
+from ._layout import as_rows, as_rows_broadcast, launch_device
 
 
 @triton.jit
@@ -53,9 +59,32 @@ def _load_chunk(mu_ptr, logvar_ptr, r3, rows, cols, mu_row_stride, logvar_row_st
     return g, col, mask, mu, logvar, tl.exp(0.5 * logvar)
 
 
+@triton.jit
+def _load_prior(ptr, r3, col, mask, row_stride, col_stride, PRESENT: tl.constexpr):
+    """A prior tensor's tile [R, G, 4] in fp32, read with its strides (0 where it broadcasts); 0 if absent."""
+    if PRESENT:
+        value = tl.load(ptr + r3 * row_stride + col * col_stride, mask=mask, other=0.0).to(tl.float32)
+    else:
+        value = tl.zeros(mask.shape, dtype=tl.float32)
+    return value
+
+
+@triton.jit
+def _prior_kl_parts(mu, logvar, prior_mu, prior_logvar):
+    """(x, half_r, s, u) of the KL against N(prior_mu, exp(prior_logvar)): see csrc/common/reparam_kl_math.h.
+    x = logvar - prior_logvar, half_r = exp(x - ln 2), s = exp(-(prior_logvar + ln 2) / 2),
+    u = (mu - prior_mu) s; the KL is u^2 + half_r - (x + 1) / 2, finite wherever it is finite."""
+    x = logvar - prior_logvar
+    d = mu - prior_mu
+    s = tl.exp(-0.5 * (prior_logvar + 0.6931471805599453))
+    return x, tl.exp(x - 0.6931471805599453), s, tl.where(d == 0.0, 0.0, d * s)
+
+
 @triton.jit(do_not_specialize=["seed_value"])
 def _reparam_kl_fwd_kernel(mu_ptr, logvar_ptr, seed_value, seed_ptr, z_ptr, kl_ptr, rows, cols, mu_row_stride,
-                           logvar_row_stride, SEED_GIVEN: tl.constexpr, KL_PER_ELEMENT: tl.constexpr,
+                           logvar_row_stride, prior_mu_ptr, prior_logvar_ptr, prior_mu_row_stride, prior_mu_col_stride,
+                           prior_logvar_row_stride, prior_logvar_col_stride, SEED_GIVEN: tl.constexpr,
+                           KL_PER_ELEMENT: tl.constexpr, PRIOR_MU: tl.constexpr, PRIOR_LOGVAR: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     sample = tl.program_id(1)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -76,7 +105,14 @@ def _reparam_kl_fwd_kernel(mu_ptr, logvar_ptr, seed_value, seed_ptr, z_ptr, kl_p
         # 64-bit before the product: samples * rows may pass 2**31
         tl.store(z_ptr + (sample.to(tl.int64) * rows + r3) * cols + col, z.to(z_ptr.dtype.element_ty), mask=mask)
         if sample == 0:
-            kl = 0.5 * (mu * mu + std * std - 1.0 - logvar)
+            if PRIOR_MU or PRIOR_LOGVAR:  # against N(prior_mu, exp(prior_logvar))
+                prior_mu = _load_prior(prior_mu_ptr, r3, col, mask, prior_mu_row_stride, prior_mu_col_stride, PRIOR_MU)
+                prior_logvar = _load_prior(prior_logvar_ptr, r3, col, mask, prior_logvar_row_stride,
+                                           prior_logvar_col_stride, PRIOR_LOGVAR)
+                x, half_r, s, u = _prior_kl_parts(mu, logvar, prior_mu, prior_logvar)
+                kl = u * u + half_r - 0.5 * (x + 1.0)
+            else:  # against N(0, I)
+                kl = 0.5 * (mu * mu + std * std - 1.0 - logvar)
             if KL_PER_ELEMENT:
                 tl.store(kl_ptr + r3 * cols + col, kl, mask=mask)
             else:
@@ -89,8 +125,14 @@ def _reparam_kl_fwd_kernel(mu_ptr, logvar_ptr, seed_value, seed_ptr, z_ptr, kl_p
 @triton.jit
 def _reparam_kl_bwd_kernel(mu_ptr, logvar_ptr, seed_ptr, grad_z_ptr, grad_kl_ptr, grad_mu_ptr,
                            grad_logvar_ptr, rows, cols, samples, mu_row_stride, logvar_row_stride,
-                           grad_kl_row_stride, grad_kl_col_stride, HAS_GRAD_Z: tl.constexpr,
-                           HAS_GRAD_KL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+                           grad_kl_row_stride, grad_kl_col_stride, prior_mu_ptr, prior_logvar_ptr,
+                           prior_mu_row_stride, prior_mu_col_stride, prior_logvar_row_stride, prior_logvar_col_stride,
+                           grad_prior_mu_ptr, grad_prior_logvar_ptr, HAS_GRAD_Z: tl.constexpr,
+                           HAS_GRAD_KL: tl.constexpr, PRIOR_MU: tl.constexpr, PRIOR_LOGVAR: tl.constexpr,
+                           PRIOR_MU_GRAD: tl.constexpr, PRIOR_LOGVAR_GRAD: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """PRIOR_MU / PRIOR_LOGVAR: the KL is against that prior (set only with HAS_GRAD_KL: without a KL
+    gradient the prior plays no part); *_GRAD: write its per-element gradients (float32)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     seed = tl.load(seed_ptr)
     groups_per_row = (cols + 3) // 4
@@ -111,8 +153,22 @@ def _reparam_kl_bwd_kernel(mu_ptr, logvar_ptr, seed_ptr, grad_z_ptr, grad_kl_ptr
         grad_logvar = 0.5 * std * grad_z_eps if HAS_GRAD_Z else tl.zeros([BLOCK_R, BLOCK_G, 4], dtype=tl.float32)
         if HAS_GRAD_KL:
             gkl = tl.load(grad_kl_ptr + r3 * grad_kl_row_stride + col * grad_kl_col_stride, mask=mask, other=0.0)
-            grad_mu += gkl * mu
-            grad_logvar += gkl * 0.5 * (std * std - 1.0)
+            if PRIOR_MU or PRIOR_LOGVAR:
+                prior_mu = _load_prior(prior_mu_ptr, r3, col, mask, prior_mu_row_stride, prior_mu_col_stride, PRIOR_MU)
+                prior_logvar = _load_prior(prior_logvar_ptr, r3, col, mask, prior_logvar_row_stride,
+                                           prior_logvar_col_stride, PRIOR_LOGVAR)
+                x, half_r, s, u = _prior_kl_parts(mu, logvar, prior_mu, prior_logvar)
+                # d w; 0 for d = 0 also where s overflows (u = 0 there, and 0 * inf would be NaN)
+                d_mu = gkl * tl.where((u == 0.0) & (s == float("inf")), 0.0, 2.0 * (u * s))
+                grad_mu += d_mu
+                grad_logvar += gkl * (half_r - 0.5)
+                if PRIOR_MU_GRAD:
+                    tl.store(grad_prior_mu_ptr + r3 * cols + col, -d_mu, mask=mask)
+                if PRIOR_LOGVAR_GRAD:
+                    tl.store(grad_prior_logvar_ptr + r3 * cols + col, gkl * (0.5 - half_r - u * u), mask=mask)
+            else:
+                grad_mu += gkl * mu
+                grad_logvar += gkl * 0.5 * (std * std - 1.0)
         tl.store(grad_mu_ptr + r3 * cols + col, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_logvar_ptr + r3 * cols + col, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
 
@@ -126,14 +182,40 @@ def _tile(cols: int) -> tuple[int, int]:
 
 
 
+def _check_prior(name: str, prior: Optional[torch.Tensor], mu: torch.Tensor) -> None:
+    """What the C++ op checks (csrc/ops.cpp prior_rows), for direct calls of the Triton ops."""
+    if prior is None:
+        return
+    if prior.dtype != mu.dtype:
+        raise TypeError(f"{name} must have the dtype of mu ({mu.dtype}), got {prior.dtype}")
+    if prior.device != mu.device:
+        raise ValueError(f"{name} must be on the device of mu ({mu.device}), got {prior.device}")
+    if prior.dim() > mu.dim() or any(p not in (1, m) for p, m in zip(reversed(prior.shape), reversed(mu.shape))):
+        raise ValueError(f"{name} of shape {tuple(prior.shape)} does not broadcast to mu's shape {tuple(mu.shape)}")
+
+
+def _prior_args(prior: Optional[torch.Tensor], mu2: torch.Tensor, shape: torch.Size, rows: int,
+                cols: int) -> tuple[torch.Tensor, int, int]:
+    """(tensor, row stride, column stride) of a prior as the kernels read it (as_rows_broadcast), or
+    mu's [rows, cols] view and zero strides as a placeholder when it is absent."""
+    if prior is None:
+        return mu2, 0, 0
+    p2 = as_rows_broadcast(prior, shape, rows, cols)
+    return p2, p2.stride(0), p2.stride(1) if cols > 1 else 1
+
+
 @triton_op("pyvae::reparam_kl_forward_triton", mutates_args=())
 def reparam_kl_forward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: Optional[int], n_samples: int,
-                              kl_per_element: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              kl_per_element: bool, prior_mu: Optional[torch.Tensor] = None,
+                              prior_logvar: Optional[torch.Tensor] = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.reparam_kl_forward`` (same schema and outputs).
 
     With ``seed=None`` the key is drawn by ``torch.randint`` on the device first (a second launch:
     Triton cannot read PyTorch's CUDA generator state the way the CUDA kernel does).
     """
+    _check_prior("prior_mu", prior_mu, mu)
+    _check_prior("prior_logvar", prior_logvar, mu)
     cols = mu.shape[-1]
     rows = mu.numel() // cols if cols else 0
     z = mu.new_empty((n_samples, *mu.shape))
@@ -151,34 +233,66 @@ def reparam_kl_forward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: Opti
     if n_samples > 65535:
         raise ValueError(f"n_samples must be <= 65535 on the triton backend, got {n_samples}")
     mu2, logvar2 = as_rows(mu, rows, cols), as_rows(logvar, rows, cols)
+    pm, pm_rs, pm_cs = _prior_args(prior_mu, mu2, mu.shape, rows, cols)
+    plv, plv_rs, plv_cs = _prior_args(prior_logvar, mu2, mu.shape, rows, cols)
     block_r, block_g = _tile(cols)
     grid = (triton.cdiv(rows, block_r), n_samples)
     with launch_device(mu):
         wrap_triton(_reparam_kl_fwd_kernel)[grid](
             mu2, logvar2, 0 if seed is None else seed, seed_used, z, kl, rows, cols, mu2.stride(0), logvar2.stride(0),
-            SEED_GIVEN=seed is not None, KL_PER_ELEMENT=kl_per_element, BLOCK_R=block_r, BLOCK_G=block_g)
+            pm, plv, pm_rs, pm_cs, plv_rs, plv_cs,
+            SEED_GIVEN=seed is not None, KL_PER_ELEMENT=kl_per_element, PRIOR_MU=prior_mu is not None,
+            PRIOR_LOGVAR=prior_logvar is not None, BLOCK_R=block_r, BLOCK_G=block_g)
     return z, kl, seed_used
+
+
+def _reduce_prior_grad(per_element: Optional[torch.Tensor], prior: Optional[torch.Tensor], wanted: bool,
+                       mu: torch.Tensor) -> torch.Tensor:
+    """A prior's gradient in its shape and dtype: the per-element float32 values summed over the dims
+    where it broadcasts (a fixed-order torch sum), zeros without a KL gradient, empty if not wanted."""
+    if not wanted:
+        return mu.new_empty(0)
+    if per_element is None:
+        return torch.zeros_like(prior, memory_format=torch.contiguous_format)
+    return per_element.view(mu.shape).sum_to_size(prior.shape).to(prior.dtype).contiguous()
 
 
 @triton_op("pyvae::reparam_kl_backward_triton", mutates_args=())
 def reparam_kl_backward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
-                               grad_z: torch.Tensor | None,
-                               grad_kl: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                               grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None,
+                               prior_mu: Optional[torch.Tensor] = None, prior_logvar: Optional[torch.Tensor] = None,
+                               prior_mu_grad: bool = False, prior_logvar_grad: bool = False
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.reparam_kl_backward`` (same schema and outputs)."""
+    if (prior_mu_grad and prior_mu is None) or (prior_logvar_grad and prior_logvar is None):
+        raise ValueError("prior_mu_grad / prior_logvar_grad need the prior tensor they differentiate")
+    _check_prior("prior_mu", prior_mu, mu)
+    _check_prior("prior_logvar", prior_logvar, mu)
     cols = mu.shape[-1]
     rows = mu.numel() // cols if cols else 0
     grad_mu = torch.empty_like(mu, memory_format=torch.contiguous_format)
     grad_logvar = torch.empty_like(mu, memory_format=torch.contiguous_format)
-    if rows == 0 or cols == 0:
-        return grad_mu, grad_logvar
-    mu2, logvar2 = as_rows(mu, rows, cols), as_rows(logvar, rows, cols)
-    gz = grad_z.contiguous() if grad_z is not None else mu2
-    gkl = grad_kl.reshape(rows, cols) if grad_kl is not None else mu2
-    block_r, block_g = _tile(cols)
-    with launch_device(mu):
-        wrap_triton(_reparam_kl_bwd_kernel)[(triton.cdiv(rows, block_r),)](
-            mu2, logvar2, seed, gz, gkl, grad_mu, grad_logvar, rows, cols,
-            grad_z.shape[0] if grad_z is not None else 0, mu2.stride(0), logvar2.stride(0),
-            gkl.stride(0), gkl.stride(1), HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
-            BLOCK_R=block_r, BLOCK_G=block_g)
-    return grad_mu, grad_logvar
+    # the prior plays a part only through the KL's gradient
+    with_prior = grad_kl is not None and (prior_mu is not None or prior_logvar is not None)
+    per_element = [mu.new_empty((rows, cols), dtype=torch.float32) if with_prior and wanted else None
+                   for wanted in (prior_mu_grad, prior_logvar_grad)]
+    if rows > 0 and cols > 0:
+        mu2, logvar2 = as_rows(mu, rows, cols), as_rows(logvar, rows, cols)
+        gz = grad_z.contiguous() if grad_z is not None else mu2
+        gkl = grad_kl.reshape(rows, cols) if grad_kl is not None else mu2
+        pm, pm_rs, pm_cs = _prior_args(prior_mu if with_prior else None, mu2, mu.shape, rows, cols)
+        plv, plv_rs, plv_cs = _prior_args(prior_logvar if with_prior else None, mu2, mu.shape, rows, cols)
+        block_r, block_g = _tile(cols)
+        with launch_device(mu):
+            wrap_triton(_reparam_kl_bwd_kernel)[(triton.cdiv(rows, block_r),)](
+                mu2, logvar2, seed, gz, gkl, grad_mu, grad_logvar, rows, cols,
+                grad_z.shape[0] if grad_z is not None else 0, mu2.stride(0), logvar2.stride(0),
+                gkl.stride(0), gkl.stride(1), pm, plv, pm_rs, pm_cs, plv_rs, plv_cs,
+                per_element[0] if per_element[0] is not None else grad_mu,
+                per_element[1] if per_element[1] is not None else grad_mu,
+                HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
+                PRIOR_MU=with_prior and prior_mu is not None, PRIOR_LOGVAR=with_prior and prior_logvar is not None,
+                PRIOR_MU_GRAD=per_element[0] is not None, PRIOR_LOGVAR_GRAD=per_element[1] is not None,
+                BLOCK_R=block_r, BLOCK_G=block_g)
+    return (grad_mu, grad_logvar, _reduce_prior_grad(per_element[0], prior_mu, prior_mu_grad, mu),
+            _reduce_prior_grad(per_element[1], prior_logvar, prior_logvar_grad, mu))

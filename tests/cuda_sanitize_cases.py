@@ -1,6 +1,7 @@
 """A small run of every CUDA kernel, for compute-sanitizer (bench/gpu_check.sh): odd and even row
 lengths, packed and unpacked loads, every dtype, several samples, per-element and per-row sums,
-strided inputs, with and without each gradient. Not a pytest module (no test_ prefix)."""
+strided inputs, with and without each gradient, with and without a prior of every layout. Not a
+pytest module (no test_ prefix)."""
 import torch
 
 import pyvae
@@ -24,6 +25,21 @@ def main() -> None:
                 z.sum().backward()  # grad_kl absent
                 z, kl = pyvae.reparameterize_kl(mu, logvar, backend="cuda")
                 kl.sum().backward()  # grad_z absent
+                # a Gaussian prior: full and strided (packed and unpacked loads), one row ([Z]: row
+                # stride 0), one value per row ([..., 1]: column stride 0), either tensor alone
+                full = torch.randn(*shape[:-1], 2 * shape[-1], device="cuda", dtype=dtype).chunk(2, -1)[0]
+                priors = [(full.contiguous(), full), (torch.randn(shape[-1], device="cuda", dtype=dtype), None),
+                          (None, torch.randn(*shape[:-1], 1, device="cuda", dtype=dtype))]
+                for prior_mu, prior_logvar in priors:
+                    prior_mu = prior_mu.detach().requires_grad_() if prior_mu is not None else None
+                    prior_logvar = prior_logvar.detach().requires_grad_() if prior_logvar is not None else None
+                    for n_samples, reduction in ((1, "none"), (3, "per_sample")):
+                        z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                                                        n_samples=n_samples, reduction=reduction, backend="cuda")
+                        torch.autograd.backward([z, kl], [torch.randn_like(z), torch.randn_like(kl)])
+                    z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                                                    backend="cuda")
+                    z.sum().backward()  # grad_kl absent: the prior plays no part
     # likelihoods: every loss, mixed dtypes, odd and long rows (split into column blocks), strided
     # inputs, every logvar layout, with and without gradients
     for shape in [(3, 1), (2, 7), (4, 3, 5, 5), (2, 20001), (1, 40000)]:

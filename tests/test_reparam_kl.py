@@ -539,3 +539,392 @@ def test_cuda_backend_is_one_launch(seed):
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(kernels) == 1, kernels
+
+
+# ----------------------------------------------------------------------------- a Gaussian prior
+# Layouts of (prior_mu, prior_logvar): "full" (the layer above's [..., Z]), "vector" ([Z], a learned
+# per-dimension prior), "row" ([1, Z]), "noncontiguous" (chunks of one [..., 2Z] tensor), "expanded"
+# (a [Z] tensor expanded to mu's shape: stride 0), "column" ([..., 1]: one value per sample),
+# "leading" (mu's shape without its first dim, for a 3-D mu).
+PRIOR_LAYOUTS = ["full", "vector", "row", "noncontiguous", "expanded", "column"]
+
+
+def make_prior(layout, shape, device, dtype=torch.float32):
+    """(leaves, build): fresh random leaf tensors and a function of them giving (prior_mu, prior_logvar)
+    in `layout` (so that gradients can be compared on the leaves, whatever the view)."""
+    z = shape[-1]
+
+    def rand(*s, scale=1.0):
+        return (scale * torch.randn(*s, device=device)).to(dtype)
+
+    if layout == "noncontiguous":
+        both = torch.cat([rand(*shape[:-1], z), rand(*shape[:-1], z, scale=0.5)], dim=-1)
+        return [both], lambda both: tuple(both.chunk(2, dim=-1))
+    if layout == "expanded":
+        return [rand(z), rand(z, scale=0.5)], lambda pm, plv: (pm.expand(shape), plv.expand(shape))
+    pshape = {"full": shape, "vector": (z,), "row": (1,) * (len(shape) - 1) + (z,), "column": (*shape[:-1], 1),
+              "leading": shape[1:]}[layout]
+    return [rand(*pshape), rand(*pshape, scale=0.5)], lambda pm, plv: (pm, plv)
+
+
+def prior_reference(mu, logvar, prior_mu, prior_logvar, seed, n_samples, reduction):
+    """float64 reference with a prior, on the exact (already rounded) inputs."""
+    z, kl = reparameterize_kl_reference(mu.double(), logvar.double(), torch.tensor(seed, device=mu.device), n_samples,
+                                        reduction, None if prior_mu is None else prior_mu.double(),
+                                        None if prior_logvar is None else prior_logvar.double())
+    return (z[0] if n_samples == 1 else z), kl
+
+
+def literal_prior_kl(mu, logvar, prior_mu, prior_logvar):
+    """The issue's formula, term for term (no reformulation): 0.5 (plv - lv + (e^lv + (mu - pmu)^2) / e^plv - 1)."""
+    return 0.5 * (prior_logvar - logvar + (torch.exp(logvar) + (mu - prior_mu) ** 2) / torch.exp(prior_logvar) - 1)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", PRIOR_LAYOUTS)
+def test_prior_forward_matches_reference(pair, dtype, layout):
+    device, backend = pair
+    shape = (4, 33)
+    mu, logvar = make_inputs(shape, dtype, device)
+    leaves, build = make_prior(layout, shape, device, dtype)
+    prior_mu, prior_logvar = build(*leaves)
+    z_plain, _ = pyvae.reparameterize_kl(mu, logvar, seed=1234, backend=backend)
+    for reduction in ("none", "per_sample", "batchmean"):
+        z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, seed=1234,
+                                        reduction=reduction, backend=backend)
+        z_ref, kl_ref = prior_reference(mu, logvar, prior_mu, prior_logvar, 1234, 1, reduction)
+        assert z.dtype == dtype and kl.dtype == torch.float32 and kl.shape == kl_ref.shape
+        assert torch.equal(z, z_plain)  # the prior changes only the KL: the same noise stream
+        assert_close(kl, kl_ref, dtype, SUM)
+        assert_close(z, z_ref, dtype, VALUE)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("layout", ["full", "vector", "row", "column", "leading"])
+def test_prior_three_dims_and_samples(pair, layout):
+    device, backend = pair
+    shape = (2, 3, 7)
+    mu, logvar = make_inputs(shape, torch.float32, device)
+    prior_mu, prior_logvar = make_prior(layout, shape, device)[0]
+    z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, seed=9, n_samples=3,
+                                    reduction="none", backend=backend)
+    z_ref, kl_ref = prior_reference(mu, logvar, prior_mu, prior_logvar, 9, 3, "none")
+    assert z.shape == (3, *shape) and kl.shape == shape
+    assert_close(z, z_ref, torch.float32)
+    assert_close(kl, kl_ref, torch.float32, SUM)
+
+
+def test_prior_reference_is_the_literal_formula():
+    """The reference's stable form against the issue's formula and torch.distributions, in float64."""
+    mu, logvar = torch.randn(6, 9, dtype=torch.float64), torch.randn(6, 9, dtype=torch.float64)
+    prior_mu, prior_logvar = torch.randn(9, dtype=torch.float64), torch.randn(6, 9, dtype=torch.float64)
+    kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, seed=1, reduction="none",
+                                 backend="torch")[1]
+    torch.testing.assert_close(kl, literal_prior_kl(mu, logvar, prior_mu, prior_logvar), rtol=1e-12, atol=1e-12)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(prior_mu.expand_as(mu), (0.5 * prior_logvar).exp())
+    torch.testing.assert_close(kl, torch.distributions.kl_divergence(q, p), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", PRIOR_LAYOUTS)
+def test_prior_backward_matches_reference(pair, dtype, layout):
+    device, backend = pair
+    shape, n_samples = (5, 13), 2
+    for reduction in ("per_sample", "batchmean"):
+        mu, logvar = make_inputs(shape, dtype, device, requires_grad=True)
+        leaves, build = make_prior(layout, shape, device, dtype)
+        leaves = [leaf.requires_grad_() for leaf in leaves]
+        z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=build(*leaves)[0], prior_logvar=build(*leaves)[1],
+                                        seed=77, n_samples=n_samples, reduction=reduction, backend=backend)
+        gz, gkl = torch.randn_like(z), torch.randn_like(kl)
+        grads = torch.autograd.grad([z, kl], [mu, logvar, *leaves], [gz, gkl])
+
+        ref_inputs = [t.detach().double().requires_grad_() for t in (mu, logvar, *leaves)]
+        z_ref, kl_ref = reparameterize_kl_reference(ref_inputs[0], ref_inputs[1], torch.tensor(77, device=device),
+                                                    n_samples, reduction, *build(*ref_inputs[2:]))
+        ref_grads = torch.autograd.grad([z_ref, kl_ref], ref_inputs, [gz.double(), gkl.double()])
+        for g, g_ref, t in zip(grads, ref_grads, (mu, logvar, *leaves)):
+            assert g.dtype == t.dtype and g.shape == t.shape
+            summed = mu.numel() / t.numel()  # rows summed into one prior gradient element
+            assert_close(g, g_ref, dtype, VALUE, (1 + n_samples) * 4 * summed)
+
+
+@pytest.mark.parametrize("layout", ["full", "vector", "column", "expanded"])
+@pytest.mark.parametrize("reduction", ["none", "per_sample", "mean"])
+def test_prior_gradcheck_float64_torch_backend(layout, reduction):
+    shape = (3, 5)
+    mu = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    logvar = (0.3 * torch.randn(shape, dtype=torch.float64)).requires_grad_()
+    leaves, build = make_prior(layout, shape, "cpu", torch.float64)
+    leaves = [leaf.requires_grad_() for leaf in leaves]
+    seed = torch.tensor(11)
+
+    def fn(m, lv, *prior_leaves):
+        return ReparamKLFunction.apply(m, lv, seed, 2, reduction, "torch", *build(*prior_leaves))
+
+    assert torch.autograd.gradcheck(fn, (mu, logvar, *leaves))
+    # either prior tensor alone
+    assert torch.autograd.gradcheck(lambda m, lv, pm: ReparamKLFunction.apply(m, lv, seed, 1, reduction, "torch", pm),
+                                    (mu, logvar, leaves[0]))
+    assert torch.autograd.gradcheck(
+        lambda m, lv, plv: ReparamKLFunction.apply(m, lv, seed, 1, reduction, "torch", None, plv),
+        (mu, logvar, leaves[-1]))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_prior_standard_normal_matches_no_prior(pair):
+    device, backend = pair
+    mu, logvar = make_inputs((6, 37), torch.float32, device, requires_grad=True)
+    zeros = torch.zeros(37, device=device, requires_grad=True)
+    zeros_row = torch.zeros(1, 37, device=device, requires_grad=True)
+    z0, kl0 = pyvae.reparameterize_kl(mu, logvar, seed=4, backend=backend)
+    z1, kl1 = pyvae.reparameterize_kl(mu, logvar, prior_mu=zeros, prior_logvar=zeros_row, seed=4, backend=backend)
+    z2, kl2 = pyvae.reparameterize_kl(mu, logvar, prior_mu=None, prior_logvar=None, seed=4, backend=backend)
+    assert torch.equal(z0, z1) and torch.equal(z0, z2) and torch.equal(kl0, kl2)
+    assert_close(kl1, kl0, torch.float32, SUM)
+    g0 = torch.autograd.grad((z0.sum() + kl0.sum()), [mu, logvar])
+    g1 = torch.autograd.grad((z1.sum() + kl1.sum()), [mu, logvar, zeros, zeros_row])
+    for a, b in zip(g0, g1[:2]):
+        assert_close(b, a, torch.float32)
+    # d/dprior_mu = -(mu - 0), d/dprior_logvar = 0.5 (1 - exp(logvar) - mu^2), summed over the batch
+    assert_close(g1[2], -mu.detach().sum(0), torch.float32, SUM)
+    assert_close(g1[3][0], (0.5 * (1 - logvar.detach().exp() - mu.detach() ** 2)).sum(0), torch.float32, SUM)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("given", ["prior_mu", "prior_logvar"])
+def test_prior_given_alone(pair, given):
+    device, backend = pair
+    mu, logvar = make_inputs((4, 19), torch.float32, device, requires_grad=True)
+    prior = (0.7 * torch.randn(19, device=device)).requires_grad_()
+    zero = torch.zeros(19, device=device)
+    z, kl = pyvae.reparameterize_kl(mu, logvar, seed=2, reduction="none", backend=backend, **{given: prior})
+    full = dict(prior_mu=zero, prior_logvar=zero)
+    full[given] = prior.detach()
+    z_ref, kl_ref = prior_reference(mu.detach(), logvar.detach(), full["prior_mu"], full["prior_logvar"], 2, 1, "none")
+    assert_close(kl, kl_ref, torch.float32, SUM)
+    (grad,) = torch.autograd.grad(kl.sum(), [prior])
+    pm, plv = full["prior_mu"].double(), full["prior_logvar"].double()
+    m, lv = mu.detach().double(), logvar.detach().double()
+    if given == "prior_mu":
+        expected = (-(m - pm) * torch.exp(-plv)).sum(0)
+    else:
+        expected = (0.5 * (1 - torch.exp(lv - plv) - (m - pm) ** 2 * torch.exp(-plv))).sum(0)
+    assert_close(grad, expected, torch.float32, SUM)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the Triton interpreter
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_prior_large_logvar_difference_is_stable(pair):
+    """Finite KL and gradients where the literal float32 formula overflows (inf / inf, inf * 0)."""
+    device, backend = pair
+    # (mu, logvar, prior_mu, prior_logvar)
+    cases = torch.tensor([
+        [0.5, 100.0, 0.0, 100.0],     # e^lv / e^plv = inf / inf in float32; KL ~ 0.125 e^-100
+        [0.0, 89.0, 0.0, 0.0],        # e^89 overflows, half of it (the KL) does not
+        [1e-20, -50.0, 0.0, -100.0],  # e^-plv overflows; (mu - prior_mu)^2 e^-plv = 2.7e3 does not
+        [3.0, -80.0, 1.0, 80.0],      # logvar - prior_logvar = -160
+        [2.0, 60.0, -1.0, -20.0],     # logvar - prior_logvar = 80
+        [0.0, -100.0, 0.0, -100.0],   # tiny variances, equal
+        [5.0, -170.0, 5.0, -170.0],   # a prior variance that is 0 in float32, mu = prior_mu
+        [5.0, -190.0, 5.0, -200.0],   # ... and exp(-prior_logvar / 2) overflows too
+    ], device=device)
+    mu, logvar, prior_mu, prior_logvar = (c.contiguous().view(1, -1).requires_grad_() for c in cases.t())
+    literal = literal_prior_kl(mu.detach(), logvar.detach(), prior_mu.detach(), prior_logvar.detach())
+    assert not literal.isfinite().all()  # the naive formula fails here
+    z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, seed=3,
+                                    reduction="none", backend=backend)
+    ref = [t.detach().double().requires_grad_() for t in (mu, logvar, prior_mu, prior_logvar)]
+    kl_ref = prior_reference(*ref[:2], *ref[2:], 3, 1, "none")[1]
+    assert kl.isfinite().all(), kl
+    torch.testing.assert_close(kl.double(), kl_ref, rtol=2e-5, atol=1e-5)
+    grads = torch.autograd.grad(kl.sum(), [mu, logvar, prior_mu, prior_logvar])
+    ref_grads = torch.autograd.grad(kl_ref.sum(), ref)
+    for g, g_ref in zip(grads, ref_grads):
+        finite = g_ref.float().isfinite()
+        assert torch.equal(g.isfinite(), finite), (g, g_ref)
+        torch.testing.assert_close(g[finite].double(), g_ref[finite], rtol=2e-5, atol=1e-5)
+
+
+SPECIAL = [0.0, float("nan"), float("inf"), -float("inf"), 100.0, -100.0, 1.0, -1.0]
+
+
+def _special_grid(device, values=SPECIAL):
+    grid = torch.cartesian_prod(*[torch.tensor(values, device=device)] * 4)
+    return [c.contiguous().view(-1, len(values) ** 2) for c in grid.t()]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the Triton interpreter
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_prior_nan_inf_as_the_formula(pair):
+    """NaN and inf where the formula (in exact arithmetic, rounded to float32) has them: every
+    combination of special values in the four inputs."""
+    device, backend = pair
+    mu, logvar, prior_mu, prior_logvar = _special_grid(device)
+    z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, seed=5,
+                                    reduction="none", backend=backend)
+    expected = literal_prior_kl(*(t.double() for t in (mu, logvar, prior_mu, prior_logvar))).float()
+    assert torch.equal(kl.isnan(), expected.isnan())
+    assert torch.equal(kl.isinf(), expected.isinf()) and torch.equal(kl[kl.isinf()], expected[expected.isinf()])
+    finite = expected.isfinite()
+    torch.testing.assert_close(kl[finite], expected[finite], rtol=1e-5, atol=1e-5)
+    z_plain = pyvae.reparameterize_kl(mu, logvar, seed=5, backend=backend)[0]
+    assert torch.equal(z.isnan(), z_plain.isnan()) and torch.equal(z.nan_to_num(), z_plain.nan_to_num())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the Triton interpreter
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_prior_backward_nan_inf_as_the_formula(pair):
+    """Gradients of the KL over finite extremes and NaN: NaN, inf and finite where the float64
+    derivatives (rounded to float32) have them."""
+    device, backend = pair
+    inputs = [t.requires_grad_() for t in _special_grid(device, [0.0, float("nan"), 100.0, -100.0, 1.0, -1.0])]
+    kl = pyvae.reparameterize_kl(*inputs[:2], prior_mu=inputs[2], prior_logvar=inputs[3], seed=5, reduction="none",
+                                 backend=backend)[1]
+    grads = torch.autograd.grad(kl.sum(), inputs)
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    ref_grads = torch.autograd.grad(literal_prior_kl(*ref).sum(), ref)
+    for name, g, g_ref in zip(("mu", "logvar", "prior_mu", "prior_logvar"), grads, ref_grads):
+        g_ref = g_ref.float()
+        assert torch.equal(g.isnan(), g_ref.isnan()), name
+        assert torch.equal(g.isinf(), g_ref.isinf()) and torch.equal(g[g.isinf()], g_ref[g_ref.isinf()]), name
+        finite = g_ref.isfinite()
+        torch.testing.assert_close(g[finite], g_ref[finite], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_prior_empty_batch(pair):
+    device, backend = pair
+    mu = torch.randn(0, 8, device=device, requires_grad=True)
+    prior_mu = torch.randn(8, device=device, requires_grad=True)
+    z, kl = pyvae.reparameterize_kl(mu, mu, prior_mu=prior_mu, reduction="sum", backend=backend)
+    assert z.shape == (0, 8) and kl.item() == 0
+    (grad,) = torch.autograd.grad(kl, [prior_mu])
+    assert torch.equal(grad, torch.zeros(8, device=device))
+
+
+def test_prior_dtype_cast_and_gradient_dtype():
+    """A float32 prior with a bfloat16 mu: the KL reads it in mu's dtype; its gradient is float32."""
+    mu = torch.randn(3, 8).bfloat16().requires_grad_()
+    logvar = torch.randn(3, 8).bfloat16().requires_grad_()
+    prior_mu = torch.randn(8, requires_grad=True)
+    z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, seed=1)
+    assert z.dtype == torch.bfloat16 and kl.dtype == torch.float32
+    kl.sum().backward()
+    assert prior_mu.grad.dtype == torch.float32 and prior_mu.grad.shape == (8,)
+    assert_close(prior_mu.grad, -(mu.detach().double() - prior_mu.detach().bfloat16().double()).sum(0),
+                 torch.bfloat16)
+
+
+def test_prior_autograd_saves_only_inputs_and_seed():
+    mu, logvar = make_inputs((4, 8), torch.float32, "cpu", requires_grad=True)
+    prior_mu = torch.randn(8, requires_grad=True)
+    prior_logvar = torch.randn(4, 8, requires_grad=True)
+    z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, seed=1,
+                                    backend=pyvae.backends.resolve("auto", torch.device("cpu"), "reparam_kl"))
+    saved = z.grad_fn.saved_tensors
+    assert len(saved) == 5
+    assert sum(t.numel() for t in saved) == 2 * mu.numel() + 8 + 32 + 1
+
+
+def test_prior_broadcast_not_materialised_cpu():
+    """The C++ op reads a [Z] or [1, Z] prior in place: forward allocates what it does without a
+    prior (z, kl, the seed), nothing of mu's size more."""
+    if "cpu" not in pyvae.backends.available("cpu"):
+        pytest.skip("extension not built")
+    from torch.profiler import ProfilerActivity, profile
+    mu, logvar = make_inputs((512, 256), torch.float32, "cpu")
+    prior_mu, prior_logvar = torch.randn(256), torch.randn(1, 256)
+
+    def allocated(**prior):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            pyvae.reparameterize_kl(mu, logvar, seed=1, backend="cpu", **prior)
+        return sum(ev.nbytes() for ev in prof.profiler.kineto_results.events()
+                   if ev.name() == "[memory]" and ev.nbytes() > 0)
+
+    plain = allocated()
+    assert plain >= mu.numel() * 4  # z is seen
+    assert allocated(prior_mu=prior_mu, prior_logvar=prior_logvar) <= plain + 4096
+
+
+def test_prior_broadcast_read_in_place():
+    """The kernels read a broadcast prior through a stride-0 view of its own memory (no B x Z copy)."""
+    from pyvae.kernels._layout import as_rows_broadcast
+    prior = torch.randn(16)
+    for p in (prior, prior.view(1, 16), prior.expand(64, 16)):
+        rows = as_rows_broadcast(p, torch.Size((64, 16)), 64, 16)
+        assert rows.data_ptr() == prior.data_ptr() and rows.stride() == (0, 1)
+    column = torch.randn(64, 1)
+    rows = as_rows_broadcast(column, torch.Size((64, 16)), 64, 16)
+    assert rows.data_ptr() == column.data_ptr() and rows.stride() == (1, 0)
+
+
+PRIOR_BAD_INPUTS = [
+    (dict(prior_mu=torch.randn(3, 5)), ValueError, r"prior_mu of shape \(3, 5\) does not broadcast"),
+    (dict(prior_logvar=torch.randn(2, 3, 4)), ValueError, r"prior_logvar of shape \(2, 3, 4\) does not broadcast"),
+    (dict(prior_logvar=torch.randn(4, 4)), ValueError, "prior_logvar of shape"),
+    (dict(prior_mu=torch.randint(0, 3, (4,))), TypeError, "prior_mu must be a floating"),
+    (dict(prior_logvar=torch.ones(4, dtype=torch.bool)), TypeError, "prior_logvar must be a floating"),
+    (dict(prior_mu=[0.0] * 4), TypeError, "prior_mu must be None or a torch.Tensor"),
+    (dict(prior_logvar=0.0), TypeError, "prior_logvar must be None or a torch.Tensor"),
+    (dict(prior_mu=torch.randn(4, device="meta")), ValueError, "prior_mu is on meta"),
+    (dict(prior_mu=torch.randn(4), prior_logvar=torch.randn(4, device="meta")), ValueError, "prior_logvar is on meta"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", PRIOR_BAD_INPUTS, ids=[m for _, _, m in PRIOR_BAD_INPUTS])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_prior_bad_input(kwargs, error, message, backend):
+    mu, logvar = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(error, match=message):
+        pyvae.reparameterize_kl(mu, logvar, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("pair", NATIVE_PAIRS, ids=pair_id)
+def test_prior_opcheck(pair):
+    device, backend = pair
+    mu, logvar, seed, gz, gkl = _opcheck_args(device)
+    prior_mu = torch.randn(3, 10, device=device)
+    prior_logvar = (0.5 * torch.randn(10, device=device)).expand(3, 10)  # stride 0, read in place
+    suffix = "_triton" if backend == "triton" else ""
+    fwd = getattr(torch.ops.pyvae, f"reparam_kl_forward{suffix}")
+    bwd = getattr(torch.ops.pyvae, f"reparam_kl_backward{suffix}")
+    checks = {}
+    if backend == "triton" and device == "cpu":
+        checks = {"test_utils": ("test_schema", "test_autograd_registration")}
+    for per_element in (False, True):
+        torch.library.opcheck(fwd, (mu, logvar, 5, 2, per_element, prior_mu, prior_logvar), **checks)
+    torch.library.opcheck(fwd, (mu, logvar, 5, 1, False, None, prior_logvar[0]), **checks)
+    gkl = gkl.contiguous()
+    torch.library.opcheck(bwd, (mu, logvar, seed, gz, gkl, prior_mu, prior_logvar, True, True), **checks)
+    torch.library.opcheck(bwd, (mu, logvar, seed, None, gkl, prior_mu[:1], None, True, False), **checks)
+    torch.library.opcheck(bwd, (mu, logvar, seed, gz, None, prior_mu, prior_logvar[0], True, True), **checks)
+    # the raw ops check what the Python API checks too
+    with pytest.raises((ValueError, RuntimeError), match="broadcast"):
+        fwd(mu, logvar, 5, 1, False, torch.randn(4, device=device), None)
+
+
+def test_prior_torch_compile_fullgraph_cpu():
+    if "cpu" not in pyvae.backends.available("cpu"):
+        pytest.skip("extension not built")
+
+    def loss_fn(mu, logvar, prior_mu, prior_logvar):
+        z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, seed=17,
+                                        reduction="batchmean", backend="cpu")
+        return (z ** 2).sum() + kl
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor")
+    mu, logvar = make_inputs((4, 12), torch.float32, "cpu", requires_grad=True)
+    prior_mu = torch.randn(4, 12, requires_grad=True)
+    prior_logvar = (0.5 * torch.randn(12)).requires_grad_()
+    inputs = [mu, logvar, prior_mu, prior_logvar]
+    eager = loss_fn(*inputs)
+    grads = torch.autograd.grad(eager, inputs)
+    out = compiled(*inputs)
+    compiled_grads = torch.autograd.grad(out, inputs)
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(compiled_grads, grads):
+        torch.testing.assert_close(a, b)

@@ -64,6 +64,14 @@ def run_launchers() -> None:
             for grad_z, grad_kl in ((t(2, 64, cols, dtype=dtype), t(64, cols)), (t(1, 64, cols, dtype=dtype), None),
                                     (None, t(64, cols))):
                 fn["reparam_kl_backward_triton"](mu, mu, seed, grad_z, grad_kl)
+            # a Gaussian prior: full, one row for the batch ([Z]: stride 0), one value per row
+            # ([B, 1]: column stride 0), or either tensor alone
+            for prior_mu, prior_logvar in ((mu, t(cols, dtype=dtype)), (t(64, 1, dtype=dtype), None), (None, mu)):
+                fn["reparam_kl_forward_triton"](mu, mu, 5, 2, False, prior_mu, prior_logvar)
+                fn["reparam_kl_forward_triton"](mu, mu, None, 1, True, prior_mu, prior_logvar)
+                for grad_z in (t(1, 64, cols, dtype=dtype), None):
+                    fn["reparam_kl_backward_triton"](mu, mu, seed, grad_z, t(64, cols), prior_mu, prior_logvar,
+                                                     prior_mu is not None, prior_logvar is not None)
         for loss in ("bernoulli", "gaussian", "continuous_bernoulli"):
             for cols in (3 * 32 * 32, 65537):
                 pred, target = t(40, cols, dtype=dtype), t(40, cols)

@@ -32,4 +32,61 @@ PYVAE_HD InputGrads input_grads(bool has_grad_z, bool has_grad_kl, float mu, flo
           (has_grad_z ? z_dlogvar(std, gz_eps_sum) : 0.0f) + (has_grad_kl ? gkl * kl_dlogvar(std) : 0.0f)};
 }
 
+// ---------------------------------------------------------------------------- a Gaussian prior
+// KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) for one element,
+//   0.5 (prior_logvar - logvar + (e^logvar + (mu - prior_mu)^2) / e^prior_logvar - 1),
+// is evaluated as  u^2 + half_r - 0.5 (x + 1)  from
+//   x      = logvar - prior_logvar,
+//   half_r = e^(x - ln 2)                        (half the variance ratio r = e^x),
+//   s      = e^(-(prior_logvar + ln 2) / 2)      (1 / sqrt(2 var_p)),
+//   u      = (mu - prior_mu) s                   (u^2 = (mu - prior_mu)^2 / (2 var_p)).
+// The variances never appear alone: e^logvar / e^prior_logvar would overflow (inf / inf = NaN) as
+// soon as logvar > 88.7 whatever the ratio. The factors 1/2 sit inside the exponentials, so half_r
+// and u^2 overflow only where they themselves exceed FLT_MAX, and then so does the KL (a sum of
+// them and terms that are at most |x| / 2). s overflows only for prior_logvar < -177 (a prior
+// variance of 1e-77, zero in float32), where a zero difference mu - prior_mu is kept at u = 0.
+// (The standard normal, prior = None, keeps kl_term above: the kernels pick it at compile time.)
+// (Written with scalar outputs and small structs: a four-float struct in the loop body, or a
+// condition joined by &&, stops g++ vectorising the CPU loops.)
+constexpr float kLn2 = 0.693147180559945309f;
+
+PYVAE_HD void prior_kl_parts(float mu, float logvar, float prior_mu, float prior_logvar, float& x, float& half_r,
+                             float& s, float& u) {
+  x = logvar - prior_logvar;
+  const float d = mu - prior_mu;
+  s = exp_f(-0.5f * (prior_logvar + kLn2));
+  half_r = exp_f(x - kLn2);
+  u = d == 0.0f ? 0.0f : d * s;
+}
+
+PYVAE_HD float kl_term_prior(float mu, float logvar, float prior_mu, float prior_logvar) {
+  float x, half_r, s, u;
+  prior_kl_parts(mu, logvar, prior_mu, prior_logvar, x, half_r, s, u);
+  return u * u + half_r - 0.5f * (x + 1.0f);
+}
+
+// With r = e^(logvar - prior_logvar), d = mu - prior_mu, w = e^(-prior_logvar):
+//   d/dmu = d w = 2 u s,  d/dprior_mu = -d w,  d/dlogvar = 0.5 (r - 1) = half_r - 0.5,
+//   d/dprior_logvar = 0.5 (1 - r - d^2 w) = 0.5 - half_r - u^2
+// (d w = 0 for d = 0 also where s overflows: u = 0 there, and 0 * inf would be NaN; a NaN s
+// still gives NaN).
+struct PriorKLGrads {
+  float mu, logvar, prior_logvar;  // d/dprior_mu = -mu
+};
+
+PYVAE_HD PriorKLGrads prior_kl_grads(float mu, float logvar, float prior_mu, float prior_logvar) {
+  float x, half_r, s, u;
+  prior_kl_parts(mu, logvar, prior_mu, prior_logvar, x, half_r, s, u);
+  return {u == 0.0f ? (s != s ? s : 0.0f) : 2.0f * (u * s), half_r - 0.5f, 0.5f - half_r - u * u};
+}
+
+// Backward for one element with a prior and an upstream KL gradient gkl (without one, the prior
+// plays no part and input_grads above applies): the gradients of mu and logvar from the KL's
+// derivatives d = prior_kl_grads(...) (passed as d.mu, d.logvar). The prior's own per-element
+// gradients are -gkl * d.mu and gkl * d.prior_logvar (summed over broadcast dims by the caller).
+PYVAE_HD InputGrads input_grads_prior(bool has_grad_z, float dkl_dmu, float dkl_dlogvar, float std, float gz_sum,
+                                      float gz_eps_sum, float gkl) {
+  return {gz_sum + gkl * dkl_dmu, (has_grad_z ? z_dlogvar(std, gz_eps_sum) : 0.0f) + gkl * dkl_dlogvar};
+}
+
 }  // namespace pyvae

@@ -1,6 +1,7 @@
 // Plain-data description of one reparameterize + KL call, filled in by csrc/ops.cpp and read by the
 // CPU and CUDA kernels (which stay torch-free). Inputs are viewed as [rows, cols] with unit column
-// stride and the given row strides; z and the gradients are contiguous.
+// stride and the given row strides; z and the gradients are contiguous. A prior's mean and
+// log-variance are read in place with row and column strides (0 where they broadcast).
 #pragma once
 #include <stdint.h>
 
@@ -15,6 +16,19 @@ struct ReparamKLInputs {
   const void* logvar;
   int64_t mu_row_stride, logvar_row_stride;
   int64_t rows, cols;
+};
+
+// The Gaussian prior N(prior_mu, e^prior_logvar) the KL is taken against; `present` false: N(0, I),
+// with the kernels' prior-free code. When present, a null mu or logvar reads as 0. Element (r, c)
+// of each is at r * row_stride + c * col_stride, in the dtype of mu; col_stride is 0 or 1. Kept
+// apart from the call's params (the kernels take it as an argument of its own), so that the
+// prior-free kernels are compiled exactly as before.
+struct ReparamKLPrior {
+  bool present;
+  const void* mu;
+  const void* logvar;
+  int64_t mu_row_stride, mu_col_stride, logvar_row_stride, logvar_col_stride;
+  bool vec;  // CUDA: every tensor read along the row (col_stride 1) allows packed loads (set by the launcher)
 };
 
 // Where the forward kernel gets its Philox key, and where it records it for backward.
@@ -49,6 +63,14 @@ struct ReparamKLBackwardParams {
   int64_t grad_kl_row_stride, grad_kl_col_stride;
   void* grad_mu;      // [rows, cols] in dtype
   void* grad_logvar;  // [rows, cols] in dtype
+};
+
+// Backward's outputs for the prior: float32 [rows, cols] per-element gradients of its mean and
+// log-variance (the caller sums them over broadcast dims), or nullptr where not asked for. Written
+// only with a grad_kl (without one the prior plays no part and its gradients are zero).
+struct ReparamKLPriorGrads {
+  float* mu;
+  float* logvar;
 };
 
 }  // namespace pyvae

@@ -48,6 +48,19 @@ PYVAE_MULTIVERSION void z_and_kl(const float* __restrict mu, const float* __rest
   }
 }
 
+// The same with a Gaussian prior (reparam_kl_math.h): a separate loop, so that the prior-free one
+// above stays as it was.
+PYVAE_MULTIVERSION void z_and_kl_prior(const float* __restrict mu, const float* __restrict logvar,
+                                       const float* __restrict prior_mu, const float* __restrict prior_logvar,
+                                       const float* __restrict eps, int64_t n, float* __restrict z,
+                                       float* __restrict kl) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    z[c] = mu[c] + std_from_logvar(logvar[c]) * eps[c];
+    kl[c] = kl_term_prior(mu[c], logvar[c], prior_mu[c], prior_logvar[c]);
+  }
+}
+
 // The backward of one chunk: grad_mu and grad_logvar (input_grads) in place of the two sums.
 // The flags are template constants so that the loop vectorises (as run-time flags inside it, they
 // stopped g++ vectorising it).
@@ -72,6 +85,51 @@ PYVAE_MULTIVERSION void grads(bool has_grad_z, bool has_grad_kl, const float* __
   grads_loop<false, true>(mu, logvar, gkl, n, gz_sum, gz_eps_sum);
 }
 
+// The backward of one chunk with a prior and a KL gradient: grad_mu and grad_logvar in place of
+// the two sums, and the prior's per-element gradients into d_prior_mu and d_prior_logvar.
+template <bool kHasGradZ>
+inline __attribute__((always_inline)) void prior_grads_loop(
+    const float* __restrict mu, const float* __restrict logvar, const float* __restrict prior_mu,
+    const float* __restrict prior_logvar, const float* __restrict gkl, int64_t n, float* __restrict gz_sum,
+    float* __restrict gz_eps_sum, float* __restrict d_prior_mu, float* __restrict d_prior_logvar) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const PriorKLGrads d = prior_kl_grads(mu[c], logvar[c], prior_mu[c], prior_logvar[c]);
+    const InputGrads g =
+        input_grads_prior(kHasGradZ, d.mu, d.logvar, std_from_logvar(logvar[c]), gz_sum[c], gz_eps_sum[c], gkl[c]);
+    gz_sum[c] = g.mu;
+    gz_eps_sum[c] = g.logvar;
+    d_prior_mu[c] = -(gkl[c] * d.mu);
+    d_prior_logvar[c] = gkl[c] * d.prior_logvar;
+  }
+}
+
+PYVAE_MULTIVERSION void chunk_prior_grads(bool has_grad_z, const float* __restrict mu,
+                                          const float* __restrict logvar, const float* __restrict prior_mu,
+                                          const float* __restrict prior_logvar, const float* __restrict gkl,
+                                          int64_t n, float* __restrict gz_sum, float* __restrict gz_eps_sum,
+                                          float* __restrict d_prior_mu, float* __restrict d_prior_logvar) {
+  if (has_grad_z)
+    return prior_grads_loop<true>(mu, logvar, prior_mu, prior_logvar, gkl, n, gz_sum, gz_eps_sum, d_prior_mu,
+                                  d_prior_logvar);
+  prior_grads_loop<false>(mu, logvar, prior_mu, prior_logvar, gkl, n, gz_sum, gz_eps_sum, d_prior_mu,
+                          d_prior_logvar);
+}
+
+// Columns [col0, col0 + n) of row r of a prior tensor (ReparamKLPrior) as floats: `zeros` where it
+// is absent, the value repeated where it broadcasts along the row, else as_float.
+template <typename T>
+const float* prior_chunk(const void* base, int64_t row_stride, int64_t col_stride, int64_t r, int64_t col0,
+                         int64_t n, float* __restrict buffer, const float* zeros) {
+  if (base == nullptr) return zeros;
+  const T* src = static_cast<const T*>(base) + r * row_stride + col0 * col_stride;
+  if (col_stride == 0) {
+    std::fill(buffer, buffer + n, static_cast<float>(src[0]));
+    return buffer;
+  }
+  return as_float(src, n, buffer);
+}
+
 // Asks for columns [col0, col0 + n) of rows [r0, r0 + nr). Called before the noise of a chunk is
 // generated, which does not need the inputs, so the memory reads overlap that arithmetic.
 template <typename T>
@@ -94,7 +152,7 @@ struct RowBlocks {
 };
 
 template <typename T>
-void forward_impl(const ReparamKLForwardParams& p) {
+void forward_impl(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) {
   const T* mu = static_cast<const T*>(p.in.mu);
   const T* logvar = static_cast<const T*>(p.in.logvar);
   T* z = static_cast<T*>(p.z);
@@ -102,7 +160,8 @@ void forward_impl(const ReparamKLForwardParams& p) {
   const RowBlocks blocks(p.in.rows, p.in.cols);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
-    alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], kl_buf[kChunk], eps[kChunk], z_buf[kChunk];
+    alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], kl_buf[kChunk], eps[kChunk], z_buf[kChunk],
+        prior_mu_buf[kChunk], prior_logvar_buf[kChunk], zeros[kChunk] = {};
     float lanes[kChunk / 4][kLanes];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t r0 = b * blocks.rows_per_block;
@@ -123,7 +182,15 @@ void forward_impl(const ReparamKLForwardParams& p) {
             float* kl_f = p.kl_per_element && s == 0 ? p.kl + r * p.in.cols + col0 : kl_buf;
             T* z_row = z + (s * p.in.rows + r) * p.in.cols + col0;
             float* z_f = float_target(z_row, z_buf);
-            z_and_kl(mu_f, logvar_f, eps + i * eps_row_stride, n, z_f, kl_f);
+            if (prior.present) {
+              const float* prior_mu_f = prior_chunk<T>(prior.mu, prior.mu_row_stride, prior.mu_col_stride, r, col0,
+                                                       n, prior_mu_buf, zeros);
+              const float* prior_logvar_f = prior_chunk<T>(prior.logvar, prior.logvar_row_stride,
+                                                           prior.logvar_col_stride, r, col0, n, prior_logvar_buf, zeros);
+              z_and_kl_prior(mu_f, logvar_f, prior_mu_f, prior_logvar_f, eps + i * eps_row_stride, n, z_f, kl_f);
+            } else {
+              z_and_kl(mu_f, logvar_f, eps + i * eps_row_stride, n, z_f, kl_f);
+            }
             store_chunk(z_f, n, z_row);
             if (s == 0 && !p.kl_per_element) accumulate_lanes(kl_f, n, lanes[i]);
           }
@@ -136,7 +203,8 @@ void forward_impl(const ReparamKLForwardParams& p) {
 }
 
 template <typename T>
-void backward_impl(const ReparamKLBackwardParams& p) {
+void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior,
+                   const ReparamKLPriorGrads& prior_grads) {
   const T* mu = static_cast<const T*>(p.in.mu);
   const T* logvar = static_cast<const T*>(p.in.logvar);
   const T* grad_z = static_cast<const T*>(p.grad_z);
@@ -145,9 +213,11 @@ void backward_impl(const ReparamKLBackwardParams& p) {
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
   const RowBlocks blocks(p.in.rows, p.in.cols);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
+  const bool with_prior = prior.present && p.grad_kl != nullptr;  // without a KL gradient it plays no part
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], gz_buf[kChunk], eps[kChunk], gz_sum_buf[kChunk],
-        gz_eps_sum_buf[kChunk], gkl[kChunk], gkl_zeros[kChunk] = {};
+        gz_eps_sum_buf[kChunk], gkl[kChunk], gkl_zeros[kChunk] = {}, prior_mu_buf[kChunk], prior_logvar_buf[kChunk],
+        d_prior_mu_buf[kChunk], d_prior_logvar_buf[kChunk];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t r0 = b * blocks.rows_per_block;
       const int64_t nr = std::min(blocks.rows_per_block, p.in.rows - r0);
@@ -197,7 +267,23 @@ void backward_impl(const ReparamKLBackwardParams& p) {
               gkl_f = gkl;
             }
           }
-          grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, n, gz_sum + i * n, gz_eps_sum + i * n);
+          if (with_prior) {
+            const float* prior_mu_f = prior_chunk<T>(prior.mu, prior.mu_row_stride, prior.mu_col_stride, r, col0, n,
+                                                     prior_mu_buf, gkl_zeros);
+            const float* prior_logvar_f = prior_chunk<T>(prior.logvar, prior.logvar_row_stride,
+                                                         prior.logvar_col_stride, r, col0, n, prior_logvar_buf,
+                                                         gkl_zeros);
+            // the prior's gradients go straight to their float32 outputs (row i of the block at i * n,
+            // as the sums), or to scratch where they are not wanted
+            const int64_t at = r0 * p.in.cols + col0 + i * n;
+            float* d_prior_mu = prior_grads.mu != nullptr ? prior_grads.mu + at : d_prior_mu_buf;
+            float* d_prior_logvar = prior_grads.logvar != nullptr ? prior_grads.logvar + at : d_prior_logvar_buf;
+            chunk_prior_grads(grad_z != nullptr, mu_f, logvar_f, prior_mu_f, prior_logvar_f, gkl_f, n,
+                              gz_sum + i * n, gz_eps_sum + i * n, d_prior_mu, d_prior_logvar);
+          } else {
+            grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, n, gz_sum + i * n,
+                  gz_eps_sum + i * n);
+          }
         }
         store_chunk(gz_sum, nr * n, grad_mu_out);
         store_chunk(gz_eps_sum, nr * n, grad_logvar_out);
@@ -208,12 +294,13 @@ void backward_impl(const ReparamKLBackwardParams& p) {
 
 }  // namespace
 
-void reparam_kl_forward(const ReparamKLForwardParams& p) {
-  with_dtype(p.in.dtype, [&](auto t) { forward_impl<decltype(t)>(p); });
+void reparam_kl_forward(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) {
+  with_dtype(p.in.dtype, [&](auto t) { forward_impl<decltype(t)>(p, prior); });
 }
 
-void reparam_kl_backward(const ReparamKLBackwardParams& p) {
-  with_dtype(p.in.dtype, [&](auto t) { backward_impl<decltype(t)>(p); });
+void reparam_kl_backward(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior,
+                         const ReparamKLPriorGrads& prior_grads) {
+  with_dtype(p.in.dtype, [&](auto t) { backward_impl<decltype(t)>(p, prior, prior_grads); });
 }
 
 }  // namespace pyvae::cpu

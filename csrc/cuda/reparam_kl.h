@@ -6,6 +6,7 @@
 #include "../common/reparam_kl_params.h"
 
 namespace pyvae::cuda {
-void reparam_kl_forward(const ReparamKLForwardParams& p, cudaStream_t stream);
-void reparam_kl_backward(const ReparamKLBackwardParams& p, cudaStream_t stream);
+void reparam_kl_forward(const ReparamKLForwardParams& p, const ReparamKLPrior& prior, cudaStream_t stream);
+void reparam_kl_backward(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior,
+                         const ReparamKLPriorGrads& prior_grads, cudaStream_t stream);
 }  // namespace pyvae::cuda

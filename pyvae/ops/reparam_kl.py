@@ -1,10 +1,12 @@
-"""Fused reparameterization + KL: ``z = mu + exp(logvar / 2) * eps`` and KL(q || N(0, I)) in one pass.
+"""Fused reparameterization + KL: ``z = mu + exp(logvar / 2) * eps`` and KL(q || p) in one pass, the
+prior p being N(0, I) or a Gaussian N(prior_mu, exp(prior_logvar)) (a hierarchical VAE's layer above,
+or a learned per-dimension prior).
 
 Layers of this op (the shape every pyvae op follows):
     kernels   ``csrc/cpu/reparam_kl.cpp``, ``csrc/cuda/reparam_kl.cu``, ``kernels/reparam_kl.py``;
     ops       ``torch.ops.pyvae.reparam_kl_forward/backward`` (C++, CPU and CUDA) and their
               ``*_triton`` twins, each with a fake implementation;
-    autograd  :class:`ReparamKLFunction`, which saves only mu, logvar and the seed;
+    autograd  :class:`ReparamKLFunction`, which saves only mu, logvar (and the prior) and the seed;
     API       :func:`reparameterize_kl`.
 
 The noise: eps is drawn inside the kernel from counter-based Philox4x32-10 keyed by a 64-bit seed
@@ -109,45 +111,87 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_LN2 = math.log(2.0)
+
+
+def _prior_parts(mu_c, logvar_c, prior_mu, prior_logvar, cdt):
+    """(x, half_r, s, u) of the KL against N(prior_mu, exp(prior_logvar)), as the kernels form them
+    (csrc/common/reparam_kl_math.h): x = logvar - prior_logvar, half_r = exp(x - ln 2) (half the
+    variance ratio), s = exp(-(prior_logvar + ln 2) / 2), u = (mu - prior_mu) s (0 where
+    mu = prior_mu); KL = u^2 + half_r - (x + 1) / 2. An absent prior tensor means 0."""
+    zero = torch.zeros((), dtype=cdt, device=mu_c.device)
+    pmu = prior_mu.to(cdt) if prior_mu is not None else zero
+    plv = prior_logvar.to(cdt) if prior_logvar is not None else zero
+    x, d = logvar_c - plv, mu_c - pmu
+    s = torch.exp(-0.5 * (plv + _LN2))
+    return x, torch.exp(x - _LN2), s, torch.where(d == 0, zero, d * s)
+
+
 def reparameterize_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, seed: int | torch.Tensor, n_samples: int = 1,
-                                reduction: str = "per_sample") -> tuple[torch.Tensor, torch.Tensor]:
+                                reduction: str = "per_sample", prior_mu: torch.Tensor | None = None,
+                                prior_logvar: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain differentiable PyTorch with the eager formulas: the oracle of every backend.
 
     Computes in float64 for float64 inputs and in float32 otherwise; ``z`` always has shape
-    ``(n_samples, *mu.shape)``; ``kl`` is float32 (float64 for float64 inputs).
+    ``(n_samples, *mu.shape)``; ``kl`` is float32 (float64 for float64 inputs). With a prior
+    (either tensor, broadcastable to mu; the other then means 0) the KL is against
+    N(prior_mu, exp(prior_logvar)), written with the variance ratio exp(logvar - prior_logvar) and
+    (mu - prior_mu) exp(-prior_logvar / 2), never a variance alone (which would overflow first), as
+    the kernels write it (tests check it against the literal formula and torch.distributions).
     """
     cdt = _compute_dtype(mu.dtype)
     eps = reference_eps(seed, mu.shape, n_samples, cdt, device=mu.device)
     mu_c, logvar_c = mu.to(cdt), logvar.to(cdt)
     z = (mu_c + torch.exp(0.5 * logvar_c) * eps).to(mu.dtype)
-    kl = -0.5 * (1.0 + logvar_c - mu_c.pow(2) - torch.exp(logvar_c))
+    if prior_mu is None and prior_logvar is None:
+        kl = -0.5 * (1.0 + logvar_c - mu_c.pow(2) - torch.exp(logvar_c))
+    else:
+        x, half_r, _, u = _prior_parts(mu_c, logvar_c, prior_mu, prior_logvar, cdt)
+        kl = u * u + half_r - 0.5 * (x + 1.0)
     if reduction != "none":
         kl = reduce_rows(kl.sum(-1), reduction, mu.numel())
     return z, kl
 
 
-def _torch_forward(mu, logvar, seed, n_samples, kl_per_element):
+def _torch_forward(mu, logvar, seed, n_samples, kl_per_element, prior_mu=None, prior_logvar=None):
     seed_used = draw_seed(mu.device) if seed is None else torch.full((), seed, dtype=torch.int64, device=mu.device)
-    z, kl = reparameterize_kl_reference(mu, logvar, seed_used, n_samples, "none" if kl_per_element else "per_sample")
+    z, kl = reparameterize_kl_reference(mu, logvar, seed_used, n_samples, "none" if kl_per_element else "per_sample",
+                                        prior_mu, prior_logvar)
     return z, kl, seed_used
 
 
-def _torch_backward(mu, logvar, seed, grad_z, grad_kl):
+def _torch_backward(mu, logvar, seed, grad_z, grad_kl, prior_mu=None, prior_logvar=None, prior_mu_grad=False,
+                    prior_logvar_grad=False):
     cdt = _compute_dtype(mu.dtype)
     mu_c, logvar_c = mu.to(cdt), logvar.to(cdt)
     std = torch.exp(0.5 * logvar_c)
     grad_mu = torch.zeros_like(mu_c)
     grad_logvar = torch.zeros_like(mu_c)
+    grad_prior_mu = torch.zeros_like(prior_mu, dtype=cdt) if prior_mu_grad else mu.new_empty(0)
+    grad_prior_logvar = torch.zeros_like(prior_logvar, dtype=cdt) if prior_logvar_grad else mu.new_empty(0)
     if grad_z is not None:
         eps = reference_eps(seed, mu.shape, grad_z.shape[0], cdt)
         gz = grad_z.to(cdt)
         grad_mu = grad_mu + gz.sum(0)
         grad_logvar = grad_logvar + 0.5 * std * (gz * eps).sum(0)
-    if grad_kl is not None:
+    if grad_kl is not None and (prior_mu is not None or prior_logvar is not None):
+        gkl = grad_kl.to(cdt)
+        _, half_r, s, u = _prior_parts(mu_c, logvar_c, prior_mu, prior_logvar, cdt)
+        # (mu - prior_mu) exp(-prior_logvar); 0 for mu = prior_mu also where s overflows (0 * inf)
+        d_mu = gkl * torch.where((u == 0) & (s == math.inf), 0.0, 2.0 * (u * s))
+        grad_mu = grad_mu + d_mu
+        grad_logvar = grad_logvar + gkl * (half_r - 0.5)
+        if prior_mu_grad:
+            grad_prior_mu = (-d_mu).sum_to_size(prior_mu.shape)
+        if prior_logvar_grad:
+            grad_prior_logvar = (gkl * (0.5 - half_r - u * u)).sum_to_size(prior_logvar.shape)
+    elif grad_kl is not None:
         gkl = grad_kl.to(cdt)
         grad_mu = grad_mu + gkl * mu_c
         grad_logvar = grad_logvar + gkl * 0.5 * (std * std - 1.0)
-    return grad_mu.to(mu.dtype), grad_logvar.to(mu.dtype)
+    return (grad_mu.to(mu.dtype), grad_logvar.to(mu.dtype),
+            grad_prior_mu.to(prior_mu.dtype) if prior_mu_grad else grad_prior_mu,
+            grad_prior_logvar.to(prior_logvar.dtype) if prior_logvar_grad else grad_prior_logvar)
 
 
 def _ops(backend: str):
@@ -161,27 +205,37 @@ def _ops(backend: str):
 
 # --------------------------------------------------------------------------- autograd
 class ReparamKLFunction(torch.autograd.Function):
-    """``(z, kl) = ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, backend)``.
+    """``(z, kl) = ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, backend[, prior_mu, prior_logvar])``.
 
     ``seed`` is an int or None (drawn from PyTorch's generator for the device); ``backend`` a
-    concrete backend name (see :mod:`pyvae.backends`). Saves only ``mu``, ``logvar`` and the 0-d
-    key the forward op used, from which backward regenerates eps (the backend's backward op).
+    concrete backend name (see :mod:`pyvae.backends`); ``prior_mu`` / ``prior_logvar`` None or
+    tensors of mu's dtype and device that broadcast to mu (the KL is then against that Gaussian).
+    Saves only ``mu``, ``logvar``, the prior tensors given and the 0-d key the forward op used, from
+    which backward regenerates eps (the backend's backward op, which also returns the prior's
+    gradients, summed over its broadcast dims).
     """
 
     @staticmethod
-    def forward(ctx, mu, logvar, seed: int | None, n_samples: int, reduction: str, backend: str):
+    def forward(ctx, mu, logvar, seed: int | None, n_samples: int, reduction: str, backend: str,
+                prior_mu=None, prior_logvar=None):
         forward_op, _ = _ops(backend)
-        z, kl, seed_used = forward_op(mu, logvar, seed, n_samples, reduction == "none")
+        if prior_mu is None and prior_logvar is None:
+            z, kl, seed_used = forward_op(mu, logvar, seed, n_samples, reduction == "none")
+        else:
+            z, kl, seed_used = forward_op(mu, logvar, seed, n_samples, reduction == "none", prior_mu, prior_logvar)
         if reduction not in ("none", "per_sample"):
             kl = reduce_rows(kl, reduction, mu.numel())
-        ctx.save_for_backward(mu, logvar, seed_used)
+        ctx.save_for_backward(mu, logvar, seed_used, *(t for t in (prior_mu, prior_logvar) if t is not None))
+        ctx.has_prior = prior_mu is not None, prior_logvar is not None
         ctx.n_samples, ctx.reduction, ctx.backend = n_samples, reduction, backend
         ctx.set_materialize_grads(False)
         return (z[0] if n_samples == 1 else z), kl
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
-        mu, logvar, seed = ctx.saved_tensors
+        mu, logvar, seed, *priors = ctx.saved_tensors
+        prior_mu = priors.pop(0) if ctx.has_prior[0] else None
+        prior_logvar = priors.pop(0) if ctx.has_prior[1] else None
         _, backward_op = _ops(ctx.backend)
         if grad_z is not None:
             grad_z = (grad_z.unsqueeze(0) if ctx.n_samples == 1 else grad_z).to(mu.dtype)
@@ -190,20 +244,56 @@ class ReparamKLFunction(torch.autograd.Function):
             grad_kl = expand_reduced_grad(grad_kl, ctx.reduction, mu.shape, samples)
             if ctx.backend != "torch":
                 grad_kl = grad_kl.float()
-        grad_mu, grad_logvar = backward_op(mu, logvar, seed, grad_z, grad_kl)
-        return grad_mu, grad_logvar, None, None, None, None
+        if prior_mu is None and prior_logvar is None:
+            grad_mu, grad_logvar, *_ = backward_op(mu, logvar, seed, grad_z, grad_kl)
+            return grad_mu, grad_logvar, None, None, None, None, None, None
+        # the prior's gradients come only from the KL
+        needs = ctx.needs_input_grad[6:] + (False, False)  # apply may have been given 6, 7 or 8 inputs
+        wanted = (grad_kl is not None and prior_mu is not None and needs[0],
+                  grad_kl is not None and prior_logvar is not None and needs[1])
+        grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = backward_op(
+            mu, logvar, seed, grad_z, grad_kl, prior_mu, prior_logvar, *wanted)
+        return (grad_mu, grad_logvar, None, None, None, None, grad_prior_mu if wanted[0] else None,
+                grad_prior_logvar if wanted[1] else None)
 
 
 # --------------------------------------------------------------------------- API
-def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, n_samples: int = 1,
+def _check_prior(name: str, prior, mu: torch.Tensor) -> None:
+    """TypeError / ValueError naming the argument unless ``prior`` is None or a floating tensor on
+    mu's device that broadcasts to mu's shape."""
+    if prior is None:
+        return
+    if not isinstance(prior, torch.Tensor):
+        raise TypeError(f"{name} must be None or a torch.Tensor, got {type(prior).__name__}")
+    if not prior.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor (float32, float16 or bfloat16), got {prior.dtype}")
+    if prior.device != mu.device:
+        raise ValueError(f"{name} is on {prior.device} but mu is on {mu.device}: all inputs must share one device")
+    try:
+        broadcasts = prior.dim() <= mu.dim() and torch.broadcast_shapes(prior.shape, mu.shape) == mu.shape
+    except RuntimeError:
+        broadcasts = False
+    if not broadcasts:
+        raise ValueError(f"{name} of shape {tuple(prior.shape)} does not broadcast to mu's shape {tuple(mu.shape)}")
+
+
+def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, prior_mu: torch.Tensor | None = None,
+                      prior_logvar: torch.Tensor | None = None, n_samples: int = 1,
                       seed: int | None = None, reduction: str = "per_sample",
                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``z ~ N(mu, exp(logvar))`` by reparameterization and return it with KL(q || N(0, I)).
+    """Sample ``z ~ N(mu, exp(logvar))`` by reparameterization and return it with KL(q || p), p being
+    N(0, I) or the Gaussian prior N(prior_mu, exp(prior_logvar)).
 
     Args:
         mu, logvar: tensors of the same shape ``[..., Z]`` (at least 1-D) on one device, float32,
             float16 or bfloat16 (float64 on ``backend="torch"``). Different floating dtypes are
             promoted to a common one, as eager arithmetic would (e.g. under ``torch.autocast``).
+        prior_mu, prior_logvar: the prior's mean and log-variance: ``None`` (both: the standard
+            normal, exactly as without these arguments) or floating tensors on mu's device that
+            broadcast to mu's shape: a full ``[..., Z]`` tensor (a hierarchical VAE's layer above),
+            a learned per-dimension prior ``[Z]`` or ``[1, Z]``, ... Either may be given alone (the
+            other then means 0). They are cast to mu's dtype (their gradients come back in their own
+            dtype) and read in place: a broadcast prior is never expanded to mu's size in forward.
         n_samples: draws per input; ``z`` gets a leading dimension of this size when it is > 1.
         seed: ``None`` draws the key from PyTorch's generator for the device (so ``torch.manual_seed``
             makes runs repeatable; no host synchronisation; fresh noise on every CUDA-graph replay;
@@ -218,15 +308,29 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, n_samples: int 
     Returns:
         ``(z, kl)``: ``z = mu + exp(logvar / 2) * eps`` of shape ``mu.shape`` (or
         ``(n_samples, *mu.shape)``) in mu's dtype; ``kl = -0.5 (1 + logvar - mu^2 - exp(logvar))``
+        against N(0, I), or with a prior
+        ``kl = 0.5 (prior_logvar - logvar + (exp(logvar) + (mu - prior_mu)^2) / exp(prior_logvar) - 1)``,
         reduced as asked, in float32 (float64 for float64 inputs). Empty batches give empty ``z``;
         their ``sum`` is 0 and ``batchmean``/``mean`` are NaN, as ``torch.mean`` of nothing.
+        The prior changes only the KL: the same seed draws the same eps with or without one.
+
+    The KL against a prior is evaluated as ``0.5 (r - x - 1) + 0.5 ((mu - prior_mu) exp(-prior_logvar / 2))^2``
+    with ``x = logvar - prior_logvar`` and ``r = exp(x)`` (the kernels fold the halves into the
+    exponentials: ``r / 2 = exp(x - ln 2)``), never exp(logvar) / exp(prior_logvar): it stays finite
+    wherever the KL itself is, e.g. for logvar = prior_logvar = 100 (where the literal formula gives
+    inf / inf) or logvar - prior_logvar = 89 in float32.
 
     NaN and Inf propagate as in the eager formulas, on every backend: a NaN in mu or logvar makes
     that element's z and KL NaN; logvar = +inf gives z = +-inf and KL NaN (inf - inf);
-    logvar = -inf gives z = mu and KL = +inf.
+    logvar = -inf gives z = mu and KL = +inf. With a prior, the KL is NaN or inf where the formula
+    above is (in exact arithmetic, then rounded to float32): a NaN anywhere, or inf - inf.
 
     Gradients flow to ``mu`` and ``logvar``: ``dmu = dz + dkl * mu``,
     ``dlogvar = dz * 0.5 exp(logvar / 2) eps + dkl * 0.5 (exp(logvar) - 1)``, summed over samples.
+    With a prior (``r``, ``x`` as above, ``d = mu - prior_mu``, ``w = exp(-prior_logvar)``):
+    ``dmu = dz + dkl * d w``, ``dlogvar = dz * 0.5 exp(logvar / 2) eps + dkl * 0.5 (r - 1)``,
+    ``dprior_mu = -dkl * d w``, ``dprior_logvar = dkl * 0.5 (1 - r - d^2 w)``, the prior's summed
+    over the dims where it broadcasts, all in the one backward pass.
     """
     if not isinstance(mu, torch.Tensor) or not isinstance(logvar, torch.Tensor):
         check_floating("mu", mu, "torch")
@@ -244,23 +348,32 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, n_samples: int 
     resolved = backends.resolve(backend, device, _OP)
     check_floating("mu", mu, resolved)
     check_floating("logvar", logvar, resolved)
+    _check_prior("prior_mu", prior_mu, mu)
+    _check_prior("prior_logvar", prior_logvar, mu)
     if mu.dtype != logvar.dtype:
         common = torch.promote_types(mu.dtype, logvar.dtype)
         mu, logvar = mu.to(common), logvar.to(common)
     _check_seed(seed)
-    return ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, resolved)
+    if prior_mu is None and prior_logvar is None:
+        return ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, resolved)
+    prior_mu = prior_mu.to(mu.dtype) if prior_mu is not None else None
+    prior_logvar = prior_logvar.to(mu.dtype) if prior_logvar is not None else None
+    return ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, resolved, prior_mu, prior_logvar)
 
 
 # --------------------------------------------------------------------------- fake kernels
 def _register_fakes() -> None:
-    def forward_fake(mu, logvar, seed, n_samples, kl_per_element):
+    def forward_fake(mu, logvar, seed, n_samples, kl_per_element, prior_mu=None, prior_logvar=None):
         z = mu.new_empty((n_samples, *mu.shape))
         kl = mu.new_empty(mu.shape if kl_per_element else mu.shape[:-1], dtype=torch.float32)
         return z, kl, mu.new_empty((), dtype=torch.int64)
 
-    def backward_fake(mu, logvar, seed, grad_z, grad_kl):
+    def backward_fake(mu, logvar, seed, grad_z, grad_kl, prior_mu=None, prior_logvar=None, prior_mu_grad=False,
+                      prior_logvar_grad=False):
         return (torch.empty_like(mu, memory_format=torch.contiguous_format),
-                torch.empty_like(mu, memory_format=torch.contiguous_format))
+                torch.empty_like(mu, memory_format=torch.contiguous_format),
+                prior_mu.new_empty(prior_mu.shape) if prior_mu_grad else mu.new_empty(0),
+                prior_logvar.new_empty(prior_logvar.shape) if prior_logvar_grad else mu.new_empty(0))
 
     torch.library.register_fake("pyvae::reparam_kl_forward", forward_fake)
     torch.library.register_fake("pyvae::reparam_kl_backward", backward_fake)
