@@ -79,3 +79,33 @@ def test_free_bits_bad_value(bad):
 def test_bad_reduction_named_at_construction():
     with pytest.raises(ValueError, match="reduction"):
         pyvae.nn.GaussianLatent(4, 2, reduction="avg")
+
+
+def test_prior_in_forward_matches_the_op_and_gets_gradients():
+    torch.manual_seed(0)
+    layer = pyvae.nn.GaussianLatent(6, 5)
+    h = torch.randn(7, 6)
+    prior_mu = torch.randn(7, 5, requires_grad=True)
+    prior_logvar = torch.randn(5, requires_grad=True)  # a learned per-dimension prior
+    out = layer(h, prior=(prior_mu, prior_logvar), seed=4)
+    mu, logvar = out.mu.detach().double(), out.logvar.detach().double()
+    pm = prior_mu.detach().double().requires_grad_()
+    plv = prior_logvar.detach().double().requires_grad_()
+    expected = 0.5 * (plv - logvar + (logvar.exp() + (mu - pm) ** 2) / plv.exp() - 1).sum(-1)
+    torch.testing.assert_close(out.kl.double(), expected, atol=1e-5, rtol=1e-5)
+    # the prior changes only the KL: the same noise as without it
+    torch.testing.assert_close(out.z, layer(h, seed=4).z)
+    out.kl.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(prior_mu.grad.double(), pm.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prior_logvar.grad.double(), plv.grad, atol=1e-4, rtol=1e-5)
+    # prior_mu alone: the other means 0
+    alone = layer(h, prior=(prior_mu.detach(), None), seed=4)
+    expected_alone = 0.5 * (-logvar + logvar.exp() + (mu - pm.detach()) ** 2 - 1).sum(-1)
+    torch.testing.assert_close(alone.kl.double(), expected_alone, atol=1e-5, rtol=1e-5)
+
+
+def test_prior_must_be_a_pair():
+    layer = pyvae.nn.GaussianLatent(4, 2)
+    with pytest.raises(TypeError, match="prior"):
+        layer(torch.randn(3, 4), prior=torch.zeros(2))

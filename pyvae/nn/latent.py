@@ -12,7 +12,7 @@ from ..ops.reparam_kl import reparameterize_kl
 
 class GaussianLatentOutput(NamedTuple):
     z: torch.Tensor
-    kl: torch.Tensor       # KL(q || p), reduced by the layer's reduction: what the ELBO reports
+    kl: torch.Tensor       # KL(q || prior), reduced by the layer's reduction: what the ELBO reports
     mu: torch.Tensor
     logvar: torch.Tensor
     kl_loss: torch.Tensor  # what to minimise: ``kl`` with the free-bits floor in training mode
@@ -45,11 +45,20 @@ class GaussianLatent(nn.Module):
         self.free_bits = float(free_bits)
         self.proj = nn.Linear(in_features, 2 * latent_dim)
 
-    def forward(self, h: torch.Tensor, *, n_samples: int = 1, seed: int | None = None) -> GaussianLatentOutput:
+    def forward(self, h: torch.Tensor, *, prior: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+                n_samples: int = 1, seed: int | None = None) -> GaussianLatentOutput:
+        """``prior``: ``None`` for N(0, I), or ``(prior_mu, prior_logvar)`` (tensors broadcastable to
+        ``[..., latent_dim]``, either may be None) for a Gaussian prior, e.g. the one a hierarchical
+        VAE's layer above produces; the KL is then against it (:func:`pyvae.reparameterize_kl`)."""
         mu, logvar = self.proj(h).chunk(2, dim=-1)
+        prior_mu = prior_logvar = None
+        if prior is not None:
+            if not isinstance(prior, (tuple, list)) or len(prior) != 2:
+                raise TypeError(f"prior must be None or a pair (prior_mu, prior_logvar), got {type(prior).__name__}")
+            prior_mu, prior_logvar = prior
         floor = self.free_bits > 0 and self.training
-        z, kl = reparameterize_kl(mu, logvar, n_samples=n_samples, seed=seed,
-                                  reduction="none" if floor else self.reduction, backend=self.backend)
+        z, kl = reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, n_samples=n_samples,
+                                  seed=seed, reduction="none" if floor else self.reduction, backend=self.backend)
         kl_loss = kl
         if floor:
             kl_loss = self._free_bits_kl(kl)
