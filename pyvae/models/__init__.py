@@ -1,13 +1,14 @@
-"""Thin VAE models built on pyvae.nn: VAE, ConvVAE, CVAE and VQVAE, one API for all.
+"""Thin VAE models built on pyvae.nn: VAE, ConvVAE, CVAE, VQVAE and HierarchicalVAE, one API for all.
 
 ``forward(x[, y])`` returns a :class:`ModelOutput` (``loss``, ``recon_loss``, ``kl``, ``recon``,
-``z``, and for VQVAE ``vq_loss``, ``indices``, ``perplexity``); the method set is ``encode``,
-``decode``, ``sample``, ``reconstruct``, ``interpolate``, ``anomaly_score``, ``negative_elbo`` and
-``log_importance_weights`` (what :func:`pyvae.metrics.iwae_nll` averages). ``y`` (int64 class labels
+``z``, for VQVAE ``vq_loss``, ``indices``, ``perplexity``, for HierarchicalVAE ``kl_layers``); the
+method set is ``encode``, ``decode``, ``sample``, ``reconstruct``, ``interpolate``,
+``anomaly_score``, ``negative_elbo`` and ``log_importance_weights`` (what :func:`pyvae.metrics.iwae_nll` averages). ``y`` (int64 class labels
 ``[B]``) is required by CVAE and must be omitted for the others.
 """
 from .base import BaseVAE, ModelOutput
+from .hvae import HierarchicalVAE
 from .vae import CVAE, VAE, ConvVAE, GaussianVAE
 from .vqvae import VQVAE
 
-__all__ = ["BaseVAE", "CVAE", "ConvVAE", "GaussianVAE", "ModelOutput", "VAE", "VQVAE"]
+__all__ = ["BaseVAE", "CVAE", "ConvVAE", "GaussianVAE", "HierarchicalVAE", "ModelOutput", "VAE", "VQVAE"]

@@ -23,6 +23,7 @@ class ModelOutput(NamedTuple):
     vq_loss: Optional[torch.Tensor] = None     # scalar VQ loss (VQVAE)
     indices: Optional[torch.Tensor] = None     # [B, h, w] int64 code indices (VQVAE)
     perplexity: Optional[torch.Tensor] = None  # scalar code perplexity of the batch (VQVAE)
+    kl_layers: Optional[torch.Tensor] = None   # [L, B] float32 KL of each stochastic layer, bottom first (HierarchicalVAE)
 
 
 def as_shape(name: str, shape: Union[int, Sequence[int]]) -> tuple[int, ...]:
