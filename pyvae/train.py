@@ -1,4 +1,4 @@
-"""``pyvae train``: train a VAE, ConvVAE, CVAE or VQ-VAE from the command line.
+"""``pyvae train``: train a VAE, ConvVAE, CVAE, VQ-VAE or hierarchical VAE from the command line.
 
 A plain loop (as pytorch/examples' VAE is): Adam(W) over shuffled mini-batches with a tqdm bar,
 a checkpoint after every epoch (written to a temporary file in the same directory and renamed, so
@@ -31,8 +31,8 @@ import torch.distributed as dist
 from . import __version__, backends
 from .data import DatasetError, ImageDataset, load_dataset
 
-MODELS = ("vae", "convvae", "cvae", "vqvae")
-VAE_FAMILY = ("vae", "convvae", "cvae")
+MODELS = ("vae", "convvae", "cvae", "vqvae", "hvae")
+VAE_FAMILY = ("vae", "convvae", "cvae", "hvae")
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -46,14 +46,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "cvae": dict(epochs=100, batch_size=64, lr=1e-3, latent_dim=16, hidden_dims=(256, 128)),
     "vqvae": dict(epochs=30, batch_size=64, lr=2e-3, num_codes=64, code_dim=16, channels=(32, 64), downsample=1,
                   ema_decay=0.99),
+    "hvae": dict(epochs=100, batch_size=64, lr=1e-3, latent_dims=(16, 8, 4), hidden_dims=(256, 128),
+                 kl_warmup_steps=250),
 }
 COMMON_DEFAULTS = dict(dataset="digits", likelihood="bernoulli", weight_decay=0.0, backend="auto", seed=0,
                        iwae_k=100)
 
 # Options that only some models take: giving one to another model is an error, not silently ignored.
 MODEL_OPTIONS = {
-    "latent_dim": VAE_FAMILY, "kl_warmup_steps": VAE_FAMILY, "free_bits": VAE_FAMILY,
-    "hidden_dims": ("vae", "cvae"), "hidden_dim": ("convvae",), "channels": ("convvae", "vqvae"),
+    "latent_dim": ("vae", "convvae", "cvae"), "kl_warmup_steps": VAE_FAMILY, "free_bits": VAE_FAMILY,
+    "latent_dims": ("hvae",), "hidden_dims": ("vae", "cvae", "hvae"), "hidden_dim": ("convvae",),
+    "channels": ("convvae", "vqvae"),
     "num_codes": ("vqvae",), "code_dim": ("vqvae",), "downsample": ("vqvae",), "ema_decay": ("vqvae",),
     "dead_code_threshold": ("vqvae",),
 }
@@ -88,6 +91,17 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return values
+
+
+def _free_bits(text: str):
+    """One number, or a comma list of numbers (one per layer of a hierarchical VAE)."""
+    values = text.split(",")
+    try:
+        floats = tuple(_nonnegative_float(v.strip()) for v in values)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, or a comma list of them (one per layer, "
+                                         f"hvae), got {text!r}") from None
+    return floats[0] if len(floats) == 1 else floats
 
 
 def _positive_int(text: str) -> int:
@@ -150,9 +164,9 @@ def _gaussian_logvar(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pyvae train", description="Train a VAE, ConvVAE, CVAE or VQ-VAE on the bundled digits or "
-                "your own image array; writes checkpoint.pt, metrics.json and PNG pictures to --out. Under "
-                "`torchrun --nproc_per_node=N` it trains with DistributedDataParallel.")
+    p = _Parser(prog="pyvae train", description="Train a VAE, ConvVAE, CVAE, VQ-VAE or hierarchical VAE on the "
+                "bundled digits or your own image array; writes checkpoint.pt, metrics.json and PNG pictures to "
+                "--out. Under `torchrun --nproc_per_node=N` it trains with DistributedDataParallel.")
     d = "(default: per model, see below)"
     p.add_argument("--model", required=True, choices=MODELS, help="which model to train")
     p.add_argument("--dataset", default=None, help="'digits' (scikit-learn's 1797 8x8 digits, no download) or an "
@@ -168,12 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --likelihood gaussian: 'learned' (per channel), 'optimal' or a fixed log-variance")
     p.add_argument("--beta", type=_nonnegative_float,
                    help="KL weight (VAE family, default 1) or commitment weight (vqvae, default 0.25)")
-    g = p.add_argument_group("VAE family (vae, convvae, cvae)")
-    g.add_argument("--latent-dim", type=_positive_int, help=f"latent dimensions {d}")
-    g.add_argument("--hidden-dims", type=_int_tuple, help=f"MLP widths, e.g. 256,128 (vae, cvae) {d}")
+    g = p.add_argument_group("VAE family (vae, convvae, cvae, hvae)")
+    g.add_argument("--latent-dim", type=_positive_int, help=f"latent dimensions (vae, convvae, cvae) {d}")
+    g.add_argument("--latent-dims", type=_int_tuple, help=f"latent dimensions per stochastic layer, bottom first, "
+                   f"at least 2 (hvae) {d}")
+    g.add_argument("--hidden-dims", type=_int_tuple, help=f"MLP widths, e.g. 256,128 (vae, cvae, hvae) {d}")
     g.add_argument("--hidden-dim", type=_positive_int, help=f"width of the dense layer (convvae) {d}")
     g.add_argument("--kl-warmup-steps", type=_nonnegative_int, help="steps over which beta ramps up from 0. Default: 0")
-    g.add_argument("--free-bits", type=_nonnegative_float, help="KL floor per latent dimension in nats. Default: 0")
+    g.add_argument("--free-bits", type=_free_bits, help="KL floor per latent dimension in nats; for hvae one "
+                   "number for every layer or a comma list, one per layer, bottom first. Default: 0")
     g = p.add_argument_group("convolutional models (convvae, vqvae)")
     g.add_argument("--channels", type=_int_tuple, help=f"conv channels per stage, e.g. 32,64 {d}")
     g = p.add_argument_group("VQ-VAE")
@@ -217,6 +234,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, value in {**COMMON_DEFAULTS, **DEFAULTS[args.model]}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if isinstance(args.free_bits, tuple) and args.model != "hvae":
+        raise UsageError(f"--free-bits takes one number for --model {args.model} (a list, one per layer, is for hvae)")
     if args.gaussian_logvar is not None and args.likelihood != "gaussian":
         raise UsageError("--gaussian-logvar applies to --likelihood gaussian only")
     if args.dataset != "digits":
@@ -292,7 +311,8 @@ def build_model(args: argparse.Namespace, data: ImageDataset) -> torch.nn.Module
         if value is not None and args.model in MODEL_OPTIONS.get(name, MODELS):
             kwargs[name] = None if value == "none" else value
     shape = data.input_shape
-    cls = {"vae": models.VAE, "convvae": models.ConvVAE, "cvae": models.CVAE, "vqvae": models.VQVAE}[args.model]
+    cls = {"vae": models.VAE, "convvae": models.ConvVAE, "cvae": models.CVAE, "vqvae": models.VQVAE,
+           "hvae": models.HierarchicalVAE}[args.model]
     if args.model == "cvae":
         if not data.has_labels:
             raise UsageError(f"--model cvae needs class labels, and dataset {data.name} has none "
@@ -564,16 +584,27 @@ def evaluate(args: argparse.Namespace, run: Run, data: ImageDataset, model) -> d
         # > 0: the model's negative ELBO is that fraction of |baseline| below the baseline's NLL
         "relative_improvement": (base_nll - model_nll) / abs(base_nll) if base_nll else None,
     }
-    if args.model in VAE_FAMILY:
+    if args.model == "hvae":
+        # each layer's KL depends on the draw of the layers above: the terms of negative_elbo's own draw
+        kl_layers = _per_example(lambda xb, yb: model.elbo_terms(xb, yb)[1].T, x, y).double()
+        result["test_kl"] = float(kl_layers.sum(1).mean())
+        result["test_kl_layers"] = kl_layers.mean(0).tolist()
+        result["test_recon_nll"] = model_nll - result["test_kl"]
+    elif args.model in VAE_FAMILY:
         kl = _per_example(lambda xb, yb: _call(model, xb, yb).kl, x, y)
         result["test_kl"] = float(kl.double().mean())
         result["test_recon_nll"] = model_nll - result["test_kl"]
+    if args.model in VAE_FAMILY:
         iwae = metrics.iwae_nll(model, x, k=args.iwae_k, y=y, seed=args.seed)
         result[f"iwae_nll_k{args.iwae_k}"] = float(iwae.double().mean())
         count, variances = metrics.active_units(model, x, ACTIVE_THRESHOLD, y=y, return_variances=True)
         result["active_units"] = count
         result["latent_dim"] = model.latent_dim
         result["latent_variances"] = [round(v, 6) for v in variances.tolist()]
+        if args.model == "hvae":
+            result["latent_dims"] = list(model.latent_dims)
+            result["active_units_layers"] = [int((v > ACTIVE_THRESHOLD).sum())
+                                             for v in variances.split(model.latent_dims)]
     else:
         test_idx = _per_example(lambda xb, yb: model.encode_indices(xb), x, None)
         train_idx = _per_example(lambda xb, yb: model.encode_indices(xb), data.x_train.to(run.device), None)
@@ -694,19 +725,27 @@ def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model
 
     if args.model in VAE_FAMILY:
         variances = torch.tensor(metrics["latent_variances"])
+        width, title = model.latent_dim, "latent traversal: {} most active dimensions, -3..3 around 0"
+        if args.model == "hvae":  # the top layer, whose prior is N(0, I), the layers below at their prior means
+            width = model.latent_dims[-1]
+            variances = variances[-width:]
+            title = f"top-layer traversal: {{}} most active of its {width} dimensions, -3..3 around 0\n" \
+                    "(the layers below at their prior means)"
         order = variances.argsort(descending=True).tolist()
         dims = [d for d in order if variances[d] > ACTIVE_THRESHOLD][:8] or order[:2]  # active ones, else two
         steps = torch.linspace(-3, 3, 9, device=device)
-        z = torch.zeros(len(dims), len(steps), model.latent_dim, device=device)
+        z = torch.zeros(len(dims), len(steps), width, device=device)
         for row, d in enumerate(dims):
             z[row, :, d] = steps
-        z = z.reshape(-1, model.latent_dim)
-        yz = torch.zeros(len(z), dtype=torch.int64, device=device) if args.model == "cvae" else None
-        images = model.decode(z, yz)
+        z = z.reshape(-1, width)
+        if args.model == "hvae":
+            images = model.decode_top(z)
+        else:
+            yz = torch.zeros(len(z), dtype=torch.int64, device=device) if args.model == "cvae" else None
+            images = model.decode(z, yz)
         fig, ax = plt.subplots(figsize=(5, 0.6 * len(dims) + 0.5))
         _show_grid(ax, _grid(images, len(steps)),
-                   f"latent traversal: {len(dims)} most active dimensions, -3..3 around 0"
-                   + (" (class 0)" if args.model == "cvae" else ""))
+                   title.format(len(dims)) + (" (class 0)" if args.model == "cvae" else ""))
         save(fig, "latent_traversal.png")
     else:
         counts = metrics["code_counts"]

@@ -25,6 +25,7 @@ TINY = {
     "convvae": ["--channels", "4,8", "--hidden-dim", "16", "--latent-dim", "4"],
     "cvae": ["--hidden-dims", "32", "--latent-dim", "4"],
     "vqvae": ["--channels", "8,8", "--num-codes", "16", "--code-dim", "4"],
+    "hvae": ["--hidden-dims", "32", "--latent-dims", "3,2"],
 }
 
 
@@ -77,7 +78,7 @@ def check_png(path):
 
 
 # ------------------------------------------------------------------------------ end to end
-@pytest.mark.parametrize("model", ["vae", "convvae", "cvae", "vqvae"])
+@pytest.mark.parametrize("model", ["vae", "convvae", "cvae", "vqvae", "hvae"])
 def test_every_model_trains_and_reports(capsys, tmp_path, model):
     m = tiny_run(capsys, model, tmp_path)
     _, x_test, _, y_test = digits_split()
@@ -107,7 +108,16 @@ def test_every_model_trains_and_reports(capsys, tmp_path, model):
     else:
         assert m["test_negative_elbo"] == pytest.approx(m["test_recon_nll"] + m["test_kl"])
         assert 0 < m["test_kl"] and math.isfinite(m["iwae_nll_k8"])
-        assert 0 <= m["active_units"] <= 4 and len(m["latent_variances"]) == 4
+        latent = 5 if model == "hvae" else 4
+        assert 0 <= m["active_units"] <= latent and m["latent_dim"] == len(m["latent_variances"]) == latent
+        if model == "hvae":  # per-layer KLs of negative_elbo's own draw, and active units per layer
+            recon, kl_layers = net.elbo_terms(x)
+            assert m["test_kl_layers"] == pytest.approx(kl_layers.double().mean(1).tolist(), rel=1e-5)
+            assert sum(m["test_kl_layers"]) == pytest.approx(m["test_kl"])
+            assert m["test_recon_nll"] == pytest.approx(recon.double().mean().item(), rel=1e-5)
+            variances = torch.tensor(m["latent_variances"])
+            assert m["latent_dims"] == [3, 2] and m["active_units_layers"] == [
+                int((variances[:3] > 0.01).sum()), int((variances[3:] > 0.01).sum())]
         pictures = ["samples.png", "reconstructions.png", "loss_curves.png", "latent_traversal.png"]
     assert m["pictures"] == pictures
     for name in pictures:
@@ -132,6 +142,18 @@ def test_baseline_matches_an_independent_fit():
     assert torch.isfinite(nll).all()
     assert nll.double().mean() < (-cb(probs=torch.tensor(p).clamp(1e-3, 1 - 1e-3)).log_prob(
         torch.tensor(x_test)).sum(1)).mean()
+
+
+def test_hvae_options_reach_the_model():
+    data = pdata.load_dataset("digits")
+    args = ptrain.parse_args(["--model", "hvae", "--latent-dims", "6,4,2", "--free-bits", "0.1,0,0.2", "--beta", "0.5",
+                              "--hidden-dims", "32,16", "--kl-warmup-steps", "7"])
+    model = ptrain.build_model(args, data)
+    assert isinstance(model, pyvae.models.HierarchicalVAE)
+    assert (model.latent_dims, model.free_bits, model.beta, model.hidden_dims, model.kl_warmup_steps) == \
+           ((6, 4, 2), (0.1, 0.0, 0.2), 0.5, (32, 16), 7)
+    model = ptrain.build_model(ptrain.parse_args(["--model", "hvae", "--free-bits", "0.3"]), data)
+    assert model.free_bits == (0.3,) * 3 and model.latent_dims == (16, 8, 4) and model.kl_warmup_steps == 250
 
 
 def test_a_short_vae_run_beats_the_baseline(capsys, tmp_path):
@@ -261,6 +283,17 @@ def _bad_inputs(tmp_path):
         (["--model", "vae", "--resume"], "--resume: no checkpoint at"),
         (["--model", "vqvae", "--downsample", "5"], "downsample must be an int in [0, len(channels) = 2]"),
         (["--model", "vae", "--backend", "cuda"], "--backend cuda: backend 'cuda' cannot serve tensors on device"),
+        (["--model", "hvae", "--latent-dims", "8"], "latent_dims must be a sequence of at least 2 positive ints"),
+        (["--model", "hvae", "--latent-dims", "8,0"], "argument --latent-dims: expected comma-separated positive "
+         "integers, got '8,0'"),
+        (["--model", "hvae", "--latent-dims", "8,x"], "argument --latent-dims: expected comma-separated"),
+        (["--model", "hvae", "--latent-dim", "8"], "--latent-dim does not apply to --model hvae"),
+        (["--model", "vae", "--latent-dims", "8,4"], "--latent-dims does not apply to --model vae"),
+        (["--model", "hvae", "--free-bits", "0.1,0.2"], "free_bits must be a number >= 0 (nats per latent "
+         "dimension) or a sequence of 3, one per layer"),
+        (["--model", "hvae", "--free-bits", "0.1,-1,0"], "argument --free-bits: expected a finite number >= 0, or a "
+         "comma list"),
+        (["--model", "vae", "--free-bits", "0.1,0.2"], "--free-bits takes one number for --model vae"),
     ] + ([] if torch.cuda.is_available() else [(["--model", "vae", "--device", "cuda"], "CUDA is not available")])
 
 
