@@ -14,6 +14,13 @@ Cases (the shapes where the VAE-specific steps matter):
              from ``bincount`` / ``index_add_`` and the straight-through estimator;
              vector-quantize-pytorch: the same encoder and decoder around its ``VectorQuantize``
              (``decay=0.99, commitment_weight=0.25, rotation_trick=False``, the same estimator).
+    hvae     pyvae.models.HierarchicalVAE with 4 stochastic layers, latent_dims (256, 128, 64, 32), on
+             flattened 784-pixel inputs (an MLP of width 256), batch 512, Bernoulli likelihood.
+             eager: the same modules and parameters (the model's own bottom-up and top-down passes),
+             with every layer's sample and KL against its prior as eager code writes them:
+             ``z = mu + exp(0.5 logvar) * randn_like``, ``KL = 0.5 (prior_logvar - logvar + (exp(logvar)
+             + (mu - prior_mu)^2) / exp(prior_logvar) - 1)`` (against N(0, I) at the top), and a sigmoid
+             + ``binary_cross_entropy`` at the output.
 
 Every provider runs ``loss.backward(); optimizer.step(); optimizer.zero_grad()`` with Adam on its own
 copy of the model. Rows report the step time (the note gives steps per second) and peak memory;
@@ -35,10 +42,12 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def shapes(device: str, quick: bool) -> dict:
-    # (batch, channels, size, latent) for the ConvVAE; (batch, channels, size, K, D) for the VQ-VAE.
+    # (batch, channels, size, latent) for the ConvVAE; (batch, channels, size, K, D) for the VQ-VAE;
+    # (batch, features, latent_dims, hidden width) for the hierarchical VAE.
+    hvae = (256, 128, 64, 32)
     if device == "cpu" and quick:
-        return {"convvae": [(32, 3, 64, 128)], "vqvae": [(16, 3, 64, 1024, 64)]}
-    return {"convvae": [(128, 3, 64, 128)], "vqvae": [(64, 3, 64, 1024, 64)]}
+        return {"convvae": [(32, 3, 64, 128)], "vqvae": [(16, 3, 64, 1024, 64)], "hvae": [(128, 784, hvae, 256)]}
+    return {"convvae": [(128, 3, 64, 128)], "vqvae": [(64, 3, 64, 1024, 64)], "hvae": [(512, 784, hvae, 256)]}
 
 
 def _training_step(model: torch.nn.Module, loss_fn, x: torch.Tensor):
@@ -138,6 +147,30 @@ def _vqp_quantize(model):
     return quantize
 
 
+# --------------------------------------------------------------------------- hierarchical VAE
+def _eager_hvae_loss(model, x):
+    """The same HierarchicalVAE's negative ELBO, its passes walked by the model's own methods, with
+    each layer's reparameterisation, KL against its prior and the likelihood as eager PyTorch."""
+    d = model._bottom_up(x)
+    kls = []
+
+    def pick(i, s, prior):
+        mu, logvar = model.latents[i].proj(model._posterior_input(d, i, s)).chunk(2, dim=-1)
+        std = torch.exp(0.5 * logvar)
+        z = mu + std * torch.randn_like(std)
+        if prior is None:
+            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+        else:
+            prior_mu, prior_logvar = prior
+            kl = 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1)
+        kls.append(kl.sum(-1))
+        return z
+
+    recon = torch.sigmoid(model._top_down(pick))
+    nll = F.binary_cross_entropy(recon, x, reduction="none").flatten(1).sum(1)
+    return (nll + torch.stack(kls).sum(0)).mean()
+
+
 # --------------------------------------------------------------------------- the suite
 def _same_weights(model, like):
     model.load_state_dict(like.state_dict())
@@ -192,9 +225,23 @@ def run(device: str, quick: bool = False, progress=None) -> list[Row]:
             x.numel() * x.element_size(), x.numel(), flops=2 * b * h * h * k * d), device))
         if progress is not None:
             progress.update(1)
+    for b, features, dims, width in shapes(device, quick)["hvae"]:
+        torch.manual_seed(0)
+        x = torch.rand(b, features, generator=gen).to(device)
+        make = lambda backend="auto": pyvae.models.HierarchicalVAE(
+            (features,), latent_dims=dims, hidden_dims=(width,), backend=backend).to(device)
+        base = make()
+        steps = {"eager": _training_step(base, _eager_hvae_loss, x)}
+        for backend in _backends(device):
+            steps[f"pyvae {backend}"] = _training_step(_same_weights(make(backend), base), _pyvae_vae_loss, x)
+        rows += _note_steps_per_second(time_case(Case(
+            f"{OP} hvae", f"B={b} {features} Z={','.join(map(str, dims))} H={width}", torch.float32, "step", steps,
+            x.numel() * x.element_size(), x.numel()), device))
+        if progress is not None:
+            progress.update(1)
     return rows
 
 
 def n_cases(device: str, quick: bool) -> int:
     s = shapes(device, quick)
-    return len(s["convvae"]) + len(s["vqvae"])
+    return len(s["convvae"]) + len(s["vqvae"]) + len(s["hvae"])

@@ -193,7 +193,8 @@ class HierarchicalVAE(BaseVAE):
         return self._recon_nll(params, x), kl_layers
 
     @torch.no_grad()
-    def negative_elbo(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, seed: Optional[int] = 0) -> torch.Tensor:
+    def negative_elbo(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                      seed: Optional[int] = 0) -> torch.Tensor:
         """``[B]`` per-example negative ELBO ``-log p(x|z_1, s_1) + sum_i KL_i`` with one ancestral
         posterior draw (layer i's noise from ``seed + i``; None: from PyTorch's generator), every
         KL against the prior its layers above give for that draw; beta = 1, no free bits."""
