@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"at least 2 (hvae) {d}")
     g.add_argument("--hidden-dims", type=_int_tuple, help=f"MLP widths, e.g. 256,128 (vae, cvae, hvae) {d}")
     g.add_argument("--hidden-dim", type=_positive_int, help=f"width of the dense layer (convvae) {d}")
-    g.add_argument("--kl-warmup-steps", type=_nonnegative_int, help="steps over which beta ramps up from 0. Default: 0")
+    g.add_argument("--kl-warmup-steps", type=_nonnegative_int,
+                   help="steps over which beta ramps up from 0. Default: 0 (hvae: 250)")
     g.add_argument("--free-bits", type=_free_bits, help="KL floor per latent dimension in nats; for hvae one "
                    "number for every layer or a comma list, one per layer, bottom first. Default: 0")
     g = p.add_argument_group("convolutional models (convvae, vqvae)")
