@@ -98,7 +98,8 @@ class HierarchicalVAE(BaseVAE):
         features, width = math.prod(self.input_shape), hidden[-1]
         self.encoder = _mlp((features, *hidden))
         self.bottom_up = nn.ModuleList(_mlp((width, width)) for _ in dims[1:])
-        # top_down[i] maps [z_{i+1}, s_{i+1}] to s_i; priors[i] maps s_i to (mu_p, logvar_p) of layer i
+        # (indices from 0, bottom first) top_down[i] maps [z_{i+1}, s_{i+1}] to s_i; priors[i] maps s_i to
+        # (mu_p, logvar_p) of layer i
         self.top_down = nn.ModuleList(_mlp((dims[i + 1] + (width if i + 1 < len(dims) - 1 else 0), width))
                                       for i in range(len(dims) - 1))
         self.priors = nn.ModuleList(nn.Linear(width, 2 * z) for z in dims[:-1])
@@ -137,7 +138,7 @@ class HierarchicalVAE(BaseVAE):
 
     def _draws(self, x: torch.Tensor, k: int, seed: Optional[int], log_ratio: bool):
         """One ancestral posterior draw ``z_L, ..., z_1`` for each row of ``x`` repeated ``k`` times
-        (layer i's noise from seed ``seed + i``). Returns the likelihood's parameters ``[k B, ...]``,
+        (the bottom layer's noise from ``seed``, the next one's from ``seed + 1``, ...). Returns the likelihood's parameters ``[k B, ...]``,
         the per-layer KLs ``[L, k B]`` and, with ``log_ratio``, ``sum_i log p(z_i | z_>i) -
         log q(z_i | x, z_>i)`` ``[k B]`` (the Gaussians' log(2 pi) constants cancel)."""
         d = self._bottom_up(x, k)
@@ -196,8 +197,9 @@ class HierarchicalVAE(BaseVAE):
     def negative_elbo(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
                       seed: Optional[int] = 0) -> torch.Tensor:
         """``[B]`` per-example negative ELBO ``-log p(x|z_1, s_1) + sum_i KL_i`` with one ancestral
-        posterior draw (layer i's noise from ``seed + i``; None: from PyTorch's generator), every
-        KL against the prior its layers above give for that draw; beta = 1, no free bits."""
+        posterior draw (the bottom layer's noise from ``seed``, the next one's from ``seed + 1``, ...;
+        None: from PyTorch's generator), every KL against the prior its layers above give for that
+        draw; beta = 1, no free bits."""
         recon, kl_layers = self.elbo_terms(x, y, seed=seed)
         return recon + kl_layers.sum(0)
 
@@ -245,8 +247,9 @@ class HierarchicalVAE(BaseVAE):
     @torch.no_grad()
     def sample(self, n: int, y=None, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """``n`` ancestral draws, ``z_L ~ N(0, I)``, then ``z_i ~ p(z_i | z_>i)`` down to ``z_1``,
-        decoded to data space ``[n, *input_shape]``. With ``generator``, layer i's noise comes from
-        the i-th of ``L`` seeds it draws (``torch.randint(0, 2**62, (L,))``); without, from PyTorch's."""
+        decoded to data space ``[n, *input_shape]``. With ``generator``, the layers' noise comes from
+        ``L`` seeds drawn from it (``torch.randint(0, 2**62, (L,))``, bottom layer first); without,
+        from PyTorch's generator."""
         positive_int("n", n)
         ref = self.priors[0].weight
         self._check_y(y, n, ref.device)
