@@ -188,55 +188,63 @@ def _note_steps_per_second(rows: list[Row]) -> list[Row]:
     return rows
 
 
-def run(device: str, quick: bool = False, progress=None) -> list[Row]:
-    rows: list[Row] = []
-    gen = torch.Generator().manual_seed(0)
-    for b, c, s, latent in shapes(device, quick)["convvae"]:
-        torch.manual_seed(0)
-        x = torch.rand(b, c, s, s, generator=gen).to(device)
-        make = lambda backend="auto": pyvae.models.ConvVAE((c, s, s), latent_dim=latent, backend=backend).to(device)
-        base = make()
-        steps = {"eager": _training_step(base, _eager_vae_loss, x)}
-        for backend in _backends(device):
-            steps[f"pyvae {backend}"] = _training_step(_same_weights(make(backend), base), _pyvae_vae_loss, x)
-        rows += _note_steps_per_second(time_case(Case(
-            f"{OP} convvae", f"B={b} {c}x{s}x{s} Z={latent}", torch.float32, "step", steps,
-            x.numel() * x.element_size(), x.numel()), device))
-        if progress is not None:
-            progress.update(1)
-    for b, c, s, k, d in shapes(device, quick)["vqvae"]:
-        torch.manual_seed(0)
-        x = torch.rand(b, c, s, s, generator=gen).to(device)
-        make = lambda backend="auto": pyvae.models.VQVAE(
-            (c, s, s), num_codes=k, code_dim=d, downsample=2, likelihood="gaussian", gaussian_logvar=0.0,
-            dead_code_threshold=0.0, backend=backend).to(device)
-        base = make()
+def _model_case(device: str, name: str, shape: str, x: torch.Tensor, make, others, flops: int | None = None) -> list[Row]:
+    """Rows of one model: ``make(backend)`` builds it; ``others(base)`` gives the comparison
+    providers' steps on ``base`` (the model as built with the default backend); each pyvae backend
+    trains a model with base's initial weights."""
+    base = make("auto")
+    steps = others(base)
+    for backend in _backends(device):
+        steps[f"pyvae {backend}"] = _training_step(_same_weights(make(backend), base), _pyvae_vae_loss, x)
+    case = Case(f"{OP} {name}", shape, torch.float32, "step", steps, x.numel() * x.element_size(), x.numel(), flops)
+    return _note_steps_per_second(time_case(case, device))
+
+
+def _vqvae_others(x: torch.Tensor, k: int, d: int):
+    def others(base):
         eager = copy.deepcopy(base)
         eager.vq = _EagerEMAQuantizer(base.vq.codebook)
         steps = {"eager": _training_step(eager, _grid_vq_loss(eager.vq), x)}
         vqp = _vqp_model(base, k, d)
         if vqp is not None:
             steps["vector-quantize-pytorch"] = _training_step(vqp, _grid_vq_loss(_vqp_quantize(vqp)), x)
-        for backend in _backends(device):
-            steps[f"pyvae {backend}"] = _training_step(_same_weights(make(backend), base), _pyvae_vae_loss, x)
-        h = (s + 3) // 4
-        rows += _note_steps_per_second(time_case(Case(
-            f"{OP} vqvae", f"B={b} {c}x{s}x{s} grid={h}x{h} K={k} D={d}", torch.float32, "step", steps,
-            x.numel() * x.element_size(), x.numel(), flops=2 * b * h * h * k * d), device))
+        return steps
+    return others
+
+
+def run(device: str, quick: bool = False, progress=None) -> list[Row]:
+    rows: list[Row] = []
+    gen = torch.Generator().manual_seed(0)
+    cases = shapes(device, quick)
+    for b, c, s, latent in cases["convvae"]:
+        torch.manual_seed(0)
+        x = torch.rand(b, c, s, s, generator=gen).to(device)
+        rows += _model_case(
+            device, "convvae", f"B={b} {c}x{s}x{s} Z={latent}", x,
+            lambda backend: pyvae.models.ConvVAE((c, s, s), latent_dim=latent, backend=backend).to(device),
+            lambda base: {"eager": _training_step(base, _eager_vae_loss, x)})
         if progress is not None:
             progress.update(1)
-    for b, features, dims, width in shapes(device, quick)["hvae"]:
+    for b, c, s, k, d in cases["vqvae"]:
+        torch.manual_seed(0)
+        x = torch.rand(b, c, s, s, generator=gen).to(device)
+        h = (s + 3) // 4
+        rows += _model_case(
+            device, "vqvae", f"B={b} {c}x{s}x{s} grid={h}x{h} K={k} D={d}", x,
+            lambda backend: pyvae.models.VQVAE(
+                (c, s, s), num_codes=k, code_dim=d, downsample=2, likelihood="gaussian", gaussian_logvar=0.0,
+                dead_code_threshold=0.0, backend=backend).to(device),
+            _vqvae_others(x, k, d), flops=2 * b * h * h * k * d)
+        if progress is not None:
+            progress.update(1)
+    for b, features, dims, width in cases["hvae"]:
         torch.manual_seed(0)
         x = torch.rand(b, features, generator=gen).to(device)
-        make = lambda backend="auto": pyvae.models.HierarchicalVAE(
-            (features,), latent_dims=dims, hidden_dims=(width,), backend=backend).to(device)
-        base = make()
-        steps = {"eager": _training_step(base, _eager_hvae_loss, x)}
-        for backend in _backends(device):
-            steps[f"pyvae {backend}"] = _training_step(_same_weights(make(backend), base), _pyvae_vae_loss, x)
-        rows += _note_steps_per_second(time_case(Case(
-            f"{OP} hvae", f"B={b} {features} Z={','.join(map(str, dims))} H={width}", torch.float32, "step", steps,
-            x.numel() * x.element_size(), x.numel()), device))
+        rows += _model_case(
+            device, "hvae", f"B={b} {features} Z={','.join(map(str, dims))} H={width}", x,
+            lambda backend: pyvae.models.HierarchicalVAE(
+                (features,), latent_dims=dims, hidden_dims=(width,), backend=backend).to(device),
+            lambda base: {"eager": _training_step(base, _eager_hvae_loss, x)})
         if progress is not None:
             progress.update(1)
     return rows
