@@ -340,7 +340,7 @@ def test_constructor_errors():
         HierarchicalVAE((12,), free_bits=None)
     with pytest.raises(ValueError, match="hidden_dims must hold at least one width"):
         HierarchicalVAE((12,), hidden_dims=())
-    with pytest.raises(ValueError, match="hidden_dims must be positive ints"):
+    with pytest.raises(ValueError, match="hidden_dims must be a sequence of positive ints"):
         HierarchicalVAE((12,), hidden_dims=(8, 0))
     with pytest.raises(ValueError, match="likelihood must be one of"):
         HierarchicalVAE((12,), likelihood="poisson")

@@ -10,6 +10,8 @@ from typing import Sequence
 
 from torch import nn
 
+from .base import positive_ints
+
 
 def conv_encoder(in_channels: int, channels: Sequence[int], strides: Sequence[int],
                  size: tuple[int, int]) -> tuple[nn.Sequential, list[tuple[int, int]]]:
@@ -46,10 +48,4 @@ def conv_decoder(out_channels: int, channels: Sequence[int], strides: Sequence[i
 
 
 def check_channels(channels) -> tuple[int, ...]:
-    try:
-        channels = tuple(channels)
-    except TypeError:
-        raise TypeError(f"channels must be a sequence of ints, got {type(channels).__name__}") from None
-    if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
-        raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels!r}")
-    return channels
+    return positive_ints("channels", channels)

@@ -26,16 +26,23 @@ class ModelOutput(NamedTuple):
     kl_layers: Optional[torch.Tensor] = None   # [L, B] float32 KL of each stochastic layer, bottom first (HierarchicalVAE)
 
 
-def as_shape(name: str, shape: Union[int, Sequence[int]]) -> tuple[int, ...]:
-    if isinstance(shape, int) and not isinstance(shape, bool):
-        shape = (shape,)
+def positive_ints(name: str, value, *, allow_int: bool = False, allow_empty: bool = False) -> tuple[int, ...]:
+    """``value`` (a sequence of positive ints; one int too with ``allow_int``) as a tuple, or a
+    TypeError / ValueError naming ``name``."""
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
     try:
-        shape = tuple(shape)
+        ints = tuple(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(shape).__name__}") from None
-    if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape!r}")
-    return shape
+        kind = "an int or a sequence of ints" if allow_int else "a sequence of ints"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}") from None
+    if (not ints and not allow_empty) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ints):
+        raise ValueError(f"{name} must be a {'' if allow_empty else 'non-empty '}sequence of positive ints, got {ints!r}")
+    return ints
+
+
+def as_shape(name: str, shape: Union[int, Sequence[int]]) -> tuple[int, ...]:
+    return positive_ints(name, shape, allow_int=True)
 
 
 def positive_int(name: str, value) -> int:

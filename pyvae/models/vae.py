@@ -11,7 +11,7 @@ from ..nn import GaussianLatent
 from ..ops.likelihood import gaussian_nll
 from ..ops.reparam_kl import reparameterize_kl
 from ._conv import check_channels, conv_decoder, conv_encoder
-from .base import BaseVAE, ModelOutput, positive_int
+from .base import BaseVAE, ModelOutput, positive_int, positive_ints
 
 
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -23,13 +23,7 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
 
 
 def _hidden_dims(hidden_dims) -> tuple[int, ...]:
-    try:
-        dims = tuple(hidden_dims)
-    except TypeError:
-        raise TypeError(f"hidden_dims must be a sequence of ints, got {type(hidden_dims).__name__}") from None
-    if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
-        raise ValueError(f"hidden_dims must be positive ints, got {dims!r}")
-    return dims
+    return positive_ints("hidden_dims", hidden_dims, allow_empty=True)
 
 
 class GaussianVAE(BaseVAE):
