@@ -572,3 +572,12 @@ def test_dropin_defaults_and_bad_calls():
         layer(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="H, W"):
         pyvae.nn.VectorQuantize(4, 8, accept_image_fmap=True)(torch.randn(2, 3, 4))
+
+
+def test_codebook_snapshot_op_is_a_copy_and_opcheck_clean():
+    from pyvae.ops.vq import codebook_snapshot
+
+    codebook = torch.randn(5, 3)
+    snap = codebook_snapshot(codebook)
+    assert torch.equal(snap, codebook) and snap.data_ptr() != codebook.data_ptr()
+    torch.library.opcheck(torch.ops.pyvae.codebook_snapshot, (codebook,))

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.vq import PRECISIONS, VQResult, _stats_of_own_search, nearest_code, vector_quantize
+from ..ops.vq import PRECISIONS, VQResult, _stats_of_own_search, codebook_snapshot, nearest_code, vector_quantize
 
 _STRAIGHT_THROUGH = ("identity", "rotation")
 _NORM_EPS = 1e-6      # L2 normalisation and the rotation trick's divisions, as vector-quantize-pytorch
@@ -139,7 +139,7 @@ class VectorQuantizer(nn.Module):
             # used (for the commitment and rotation gradients), so it gets a snapshot (K x D, small
             # next to the search). An opaque op, not clone(): torch.compile (2.13) would otherwise
             # recompute the codes in backward from the buffer, after the update (wrong gradients).
-            codebook = torch.ops.pyvae.codebook_snapshot(codebook)
+            codebook = codebook_snapshot(codebook)
         codebook = self._normalize(codebook)
         result = vector_quantize(x, codebook, beta=self.beta, precision=self.precision, backend=self.backend)
         if self.straight_through == "rotation" and x.requires_grad and torch.is_grad_enabled():
@@ -261,18 +261,6 @@ class VectorQuantizer(nn.Module):
         if self.straight_through != "identity":
             out += f", straight_through={self.straight_through!r}"
         return out + f", backend={self.backend!r}"
-
-
-@torch.library.custom_op("pyvae::codebook_snapshot", mutates_args=())
-def _codebook_snapshot(codebook: torch.Tensor) -> torch.Tensor:
-    """A copy that torch.compile's partitioner saves for backward instead of recomputing it from
-    the (since updated) buffer: custom ops are never recomputed."""
-    return codebook.clone()
-
-
-@_codebook_snapshot.register_fake
-def _(codebook: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(codebook)
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -243,6 +243,19 @@ def vector_quantize(x: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.
     return VQResult(quantized, idx, loss, commitment_loss, codebook_loss, counts, perplexity)
 
 
+@torch.library.custom_op("pyvae::codebook_snapshot", mutates_args=())
+def codebook_snapshot(codebook: torch.Tensor) -> torch.Tensor:
+    """A copy of a codebook that an EMA layer updates in place after its forward: torch.compile's
+    partitioner saves a custom op's output for backward instead of recomputing it from the (since
+    updated) buffer, as it would a ``clone()`` (torch 2.13), which would give wrong gradients."""
+    return codebook.clone()
+
+
+@codebook_snapshot.register_fake
+def _(codebook: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(codebook)
+
+
 # --------------------------------------------------------------------------- fake kernels
 def _register_fakes() -> None:
     def nearest_fake(x, codebook, exact):
