@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .ops.vq import _code_counts
+from .ops.vq import _code_counts, perplexity_of_frequencies
 
 __all__ = ["active_units", "code_usage", "iwae_nll", "perplexity"]
 
@@ -116,9 +116,7 @@ def perplexity(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     """``exp(H)`` of the code frequencies in ``indices`` (any shape, int64 in ``[0, num_codes)``),
     ``H = -sum_k p_k log p_k``: the effective number of codes in use, between 1 (one code) and
     ``num_codes`` (all equally often). A float32 0-d tensor."""
-    p = _code_frequencies(indices, num_codes)
-    entropy = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum()
-    return torch.exp(entropy).float()
+    return perplexity_of_frequencies(_code_frequencies(indices, num_codes)).float()
 
 
 def code_usage(indices: torch.Tensor, num_codes: int) -> float:

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.vq import PRECISIONS, VQResult, _stats_of_own_search, codebook_snapshot, nearest_code, vector_quantize
+from ..ops.vq import (PRECISIONS, VQResult, _stats_of_own_search, codebook_snapshot, nearest_code,
+                      perplexity_of_frequencies, vector_quantize)
 
 _STRAIGHT_THROUGH = ("identity", "rotation")
 _NORM_EPS = 1e-6      # L2 normalisation and the rotation trick's divisions, as vector-quantize-pytorch
@@ -201,7 +202,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _track_usage(self, counts: torch.Tensor) -> None:
         fraction = counts.to(self.usage.dtype) / counts.sum().to(self.usage.dtype).clamp_min(1)
-        perplexity = torch.exp(-(fraction * torch.log(fraction.clamp_min(1e-30))).sum())
+        perplexity = perplexity_of_frequencies(fraction)
         weight = (1.0 / (self.steps + 1).to(self.usage.dtype)).clamp_min(1 - self.usage_decay)
         self.usage.lerp_(fraction, weight)
         self.perplexity.lerp_(perplexity, weight)

@@ -59,6 +59,11 @@ def _code_counts(flat_idx: torch.Tensor, num_codes: int) -> torch.Tensor:
         0, flat_idx, torch.ones_like(flat_idx))
 
 
+def perplexity_of_frequencies(probs: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of code frequencies (summing to 1, or all 0 for no rows, which gives 1)."""
+    return torch.exp(-(probs * torch.log(probs.clamp_min(1e-30))).sum())
+
+
 def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest codes in plain PyTorch (float64 for float64 inputs, else float32), block by block."""
     cdt = torch.float64 if torch.float64 in (x.dtype, codebook.dtype) else torch.float32
@@ -237,8 +242,7 @@ def vector_quantize(x: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.
         idx, _ = _nearest(resolved, x, codebook, precision == "exact")
     quantized, codebook_loss, commitment_loss = VQFunction.apply(x, codebook, idx, resolved)
     counts = _code_counts(idx.reshape(-1), codebook.shape[0])
-    probs = counts.float() / max(idx.numel(), 1)
-    perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-30))).sum())
+    perplexity = perplexity_of_frequencies(counts.float() / max(idx.numel(), 1))
     loss = codebook_loss + beta * commitment_loss
     return VQResult(quantized, idx, loss, commitment_loss, codebook_loss, counts, perplexity)
 
