@@ -13,6 +13,9 @@ from torch import nn
 from ..ops.vq import (PRECISIONS, VQResult, _stats_of_own_search, codebook_snapshot, nearest_code,
                       perplexity_of_frequencies, vector_quantize)
 
+# torch 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single; older torch
+# (2.11 on the GPU machines) has only the former.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _STRAIGHT_THROUGH = ("identity", "rotation")
 _NORM_EPS = 1e-6      # L2 normalisation and the rotation trick's divisions, as vector-quantize-pytorch
 _M32 = 0xFFFFFFFF
@@ -334,7 +337,7 @@ def _pick_rows(rows: torch.Tensor, wanted: torch.Tensor, salt: torch.Tensor, wor
         cand = torch.cat([cand, pad])
     if world > 1:
         gathered = cand.new_empty(world * k, d + 2)
-        dist.all_gather_into_tensor(gathered, cand)
+        _all_gather_single(gathered, cand)
         merged_keys = gathered[:, 0].to(torch.int64) * _KEY_HI + gathered[:, 1].to(torch.int64)
         cand = gathered[torch.argsort(merged_keys, stable=True)[:k]]
     available = (cand[:, 0] < _KEY_HI).sum()
