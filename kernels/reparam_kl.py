@@ -63,7 +63,7 @@ def _load_chunk(mu_ptr, logvar_ptr, r3, rows, cols, mu_row_stride, logvar_row_st
 def _load_prior(ptr, r3, col, mask, row_stride, col_stride, PRESENT: tl.constexpr):
     """A prior tensor's tile [R, G, 4] in fp32, read with its strides (0 where it broadcasts); 0 if absent."""
     if PRESENT:
-        value = tl.load(ptr + r3 * row_stride + col * col_stride, mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(ptr + r3 * row_stride + col.to(tl.int64) * col_stride, mask=mask, other=0.0).to(tl.float32)
     else:
         value = tl.zeros(mask.shape, dtype=tl.float32)
     return value
@@ -152,7 +152,9 @@ def _reparam_kl_bwd_kernel(mu_ptr, logvar_ptr, seed_ptr, grad_z_ptr, grad_kl_ptr
         # a missing upstream gradient adds nothing (not 0 * inf for an infinite std or mu)
         grad_logvar = 0.5 * std * grad_z_eps if HAS_GRAD_Z else tl.zeros([BLOCK_R, BLOCK_G, 4], dtype=tl.float32)
         if HAS_GRAD_KL:
-            gkl = tl.load(grad_kl_ptr + r3 * grad_kl_row_stride + col * grad_kl_col_stride, mask=mask, other=0.0)
+            # 64-bit: a transposed upstream gradient's column stride times the column may pass 2**31
+            gkl = tl.load(grad_kl_ptr + r3 * grad_kl_row_stride + col.to(tl.int64) * grad_kl_col_stride, mask=mask,
+                          other=0.0)
             if PRIOR_MU or PRIOR_LOGVAR:
                 prior_mu = _load_prior(prior_mu_ptr, r3, col, mask, prior_mu_row_stride, prior_mu_col_stride, PRIOR_MU)
                 prior_logvar = _load_prior(prior_logvar_ptr, r3, col, mask, prior_logvar_row_stride,

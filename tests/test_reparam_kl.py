@@ -91,6 +91,25 @@ def test_transposed_input(pair):
     assert_close(kl, kl_ref, torch.float32, SUM)
 
 
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("prior", [False, True], ids=["standard", "prior"])
+def test_transposed_upstream_kl_gradient(pair, prior):
+    # a per-element KL read through a transpose: its upstream gradient reaches the op with a
+    # column stride of `rows` (the kernels multiply column by stride: 64-bit in Triton)
+    device, backend = pair
+    mu, logvar = make_inputs((9, 6), torch.float32, device)
+    priors = dict(prior_mu=torch.randn(9, 6, device=device), prior_logvar=torch.randn(6, device=device)) if prior else {}
+    weight = torch.randn(6, 9, device=device)
+    grads = []
+    for b in (backend, "torch"):
+        m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        _, kl = pyvae.reparameterize_kl(m, lv, seed=3, reduction="none", backend=b, **priors)
+        (kl.t() * weight).sum().backward()
+        grads.append((m.grad, lv.grad))
+    for got, want in zip(*grads):
+        assert_close(got, want, torch.float32)
+
+
 # ----------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
