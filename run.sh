@@ -37,7 +37,8 @@ if ! have torch; then
 fi
 missing=()
 for mod_pkg in triton:triton numpy:numpy scipy:scipy pytest:pytest pytest_benchmark:pytest-benchmark \
-               matplotlib:matplotlib tqdm:tqdm psutil:psutil ninja:ninja setuptools:setuptools wheel:wheel; do
+               matplotlib:matplotlib tqdm:tqdm psutil:psutil ninja:ninja setuptools:setuptools wheel:wheel \
+               hypothesis:hypothesis; do
   have "${mod_pkg%%:*}" || missing+=("${mod_pkg#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
