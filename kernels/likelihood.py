@@ -16,10 +16,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._checks import LOSSES, check_likelihood, check_scale_grad
 from ._layout import as_rows, launch_device, logvar_grad_shape, logvar_group_rows
 
 COLUMN_BLOCK = 16384  # == kLikelihoodColumnBlock in csrc/common/likelihood_params.h
-LOSS_IDS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
+LOSS_IDS = {name: i for i, name in enumerate(LOSSES)}  # the LOSS constexpr of _terms
 
 
 @triton.jit
@@ -184,7 +185,8 @@ def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tenso
                               fixed_logvar: float, constant: float, per_element: bool, pred_grad: bool,
                               target_grad: bool, logvar_grad: bool, grad_scale: float,
                               group_logvar_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of ``torch.ops.pyvae.likelihood_forward`` (same schema and outputs)."""
+    """Triton twin of ``torch.ops.pyvae.likelihood_forward`` (same schema, checks and outputs)."""
+    check_likelihood(loss, pred, target, logvar)
     rows, cols, pred2, target2, logvar2, logvar_row_stride = _prepare(pred, target, logvar)
     n_blocks = max(1, triton.cdiv(cols, COLUMN_BLOCK))
     out = pred.new_empty(pred.shape if per_element else (rows, n_blocks), dtype=torch.float32)
@@ -212,11 +214,7 @@ def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tenso
 def scale_grad_triton_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """Triton twin of ``torch.ops.pyvae.scale_grad_``: contiguous ``grad *= scale`` (one float32
     value on grad's device), skipped on the device when the scale is 1."""
-    if not grad.is_contiguous():
-        raise ValueError("grad must be contiguous")
-    if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != grad.device:
-        raise ValueError(f"scale must be a single float32 value on {grad.device}, got {scale.dtype} of shape "
-                         f"{tuple(scale.shape)} on {scale.device}")
+    check_scale_grad(grad, scale)
     n = grad.numel()
     if n:
         block = 4096

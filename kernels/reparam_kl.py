@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._checks import check_reparam_backward, check_reparam_forward
 from ._layout import as_rows, as_rows_broadcast, launch_device
 
 
@@ -183,19 +184,6 @@ def _tile(cols: int) -> tuple[int, int]:
     return block_r, block_g
 
 
-
-def _check_prior(name: str, prior: Optional[torch.Tensor], mu: torch.Tensor) -> None:
-    """What the C++ op checks (csrc/ops.cpp prior_rows), for direct calls of the Triton ops."""
-    if prior is None:
-        return
-    if prior.dtype != mu.dtype:
-        raise TypeError(f"{name} must have the dtype of mu ({mu.dtype}), got {prior.dtype}")
-    if prior.device != mu.device:
-        raise ValueError(f"{name} must be on the device of mu ({mu.device}), got {prior.device}")
-    if prior.dim() > mu.dim() or any(p not in (1, m) for p, m in zip(reversed(prior.shape), reversed(mu.shape))):
-        raise ValueError(f"{name} of shape {tuple(prior.shape)} does not broadcast to mu's shape {tuple(mu.shape)}")
-
-
 def _prior_args(prior: Optional[torch.Tensor], mu2: torch.Tensor, shape: torch.Size, rows: int,
                 cols: int) -> tuple[torch.Tensor, int, int]:
     """(tensor, row stride, column stride) of a prior as the kernels read it (as_rows_broadcast), or
@@ -211,13 +199,12 @@ def reparam_kl_forward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: Opti
                               kl_per_element: bool, prior_mu: Optional[torch.Tensor] = None,
                               prior_logvar: Optional[torch.Tensor] = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of ``torch.ops.pyvae.reparam_kl_forward`` (same schema and outputs).
+    """Triton twin of ``torch.ops.pyvae.reparam_kl_forward`` (same schema, checks and outputs).
 
     With ``seed=None`` the key is drawn by ``torch.randint`` on the device first (a second launch:
     Triton cannot read PyTorch's CUDA generator state the way the CUDA kernel does).
     """
-    _check_prior("prior_mu", prior_mu, mu)
-    _check_prior("prior_logvar", prior_logvar, mu)
+    check_reparam_forward(mu, logvar, seed, n_samples, prior_mu, prior_logvar)
     cols = mu.shape[-1]
     rows = mu.numel() // cols if cols else 0
     z = mu.new_empty((n_samples, *mu.shape))
@@ -265,11 +252,9 @@ def reparam_kl_backward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: tor
                                prior_mu: Optional[torch.Tensor] = None, prior_logvar: Optional[torch.Tensor] = None,
                                prior_mu_grad: bool = False, prior_logvar_grad: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of ``torch.ops.pyvae.reparam_kl_backward`` (same schema and outputs)."""
-    if (prior_mu_grad and prior_mu is None) or (prior_logvar_grad and prior_logvar is None):
-        raise ValueError("prior_mu_grad / prior_logvar_grad need the prior tensor they differentiate")
-    _check_prior("prior_mu", prior_mu, mu)
-    _check_prior("prior_logvar", prior_logvar, mu)
+    """Triton twin of ``torch.ops.pyvae.reparam_kl_backward`` (same schema, checks and outputs)."""
+    check_reparam_backward(mu, logvar, seed, grad_z, grad_kl, prior_mu, prior_logvar, prior_mu_grad,
+                           prior_logvar_grad)
     cols = mu.shape[-1]
     rows = mu.numel() // cols if cols else 0
     grad_mu = torch.empty_like(mu, memory_format=torch.contiguous_format)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._checks import check_codebook, check_codebook_stats
 from ._layout import as_rows, launch_device
 
 
@@ -119,7 +120,8 @@ def launch_search(x2: torch.Tensor, e: torch.Tensor, exact: bool, idx: torch.Ten
 
 @triton_op("pyvae::nearest_code_triton", mutates_args=())
 def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``torch.ops.pyvae.nearest_code`` (same schema and outputs)."""
+    """Triton twin of ``torch.ops.pyvae.nearest_code`` (same schema, checks and outputs)."""
+    check_codebook(x, codebook)
     dim = codebook.shape[1]
     x2 = as_rows(x, x.numel() // dim if dim else 0, dim)
     e = as_rows(codebook, codebook.shape[0], dim)
@@ -177,6 +179,7 @@ def codebook_stats_triton(x: torch.Tensor, idx: torch.Tensor, num_codes: int) ->
     many programs), and a second kernel adds each code's chunk sums in order. There are at most
     K + N / STATS_CHUNK_ROWS chunks, a bound known without reading the counts back.
     """
+    check_codebook_stats(x, idx, num_codes)
     dim = x.shape[-1]
     x2 = as_rows(x, x.numel() // dim if dim else 0, dim)
     flat = idx.reshape(-1)

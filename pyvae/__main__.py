@@ -40,8 +40,12 @@ def report() -> int:
     except ImportError:
         print("triton: not installed")
     ext = backends.native_extension()
-    if ext is None:
-        print("extension pyvae._C: NOT BUILT (the cpu and cuda backends are unavailable)")
+    if backends.native_extension_error() is not None:
+        print(f"extension pyvae._C: FAILED TO LOAD: {backends.native_extension_error()}\n"
+              f"  the cpu and cuda backends are off; {backends.REBUILD}")
+    elif ext is None:
+        print("extension pyvae._C: not installed (this pyvae was installed without it): "
+              "the cpu and cuda backends are unavailable")
     else:
         cuda = f"yes, for sm_{ext.cuda_archs.replace(',', ', sm_')}" if ext.has_cuda else "no"
         print(f"extension pyvae._C {ext.version}: CPU kernels yes; CUDA kernels {cuda}")
@@ -51,6 +55,10 @@ def report() -> int:
         autos = ", ".join(f"{op} -> {backends.resolve('auto', torch.device(dev), op)}"
                           for op in ("reparam_kl", "likelihood", "vq"))
         print(f"{dev} ({name}): backends {backends.available(dev)}; auto: {autos}")
+    for op in backends.FAMILIES:
+        for backend, reason in backends.unavailable_reasons(op).items():
+            if backend == "triton" or backends.native_extension_error() is None:  # the extension's said once above
+                print(f"{op}: backend {backend!r} is off: {reason}")
     return 0
 
 

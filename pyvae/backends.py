@@ -11,6 +11,11 @@ Backends:
 ``backend="auto"`` (the default of every op) takes ``PYVAE_BACKEND`` from the environment when it
 is set, else picks per device: for CUDA tensors the GPU backend the benchmark measured faster for
 that op (``AUTO_CUDA``), for CPU tensors ``cpu``; ``torch`` where the extension is missing.
+
+A package installed without ``pyvae._C`` falls back to ``torch`` quietly. An extension that exists
+but fails to load (built against another torch, an undefined symbol) warns once at import, with the
+cause and the rebuild command; ``PYVAE_REQUIRE_NATIVE=1`` makes both cases an ImportError. A Triton
+module that fails to import turns off the ``triton`` backend of its op family alone.
 """
 from __future__ import annotations
 
@@ -29,20 +34,46 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 # The GPU backend `auto` picks per op, from bench/results (triton until a GPU run says otherwise).
 AUTO_CUDA = {"reparam_kl": "triton", "likelihood": "triton", "vq": "triton"}
 
-# Ops whose backends differ from BACKENDS: the backends they have.
-IMPLEMENTED: dict[str, tuple[str, ...]] = {}
+# How to rebuild the extension against the torch installed here (quoted in every message about it).
+REBUILD = ("rebuild it against this torch: `pip install --no-build-isolation .` "
+           "(`pip install --no-build-isolation -e .` for a checkout), or `./run.sh test`")
 
 
-def _load_extension() -> ModuleType | None:
+def _load_extension() -> tuple[ModuleType | None, str | None]:
+    """(the extension, None), or (None, why it is unusable) when it exists but fails to load, or
+    (None, None) when this package was installed without it (the one quiet fallback)."""
     try:
-        return importlib.import_module("pyvae._C")
-    except ImportError:
-        return None
+        return importlib.import_module("pyvae._C"), None
+    except ModuleNotFoundError as exc:
+        if exc.name == "pyvae._C":
+            return None, None
+        error = exc
+    except (ImportError, OSError) as exc:  # built against another torch, an undefined symbol, ...
+        error = exc
+    return None, f"{type(error).__name__}: {error}"
+
+
+def _require_native() -> bool:
+    return os.environ.get("PYVAE_REQUIRE_NATIVE", "0") not in ("", "0")
 
 
 # Looked up once at import, so that backend resolution is plain Python that torch.compile traces.
-_EXTENSION = _load_extension()
+_EXTENSION, _EXTENSION_ERROR = _load_extension()
+if _EXTENSION_ERROR is not None:
+    if _require_native():
+        raise ImportError(f"pyvae._C failed to load ({_EXTENSION_ERROR}); {REBUILD}. "
+                          "(PYVAE_REQUIRE_NATIVE=1 makes this an error.)")
+    warnings.warn(f"pyvae._C failed to load ({_EXTENSION_ERROR}): the cpu and cuda backends are off and "
+                  f"backend='auto' falls back to 'torch'; {REBUILD}", RuntimeWarning)
+elif _EXTENSION is None and _require_native():
+    raise ImportError(f"PYVAE_REQUIRE_NATIVE=1, but this pyvae was installed without its extension pyvae._C; "
+                      f"{REBUILD}")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def native_extension_error() -> str | None:
+    """Why ``pyvae._C`` exists but failed to load (the exception), or None (loaded, or never built)."""
+    return _EXTENSION_ERROR
 
 
 def native_extension() -> ModuleType | None:
@@ -83,7 +114,8 @@ def triton_usable() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def triton_kernels(op: str) -> ModuleType | None:
-    """Imports ``pyvae.kernels.<op>`` (registering its ``*_triton`` ops); None if that fails.
+    """Imports ``pyvae.kernels.<op>`` (registering its ``*_triton`` ops); None if that fails, which
+    turns the triton backend off for ``op`` alone (with a warning saying why).
 
     Op modules call this when they are imported, so that nothing is imported while torch.compile
     traces a call.
@@ -93,35 +125,73 @@ def triton_kernels(op: str) -> ModuleType | None:
     try:
         return importlib.import_module(f"pyvae.kernels.{op}")
     except Exception as exc:  # a broken Triton install must not break `import pyvae`
-        warnings.warn(f"pyvae: the Triton kernels of {op} failed to import ({exc}); backend 'triton' is off")
-        _TRITON_BROKEN.add(op)
+        if isinstance(exc, ModuleNotFoundError) and exc.name in ("pyvae.kernels", f"pyvae.kernels.{op}"):
+            # kernels/ is installed as pyvae.kernels by setup.py; a bare checkout has no such package
+            reason = (f"{exc.name} is not importable (a source checkout without an install? "
+                      f"`pip install --no-build-isolation -e .` installs kernels/ as pyvae.kernels)")
+        else:
+            reason = f"pyvae.kernels.{op} failed to import ({type(exc).__name__}: {exc})"
+        _TRITON_BROKEN[op] = reason
+        warnings.warn(f"pyvae: {reason}; backend 'triton' is off for {op}", RuntimeWarning, stacklevel=2)
         return None
 
 
-_TRITON_BROKEN: set[str] = set()
+# op family -> why its Triton kernels, or its C++ ops' registration, failed (that backend is off for it)
+_TRITON_BROKEN: dict[str, str] = {}
+_NATIVE_BROKEN: dict[str, str] = {}
 
 
 def load_op_family(op: str, register_fakes: Callable[[], None]) -> None:
     """The last step of importing a ``pyvae.ops`` module: fake kernels for its C++ ops (when the
-    extension is built) and its Triton kernels (when Triton has somewhere to run)."""
+    extension is built) and its Triton kernels (when Triton has somewhere to run).
+
+    Neither raises: a failure turns that backend off for ``op`` and warns, so that ``import pyvae``
+    never stops half-way through an op module.
+    """
     if _EXTENSION is not None:
-        register_fakes()
+        try:
+            register_fakes()
+        except Exception as exc:
+            _NATIVE_BROKEN[op] = f"its fake kernels failed to register ({type(exc).__name__}: {exc})"
+            warnings.warn(f"pyvae: {_NATIVE_BROKEN[op]}; backends 'cpu' and 'cuda' are off for {op}",
+                          RuntimeWarning, stacklevel=2)
     if triton_usable():
         triton_kernels(op)
 
 
+def unavailable_reasons(op: str) -> dict[str, str]:
+    """Backend -> why it cannot serve ``op`` on this install although it could have (a broken
+    extension, a Triton module that failed to import); empty when nothing failed."""
+    reasons = {}
+    native = _NATIVE_BROKEN.get(op) or (f"pyvae._C failed to load ({_EXTENSION_ERROR})" if _EXTENSION_ERROR else None)
+    if native:
+        reasons["cpu"] = reasons["cuda"] = native
+    if op in _TRITON_BROKEN:
+        reasons["triton"] = _TRITON_BROKEN[op]
+    return reasons
+
+
 def available(device: torch.device | str = "cpu", op: str | None = None) -> list[str]:
-    """The backends that can serve tensors on ``device`` (for ``op``, if given), in order of
-    preference for ``auto``."""
+    """The backends that can serve tensors on ``device`` (for ``op``, if given: without it, those
+    that serve at least one op family), in order of preference for ``auto``."""
     device = torch.device(device)
-    key = (device.type, device.index, len(_TRITON_BROKEN))
+    key = (device.type, device.index)
     if key not in _AVAILABLE:
         _AVAILABLE[key] = _find_available(device)
     found = _AVAILABLE[key]
-    return [b for b in found if b in IMPLEMENTED.get(op, BACKENDS)]
+    if op is None:
+        return [b for b in found if len(_broken(b)) < len(FAMILIES)]
+    return [b for b in found if op not in _broken(b)]
 
 
-_AVAILABLE: dict[tuple[str, int | None, int], list[str]] = {}
+def _broken(backend: str) -> dict[str, str]:
+    return _TRITON_BROKEN if backend == "triton" else _NATIVE_BROKEN if backend in ("cpu", "cuda") else {}
+
+
+# The op families (the `op` of resolve/available): each pyvae.ops module's _OP.
+FAMILIES = ("reparam_kl", "likelihood", "vq")
+
+_AVAILABLE: dict[tuple[str, int | None], list[str]] = {}
 
 # The GPU kernels use bfloat16 and TF32 tensor-core instructions, which begin with Ampere.
 MIN_CUDA_CAPABILITY = (8, 0)
@@ -134,12 +204,12 @@ def _find_available(device: torch.device) -> list[str]:
         gpu_ok = torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= MIN_CUDA_CAPABILITY
         if ext is not None and ext.has_cuda and gpu_ok:
             found.append("cuda")
-        if _HAS_TRITON and gpu_ok and not _TRITON_BROKEN:
+        if _HAS_TRITON and gpu_ok:
             found.append("triton")
     elif device.type == "cpu":
         if ext is not None:
             found.append("cpu")
-        if _HAS_TRITON and _TRITON_INTERPRETED and not _TRITON_BROKEN:
+        if _HAS_TRITON and _TRITON_INTERPRETED:
             found.append("triton")
     found.append("torch")
     return found
@@ -168,6 +238,9 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
             f"backend {requested!r} cannot serve tensors on device '{device}' for {op}; available there: {usable}"
             + (" (the triton backend serves CPU tensors only with TRITON_INTERPRET=1)"
                if backend == "triton" and device.type == "cpu" else "")
-            + (" (pyvae._C failed to import: rebuild with `pip install --no-build-isolation .`)"
-               if backend in ("cpu", "cuda") and native_extension() is None else ""))
+            + (f" ({backend!r} is off: {unavailable_reasons(op)[backend]}"
+               + (f"; {REBUILD})" if backend != "triton" and _EXTENSION_ERROR else ")")
+               if backend in unavailable_reasons(op) else "")
+            + (" (this pyvae was installed without its extension pyvae._C)"
+               if backend in ("cpu", "cuda") and _EXTENSION is None and _EXTENSION_ERROR is None else ""))
     return backend

@@ -134,11 +134,16 @@ def test_gaussian_latent_layer():
 
 
 def test_source_tree_imports_without_the_build():
-    # `import pyvae` from a checkout (no extension, no pyvae.kernels) falls back to the torch backend.
+    # `import pyvae` from the checkout itself (no pyvae.kernels; an extension only if one was built in
+    # place, as an editable install does) serves what it has. The editable install's finder, which
+    # would supply pyvae.kernels, is hidden. tests/test_backends.py checks the messages.
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", "import pyvae; print(pyvae.__file__, pyvae.backends.available('cpu'))"],
-                         capture_output=True, text=True, check=True, cwd=repo).stdout
-    assert out.startswith(os.path.join(repo, "pyvae")) and "['torch']" in out
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]; "
+            "import pyvae; print(pyvae.__file__, pyvae.backends.available('cpu'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo).stdout
+    built_in_place = any(name.startswith("_C.") for name in os.listdir(os.path.join(repo, "pyvae")))
+    assert out.startswith(os.path.join(repo, "pyvae"))
+    assert out.split(" ", 1)[1].strip() == ("['cpu', 'torch']" if built_in_place else "['torch']")
 
 
 def test_vae_of_pyvae_layers_compiles_fullgraph_and_matches_eager():

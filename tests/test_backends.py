@@ -1,0 +1,259 @@
+"""No silent fallbacks: a broken extension, a checkout without an install, a Triton module that fails
+to import, and Triton ops called directly with bad inputs.
+
+The import cases run in fresh processes; they fake the extension's state with an import hook
+(so they work the same on an editable and a normal install) and import pyvae from wherever it is
+installed, except the source-checkout case, which imports a copy of the source tree with every
+installed pyvae hidden.
+"""
+import importlib.machinery
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pyvae
+from pyvae import backends
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Prepended to each child's code: an import hook that makes `pyvae._C` load from a given file (a text
+# file named like the extension: a real dlopen failure), or be absent (an install without it).
+_HOOK = textwrap.dedent("""
+    import importlib.abc, importlib.util, sys, warnings
+    MODE, FAKE = sys.argv[1], sys.argv[2]
+    class Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "pyvae._C" and MODE == "broken":
+                return importlib.util.spec_from_file_location(name, FAKE)
+            if name == "pyvae._C" and MODE == "absent":
+                raise ModuleNotFoundError("No module named 'pyvae._C'", name=name)
+            if name == "pyvae.kernels.vq" and MODE == "triton_vq_broken":
+                raise RuntimeError("simulated: this Triton cannot compile vq")
+            return None
+    sys.meta_path.insert(0, Hook())
+    warnings.simplefilter("always")
+""")
+
+
+def _run(mode, code, tmp_path, **env):
+    fake = tmp_path / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    fake.write_text("not a shared object, but named like one\n" * 8)  # long enough for an ELF header
+    full_env = {k: v for k, v in os.environ.items() if k not in ("PYVAE_REQUIRE_NATIVE", "PYVAE_BACKEND")}
+    full_env.update(TRITON_INTERPRET="1", **env)
+    return subprocess.run([sys.executable, "-c", _HOOK + textwrap.dedent(code), mode, str(fake)], capture_output=True,
+                          text=True, cwd=tmp_path, env=full_env, timeout=120)
+
+
+def test_a_broken_extension_warns_once_with_the_cause_and_the_rebuild_command(tmp_path):
+    done = _run("broken", """
+        import pyvae, torch
+        print("AVAILABLE", pyvae.backends.available("cpu", "vq"))
+        print("AUTO", pyvae.backends.resolve("auto", torch.device("cpu"), "vq"))
+        try:
+            pyvae.backends.resolve("cpu", torch.device("cpu"), "vq")
+        except ValueError as exc:
+            print("RESOLVE", exc)
+        import pyvae.__main__
+        pyvae.__main__.report()
+    """, tmp_path)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warned) == 1, done.stderr  # once, however many op modules look at the extension
+    assert "pyvae._C failed to load" in warned[0] and "pip install --no-build-isolation" in warned[0]
+    assert "invalid ELF header" in warned[0] and "_C" in warned[0]  # the loader's own words
+    assert "AVAILABLE " + str([b for b in backends.available("cpu", "vq") if b != "cpu"]) in done.stdout
+    assert "AUTO torch" in done.stdout
+    resolve_line = next(line for line in done.stdout.splitlines() if line.startswith("RESOLVE"))
+    assert "failed to load" in resolve_line and "pip install --no-build-isolation" in resolve_line
+    assert "extension pyvae._C: FAILED TO LOAD" in done.stdout and "./run.sh test" in done.stdout
+
+
+def test_require_native_turns_a_broken_or_missing_extension_into_an_import_error(tmp_path):
+    for mode, words in (("broken", "failed to load"), ("absent", "installed without its extension")):
+        done = _run(mode, "import pyvae", tmp_path, PYVAE_REQUIRE_NATIVE="1")
+        assert done.returncode != 0, mode
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("ImportError") and words in last and "pip install --no-build-isolation" in last, (
+            mode, done.stderr[-2000:])
+    done = _run("absent", "import pyvae", tmp_path, PYVAE_REQUIRE_NATIVE="0")
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_install_without_the_extension_falls_back_quietly_and_says_so(tmp_path):
+    done = _run("absent", """
+        import warnings
+        warnings.simplefilter("error")  # any warning fails the import
+        import pyvae, pyvae.__main__
+        print("AVAILABLE", pyvae.backends.available("cpu"))
+        pyvae.__main__.report()
+    """, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
+    assert "AVAILABLE " + str([b for b in backends.available("cpu") if b != "cpu"]) in done.stdout
+    assert "extension pyvae._C: not installed" in done.stdout and "FAILED" not in done.stdout
+
+
+def test_a_failed_triton_module_turns_off_triton_for_its_family_only(tmp_path):
+    pytest.importorskip("triton")
+    done = _run("triton_vq_broken", """
+        import pyvae, torch
+        from pyvae import backends
+        print("VQ", backends.available("cpu", "vq"))
+        print("KL", backends.available("cpu", "reparam_kl"), backends.available("cpu", "likelihood"))
+        print("ALL", backends.available("cpu"))
+        try:
+            backends.resolve("triton", torch.device("cpu"), "vq")
+        except ValueError as exc:
+            print("RESOLVE", exc)
+        z, kl = pyvae.reparameterize_kl(torch.randn(3, 5), torch.randn(3, 5), seed=1, backend="triton")
+        print("RAN", tuple(z.shape))
+        import pyvae.__main__
+        pyvae.__main__.report()
+    """, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "simulated: this Triton cannot compile vq" in done.stderr and "off for vq" in done.stderr
+    assert "'triton'" not in done.stdout.split("VQ", 1)[1].splitlines()[0]
+    assert "KL " + str(backends.available("cpu", "reparam_kl")) + " " + str(backends.available("cpu", "likelihood")) \
+        in done.stdout
+    assert "'triton'" in next(line for line in done.stdout.splitlines() if line.startswith("ALL"))
+    assert "simulated" in next(line for line in done.stdout.splitlines() if line.startswith("RESOLVE"))
+    assert "RAN (3, 5)" in done.stdout
+    assert "vq: backend 'triton' is off" in done.stdout
+
+
+def _source_checkout(tmp_path, with_build):
+    """A copy of the checkout's pyvae/ (no pyvae.kernels: setup.py maps kernels/ there), with or
+    without an extension built in place, and code that hides every installed pyvae."""
+    shutil.copytree(os.path.join(REPO, "pyvae"), tmp_path / "checkout" / "pyvae",
+                    ignore=shutil.ignore_patterns("__pycache__", "_C*.so", "_C*.pyd"))
+    if with_build:
+        built = backends.native_extension()
+        if built is None:
+            pytest.skip("needs a built extension to copy")
+        shutil.copy(built.__file__, tmp_path / "checkout" / "pyvae")
+    return textwrap.dedent("""
+        import sys
+        # an editable install's finder would map pyvae.kernels to kernels/; the checkout (first on
+        # sys.path, the working directory) hides a normal install's pyvae
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+        import pyvae
+        assert pyvae.__file__.startswith(sys.argv[1]), pyvae.__file__
+        print("AVAILABLE", pyvae.backends.available("cpu"), pyvae.backends.available("cpu", "likelihood"))
+        print("CPU OPS", pyvae.backends.available("cpu", "reparam_kl"), pyvae.backends.available("cpu", "vq"))
+    """)
+
+
+@pytest.mark.parametrize("with_build", [False, True], ids=["no_build", "built_in_place"])
+def test_a_source_checkout_imports_and_names_what_is_missing(tmp_path, with_build):
+    pytest.importorskip("triton")
+    code = _source_checkout(tmp_path, with_build)
+    checkout = str(tmp_path / "checkout")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYVAE_REQUIRE_NATIVE", "PYVAE_BACKEND")}
+    env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code, os.path.join(checkout, "pyvae")],
+                          capture_output=True, text=True, cwd=checkout, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr  # never an exception half-way through an op module
+    # each family's Triton kernels are named missing, with the command that installs them
+    for op in ("reparam_kl", "likelihood", "vq"):
+        assert f"backend 'triton' is off for {op}" in done.stderr, done.stderr
+    assert "pyvae.kernels is not importable" in done.stderr and "pip install --no-build-isolation -e ." in done.stderr
+    if with_build:
+        # the C++ ops serve every family whose fake kernels need no pyvae.kernels; likelihood's say why not
+        assert "AVAILABLE ['cpu', 'torch'] ['torch']" in done.stdout, done.stdout
+        assert "CPU OPS ['cpu', 'torch'] ['cpu', 'torch']" in done.stdout
+        assert "backends 'cpu' and 'cuda' are off for likelihood" in done.stderr and "pyvae.kernels" in done.stderr
+    else:
+        assert "AVAILABLE ['torch'] ['torch']" in done.stdout, done.stdout
+
+
+# ------------------------------------------------------------------------------ Triton op input checks
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+_SEED = torch.tensor(3, dtype=torch.int64)
+
+# (op name, arguments, exception type, words of the message): bad inputs every backend refuses
+BAD_CALLS = [
+    ("reparam_kl_forward", lambda: (_t(2, 3), _t(2, 4), 1, 1, False), ValueError, "same shape"),
+    ("reparam_kl_forward", lambda: (_t(2, 3), _t(2, 3, dtype=torch.float16), 1, 1, False), TypeError, "same dtype"),
+    ("reparam_kl_forward", lambda: (_t(2, 3, dtype=torch.float64), _t(2, 3, dtype=torch.float64), 1, 1, False),
+     TypeError, "float32, float16 or bfloat16, got Double"),
+    ("reparam_kl_forward", lambda: (_t(()), _t(()), 1, 1, False), ValueError, "at least one dimension"),
+    ("reparam_kl_forward", lambda: (_t(2, 3), _t(2, 3), -1, 1, False), ValueError, "seed must be in"),
+    ("reparam_kl_forward", lambda: (_t(2, 3), _t(2, 3), 1, 0, False), ValueError, "n_samples must be >= 1"),
+    ("reparam_kl_forward", lambda: (_t(2, 3), _t(2, 3), 1, 1, False, _t(3, 3)), ValueError, "does not broadcast"),
+    ("reparam_kl_forward", lambda: (_t(2, 3), _t(2, 3), 1, 1, False, None, _t(3, dtype=torch.float16)),
+     TypeError, "prior_logvar must have the dtype of mu"),
+    # a grad_z or grad_kl of the wrong shape would be read past its end
+    ("reparam_kl_backward", lambda: (_t(4, 3), _t(4, 3), _SEED, _t(2, 3, 3), None), ValueError, "grad_z must have shape"),
+    ("reparam_kl_backward", lambda: (_t(4, 3), _t(4, 3), _SEED, _t(1, 4, 2), None), ValueError, "grad_z must have shape"),
+    ("reparam_kl_backward", lambda: (_t(4, 3), _t(4, 3), _SEED, _t(1, 4, 3, dtype=torch.float16), None),
+     TypeError, "grad_z must have the dtype"),
+    ("reparam_kl_backward", lambda: (_t(4, 3), _t(4, 3), _SEED, None, _t(3, 4)), ValueError, "grad_kl must have the shape"),
+    ("reparam_kl_backward", lambda: (_t(4, 3), _t(4, 3), _SEED, None, _t(4, 3, dtype=torch.float16)),
+     TypeError, "grad_kl must be float32"),
+    ("reparam_kl_backward", lambda: (_t(4, 3), _t(4, 3), _SEED.int(), None, _t(4, 3)), ValueError, "one-element int64"),
+    ("reparam_kl_backward", lambda: (_t(4, 3), _t(4, 3), _SEED, None, _t(4, 3), None, None, True, False),
+     ValueError, "prior_mu_grad needs a prior_mu"),
+    ("likelihood_forward", lambda: ("bernoulli", _t(4, 6), _t(4, 5), None, 0.0, 0.0, False, True, False, False, 1.0,
+                                    False), ValueError, "same shape"),
+    ("likelihood_forward", lambda: ("bernoulli", _t(4, 6), _t(6, 4), None, 0.0, 0.0, False, True, False, False, 1.0,
+                                    False), ValueError, "same shape"),
+    ("likelihood_forward", lambda: ("poisson", _t(4, 6), _t(4, 6), None, 0.0, 0.0, False, True, False, False, 1.0,
+                                    False), ValueError, "loss must be"),
+    ("likelihood_forward", lambda: ("gaussian", _t(4, 6, dtype=torch.float64), _t(4, 6), None, 0.0, 0.0, False, True,
+                                    False, False, 1.0, False), TypeError, "prediction must be float32"),
+    ("likelihood_forward", lambda: ("gaussian", _t(4, 6), _t(4, 6), _t(3, 6), 0.0, 0.0, False, True, False, True, 1.0,
+                                    False), ValueError, "logvar of shape [3, 6] does not broadcast"),
+    ("likelihood_forward", lambda: ("gaussian", _t(()), _t(()), None, 0.0, 0.0, False, True, False, False, 1.0,
+                                    False), ValueError, "batch dimension"),
+    ("scale_grad_", lambda: (_t(4, 6).t(), torch.tensor(2.0)), ValueError, "grad must be contiguous"),
+    ("scale_grad_", lambda: (_t(4, 6), torch.tensor([2.0, 3.0])), ValueError, "single float32 value"),
+    ("scale_grad_", lambda: (_t(4, 6, dtype=torch.float64), torch.tensor(2.0)), TypeError, "grad must be float32"),
+    ("nearest_code", lambda: (_t(5, 3), _t(4, 4), True), ValueError, "x must be [..., D] with D = 4"),
+    ("nearest_code", lambda: (_t(5, 3), _t(4, 3, 1), True), ValueError, "codebook must be 2-D"),
+    ("nearest_code", lambda: (_t(5, 3), _t(0, 3), True), ValueError, "at least one code"),
+    ("nearest_code", lambda: (_t(5, 3), _t(4, 3, dtype=torch.float64), True), TypeError, "codebook must be float32"),
+    ("codebook_stats", lambda: (_t(5, 3), torch.zeros(6, dtype=torch.int64), 4), ValueError, "x's shape without"),
+    ("codebook_stats", lambda: (_t(5, 3), torch.zeros(5, dtype=torch.int32), 4), TypeError, "indices must be int64"),
+    ("codebook_stats", lambda: (_t(5, 3), torch.zeros(5, dtype=torch.int64), 0), ValueError, "num_codes must be"),
+]
+
+
+@pytest.mark.parametrize("name,make_args,exc_type,words", BAD_CALLS,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CALLS)])
+def test_triton_ops_check_inputs_as_the_cpp_ops_do(name, make_args, exc_type, words):
+    device = next((d for d in ("cpu", "cuda") if "triton" in backends.available(d)), None)
+    if device is None:
+        pytest.skip("the triton backend serves no device here")
+    native = "cpu" if device == "cpu" else "cuda"
+
+    def args():
+        return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in make_args())
+
+    with pytest.raises(exc_type) as triton_error:
+        getattr(torch.ops.pyvae, "scale_grad_triton_" if name == "scale_grad_" else name + "_triton")(*args())
+    assert words in str(triton_error.value)
+    if native in backends.available(device):  # the same exception, word for word, as the C++ op's
+        with pytest.raises(exc_type) as cpp_error:
+            getattr(torch.ops.pyvae, name)(*args())
+        assert str(triton_error.value) == str(cpp_error.value)
+
+
+def test_triton_ops_refuse_inputs_on_two_devices():
+    if not torch.cuda.is_available() or "triton" not in backends.available("cuda"):
+        pytest.skip("needs the triton backend and a CUDA device")
+    cpu, gpu = _t(4, 3), _t(4, 3).cuda()
+    with pytest.raises(ValueError, match="same device"):
+        torch.ops.pyvae.reparam_kl_forward_triton(gpu, cpu, 1, 1, False)
+    with pytest.raises(ValueError, match="same device"):
+        torch.ops.pyvae.nearest_code_triton(gpu, cpu, True)
+    with pytest.raises(ValueError, match="same device"):
+        torch.ops.pyvae.likelihood_forward_triton("bernoulli", gpu, cpu, None, 0.0, 0.0, False, True, False, False,
+                                                  1.0, False)
