@@ -6,12 +6,16 @@ providers of one case interleaved round by round so machine noise hits them alik
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import datetime as _dt
+import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +24,12 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# Seconds of timed runs per provider of one CPU case, or None for the fixed repetition counts of
+# time_case. The runner's default (headline) sweep sets it so that a slow eager baseline (seconds a
+# call) is timed a few times rather than fifteen; the full sweep leaves it None.
+CPU_TIME_BUDGET_S: float | None = None
+MIN_CPU_REPS = 5
 
 
 @dataclass
@@ -117,17 +127,24 @@ def _percentiles(samples_ms: list[float]) -> Timing:
     return Timing(statistics.median(samples_ms), qs[1], qs[7])
 
 
-def time_cpu_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 3) -> dict[str, Timing]:
-    """perf_counter timings of several candidates, interleaved round by round."""
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 3,
+                         budget_s: float | None = None) -> dict[str, Timing]:
+    """perf_counter timings of several candidates, interleaved round by round.
+
+    With ``budget_s``, the rounds stop early once they have taken about ``budget_s`` seconds per
+    candidate (never before MIN_CPU_REPS rounds)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
+    start = time.perf_counter()
+    for done in range(1, reps + 1):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
+        if budget_s is not None and done >= MIN_CPU_REPS and time.perf_counter() - start >= budget_s * len(fns):
+            break
     return {k: _percentiles(v) for k, v in samples.items()}
 
 
@@ -183,7 +200,7 @@ def peak_memory(device: str, fn: Callable[[], object]) -> int | None:
     if device != "cpu":
         return None
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_output_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((ev.start_ns(), ev.nbytes()) for ev in prof.profiler.kineto_results.events()
                     if ev.name() == "[memory]")
@@ -192,6 +209,34 @@ def peak_memory(device: str, fn: Callable[[], object]) -> int | None:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _native_output_silenced():
+    """Sends file descriptors 1 and 2 to /dev/null for the duration: the profiler's C++ side logs
+    (``USDT ... profiler_start``, "Memory block of unknown size ...") straight to them, past Python."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    _libc_fflush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        _libc_fflush()  # what C stdio buffered while silenced goes to /dev/null, not to the terminal later
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def _libc_fflush() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -216,8 +261,10 @@ def time_case(case: Case, device: str, label: str = "") -> list[Row]:
     backward = case.mode != "forward"
     for graph in graph_flags:
         if device == "cpu":
+            budget = CPU_TIME_BUDGET_S
             timings = time_cpu_interleaved(case.steps, reps=200 if case.numel <= 1 << 16 else
-                                           40 if case.numel <= 1 << 22 else 15)
+                                           40 if case.numel <= 1 << 22 else 15,
+                                           warmup=3 if budget is None else 1, budget_s=budget)
         else:
             timings = {}
             for name, step in case.steps.items():
@@ -229,10 +276,13 @@ def time_case(case: Case, device: str, label: str = "") -> list[Row]:
         eager_ms = timings["eager"].median_ms if "eager" in timings else float("nan")
         for name, t in timings.items():
             gbps = case.traffic_bytes / (t.median_ms * 1e-3) / 1e9
+            saved: list[int] = []  # one run measures both: a slow eager step costs seconds a call
+            step = case.steps[name]
+            peak = peak_memory(device, (lambda s: lambda: saved.append(saved_tensor_bytes(s)))(step)
+                               if backward else step)
             rows.append(Row(case.op, case.shape, str(case.dtype).replace("torch.", ""), case.mode, name,
                             t.median_ms, t.p20_ms, t.p80_ms, case.traffic_bytes, gbps, 100 * gbps / copy_gbps,
-                            saved_tensor_bytes(case.steps[name]) if backward else None,
-                            peak_memory(device, case.steps[name]),
+                            saved[0] if backward else None, peak,
                             eager_ms / t.median_ms, graph,
                             case.flops / (t.median_ms * 1e-3) / 1e12 if case.flops else None))
     return rows
@@ -279,6 +329,45 @@ def markdown_table(rows: list[Row], env: dict, command: str) -> str:
                      f"{'' if r.tflops is None else f'{r.tflops:.2f}'} | {speed} | "
                      f"{mib(r.saved_bytes)} | {mib(r.peak_mem_bytes)} | {r.note} |")
     return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """One line per op, shape, dtype (named when not float32) and mode: the fastest pyvae provider's
+    median, its speed-up over eager, the faster torch.compile mode and (where measured)
+    vector-quantize-pytorch with their medians, and its peak memory against eager's."""
+    def ms(t):
+        return f"{t:.1f} ms" if t >= 1 else f"{t:.3f} ms"
+
+    def mib(b):
+        return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB"
+
+    lines = []
+    cases = dict.fromkeys((r.op, r.shape, r.dtype, r.mode) for r in rows if not r.cuda_graph)
+    for case in cases:
+        of = [r for r in rows if (r.op, r.shape, r.dtype, r.mode) == case and not r.cuda_graph]
+        ours = [r for r in of if r.provider.startswith("pyvae")]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r.median_ms)
+        parts = []
+        for label, prefix in (("eager", "eager"), ("torch.compile", "torch.compile"),
+                              ("vector-quantize-pytorch", "vector-quantize-pytorch")):
+            others = [r for r in of if r.provider == prefix or r.provider.startswith(prefix + " ")]
+            if others:
+                other = min(others, key=lambda r: r.median_ms)
+                parts.append(f"{other.median_ms / best.median_ms:5.1f}x {label} {ms(other.median_ms)}")
+            elif label != "vector-quantize-pytorch":
+                parts.append(f"no {label}")
+        eager = next((r for r in of if r.provider == "eager"), None)
+        if best.peak_mem_bytes is not None and eager is not None and eager.peak_mem_bytes:
+            parts.append(f"peak mem {mib(best.peak_mem_bytes)} ({best.peak_mem_bytes / eager.peak_mem_bytes:.2f}x "
+                         f"eager's {mib(eager.peak_mem_bytes)})")
+        op, shape, dtype, mode = case
+        label = f"{op} {shape}{'' if dtype == 'float32' else ' ' + dtype} {mode}"
+        lines.append((label, f"{best.provider} {ms(best.median_ms)}", parts))
+    width = max((len(label) for label, _, _ in lines), default=0)
+    ours = max((len(mine) for _, mine, _ in lines), default=0)
+    return [f"{label:<{width}}  {mine:>{ours}} | " + " | ".join(parts) for label, mine, parts in lines]
 
 
 def plot(rows: list[Row], out_path: Path, title: str) -> Path | None:

@@ -34,17 +34,17 @@ def cdist_nearest(x, e):
     return idx, e[idx]
 
 
-def shapes(device: str, quick: bool) -> dict:
-    """The issue's target shapes first; then, unless quick, shapes at the ends of the supported
-    ranges (D = 3 and 1000, K = 1 and 65536), to show the search has no cliff there."""
+def shapes(device: str, full: bool) -> dict:
+    """The issue's target shapes (the headline); then, with ``full``, shapes at the ends of the
+    supported ranges (D = 3 and 1000, K = 1 and 65536), to show the search has no cliff there."""
     if device == "cpu":
         nearest = [(16384, 1024, 64, torch.float32)]
-        if not quick:
+        if full:
             nearest += [(4096, k, d, torch.float32) for k, d in ((1024, 3), (1024, 1000), (1, 64), (65536, 64))]
         return {"nearest": nearest, "vq": [(16384, 1024, 64)]}
-    n, k, d = (65536, 16384, 256) if not quick else (16384, 4096, 256)
+    n, k, d = 65536, 16384, 256
     nearest = [(n, k, d, torch.float32), (n, k, d, torch.bfloat16)]
-    if not quick:
+    if full:
         nearest += [(65536, k, d, torch.float32) for k, d in ((1024, 3), (1024, 1000), (1, 256))]
         nearest += [(16384, 65536, 256, torch.float32)]
     return {"nearest": nearest, "vq": [(16384, 4096, 256)]}
@@ -79,11 +79,11 @@ def _mismatch_note(x, e, backend: str) -> str:
     return f"fast vs exact: {100 * rate:.3f}% of rows differ, mean relative excess distance {excess:.2e}"
 
 
-def run(device: str, quick: bool = False, progress=None) -> list[Row]:
+def run(device: str, full: bool = True, progress=None) -> list[Row]:
     rows: list[Row] = []
     backends_here = [b for b in pyvae.backends.available(device, "vq")
                      if b != "torch" and not (b == "triton" and device == "cpu")]
-    for n, k, d, dtype in shapes(device, quick)["nearest"]:
+    for n, k, d, dtype in shapes(device, full)["nearest"]:
         x, e = torch.randn(n, d, device=device).to(dtype), torch.randn(k, d, device=device).to(dtype)
         steps = {"eager": lambda: eager_nearest(x, e), "torch.cdist": lambda: cdist_nearest(x, e),
                  "torch.compile": (lambda f: lambda: f(x, e))(torch.compile(eager_nearest)),
@@ -105,7 +105,7 @@ def run(device: str, quick: bool = False, progress=None) -> list[Row]:
         rows += case_rows
         if progress is not None:
             progress.update(1)
-    for n, k, d in shapes(device, quick)["vq"]:
+    for n, k, d in shapes(device, full)["vq"]:
         x = torch.randn(n, d, device=device, requires_grad=True)
         e = torch.randn(k, d, device=device, requires_grad=True)
 
@@ -137,6 +137,6 @@ def run(device: str, quick: bool = False, progress=None) -> list[Row]:
     return rows
 
 
-def n_cases(device: str, quick: bool) -> int:
-    s = shapes(device, quick)
+def n_cases(device: str, full: bool) -> int:
+    s = shapes(device, full)
     return len(s["nearest"]) + len(s["vq"])
