@@ -111,14 +111,17 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: tor
 
 
 def reduce_like(values: torch.Tensor, reduction: str, rows: int) -> torch.Tensor:
-    """The five reductions of a per-element tensor whose rows are its first ``rows`` elements' worth
-    of leading dims (``values.reshape(rows, -1)``), in float64: what an op's reduction should give."""
+    """The five reductions of a float64 per-element tensor split into ``rows`` rows
+    (``values.reshape(rows, -1)``): what an op's float32 reduction should give. Each stage is summed
+    in float64 and rounded to float32, as a float32 per-sample sum or total is (inf where it
+    overflows float32, even if the mean would not)."""
     if reduction == "none":
         return values
     per_sample = values.reshape(rows, -1).sum(1) if values.numel() else values.new_zeros(rows)
+    per_sample = per_sample.float().double()
     if reduction == "per_sample":
         return per_sample
-    total = per_sample.sum()
+    total = per_sample.sum().float().double()
     if reduction == "sum":
         return total
     return total / (rows if reduction == "batchmean" else values.numel())
