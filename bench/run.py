@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.full:
             print(harness.markdown_table(rows, env, command))
         all_rows += rows
-    print(f"\nSummary: the fastest pyvae backend against the others (speed-up x, median ms); peak memory of one call")
+    print("\nSummary: the fastest pyvae backend against the others (speed-up x, median ms); peak memory of one call")
     for line in harness.summary(all_rows):
         print("  " + line)
     print(f"Results ({', '.join(args.ops)}: .csv, .md tables with every provider, .png) in {out_dir}/")
