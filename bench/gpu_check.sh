@@ -77,7 +77,7 @@ want bench && bench_ops="reparam_kl likelihood vq"
 for op in reparam_kl likelihood vq; do want "bench:$op" && bench_ops="$bench_ops $op"; done
 if [ -n "$bench_ops" ]; then
   for op in $bench_ops; do
-    step "bench $op" "$OUT_DIR/bench.log" bash -c "cd bench && '$PY' run.py --ops $op --out '$PWD/$OUT_DIR'"
+    step "bench $op" "$OUT_DIR/bench.log" bash -c "cd bench && '$PY' run.py --full --ops $op --out '$PWD/$OUT_DIR'"
   done
   slug=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); import harness; print(harness.device_slug('cuda'))")
   mkdir -p "bench/results/$slug"
