@@ -1,7 +1,9 @@
-// The Python extension module pyvae._C. Loading it runs the TORCH_LIBRARY registrations in
-// ops.cpp; the module itself only reports how it was built (python -m pyvae prints these).
+// The Python extension module pyvae._C. Loading it runs the operator registrations of every op
+// family (csrc/<family>_ops.cpp: TORCH_LIBRARY_FRAGMENT schemas, TORCH_LIBRARY_IMPL kernels); the
+// module itself only reports how it was built (python -m pyvae prints these).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/library.h>
 
 #include <string>
 #include <vector>
@@ -14,6 +16,10 @@
 #ifndef PYVAE_CUDA_ARCHS
 #define PYVAE_CUDA_ARCHS ""
 #endif
+
+// The pyvae operator namespace, defined once (a second definition elsewhere fails at load); each op
+// family adds its schemas to it with TORCH_LIBRARY_FRAGMENT(pyvae, m).
+TORCH_LIBRARY(pyvae, m) {}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyvae native kernels (operators are registered under torch.ops.pyvae)";

@@ -1,11 +1,11 @@
-// Plain-data description of one likelihood call, filled in by csrc/ops.cpp and read by the CPU and
-// CUDA kernels. prediction and target are viewed as [rows, cols] (rows = batch, cols = the rest)
-// with unit column stride; logvar, when given, is float32 [1 or rows, cols].
+// Plain-data description of one likelihood call, filled in by csrc/likelihood_ops.cpp and read by
+// the CPU and CUDA kernels. prediction and target are viewed as [rows, cols] (rows = batch, cols =
+// the rest) with unit column stride; logvar, when given, is float32 [1 or rows, cols].
 #pragma once
 #include <stdint.h>
 
+#include "dtype.h"
 #include "likelihood_math.h"
-#include "reparam_kl_params.h"  // DType
 
 namespace pyvae {
 

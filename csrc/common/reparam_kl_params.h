@@ -1,13 +1,13 @@
-// Plain-data description of one reparameterize + KL call, filled in by csrc/ops.cpp and read by the
-// CPU and CUDA kernels (which stay torch-free). Inputs are viewed as [rows, cols] with unit column
-// stride and the given row strides; z and the gradients are contiguous. A prior's mean and
-// log-variance are read in place with row and column strides (0 where they broadcast).
+// Plain-data description of one reparameterize + KL call, filled in by csrc/reparam_kl_ops.cpp and
+// read by the CPU and CUDA kernels (which stay torch-free). Inputs are viewed as [rows, cols] with
+// unit column stride and the given row strides; z and the gradients are contiguous. A prior's mean
+// and log-variance are read in place with row and column strides (0 where they broadcast).
 #pragma once
 #include <stdint.h>
 
-namespace pyvae {
+#include "dtype.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace pyvae {
 
 // What forward and backward both read.
 struct ReparamKLInputs {

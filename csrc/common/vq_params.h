@@ -1,10 +1,10 @@
-// Plain-data description of one nearest-code search, filled in by csrc/ops.cpp and read by the
+// Plain-data description of one nearest-code search, filled in by csrc/vq_ops.cpp and read by the
 // CUDA kernel (torch-free). x is [rows, dim] and the codebook [codes, dim], each with unit column
 // stride; code_sq[k] = |e_k|^2 in float32.
 #pragma once
 #include <stdint.h>
 
-#include "reparam_kl_params.h"  // DType
+#include "dtype.h"
 
 namespace pyvae {
 

@@ -16,7 +16,7 @@
 #include <immintrin.h>
 #endif
 
-#include "../common/reparam_kl_params.h"  // DType
+#include "../common/dtype.h"
 
 namespace pyvae::cpu {
 

@@ -156,7 +156,7 @@ void forward_impl(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) 
   const T* mu = static_cast<const T*>(p.in.mu);
   const T* logvar = static_cast<const T*>(p.in.logvar);
   T* z = static_cast<T*>(p.z);
-  const uint64_t seed = static_cast<uint64_t>(p.seed.key);  // the host resolved it (csrc/ops.cpp)
+  const uint64_t seed = static_cast<uint64_t>(p.seed.key);  // the host resolved it (csrc/reparam_kl_ops.cpp)
   const RowBlocks blocks(p.in.rows, p.in.cols);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {

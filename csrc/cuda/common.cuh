@@ -9,7 +9,7 @@
 
 #include <type_traits>
 
-#include "../common/reparam_kl_params.h"  // DType
+#include "../common/dtype.h"
 
 namespace pyvae::cuda {
 namespace {

@@ -1,0 +1,332 @@
+// The reparameterize + KL op family: schemas of torch.ops.pyvae.reparam_kl_forward / _backward and
+// their CPU and CUDA implementations, which check the tensors, view them as [rows, cols], allocate
+// the outputs, resolve the Philox key (an explicit seed, torch's CPU generator, or the CUDA
+// generator's state read by the kernel itself) and call the torch-free kernels in cpu/ and cuda/.
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/reparam_kl_params.h"
+#include "cpu/reparam_kl.h"
+#include "ops_common.h"
+#ifdef PYVAE_WITH_CUDA
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+
+#include "cuda/reparam_kl.h"
+#endif
+
+namespace pyvae {
+namespace {
+
+struct CheckedInputs {
+  at::Tensor mu, logvar;  // [rows, cols] views (or copies) that the kernel pointers point into
+  ReparamKLInputs kernel;
+};
+
+CheckedInputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar) {
+  TORCH_CHECK_VALUE(mu.dim() >= 1, "mu must have at least one dimension, got a 0-d tensor");
+  TORCH_CHECK_VALUE(mu.sizes() == logvar.sizes(), "mu and logvar must have the same shape, got ",
+                    mu.sizes(), " and ", logvar.sizes());
+  TORCH_CHECK_TYPE(mu.scalar_type() == logvar.scalar_type(), "mu and logvar must have the same dtype, got ",
+                   mu.scalar_type(), " and ", logvar.scalar_type());
+  kernel_dtype(mu, "mu");
+  TORCH_CHECK_VALUE(mu.device() == logvar.device(), "mu and logvar must be on the same device");
+  const int64_t cols = mu.size(-1);
+  const int64_t rows = c10::multiply_integers(mu.sizes().slice(0, mu.dim() - 1));
+  CheckedInputs in{as_rows(mu, rows, cols), as_rows(logvar, rows, cols), {}};
+  in.kernel = ReparamKLInputs{kernel_dtype(mu, "mu"), in.mu.data_ptr(), in.logvar.data_ptr(), in.mu.stride(0),
+                              in.logvar.stride(0), rows, cols};
+  return in;
+}
+
+// A prior tensor as the kernels read it: broadcast to mu's shape and viewed as [rows, cols] in place
+// (stride 0 along the broadcast dims: a [Z] or [1, Z] prior is one row read by every row), copied
+// only where no such view exists (e.g. [A, 1, Z] for an [A, B, Z] mu) or the columns are strided.
+at::Tensor prior_rows(const at::Tensor& t, const char* name, const at::Tensor& mu, int64_t rows, int64_t cols) {
+  TORCH_CHECK_TYPE(t.scalar_type() == mu.scalar_type(), name, " must have the dtype of mu (", mu.scalar_type(),
+                   "), got ", t.scalar_type());
+  PYVAE_CHECK_DEVICE_OF(t, name, mu, "mu");
+  TORCH_CHECK_VALUE(at::is_expandable_to(t.sizes(), mu.sizes()), name, " of shape ", t.sizes(),
+                    " does not broadcast to mu's shape ", mu.sizes());
+  at::Tensor v = t.expand(mu.sizes()).reshape({rows, cols});
+  return cols > 1 && v.stride(1) != 0 && v.stride(1) != 1 ? v.contiguous() : v;
+}
+
+struct CheckedPrior {
+  at::Tensor mu, logvar;  // the [rows, cols] views the kernel pointers point into (undefined if absent)
+  ReparamKLPrior kernel;
+};
+
+CheckedPrior check_prior(const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
+                         const at::Tensor& mu, const CheckedInputs& in) {
+  CheckedPrior c{};
+  c.kernel.present = prior_mu.has_value() || prior_logvar.has_value();
+  const int64_t rows = in.kernel.rows, cols = in.kernel.cols;
+  // cols == 1: only column 0 is read, whatever the stride
+  const auto col_stride = [&](const at::Tensor& v) -> int64_t { return cols > 1 && v.stride(1) == 0 ? 0 : 1; };
+  if (prior_mu.has_value()) {
+    c.mu = prior_rows(*prior_mu, "prior_mu", mu, rows, cols);
+    c.kernel.mu = c.mu.data_ptr();
+    c.kernel.mu_row_stride = c.mu.stride(0);
+    c.kernel.mu_col_stride = col_stride(c.mu);
+  }
+  if (prior_logvar.has_value()) {
+    c.logvar = prior_rows(*prior_logvar, "prior_logvar", mu, rows, cols);
+    c.kernel.logvar = c.logvar.data_ptr();
+    c.kernel.logvar_row_stride = c.logvar.stride(0);
+    c.kernel.logvar_col_stride = col_stride(c.logvar);
+  }
+  return c;
+}
+
+void check_seed_value(const std::optional<int64_t>& seed) {
+  TORCH_CHECK_VALUE(!seed.has_value() || *seed >= 0, "seed must be in [0, 2**63 - 1], got ", seed.value_or(0));
+}
+
+const int64_t* check_seed_tensor(const at::Tensor& seed, const at::Tensor& mu) {
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1,
+                    "seed must be a one-element int64 tensor (the seed_used output of forward)");
+  PYVAE_CHECK_DEVICE_OF(seed, "seed", mu, "mu");
+  return seed.data_ptr<int64_t>();
+}
+
+// A key for seed=None on the CPU: the next 63 bits of torch's default CPU generator.
+int64_t draw_cpu_key() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return static_cast<int64_t>(gen.get<at::CPUGeneratorImpl>()->random64() >> 1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward(const at::Tensor& mu, int64_t n_samples,
+                                                                 bool kl_per_element) {
+  TORCH_CHECK_VALUE(n_samples >= 1, "n_samples must be >= 1, got ", n_samples);
+  std::vector<int64_t> z_shape{n_samples};
+  z_shape.insert(z_shape.end(), mu.sizes().begin(), mu.sizes().end());
+  at::Tensor z = new_output(z_shape, mu.options());
+  at::Tensor kl = kl_per_element ? new_output(mu.sizes(), mu.options().dtype(at::kFloat))
+                                 : at::empty(mu.sizes().slice(0, mu.dim() - 1), mu.options().dtype(at::kFloat));
+  at::Tensor seed_used = at::empty({}, mu.options().dtype(at::kLong));
+  return {z, kl, seed_used};
+}
+
+ReparamKLForwardParams forward_params(const CheckedInputs& in, int64_t n_samples, bool kl_per_element,
+                                      at::Tensor& z, at::Tensor& kl, at::Tensor& seed_used) {
+  ReparamKLForwardParams p{};
+  p.in = in.kernel;
+  p.seed.key_out = seed_used.data_ptr<int64_t>();
+  p.samples = n_samples;
+  p.z = z.data_ptr();
+  p.kl = kl.data_ptr<float>();
+  p.kl_per_element = kl_per_element;
+  return p;
+}
+
+struct BackwardBuffers {
+  at::Tensor grad_z, grad_kl, grad_mu, grad_logvar;
+  at::Tensor grad_prior_mu, grad_prior_logvar;  // float32 [rows, cols] per element, where asked for
+  ReparamKLPriorGrads prior_grads{};            // pointers into them
+};
+
+ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tensor& seed,
+                                        const std::optional<at::Tensor>& grad_z,
+                                        const std::optional<at::Tensor>& grad_kl, const at::Tensor& mu,
+                                        BackwardBuffers& buf) {
+  ReparamKLBackwardParams p{};
+  p.in = in.kernel;
+  p.seed = check_seed_tensor(seed, mu);
+  p.samples = 0;
+  if (grad_z.has_value()) {
+    TORCH_CHECK_VALUE(grad_z->dim() == mu.dim() + 1 && grad_z->sizes().slice(1) == mu.sizes(),
+                      "grad_z must have shape [n_samples, *mu.shape], got ", grad_z->sizes());
+    TORCH_CHECK_TYPE(grad_z->scalar_type() == mu.scalar_type(), "grad_z must have the dtype of mu");
+    PYVAE_CHECK_DEVICE_OF(*grad_z, "grad_z", mu, "mu");
+    buf.grad_z = grad_z->contiguous();
+    p.grad_z = buf.grad_z.data_ptr();
+    p.samples = grad_z->size(0);
+  }
+  if (grad_kl.has_value()) {
+    TORCH_CHECK_VALUE(grad_kl->sizes() == mu.sizes(),
+                      "grad_kl must have the shape of mu (expanded if need be), got ", grad_kl->sizes());
+    TORCH_CHECK_TYPE(grad_kl->scalar_type() == at::kFloat, "grad_kl must be float32");
+    PYVAE_CHECK_DEVICE_OF(*grad_kl, "grad_kl", mu, "mu");
+    buf.grad_kl = grad_kl->reshape({in.kernel.rows, in.kernel.cols});  // a view for expanded per-row/scalar grads
+    p.grad_kl = buf.grad_kl.data_ptr<float>();
+    p.grad_kl_row_stride = buf.grad_kl.stride(0);
+    p.grad_kl_col_stride = buf.grad_kl.stride(1);
+  }
+  buf.grad_mu = new_output(mu.sizes(), mu.options());
+  buf.grad_logvar = new_output(mu.sizes(), mu.options());
+  p.grad_mu = buf.grad_mu.data_ptr();
+  p.grad_logvar = buf.grad_logvar.data_ptr();
+  return p;
+}
+
+// Float32 per-element buffers for the prior's gradients asked for (none without grad_kl: they are
+// then zero).
+void allocate_prior_grads(const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
+                          bool prior_mu_grad, bool prior_logvar_grad, const at::Tensor& mu,
+                          const ReparamKLBackwardParams& p, BackwardBuffers& buf) {
+  TORCH_CHECK_VALUE(!prior_mu_grad || prior_mu.has_value(), "prior_mu_grad needs a prior_mu");
+  TORCH_CHECK_VALUE(!prior_logvar_grad || prior_logvar.has_value(), "prior_logvar_grad needs a prior_logvar");
+  if (p.grad_kl == nullptr) return;
+  const auto options = mu.options().dtype(at::kFloat);
+  if (prior_mu_grad) {
+    buf.grad_prior_mu = new_output({p.in.rows, p.in.cols}, options);
+    buf.prior_grads.mu = buf.grad_prior_mu.data_ptr<float>();
+  }
+  if (prior_logvar_grad) {
+    buf.grad_prior_logvar = new_output({p.in.rows, p.in.cols}, options);
+    buf.prior_grads.logvar = buf.grad_prior_logvar.data_ptr<float>();
+  }
+}
+
+// A prior's gradient in its own shape and dtype: the kernel's per-element float32 values summed over
+// the dims where it broadcasts (at::sum_to: a fixed-order reduction), zeros without a KL gradient,
+// an empty tensor where not asked for (the schema has no optional outputs).
+at::Tensor reduce_prior_grad(const at::Tensor& per_element, const std::optional<at::Tensor>& prior, bool wanted,
+                             const at::Tensor& mu) {
+  if (!wanted) return at::empty({0}, mu.options());
+  if (!per_element.defined()) return at::zeros(prior->sizes(), prior->options());
+  return at::sum_to(per_element.view(mu.sizes()), prior->sizes()).to(prior->scalar_type()).contiguous();
+}
+
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+BackwardResult backward_result(const BackwardBuffers& buf, const std::optional<at::Tensor>& prior_mu,
+                               const std::optional<at::Tensor>& prior_logvar, bool prior_mu_grad,
+                               bool prior_logvar_grad, const at::Tensor& mu) {
+  return {buf.grad_mu, buf.grad_logvar, reduce_prior_grad(buf.grad_prior_mu, prior_mu, prior_mu_grad, mu),
+          reduce_prior_grad(buf.grad_prior_logvar, prior_logvar, prior_logvar_grad, mu)};
+}
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar, std::optional<int64_t> seed,
+                                     int64_t n_samples, bool kl_per_element,
+                                     const std::optional<at::Tensor>& prior_mu,
+                                     const std::optional<at::Tensor>& prior_logvar) {
+  CheckedInputs in = check_inputs(mu, logvar);
+  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
+  check_seed_value(seed);
+  auto [z, kl, seed_used] = allocate_forward(mu, n_samples, kl_per_element);
+  ReparamKLForwardParams p = forward_params(in, n_samples, kl_per_element, z, kl, seed_used);
+  p.seed.key = seed.has_value() ? *seed : draw_cpu_key();
+  *p.seed.key_out = p.seed.key;
+  if (in.kernel.cols == 0) kl.zero_();  // an empty sum per row
+  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_forward(p, prior.kernel);
+  return {z, kl, seed_used};
+}
+
+BackwardResult reparam_kl_backward_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
+                                       const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_kl,
+                                       const std::optional<at::Tensor>& prior_mu,
+                                       const std::optional<at::Tensor>& prior_logvar, bool prior_mu_grad,
+                                       bool prior_logvar_grad) {
+  CheckedInputs in = check_inputs(mu, logvar);
+  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
+  BackwardBuffers buf;
+  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
+  allocate_prior_grads(prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu, p, buf);
+  if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_backward(p, prior.kernel, buf.prior_grads);
+  return backward_result(buf, prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu);
+}
+
+#ifdef PYVAE_WITH_CUDA
+ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar, std::optional<int64_t> seed,
+                                      int64_t n_samples, bool kl_per_element,
+                                      const std::optional<at::Tensor>& prior_mu,
+                                      const std::optional<at::Tensor>& prior_logvar) {
+  CheckedInputs in = check_inputs(mu, logvar);
+  check_seed_value(seed);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
+  auto [z, kl, seed_used] = allocate_forward(mu, n_samples, kl_per_element);
+  ReparamKLForwardParams p = forward_params(in, n_samples, kl_per_element, z, kl, seed_used);
+  if (seed.has_value()) {
+    p.seed.key = *seed;
+  } else {
+    // The generator's (seed, offset) is read by the kernel itself, so drawing costs no launch and
+    // no host sync, and a captured graph gets a fresh offset on every replay (as dropout does).
+    auto gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+        std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
+    at::PhiloxCudaState state;
+    {
+      std::lock_guard<std::mutex> lock(gen->mutex_);
+      state = gen->philox_cuda_state(4);
+    }
+    p.seed.from_cuda_generator = true;
+    p.seed.captured = state.captured_;
+    if (state.captured_) {
+      p.seed.generator_seed_ptr = state.seed_.ptr;
+      p.seed.generator_offset_ptr = state.offset_.ptr;
+      p.seed.offset_intragraph = state.offset_intragraph_;
+    } else {
+      p.seed.generator_seed = state.seed_.val;
+      p.seed.generator_offset = state.offset_.val;
+    }
+  }
+  if (in.kernel.cols == 0) kl.zero_();
+  if (in.kernel.rows == 0 || in.kernel.cols == 0) {
+    // nothing to draw: an empty backward takes any key; a given seed is recorded as on the CPU
+    seed_used.fill_(seed.value_or(0));
+  } else {
+    cuda::reparam_kl_forward(p, prior.kernel, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {z, kl, seed_used};
+}
+
+BackwardResult reparam_kl_backward_cuda(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
+                                        const std::optional<at::Tensor>& grad_z,
+                                        const std::optional<at::Tensor>& grad_kl,
+                                        const std::optional<at::Tensor>& prior_mu,
+                                        const std::optional<at::Tensor>& prior_logvar, bool prior_mu_grad,
+                                        bool prior_logvar_grad) {
+  CheckedInputs in = check_inputs(mu, logvar);
+  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);  // checks the priors' devices
+  BackwardBuffers buf;
+  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);  // checks every device
+  const c10::cuda::CUDAGuard guard(mu.device());
+  allocate_prior_grads(prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu, p, buf);
+  cuda::reparam_kl_backward(p, prior.kernel, buf.prior_grads, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return backward_result(buf, prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu);
+}
+#endif
+
+}  // namespace
+}  // namespace pyvae
+
+TORCH_LIBRARY_FRAGMENT(pyvae, m) {
+  // z: [n_samples, *mu.shape] in mu's dtype; kl (float32): mu.shape if kl_per_element else mu.shape[:-1];
+  // seed_used: 0-d int64 on mu's device, the Philox key (seed, or one drawn from torch's generator
+  // for mu's device when seed is None) that backward regenerates eps from.
+  // The KL is taken against N(prior_mu, exp(prior_logvar)) (tensors of mu's dtype and device that
+  // broadcast to mu; either alone means 0 for the other), or N(0, I) when both are None.
+  m.def("reparam_kl_forward(Tensor mu, Tensor logvar, int? seed, int n_samples, bool kl_per_element, "
+        "Tensor? prior_mu=None, Tensor? prior_logvar=None) "
+        "-> (Tensor z, Tensor kl, Tensor seed_used)",
+        {at::Tag::nondeterministic_seeded});
+  // seed: forward's seed_used; grad_z: [n_samples, *mu.shape]; grad_kl: float32 of mu's shape
+  // (an expanded view is fine); the prior as in forward. grad_prior_mu / grad_prior_logvar: in the
+  // prior's shape and dtype (summed over its broadcast dims) where prior_mu_grad / prior_logvar_grad
+  // ask for them, else empty.
+  m.def("reparam_kl_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl, "
+        "Tensor? prior_mu=None, Tensor? prior_logvar=None, bool prior_mu_grad=False, bool prior_logvar_grad=False) "
+        "-> (Tensor grad_mu, Tensor grad_logvar, Tensor grad_prior_mu, Tensor grad_prior_logvar)");
+}
+
+TORCH_LIBRARY_IMPL(pyvae, CPU, m) {
+  m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cpu);
+  m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cpu);
+}
+
+#ifdef PYVAE_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
+  m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cuda);
+  m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cuda);
+}
+#endif
