@@ -1,4 +1,4 @@
-"""Input checks of the ``torch.ops.pyvae.*_triton`` ops: the ones ``csrc/ops.cpp`` makes at the C++
+"""Input checks of the ``torch.ops.pyvae.*_triton`` ops: the ones ``csrc/*_ops.cpp`` make at the C++
 ops' boundary, with the same exception types and messages, so that a direct call of a Triton op with
 a wrong device, dtype or shape is refused before any kernel reads memory. (No Triton here, and no
 import of pyvae: kernels/ sits below pyvae.ops in the data flow.)"""
