@@ -168,7 +168,8 @@ def _likelihood_case(pair, data):
     pred_dtype = data.draw(st.sampled_from(DTYPES), label="pred dtype")
     target_dtype = data.draw(st.sampled_from(DTYPES), label="target dtype")
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="data seed"))
-    pred_scale = 1.0 if loss == "gaussian" else 3.0
+    # logits of scale 0.3 sit around the continuous Bernoulli's switch to its Taylor series at |l| = 0.25
+    pred_scale = data.draw(st.sampled_from([1.0, 0.3] if loss == "gaussian" else [3.0, 0.3]), label="pred scale")
     pred = make_tensor(shape, pred_dtype, data.draw(st.sampled_from(LAYOUTS), label="pred layout"), gen,
                        **draw_values(data, pred_dtype, "pred", huge=HUGE, scale=pred_scale), device=device)
     target = make_tensor(shape, target_dtype, data.draw(st.sampled_from(LAYOUTS), label="target layout"), gen,
@@ -218,7 +219,7 @@ def _likelihood_case(pair, data):
 
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
 def test_likelihood_properties(pair):
-    run_examples(pair, _likelihood_case, native=100, triton=25)
+    run_examples(pair, _likelihood_case, native=60, triton=50)
 
 
 # ----------------------------------------------------------------------------- vector quantization
