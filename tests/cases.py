@@ -8,8 +8,6 @@ import math
 
 import torch
 
-import pyvae
-
 from conftest import device_backends
 from tolerances import VALUE
 
@@ -125,7 +123,3 @@ def reduce_like(values: torch.Tensor, reduction: str, rows: int) -> torch.Tensor
     if reduction == "sum":
         return total
     return total / (rows if reduction == "batchmean" else values.numel())
-
-
-def available_backends(op: str | None = None, device: str = "cpu") -> list[str]:
-    return pyvae.backends.available(device, op)

@@ -15,8 +15,8 @@ from pyvae.ops.likelihood import _cb_log_norm, likelihood_reference
 from pyvae.ops.reparam_kl import reference_eps, reparameterize_kl_reference
 from pyvae.ops.vq import codebook_stats_reference
 
-from cases import (DTYPES, LAYOUTS, PAIRS, REDUCTIONS, assert_close_scaled, interpreted, make_tensor, pair_id,
-                   reduce_like, special_values)
+from cases import (DTYPES, LAYOUTS, NATIVE_PAIRS, PAIRS, REDUCTIONS, assert_close_scaled, interpreted, make_tensor,
+                   pair_id, reduce_like, special_values)
 from tolerances import SUM, VALUE
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -50,7 +50,8 @@ def draw_values(data, dtype, label, *, huge=None, moderate=100.0, scale=None, sh
     kwargs = {"scale": scale if scale is not None else data.draw(st.sampled_from(SCALES), label=f"{label} scale"),
               "shift": shift}
     if mode == "specials":
-        kwargs["specials"] = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=4), label=f"{label} specials")
+        kwargs["specials"] = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=4),
+                                       label=f"{label} specials")
     elif mode == "pool":
         kwargs["fill_from"] = pool
     return kwargs
@@ -188,8 +189,9 @@ def _likelihood_case(pair, data):
             lv_dtype = data.draw(st.sampled_from(DTYPES), label="logvar dtype")
             lv_shape = _logvar_shape(form, shape)
             layout = "contiguous" if form == "scalar tensor" else data.draw(st.sampled_from(LAYOUTS), label="lv layout")
-            logvar = make_tensor(lv_shape, lv_dtype, layout, gen, **draw_values(data, lv_dtype, "logvar", huge=HUGE, moderate=GAUSSIAN_LOGVAR_MODERATE, scale=0.5),
-                                 device=device)
+            logvar = make_tensor(lv_shape, lv_dtype, layout, gen, device=device,
+                                 **draw_values(data, lv_dtype, "logvar", huge=HUGE, moderate=GAUSSIAN_LOGVAR_MODERATE,
+                                               scale=0.5))
             if form == "per pixel, expanded":
                 logvar = logvar.expand(shape)
             kwargs["logvar"] = logvar
@@ -285,8 +287,8 @@ def _vq_case(pair, data):
         ref_counts, ref_sums = codebook_stats_reference(x.double().cpu(), ids.cpu(), k)
         assert counts.dtype == torch.float32 and torch.equal(counts.cpu().double(), ref_counts), f"{name} counts"
         _, abs_sums = codebook_stats_reference(x.double().cpu().abs(), ids.cpu(), k)
-        assert_close_scaled(sums, ref_sums, x_dtype, SUM, abs_sums + ref_counts[:, None] * SUM[x_dtype][0] / SUM[x_dtype][1],
-                            f"{name} sums")
+        atol_rows = ref_counts[:, None] * SUM[x_dtype][0] / SUM[x_dtype][1]  # atol per summed row
+        assert_close_scaled(sums, ref_sums, x_dtype, SUM, abs_sums + atol_rows, f"{name} sums")
 
     # vector_quantize: straight-through values, losses and both gradients (the codebook's from the stats kernel)
     xg = x.detach().requires_grad_()
@@ -315,7 +317,7 @@ def test_vq_properties(pair):
     run_examples(pair, _vq_case, native=60, triton=15)
 
 
-@pytest.mark.parametrize("backend", [b for d, b in PAIRS if b != "torch"])
+@pytest.mark.parametrize("backend", [b for _, b in NATIVE_PAIRS])
 @pytest.mark.xfail(strict=True, reason="undocumented disagreement: the native searches expand |x|^2 - 2 x.e + |e|^2, "
                    "so a row with an infinite value gets distance NaN (inf - inf) where the torch backend and the "
                    "float32 squared L2 distance give inf")
@@ -340,3 +342,13 @@ def test_gaussian_nll_tiny_variance(pair):
     out = pyvae.gaussian_nll(mean, target, logvar, full=False, reduction="none", backend=backend)
     expected = likelihood_reference("gaussian", mean.double(), target.double(), logvar.double())  # [-50, 1.3e3]
     torch.testing.assert_close(out.double().cpu(), expected.float().double().cpu())
+
+
+@pytest.mark.xfail(strict=True, reason="undocumented disagreement: nearest_code_reference maps a NaN distance to inf "
+                   "but an infinite one to float max (torch.nan_to_num), so among codes at distance inf it picks a "
+                   "later one, against 'ties go to the lowest index' (cpu and triton pick code 0)")
+def test_vq_tie_among_infinite_distances_torch():
+    x = torch.tensor([[0.5]])
+    codebook = torch.tensor([[math.inf], [-math.inf]])
+    idx, dist = pyvae.nearest_code(x, codebook, backend="torch")
+    assert idx.tolist() == [0] and dist.tolist() == [math.inf]
