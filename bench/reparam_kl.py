@@ -27,6 +27,8 @@ and writes four gradients (9s). The per-sample KL (4 bytes a row) is counted too
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import pyvae
@@ -66,31 +68,27 @@ def shapes(device: str, full: bool) -> list[tuple[int, int]]:
     return [(4096, 1024), (16384, 1024), (65536, 1024), (128, 32)]
 
 
-def providers(device: str) -> dict:
+def _providers(device: str, eager, pyvae_call) -> dict:
+    """eager, its two torch.compile modes, and ``pyvae_call(*inputs, backend=...)`` per pyvae backend
+    (the reference and the Triton interpreter are not contenders)."""
     found = {
-        "eager": eager_reparam_kl,
-        "torch.compile": torch.compile(eager_reparam_kl),
-        "torch.compile max-autotune": torch.compile(eager_reparam_kl, mode="max-autotune-no-cudagraphs"),
+        "eager": eager,
+        "torch.compile": torch.compile(eager),
+        "torch.compile max-autotune": torch.compile(eager, mode="max-autotune-no-cudagraphs"),
     }
     for backend in pyvae.backends.available(device):
-        if backend in ("torch",) or (backend == "triton" and device == "cpu"):
-            continue  # the reference and the Triton interpreter are not contenders
-        found[f"pyvae {backend}"] = (lambda b: lambda mu, lv: pyvae.reparameterize_kl(mu, lv, backend=b))(backend)
+        if backend != "torch" and not (backend == "triton" and device == "cpu"):
+            found[f"pyvae {backend}"] = functools.partial(pyvae_call, backend=backend)
     return found
+
+
+def providers(device: str) -> dict:
+    return _providers(device, eager_reparam_kl, lambda mu, lv, backend: pyvae.reparameterize_kl(mu, lv, backend=backend))
 
 
 def prior_providers(device: str) -> dict:
-    found = {
-        "eager": eager_reparam_kl_prior,
-        "torch.compile": torch.compile(eager_reparam_kl_prior),
-        "torch.compile max-autotune": torch.compile(eager_reparam_kl_prior, mode="max-autotune-no-cudagraphs"),
-    }
-    for backend in pyvae.backends.available(device):
-        if backend in ("torch",) or (backend == "triton" and device == "cpu"):
-            continue
-        found[f"pyvae {backend}"] = (lambda b: lambda mu, lv, pm, plv: pyvae.reparameterize_kl(
-            mu, lv, prior_mu=pm, prior_logvar=plv, backend=b))(backend)
-    return found
+    return _providers(device, eager_reparam_kl_prior, lambda mu, lv, pm, plv, backend: pyvae.reparameterize_kl(
+        mu, lv, prior_mu=pm, prior_logvar=plv, backend=backend))
 
 
 def _prior_step(fn, inputs, mode):
