@@ -437,17 +437,22 @@ def _opcheck_args(device):
     return mu, logvar, seed, gz, gkl
 
 
-@pytest.mark.parametrize("pair", NATIVE_PAIRS, ids=pair_id)
-def test_opcheck(pair):
-    device, backend = pair
-    mu, logvar, seed, gz, gkl = _opcheck_args(device)
+def _ops_and_checks(device, backend):
+    """The backend's forward and backward ops and the opcheck utilities that apply to them."""
     suffix = "_triton" if backend == "triton" else ""
-    fwd = getattr(torch.ops.pyvae, f"reparam_kl_forward{suffix}")
-    bwd = getattr(torch.ops.pyvae, f"reparam_kl_backward{suffix}")
     checks = {}
     if backend == "triton" and device == "cpu":
         # Triton's interpreter runs kernels even on fake tensors, so the fake-tensor checks need a GPU.
         checks = {"test_utils": ("test_schema", "test_autograd_registration")}
+    return (getattr(torch.ops.pyvae, f"reparam_kl_forward{suffix}"),
+            getattr(torch.ops.pyvae, f"reparam_kl_backward{suffix}"), checks)
+
+
+@pytest.mark.parametrize("pair", NATIVE_PAIRS, ids=pair_id)
+def test_opcheck(pair):
+    device, backend = pair
+    mu, logvar, seed, gz, gkl = _opcheck_args(device)
+    fwd, bwd, checks = _ops_and_checks(device, backend)
     for per_element in (False, True):
         torch.library.opcheck(fwd, (mu, logvar, 5, 2, per_element), **checks)
     # seed=None draws inside the op: outputs differ run to run, so only the structural checks apply
@@ -910,12 +915,7 @@ def test_prior_opcheck(pair):
     mu, logvar, seed, gz, gkl = _opcheck_args(device)
     prior_mu = torch.randn(3, 10, device=device)
     prior_logvar = (0.5 * torch.randn(10, device=device)).expand(3, 10)  # stride 0, read in place
-    suffix = "_triton" if backend == "triton" else ""
-    fwd = getattr(torch.ops.pyvae, f"reparam_kl_forward{suffix}")
-    bwd = getattr(torch.ops.pyvae, f"reparam_kl_backward{suffix}")
-    checks = {}
-    if backend == "triton" and device == "cpu":
-        checks = {"test_utils": ("test_schema", "test_autograd_registration")}
+    fwd, bwd, checks = _ops_and_checks(device, backend)
     for per_element in (False, True):
         torch.library.opcheck(fwd, (mu, logvar, 5, 2, per_element, prior_mu, prior_logvar), **checks)
     torch.library.opcheck(fwd, (mu, logvar, 5, 1, False, None, prior_logvar[0]), **checks)
