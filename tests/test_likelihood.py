@@ -415,6 +415,28 @@ def test_retain_graph_second_backward_is_identical():
             assert torch.equal(a, b)
 
 
+def test_second_backward_without_retain_graph_raises():
+    pred, target = make((3, 40), torch.float32, "cpu", "bernoulli", requires_grad=True)
+    for backend in pyvae.backends.available("cpu"):
+        out = pyvae.bernoulli_nll(pred, target, backend=backend)
+        torch.autograd.grad(out, pred)
+        with pytest.raises(RuntimeError, match="retain_graph=True"):
+            torch.autograd.grad(out, pred)
+
+
+def test_keeps_no_input_for_backward():
+    """The gradient is computed in forward, so neither the prediction nor the target is kept alive
+    for backward (a decoder's output is freed after forward)."""
+    pred, target = make((3, 40), torch.float32, "cpu", "bernoulli", requires_grad=True)
+    logvar = torch.zeros(1, 40, requires_grad=True)
+    for backend in pyvae.backends.available("cpu"):
+        out = pyvae.gaussian_nll(pred * 1.0, target, logvar, backend=backend)
+        node = out.grad_fn
+        while type(node).__name__ != "LikelihoodFunctionBackward":
+            node = node.next_functions[0][0]
+        assert node.saved_tensors == ()
+
+
 def test_no_grad_computes_no_gradients():
     """Under torch.no_grad the fused forward asks for no derivative buffers."""
     pred, target = make((4, 8), torch.float32, "cpu", "bernoulli", requires_grad=True)

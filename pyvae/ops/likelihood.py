@@ -14,10 +14,12 @@ Layers of this op family (the shape every pyvae op follows):
               the device, so there is no host synchronisation. Forward+backward then moves the
               minimum (read prediction and target, write the gradient), where recomputing in
               backward would read the inputs twice and evaluate the transcendental functions twice.
-              Peak memory: the inputs plus one gradient buffer (a log-variance shared by the batch
-              gets its gradient as sums over 16-row groups, 1/16 of the size, for scalar losses). A
-              second backward through the same graph (``retain_graph=True``) recomputes the
-              derivatives with the forward op, so it returns bit-identical gradients.
+              Nothing else is kept for backward: not the prediction (often a decoder's last
+              activation, which is then freed after forward) nor the target. Peak memory: the
+              inputs plus one gradient buffer (a log-variance shared by the batch gets its gradient
+              as sums over 16-row groups, 1/16 of the size, for scalar losses). A backward with
+              ``retain_graph=True`` scales a copy and keeps the buffer, so a second backward
+              through the same graph returns bit-identical gradients.
     API       :func:`bernoulli_nll`, :func:`gaussian_nll`, :func:`continuous_bernoulli_nll`.
 
 Inputs are ``[B, ...]``: ``reduction="per_sample"`` sums over all dims but the first (the
@@ -151,36 +153,42 @@ class LikelihoodFunction(torch.autograd.Function):
                                       *_grad_options(reduction, pred.shape))
         if reduction not in ("none", "per_sample"):
             out = reduce_rows(out, reduction, pred.numel())
-        ctx.save_for_backward(pred, target, logvar)
-        # Not saved tensors: backward scales them in place, once (see the module docstring).
+        # Kept as attributes, not saved tensors: backward scales them in place (see the module docstring).
         ctx.unit_grads = unit_grads
-        ctx.wanted, ctx.loss, ctx.fixed_logvar, ctx.reduction, ctx.backend = wanted, loss, fixed_logvar, reduction, backend
+        ctx.wanted, ctx.reduction, ctx.backend = wanted, reduction, backend
+        ctx.pred_shape = pred.shape
+        ctx.logvar_meta = (logvar.shape, logvar.dtype) if logvar is not None else None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        pred, target, logvar = ctx.saved_tensors
-        pred_grad, target_grad, logvar_grad = ctx.wanted
         unit_grads = ctx.unit_grads
-        ctx.unit_grads = None  # scaled in place below: a second backward must recompute them
         if unit_grads is None:
-            _, *unit_grads = _forward_op(ctx.backend)(ctx.loss, pred, target, logvar, ctx.fixed_logvar, 0.0, False,
-                                                      *ctx.wanted, *_grad_options(ctx.reduction, pred.shape))
+            raise RuntimeError("Trying to backward through a pyvae likelihood a second time: its gradient buffer was "
+                               "used by the first backward. Specify retain_graph=True on the first backward.")
+        # With retain_graph=True the unit gradients must survive for the next backward: scale copies.
+        # (Under torch.compile the traced backward is functional, so copying changes nothing there.)
+        keep = torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph()
+        if keep:
+            unit_grads = [g.clone() if want else g for g, want in zip(unit_grads, ctx.wanted)]
+        else:
+            ctx.unit_grads = None  # frees the buffers once autograd has taken the gradients
         if ctx.reduction in _SCALAR_REDUCTIONS:  # one upstream value, often 1
             upstream = grad_out.float().reshape(())
             for g, want in zip(unit_grads, ctx.wanted):
                 if want:
                     _scale_grad_(g, upstream, ctx.backend)
         else:
-            upstream = expand_reduced_grad(grad_out.float(), ctx.reduction, pred.shape, pred.shape[0])
+            upstream = expand_reduced_grad(grad_out.float(), ctx.reduction, ctx.pred_shape, ctx.pred_shape[0])
             for g, want in zip(unit_grads, ctx.wanted):
                 if want:
                     g.mul_(upstream)
+        pred_grad, target_grad, logvar_grad = ctx.wanted
         grad_pred, grad_target, grad_logvar = [g if want else None for g, want in zip(unit_grads, ctx.wanted)]
         if logvar_grad:
-            grad_logvar = grad_logvar.sum_to_size(logvar.shape).to(logvar.dtype)
-        return (None, grad_pred if pred_grad else None, grad_target if target_grad else None,
-                grad_logvar if logvar_grad else None, None, None, None, None, None)
+            logvar_shape, logvar_dtype = ctx.logvar_meta
+            grad_logvar = grad_logvar.sum_to_size(logvar_shape).to(logvar_dtype)
+        return (None, grad_pred, grad_target, grad_logvar, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- API
