@@ -15,8 +15,8 @@ A family named ``<name>`` lives in files of its own, found by these names:
                                   its C++ ops (CMakeLists.txt finds them by pattern)
     bench/<name>.py               its benchmark (``run`` and ``n_cases``, run by bench/run.py)
     tests/test_<name>.py          its tests (plus ``tests``)
-    ``<name>_cases`` in tests/cuda_sanitize_cases.py    a small run of each of its CUDA kernels
-    ``<name>_launches`` in tests/triton_gpu_compile.py  every Triton kernel variant its launchers ask for
+    tests/gpu_cases/<name>.py     its cases of the GPU checks: a small run of each CUDA kernel for
+                                  compute-sanitizer, and every Triton kernel variant its launchers ask for
 
 This module imports nothing of pyvae, so that :mod:`pyvae.backends` can import it and shell scripts
 can run it: ``python pyvae/registry.py ATTRIBUTE [NAME...]`` prints that attribute of the named
@@ -73,14 +73,10 @@ class OpFamily:
         return (f"tests/test_{self.name}.py", *self.tests)
 
     @property
-    def sanitize_cases(self) -> str:
-        """The function of tests/cuda_sanitize_cases.py that runs each of its CUDA kernels once or more."""
-        return f"{self.name}_cases"
-
-    @property
-    def gpu_compile_cases(self) -> str:
-        """The function of tests/triton_gpu_compile.py that calls its Triton launchers on meta tensors."""
-        return f"{self.name}_launches"
+    def gpu_cases(self) -> str:
+        """Its cases of the GPU checks (tests/gpu_cases/<name>.py, imported from tests/): ``sanitize``
+        for compute-sanitizer, ``triton_launches`` for the Triton GPU-compile check."""
+        return f"gpu_cases.{self.name}"
 
     @property
     def triton_ops(self) -> tuple[str, ...]:

@@ -17,14 +17,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = pytest.mark.parametrize("family", registry.FAMILIES, ids=registry.NAMES)
 
 
-def _read(*parts: str) -> str:
-    with open(os.path.join(REPO, *parts)) as f:
+def _read(path: str) -> str:
+    """The text of a file of the repository."""
+    with open(os.path.join(REPO, path)) as f:
         return f.read()
 
 
-def _functions(*parts: str) -> set[str]:
-    """Names of the top-level functions a Python file defines."""
-    return {node.name for node in ast.parse(_read(*parts)).body if isinstance(node, ast.FunctionDef)}
+def _functions(path: str) -> set[str]:
+    """Names of the top-level functions a Python file of the repository defines."""
+    return {node.name for node in ast.parse(_read(path)).body if isinstance(node, ast.FunctionDef)}
 
 
 def _op_modules() -> dict[str, str]:
@@ -54,13 +55,13 @@ def test_op_module_binds_a_reference_and_defines_its_functions(family):
 
 @FAMILIES
 def test_cpp_ops_are_the_schemas_of_its_binding_file(family):
-    schemas = re.findall(r'm\.def\(\s*"(\w+)\(', _read("csrc", f"{family.name}_ops.cpp"))
+    schemas = re.findall(r'm\.def\(\s*"(\w+)\(', _read(f"csrc/{family.name}_ops.cpp"))
     assert sorted(schemas) == sorted(family.ops)
 
 
 @FAMILIES
 def test_triton_twins_are_the_ops_of_its_kernels_module(family):
-    twins = re.findall(r'triton_op\(\s*"pyvae::(\w+)"', _read("kernels", f"{family.name}.py"))
+    twins = re.findall(r'triton_op\(\s*"pyvae::(\w+)"', _read(f"kernels/{family.name}.py"))
     assert sorted(twins) == sorted(family.triton_ops)
 
 
@@ -93,13 +94,13 @@ def test_every_registered_op_belongs_to_a_family():
 
 @FAMILIES
 def test_benchmark_tests_and_gpu_checks_cover_the_family(family):
-    assert {"run", "n_cases"} <= _functions("bench", f"{family.bench}.py")
+    assert {"run", "n_cases"} <= _functions(f"bench/{family.bench}.py")
     if family.tune:
         assert os.path.exists(os.path.join(REPO, "bench", f"{family.tune}.py"))
     for path in family.test_files:
         assert os.path.exists(os.path.join(REPO, path)), path
-    assert family.sanitize_cases in _functions("tests", "cuda_sanitize_cases.py")
-    assert family.gpu_compile_cases in _functions("tests", "triton_gpu_compile.py")
+    gpu_cases = "tests/" + family.gpu_cases.replace(".", "/") + ".py"  # imported from tests/
+    assert {"sanitize", "triton_launches"} <= _functions(gpu_cases), gpu_cases
 
 
 def test_op_dispatch_per_backend():
@@ -120,3 +121,13 @@ def test_a_reference_must_cover_the_family_ops():
     family = registry.OpFamily("toy", ops=("toy_forward", "toy_backward"), functions=())
     with pytest.raises(ValueError, match="its ops are"):
         family.bind_reference({"toy_forward": lambda: None})
+
+
+@FAMILIES
+def test_sanitizer_cases_run_on_the_cpu_backend(family):
+    """The cases compute-sanitizer runs on a GPU, run here on the cpu backend (trimmed): they call
+    the family's API as it is now."""
+    if "cpu" not in backends.available("cpu", family.name):
+        pytest.skip("needs the extension")
+    torch.manual_seed(0)
+    importlib.import_module(family.gpu_cases).sanitize("cpu", trim=True)

@@ -10,9 +10,8 @@ on meta tensors with ``wrap_triton`` replaced by a recorder, so each launch give
 argument types and its constexprs exactly as a GPU run would; each distinct variant is then
 compiled ahead of time (Triton's own ptxas) for sm_90, and the search for sm_80 too, and its cubin
 read by cuobjdump (tests/kernel_resources.py). The launches of op family ``<name>`` are made by
-``<name>_launches(ops, t)`` below (``ops.<op>`` calls the launcher of the op's Triton twin, ``t``
-makes meta tensors). Prints one line per variant (registers, shared memory, local memory if any);
-exits 1 if any fails to compile or is above a device limit.
+``gpu_cases.<name>.triton_launches``. Prints one line per variant (registers, shared memory, local
+memory if any); exits 1 if any fails to compile or is above a device limit.
 """
 from __future__ import annotations
 
@@ -40,52 +39,6 @@ ARCH_SENSITIVE = {"_nearest_code_kernel": [GPUTarget("cuda", 80, 32)]}
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
                 torch.int32: "i32"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# --------------------------------------------------------------------------- the launches, per op family
-def reparam_kl_launches(ops, t) -> None:
-    for dtype in DTYPES:
-        for cols in (1024, 7, 100000):  # whole short rows per program, ragged, rows longer than a block
-            mu = t(64, cols, dtype=dtype)
-            for seed in (None, 5):
-                ops.reparam_kl_forward(mu, mu, seed, 2, False)
-            ops.reparam_kl_forward(mu, mu, 5, 1, True)
-            seed = t((), dtype=torch.int64)
-            for grad_z, grad_kl in ((t(2, 64, cols, dtype=dtype), t(64, cols)), (t(1, 64, cols, dtype=dtype), None),
-                                    (None, t(64, cols))):
-                ops.reparam_kl_backward(mu, mu, seed, grad_z, grad_kl)
-            # a Gaussian prior: full, one row for the batch ([Z]: stride 0), one value per row
-            # ([B, 1]: column stride 0), or either tensor alone
-            for prior_mu, prior_logvar in ((mu, t(cols, dtype=dtype)), (t(64, 1, dtype=dtype), None), (None, mu)):
-                ops.reparam_kl_forward(mu, mu, 5, 2, False, prior_mu, prior_logvar)
-                ops.reparam_kl_forward(mu, mu, None, 1, True, prior_mu, prior_logvar)
-                for grad_z in (t(1, 64, cols, dtype=dtype), None):
-                    ops.reparam_kl_backward(mu, mu, seed, grad_z, t(64, cols), prior_mu, prior_logvar,
-                                            prior_mu is not None, prior_logvar is not None)
-
-
-def likelihood_launches(ops, t) -> None:
-    for dtype in DTYPES:
-        for loss in ("bernoulli", "gaussian", "continuous_bernoulli"):
-            for cols in (3 * 32 * 32, 65537):
-                pred, target = t(40, cols, dtype=dtype), t(40, cols)
-                logvars = [None] if loss != "gaussian" else [None, t(1, cols), t(40, cols)]
-                for logvar in logvars:
-                    for per_element, group in ((False, True), (False, False), (True, False)):
-                        ops.likelihood_forward(loss, pred, target, logvar, 0.0, 0.0, per_element, True, True,
-                                               logvar is not None, 1.0, group)
-        ops.scale_grad_(t(1000, dtype=dtype), t(1))
-
-
-def vq_launches(ops, t) -> None:
-    for dtype in DTYPES:
-        for e_dtype in (dtype, torch.float32):
-            for dim in (64, 37, 3, 1000):
-                for exact in (True, False):
-                    ops.nearest_code(t(300, dim, dtype=dtype), t(500, dim, dtype=e_dtype), exact)
-        for dim in (64, 300):
-            ops.codebook_stats(t(300, dim, dtype=dtype), t(300, dtype=torch.int64), 50)
 
 
 def record_launches(families) -> list[tuple[object, tuple, dict]]:
@@ -109,7 +62,7 @@ def record_launches(families) -> list[tuple[object, tuple, dict]]:
         kernels.wrap_triton = RecordingLauncher
         # the function under each twin's triton_op (the op itself would dispatch, not launch)
         ops = SimpleNamespace(**{op: getattr(kernels, twin)._init_fn for op, twin in zip(family.ops, family.triton_ops)})
-        globals()[family.gpu_compile_cases](ops, t)
+        importlib.import_module(family.gpu_cases).triton_launches(ops, t)
     return launches
 
 
