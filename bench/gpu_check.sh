@@ -26,9 +26,9 @@
 #   tune       each family's Triton block-size sweep (registry `tune`: bench/tune_vq_triton.py --quick)
 #   dtypes     the cuda and triton tests in float16 and bfloat16
 # Output: DIR/gpu_check.tar.gz (summary.txt, logs/<stage>.log, results/<device>/ with the benchmark
-# files, tune_<family>.md) and DIR/summary.txt beside it. DIR is --out, else $OUT (the device
-# tool's folder), else ./gpu-check-<date>. To commit the benchmark results:
-#   tar -xzf gpu_check.tar.gz -C bench results/ && mv bench/results/<device> ...  (results/ holds <device>/)
+# files, <tune script>.md) and DIR/summary.txt beside it. DIR is --out, else $OUT (the device
+# tool's folder), else ./gpu-check-<date>. `tar -xzf gpu_check.tar.gz -C bench ./results` puts the
+# benchmark results where they are committed, bench/results/<device>/.
 # Each stage prints one line: its name, status, seconds taken and its log's last line.
 #
 # DRY_RUN=1 proves the script on a machine without a GPU: it runs what a CPU can (the resource
@@ -61,6 +61,7 @@ fi
 TUNES=$(echo $("$PY" pyvae/registry.py tune "$@"))
 
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
 LOGS=$WORK/logs
 mkdir -p "$LOGS" "$OUT_DIR"
 SUMMARY=$WORK/summary.txt
