@@ -87,9 +87,10 @@ def _config_from_env() -> Optional[SearchConfig]:
     return config
 
 
-def search_config(n_rows: int, n_codes: int, dim: int, dot_fp32: bool) -> SearchConfig:
-    """Block sizes of the search for this problem. Not yet tuned on a GPU: 64 x 64 tiles (fine
-    for every shape the tests use); bench/tune_vq_triton.py measures the alternatives."""
+def search_config(dim: int) -> SearchConfig:
+    """Block sizes of the search for rows of ``dim`` values: 64 x 64 tiles, dimensions 16 to 64 per
+    ``tl.dot`` step (or ``PYVAE_VQ_TRITON_CONFIG``'s); bench/tune_vq_triton.py measures the
+    alternatives."""
     override = _config_from_env()
     if override is not None:
         return override
@@ -110,7 +111,7 @@ def launch_search(x2: torch.Tensor, e: torch.Tensor, exact: bool, idx: torch.Ten
     # interpreter (CPU tensors) multiplies bfloat16 operands as their raw bits: upcast there.
     interpreted_bf16 = x2.device.type == "cpu" and x2.dtype == torch.bfloat16
     dot_fp32 = not same_16bit or interpreted_bf16
-    c = config or search_config(n_rows, n_codes, dim, dot_fp32)
+    c = config or search_config(dim)
     with launch_device(x2):
         wrap_triton(_nearest_code_kernel)[(triton.cdiv(n_rows, c.block_n),)](
             x2, e, e_sq, idx, dist, n_rows, n_codes, dim, x2.stride(0), e.stride(0), DOT_FP32=dot_fp32,
