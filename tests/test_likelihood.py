@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import pyvae
-from pyvae.ops.likelihood import LikelihoodFunction, likelihood_reference
+from pyvae._constants import LOGVAR_GROUP_ROWS, LikelihoodFlag
+from pyvae.ops.likelihood import LikelihoodFunction, LikelihoodSpec, likelihood_reference
 
 from conftest import device_backends, devices, run_with_cpu_isa
 from tolerances import SUM, VALUE, assert_close
@@ -200,7 +201,7 @@ def test_gradcheck_float64(loss):
     inputs = (pred, target) + ((logvar,) if logvar is not None else ())
 
     def fn(p, t, lv=None):
-        return LikelihoodFunction.apply(loss, p, t, lv, 0.0, 0.1, "per_sample", "torch")
+        return LikelihoodFunction.apply(LikelihoodSpec(loss, "per_sample", "torch", constant=0.1), p, t, lv)
 
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradcheck(
@@ -218,7 +219,7 @@ def test_logvar_gradient_of_bernoulli_losses_is_zero(pair, shared):
         # a Gaussian call first leaves nonzero values in the CPU buffer cache
         pyvae.gaussian_nll(pred.clone().requires_grad_(), target, reduction="sum", backend=backend).backward()
         logvar = torch.randn((1, 3, 1) if shared else (40, 3, 50), device=device, requires_grad=True)
-        LikelihoodFunction.apply(loss, pred, target, logvar, 0.0, 0.0, "sum", backend).backward()
+        LikelihoodFunction.apply(LikelihoodSpec(loss, "sum", backend), pred, target, logvar).backward()
         assert torch.equal(logvar.grad, torch.zeros_like(logvar))
 
 
@@ -359,11 +360,13 @@ def test_opcheck(pair):
     checks = {"test_utils": ("test_schema", "test_autograd_registration")} if (backend, device) == ("triton", "cpu") else {}
     pred, target = make((3, 2, 4), torch.float32, device, "gaussian")
     logvar = torch.randn(1, 2, 1, device=device)
+    flag = LikelihoodFlag
     for loss in ("bernoulli", "gaussian", "continuous_bernoulli"):
-        for per_element in (False, True):
-            for grads in ((False, False, False), (True, True, loss == "gaussian")):
+        logvar_grad = flag.GRAD_LOGVAR | flag.GROUP_LOGVAR_GRAD if loss == "gaussian" else 0
+        for per_element in (0, flag.PER_ELEMENT):
+            for flags in (per_element, per_element | flag.GRAD_PRED | flag.GRAD_TARGET | logvar_grad):
                 torch.library.opcheck(op, (loss, pred, target, logvar if loss == "gaussian" else None, 0.2, 0.1,
-                                           per_element, *grads, 0.25, loss == "gaussian"), **checks)
+                                           flags, 0.25), **checks)
 
 
 @pytest.mark.parametrize("pair", NATIVE_PAIRS, ids=pair_id)
@@ -550,9 +553,9 @@ def test_shared_logvar_gradient_summed_in_row_groups(pair, shape):
     if backend != "torch":
         op = torch.ops.pyvae.likelihood_forward_triton if backend == "triton" else torch.ops.pyvae.likelihood_forward
         for group in (False, True):
-            grad_logvar = op("gaussian", mean.detach(), target, logvar.detach(), 0.0, 0.0, False, False, False, True,
-                             1.0, group)[3]
-            assert grad_logvar.shape == ((-(-shape[0] // 16) if group else shape[0]), *shape[1:])
+            flags = LikelihoodFlag.GRAD_LOGVAR | (LikelihoodFlag.GROUP_LOGVAR_GRAD if group else 0)
+            (grad_logvar,) = op("gaussian", mean.detach(), target, logvar.detach(), 0.0, 0.0, flags, 1.0)[1]
+            assert grad_logvar.shape == ((-(-shape[0] // LOGVAR_GROUP_ROWS) if group else shape[0]), *shape[1:])
 
 
 def test_cpu_float16_conversion_paths_agree(tmp_path):

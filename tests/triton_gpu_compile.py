@@ -20,6 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from pyvae._constants import LikelihoodFlag as flag  # noqa: E402
 from pyvae.kernels import likelihood, reparam_kl, vq  # noqa: E402
 
 # Every variant for Hopper; the search (the one kernel whose code generation differs by
@@ -77,9 +78,9 @@ def run_launchers() -> None:
                 pred, target = t(40, cols, dtype=dtype), t(40, cols)
                 logvars = [None] if loss != "gaussian" else [None, t(1, cols), t(40, cols)]
                 for logvar in logvars:
-                    for per_element, group in ((False, True), (False, False), (True, False)):
-                        fn["likelihood_forward_triton"](loss, pred, target, logvar, 0.0, 0.0, per_element, True, True,
-                                                        logvar is not None, 1.0, group)
+                    grads = flag.GRAD_PRED | flag.GRAD_TARGET | (flag.GRAD_LOGVAR if logvar is not None else 0)
+                    for mode in (flag.GROUP_LOGVAR_GRAD, 0, flag.PER_ELEMENT):
+                        fn["likelihood_forward_triton"](loss, pred, target, logvar, 0.0, 0.0, mode | grads, 1.0)
         fn["scale_grad_triton_"](t(1000, dtype=dtype), t(1))
         for e_dtype in (dtype, torch.float32):
             for dim in (64, 37, 3, 1000):
