@@ -65,3 +65,15 @@ def noise_scale(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> to
     with std."""
     std = torch.exp(0.5 * logvar.detach().double().cpu())
     return mu.detach().double().cpu().abs() + std * (eps.detach().double().cpu().abs() + 1)
+
+
+def assert_nearest_codes(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> None:
+    """VQ's exact criterion: each row's chosen code is, in float64, within 1e-5 (|x|^2 + |e|^2) of
+    the row's nearest (a search in float32 may pick either of two codes closer than its rounding)."""
+    x64 = x.detach().reshape(-1, codebook.shape[1]).double().cpu()
+    e64 = codebook.detach().double().cpu()
+    idx = idx.reshape(-1).cpu()
+    d = torch.cdist(x64, e64) ** 2
+    chosen = d.gather(1, idx.reshape(-1, 1)).squeeze(1)
+    slack = 1e-5 * ((x64 ** 2).sum(1) + (e64[idx] ** 2).sum(1))
+    assert (chosen - d.min(1).values <= slack + 1e-12).all()
