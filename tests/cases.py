@@ -35,6 +35,15 @@ NATIVE_PAIRS = [(d, b) for d, b in PAIRS if b != "torch"]
 VQ_BACKENDS = pyvae.backends.available("cpu", "vq")
 
 
+def needs_native_cpu(op: str | None = None):
+    """Skips a test of pyvae's C++ CPU backend (for the op family ``op``) where it is not built."""
+    return pytest.mark.skipif("cpu" not in pyvae.backends.available("cpu", op), reason="extension not built")
+
+
+LOSSES = {"bernoulli": pyvae.bernoulli_nll, "continuous_bernoulli": pyvae.continuous_bernoulli_nll,
+          "gaussian": pyvae.gaussian_nll}
+
+
 def pair_id(pair) -> str:
     return f"{pair[0]}-{pair[1]}"
 

@@ -1,5 +1,5 @@
-"""What a test measures about an op besides its values: the bytes it allocates, the CUDA kernels it
-launches, and that it runs without a host synchronisation. Each decision is a plain function of what
+"""What a test measures about an op besides its values: the bytes it allocates and holds, the CUDA
+kernels it launches, and that it runs without a host synchronisation. Each decision is a plain function of what
 was recorded, so the CPU suite covers it (test_probes.py) although the GPU cases only run on a GPU."""
 from __future__ import annotations
 
@@ -11,14 +11,26 @@ import torch
 import pyvae
 
 
-def allocated_bytes(fn) -> int:
-    """Bytes that ``fn()`` allocates on the CPU (the profiler's positive ``[memory]`` events), with
-    pyvae's CPU buffer cache emptied first, so a buffer it hands out again is counted too."""
+def _memory_events(fn) -> list[int]:
+    """The sizes of the CPU allocations (> 0) and frees (< 0) the profiler records while ``fn()`` runs,
+    pyvae's CPU buffer cache emptied first (so a buffer it would hand out again is allocated anew);
+    fn's result lives until the profile ends."""
     from torch.profiler import ProfilerActivity, profile
     pyvae.backends.empty_cpu_cache()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return sum(ev.nbytes() for ev in prof.profiler.kineto_results.events() if ev.name() == "[memory]" and ev.nbytes() > 0)
+        result = fn()  # noqa: F841
+    return [ev.nbytes() for ev in prof.profiler.kineto_results.events() if ev.name() == "[memory]"]
+
+
+def allocated_bytes(fn) -> int:
+    """Bytes that ``fn()`` allocates on the CPU, freed or not."""
+    return sum(n for n in _memory_events(fn) if n > 0)
+
+
+def held_bytes(fn) -> int:
+    """Bytes that ``fn()`` allocates on the CPU and still holds when it returns: its result and
+    whatever that keeps alive (autograd's saved tensors and its Functions' ctx attributes)."""
+    return sum(_memory_events(fn))
 
 
 def device_event_names(events) -> list[str]:

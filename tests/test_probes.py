@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from probes import allocated_bytes, assert_launches, device_event_names
+from probes import allocated_bytes, assert_launches, device_event_names, held_bytes
 
 
 def _event(name, device_type):
@@ -30,6 +30,9 @@ def test_launch_count_is_what_ran_before_the_probe():
             assert_launches(names, expected=1)
 
 
-def test_allocated_bytes_counts_what_was_allocated():
+def test_allocated_and_held_bytes():
+    x = torch.ones(1000)
     assert 4000 <= allocated_bytes(lambda: torch.empty(1000)) < 4000 + 1024
-    assert allocated_bytes(lambda: None) == 0
+    assert 8000 <= allocated_bytes(lambda: x * 2 + 1) < 8000 + 1024  # a temporary and the result
+    assert 4000 <= held_bytes(lambda: x * 2 + 1) < 4000 + 1024  # the result only
+    assert allocated_bytes(lambda: None) == held_bytes(lambda: None) == 0

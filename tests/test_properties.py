@@ -15,8 +15,8 @@ from pyvae.ops.likelihood import _cb_log_norm, likelihood_reference
 from pyvae.ops.reparam_kl import reference_eps, reparameterize_kl_reference
 from pyvae.ops.vq import codebook_stats_reference
 
-from cases import (DTYPES, LAYOUTS, NATIVE_PAIRS, PAIRS, REDUCTIONS, interpreted, make_tensor, pair_id, reduce_like,
-                   special_values)
+from cases import (DTYPES, LAYOUTS, LOSSES, NATIVE_PAIRS, PAIRS, REDUCTIONS, interpreted, make_tensor, pair_id,
+                   reduce_like, special_values)
 from tolerances import SUM, VALUE, assert_close_scaled, noise_scale
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -137,8 +137,6 @@ def test_reparameterize_kl_properties(pair):
 # may not (test_gaussian_nll_tiny_variance below); the huge values (exp(-logvar) = inf or 0 in
 # float64 too) and ±inf stay in the pool.
 GAUSSIAN_LOGVAR_MODERATE = 50.0
-LOSSES = {"bernoulli": pyvae.bernoulli_nll, "continuous_bernoulli": pyvae.continuous_bernoulli_nll,
-          "gaussian": pyvae.gaussian_nll}
 LOGVAR_FORMS = ["none", "float", "scalar tensor", "per channel", "per channel, no batch dim", "per pixel",
                 "per pixel, expanded", "per element", "per sample"]
 

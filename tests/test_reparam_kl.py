@@ -9,9 +9,9 @@ import torch
 import pyvae
 from pyvae.ops.reparam_kl import ReparamKLFunction, reference_eps, reparameterize_kl_reference
 
-from cases import (DTYPES, NATIVE_PAIRS, PAIRS, REDUCTIONS, devices, no_sync_pairs, pair_id, randn, run_with_cpu_isa,
-                   skip_unless_available)
-from probes import allocated_bytes, count_launches, no_host_sync
+from cases import (DTYPES, NATIVE_PAIRS, PAIRS, REDUCTIONS, devices, needs_native_cpu, no_sync_pairs, pair_id, randn,
+                   run_with_cpu_isa, skip_unless_available)
+from probes import allocated_bytes, count_launches, held_bytes, no_host_sync
 from tolerances import SUM, VALUE, assert_close, assert_close_scaled, noise_scale
 
 
@@ -149,12 +149,17 @@ def test_gradcheck_float64_torch_backend(reduction, gen):
     assert torch.autograd.gradcheck(fn, (mu, logvar))
 
 
-def test_autograd_saves_only_inputs_and_seed(gen):
-    mu, logvar = make_inputs((4, 8), torch.float32, "cpu", gen, requires_grad=True)
-    z, kl = pyvae.reparameterize_kl(mu, logvar, seed=1, backend=pyvae.backends.resolve("auto", torch.device("cpu"), "reparam_kl"))
+@pytest.mark.parametrize("backend", pyvae.backends.available("cpu", "reparam_kl"))
+def test_autograd_saves_only_inputs_and_seed(backend, gen):
+    mu, logvar = make_inputs((64, 256), torch.float32, "cpu", gen, requires_grad=True)
+    z, kl = pyvae.reparameterize_kl(mu, logvar, seed=1, backend=backend)
     saved = z.grad_fn.saved_tensors
     assert len(saved) == 3
     assert sum(t.numel() for t in saved) == 2 * mu.numel() + 1
+    # nothing else is held for backward either (no eps, no exp(logvar / 2)): forward keeps its
+    # outputs z and kl and the 8-byte seed
+    held = held_bytes(lambda: pyvae.reparameterize_kl(mu, logvar, seed=1, backend=backend))
+    assert held <= 4 * (mu.numel() + mu.shape[0]) + 64, held
 
 
 # ----------------------------------------------------------------------------- the noise
@@ -315,6 +320,9 @@ def test_autocast(pair):
         mu, logvar = layer(x).chunk(2, dim=-1)
         z, kl = pyvae.reparameterize_kl(mu, logvar, seed=3, backend=backend)
     assert z.dtype == torch.bfloat16 and kl.dtype == torch.float32
+    z_ref, kl_ref = reference(mu, logvar, 3, 1, "per_sample")  # on the bf16 values autocast handed over
+    assert_close_scaled(z, z_ref, torch.bfloat16, VALUE, z_scale(mu, logvar, 3), "z")
+    assert_close(kl, kl_ref, torch.bfloat16, SUM)
     (z.float().sum() + kl.sum()).backward()
     assert layer.weight.grad is not None and layer.weight.grad.isfinite().all()
 
@@ -448,10 +456,8 @@ def test_opcheck(pair, gen):
     torch.library.opcheck(bwd, (mu, logvar, seed, None, None), **checks)
 
 
+@needs_native_cpu()
 def test_torch_compile_fullgraph_cpu(gen):
-    if "cpu" not in pyvae.backends.available("cpu"):
-        pytest.skip("extension not built")
-
     def loss_fn(mu, logvar):
         z, kl = pyvae.reparameterize_kl(mu, logvar, seed=17, reduction="batchmean", backend="cpu")
         return (z ** 2).sum() + kl
@@ -469,9 +475,8 @@ def test_torch_compile_fullgraph_cpu(gen):
     torch.testing.assert_close(logvar.grad, grads[1])
 
 
+@needs_native_cpu()
 def test_torch_compile_fullgraph_drawn_seed(gen):
-    if "cpu" not in pyvae.backends.available("cpu"):
-        pytest.skip("extension not built")
     compiled = torch.compile(lambda m, lv: pyvae.reparameterize_kl(m, lv, backend="cpu")[0], fullgraph=True)
     mu, logvar = make_inputs((4, 12), torch.float32, "cpu", gen)
     a, b = compiled(mu, logvar), compiled(mu, logvar)
@@ -827,21 +832,23 @@ def test_prior_dtype_cast_and_gradient_dtype():
 
 
 def test_prior_autograd_saves_only_inputs_and_seed(gen):
-    mu, logvar = make_inputs((4, 8), torch.float32, "cpu", gen, requires_grad=True)
-    prior_mu = torch.randn(8, requires_grad=True)
-    prior_logvar = torch.randn(4, 8, requires_grad=True)
-    z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, seed=1,
-                                    backend=pyvae.backends.resolve("auto", torch.device("cpu"), "reparam_kl"))
-    saved = z.grad_fn.saved_tensors
+    mu, logvar = make_inputs((64, 256), torch.float32, "cpu", gen, requires_grad=True)
+    prior_mu = randn(256, gen=gen).requires_grad_()
+    prior_logvar = randn(64, 256, gen=gen).requires_grad_()
+
+    def call():
+        return pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, seed=1)
+
+    saved = call()[0].grad_fn.saved_tensors
     assert len(saved) == 5
-    assert sum(t.numel() for t in saved) == 2 * mu.numel() + 8 + 32 + 1
+    assert sum(t.numel() for t in saved) == 3 * mu.numel() + 256 + 1
+    assert held_bytes(call) <= 4 * (mu.numel() + mu.shape[0]) + 64  # z, kl and the seed: nothing more
 
 
+@needs_native_cpu()
 def test_prior_broadcast_not_materialised_cpu(gen):
     """The C++ op reads a [Z] or [1, Z] prior in place: forward allocates what it does without a
     prior (z, kl, the seed), nothing of mu's size more."""
-    if "cpu" not in pyvae.backends.available("cpu"):
-        pytest.skip("extension not built")
     mu, logvar = make_inputs((512, 256), torch.float32, "cpu", gen)
     prior_mu, prior_logvar = randn(256, gen=gen), randn(1, 256, gen=gen)
 
@@ -905,10 +912,8 @@ def test_prior_opcheck(pair, gen):
         fwd(mu, logvar, 5, 1, False, torch.randn(4, device=device), None)
 
 
+@needs_native_cpu()
 def test_prior_torch_compile_fullgraph_cpu(gen):
-    if "cpu" not in pyvae.backends.available("cpu"):
-        pytest.skip("extension not built")
-
     def loss_fn(mu, logvar, prior_mu, prior_logvar):
         z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, seed=17,
                                         reduction="batchmean", backend="cpu")

@@ -1,7 +1,6 @@
 """Vector quantisation (nearest_code, vector_quantize, codebook_stats) against float64."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 import pyvae
 from pyvae.ops.vq import VQFunction
 
-from cases import VQ_BACKENDS, no_sync_pairs, pair_id, randn, skip_if_interpreted, skip_unless_available
+from cases import VQ_BACKENDS, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_if_interpreted, skip_unless_available
 from probes import no_host_sync
 from tolerances import assert_nearest_codes
 
@@ -203,9 +202,8 @@ def test_bad_input(call, error, message):
         call()
 
 
+@needs_native_cpu("vq")
 def test_opcheck():
-    if "cpu" not in VQ_BACKENDS:
-        pytest.skip("extension not built")
     x, codebook = torch.randn(2, 10, 8), torch.randn(7, 8)
     torch.library.opcheck(torch.ops.pyvae.nearest_code, (x, codebook, True))
     torch.library.opcheck(torch.ops.pyvae.codebook_stats, (x, torch.randint(0, 7, (2, 10)), 7))
@@ -216,10 +214,8 @@ def test_opcheck():
                               test_utils=("test_schema", "test_autograd_registration"))
 
 
+@needs_native_cpu("vq")
 def test_torch_compile_fullgraph_cpu():
-    if "cpu" not in VQ_BACKENDS:
-        pytest.skip("extension not built")
-
     def step(x, codebook):
         r = pyvae.vector_quantize(x, codebook, backend="cpu")
         return r.quantized.square().sum() + r.loss
@@ -247,10 +243,9 @@ def _peak_rss() -> int:
 
 
 @pytest.mark.slow
+@needs_native_cpu("vq")
 def test_memory_never_n_by_k():
     """N=32768, K=16384, D=64: an N x K float32 matrix would be 2 GiB; peak growth stays < 512 MiB."""
-    if "cpu" not in VQ_BACKENDS:
-        pytest.skip("extension not built")
     try:
         _peak_rss_reset()
     except OSError:

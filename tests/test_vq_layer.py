@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import pyvae
 from pyvae.nn.vq import _pick_rows
 
-from cases import VQ_BACKENDS, no_sync_pairs, pair_id, randn, skip_unless_available
+from cases import VQ_BACKENDS, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_unless_available
 from probes import no_host_sync
 from tolerances import assert_nearest_codes
 CENTERS = torch.tensor([[3.0, 3.0], [-3.0, 3.0], [3.0, -3.0], [-3.0, -3.0]])
@@ -378,7 +378,7 @@ def _compare_compiled(options, steps=3, backend="aot_eager_decomp_partition", di
     return eager
 
 
-@pytest.mark.skipif("cpu" not in VQ_BACKENDS, reason="extension not built")
+@needs_native_cpu("vq")
 @pytest.mark.parametrize("options", [
     dict(ema_decay=0.9, dead_code_threshold=2.5, straight_through="rotation"),
     dict(ema_decay=0.9, dead_code_threshold=2.5, kmeans_init=True, kmeans_iters=2, cosine=True),
@@ -393,7 +393,7 @@ def test_forward_traces_fullgraph_and_matches_eager(options):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("cpu" not in VQ_BACKENDS, reason="extension not built")
+@needs_native_cpu("vq")
 def test_forward_compiles_with_inductor_and_matches_eager():
     _compare_compiled(dict(ema_decay=0.9, dead_code_threshold=2.5, straight_through="rotation"), steps=2,
                       backend="inductor")
@@ -429,7 +429,7 @@ def test_ema_layer_no_host_sync(pair, options, gen):
 
 
 # --------------------------------------------------------------------------- DDP
-@pytest.mark.skipif("cpu" not in VQ_BACKENDS, reason="extension not built")
+@needs_native_cpu("vq")
 def test_ema_codebook_is_synchronised_under_ddp(tmp_path):
     # Two gloo ranks, each with a share of a batch: their EMA state (restarts and k-means included)
     # stays identical and equals the state one process computes from the concatenated batch.
