@@ -24,9 +24,9 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def device_backends(op: str | None = None) -> list[tuple[str, str]]:
-    """Every (device, backend) pair that works on this machine (for the op family ``op``, if given)."""
-    return [(d, b) for d in devices() for b in pyvae.backends.available(d, op)]
+def device_backends() -> list[tuple[str, str]]:
+    """Every (device, backend) pair that works on this machine."""
+    return [(d, b) for d in devices() for b in pyvae.backends.available(d)]
 
 
 PAIRS = device_backends()
@@ -57,6 +57,7 @@ def no_sync_pairs(op: str) -> list:
 
 
 def skip_unless_available(pair, op: str) -> None:
+    """Skips a case whose backend does not serve the op family ``op`` on its device here."""
     if pair[1] not in pyvae.backends.available(pair[0], op):
         pytest.skip(f"backend {pair[1]!r} does not serve {op} on {pair[0]} here")
 

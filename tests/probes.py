@@ -39,33 +39,29 @@ def device_event_names(events) -> list[str]:
     return [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def probe_kernel() -> None:
-    """One kernel of an ordinary torch op, run after the op under test: a profiler that records it
-    can count launches; one that records nothing at all cannot."""
-    torch.ones((), device="cuda").add_(1)
-
-
 def assert_launches(names: list[str], expected: int, probe: int = 1) -> None:
     """The verdict of a launch-count test from ``device_event_names`` of a profile of the op
-    followed by ``probe`` launches of :func:`probe_kernel`: skip when the profiler recorded no
+    followed by ``probe`` launches of an ordinary torch op: skip when the profiler recorded no
     device event at all (no CUPTI activity here: nothing is measured, so nothing passes), else
     exactly ``expected`` launches before the probe's."""
     if not names:
-        pytest.skip("the profiler recorded no CUDA kernel at all (not even a torch op's): it cannot count launches here")
+        pytest.skip("the profiler recorded no CUDA kernel at all (not even a torch op's): no launch count here")
     op = names[:max(len(names) - probe, 0)]
     assert len(names) >= probe and len(op) == expected, (
         f"expected {expected} launch(es) and then the probe's {probe}, the profiler recorded {names}")
 
 
 def count_launches(fn, expected: int) -> None:
-    """Profiles ``fn()`` then :func:`probe_kernel` on the current CUDA device and applies
-    :func:`assert_launches`."""
+    """Profiles ``fn()`` and then one kernel of an ordinary torch op (a profiler that records that
+    one can count launches; one that records nothing at all cannot) on the current CUDA device, and
+    applies :func:`assert_launches`."""
     from torch.profiler import ProfilerActivity, profile
+    probe = torch.zeros((), device="cuda")
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-        probe_kernel()
+        probe.add_(1)  # one elementwise kernel
         torch.cuda.synchronize()
     assert_launches(device_event_names(prof.events()), expected)
 

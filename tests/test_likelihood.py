@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import pyvae
 from pyvae.ops.likelihood import LikelihoodFunction, likelihood_reference
 
-from cases import (DTYPES, LOSSES, NATIVE_PAIRS, PAIRS, REDUCTIONS, needs_native_cpu, no_sync_pairs, pair_id, rand, randn,
-                   run_with_cpu_isa, skip_if_interpreted, skip_unless_available)
+from cases import (DTYPES, LOSSES, NATIVE_PAIRS, PAIRS, REDUCTIONS, needs_native_cpu, no_sync_pairs, pair_id, rand,
+                   randn, run_with_cpu_isa, skip_if_interpreted, skip_unless_available)
 from probes import allocated_bytes, no_host_sync
 from tolerances import SUM, VALUE, assert_close
 

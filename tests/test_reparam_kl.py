@@ -93,7 +93,9 @@ def test_transposed_upstream_kl_gradient(pair, prior, gen):
     # column stride of `rows` (the kernels multiply column by stride: 64-bit in Triton)
     device, backend = pair
     mu, logvar = make_inputs((9, 6), torch.float32, device, gen)
-    priors = dict(prior_mu=randn(9, 6, gen=gen, device=device), prior_logvar=randn(6, gen=gen, device=device)) if prior else {}
+    priors = {}
+    if prior:
+        priors = dict(prior_mu=randn(9, 6, gen=gen, device=device), prior_logvar=randn(6, gen=gen, device=device))
     weight = randn(6, 9, gen=gen, device=device)
     grads = []
     for b in (backend, "torch"):

@@ -8,7 +8,8 @@ import torch
 import pyvae
 from pyvae.ops.vq import VQFunction
 
-from cases import VQ_BACKENDS, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_if_interpreted, skip_unless_available
+from cases import (VQ_BACKENDS, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_if_interpreted,
+                   skip_unless_available)
 from probes import no_host_sync
 from tolerances import assert_nearest_codes
 
