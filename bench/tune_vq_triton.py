@@ -49,7 +49,7 @@ def run(quick: bool) -> list[str]:
         exact = precision == "exact"
         idx = torch.empty(n, dtype=torch.int64, device=device)
         dist = torch.empty(n, dtype=torch.float32, device=device)
-        default = search_config(n, k, d, exact or dtype == torch.float32)
+        default = search_config(d)
         launch_search(x, e, exact, idx, dist, default)
         reference = idx.clone()
         peak = tensor_core_peak_tflops(device, dtype)

@@ -32,11 +32,16 @@ struct LikelihoodChecked {
 };
 
 LikelihoodChecked check_likelihood(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
-                                   const std::optional<at::Tensor>& logvar, double fixed_logvar, double constant) {
+                                   const std::optional<at::Tensor>& logvar, double fixed_logvar, double constant,
+                                   int64_t flags) {
   TORCH_CHECK_VALUE(pred.dim() >= 1, "the prediction must have a batch dimension, got a 0-d tensor");
   TORCH_CHECK_VALUE(pred.sizes() == target.sizes(), "prediction and target must have the same shape, got ",
                     pred.sizes(), " and ", target.sizes());
   TORCH_CHECK_VALUE(pred.device() == target.device(), "prediction and target must be on the same device");
+  TORCH_CHECK_VALUE((flags & ~likelihood_flags::kAll) == 0, "flags must be a combination of the likelihood flags (",
+                    likelihood_flags::kAll, " all set), got ", flags);
+  TORCH_CHECK_VALUE(!(flags & likelihood_flags::kGradLogvar) || logvar.has_value(),
+                    "flags ask for the log-variance's gradient, but logvar is None");
   const int64_t rows = pred.size(0);
   const int64_t cols = c10::multiply_integers(pred.sizes().slice(1));
   LikelihoodChecked c{as_rows(pred, rows, cols), as_rows(target, rows, cols), {}, {}};
@@ -73,41 +78,42 @@ void run_likelihood(const LikelihoodParams& p, const at::Device& device) {
   cpu::likelihood(p);
 }
 
-struct LikelihoodGrads {
-  at::Tensor pred, target, logvar;  // empty (numel 0) when not asked for: the schema has no optional outputs
-};
-
-// Allocates the asked-for gradients and points the kernel at them. The log-variance's is
-// [row groups, *pred.shape[1:]] (see kLogvarGroupRows) when logvar is shared by the batch.
-LikelihoodGrads allocate_grads(const at::Tensor& pred, const at::Tensor& target, bool pred_grad, bool target_grad,
-                               bool logvar_grad, LikelihoodParams& p) {
-  std::vector<int64_t> logvar_grad_shape{0};
-  if (logvar_grad) {
-    logvar_grad_shape = pred.sizes().vec();
-    logvar_grad_shape[0] = row_groups(pred.size(0), p.logvar_group_rows);
+// Allocates the derivatives that `flags` ask for, in the order prediction, target, log-variance, and
+// points the kernel at them. The log-variance's is [row groups, *pred.shape[1:]] (see
+// kLogvarGroupRows) when p.logvar_group_rows > 1.
+std::vector<at::Tensor> allocate_grads(const at::Tensor& pred, const at::Tensor& target, int64_t flags,
+                                       LikelihoodParams& p) {
+  std::vector<at::Tensor> grads;
+  if (flags & likelihood_flags::kGradPred) {
+    grads.push_back(new_output(pred.sizes(), pred.options()));
+    p.grad_pred = grads.back().data_ptr();
   }
-  LikelihoodGrads g{pred_grad ? new_output(pred.sizes(), pred.options()) : at::empty({0}, pred.options()),
-                    target_grad ? new_output(target.sizes(), target.options()) : at::empty({0}, target.options()),
-                    new_output(logvar_grad_shape, pred.options().dtype(at::kFloat))};
-  p.grad_pred = pred_grad ? g.pred.data_ptr() : nullptr;
-  p.grad_target = target_grad ? g.target.data_ptr() : nullptr;
-  p.grad_logvar = logvar_grad ? g.logvar.data_ptr<float>() : nullptr;
-  return g;
+  if (flags & likelihood_flags::kGradTarget) {
+    grads.push_back(new_output(target.sizes(), target.options()));
+    p.grad_target = grads.back().data_ptr();
+  }
+  if (flags & likelihood_flags::kGradLogvar) {
+    std::vector<int64_t> shape = pred.sizes().vec();
+    shape[0] = row_groups(pred.size(0), p.logvar_group_rows);
+    grads.push_back(new_output(shape, pred.options().dtype(at::kFloat)));
+    p.grad_logvar = grads.back().data_ptr<float>();
+  }
+  return grads;
 }
 
 // The losses (float32: per element in the prediction's shape, or per sample [B], the kernels'
-// per-column-block partial sums added in block order) and the asked-for per-element derivatives.
-using LikelihoodForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// per-column-block partial sums added in block order) and the derivatives `flags` ask for.
+using LikelihoodForwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>>;
 
 // One implementation for the CPU and CUDA keys: only the kernel launch depends on the device.
 LikelihoodForwardResult likelihood_forward(const std::string& loss, const at::Tensor& pred, const at::Tensor& target,
                                            const std::optional<at::Tensor>& logvar, double fixed_logvar,
-                                           double constant, bool per_element, bool pred_grad, bool target_grad,
-                                           bool logvar_grad, double grad_scale, bool group_logvar_grad) {
-  LikelihoodChecked c = check_likelihood(loss, pred, target, logvar, fixed_logvar, constant);
+                                           double constant, int64_t flags, double grad_scale) {
+  LikelihoodChecked c = check_likelihood(loss, pred, target, logvar, fixed_logvar, constant, flags);
   c10::OptionalDeviceGuard guard;  // after the checks: the inputs' devices are known to agree
   if (pred.is_cuda()) guard.reset_device(pred.device());
   const int64_t rows = c.kernel.rows, cols = c.kernel.cols;
+  const bool per_element = flags & likelihood_flags::kPerElement;
   at::Tensor out = per_element ? new_output(pred.sizes(), pred.options().dtype(at::kFloat))
                                : at::empty({rows, column_blocks(cols)}, pred.options().dtype(at::kFloat));
   LikelihoodParams p{};
@@ -115,15 +121,15 @@ LikelihoodForwardResult likelihood_forward(const std::string& loss, const at::Te
   p.loss = out.data_ptr<float>();
   p.per_element = per_element;
   p.grad_scale = static_cast<float>(grad_scale);
-  p.logvar_group_rows =
-      group_logvar_grad && c.kernel.logvar != nullptr && c.logvar_shared_by_batch ? kLogvarGroupRows : 1;
-  LikelihoodGrads g = allocate_grads(pred, target, pred_grad, target_grad, logvar_grad && logvar.has_value(), p);
+  const bool group = (flags & likelihood_flags::kGroupLogvarGrad) && c.kernel.logvar != nullptr;
+  p.logvar_group_rows = group && c.logvar_shared_by_batch ? kLogvarGroupRows : 1;
+  std::vector<at::Tensor> grads = allocate_grads(pred, target, flags, p);
   run_likelihood(p, pred.device());
   if (!per_element) {
     out = cols == 0 ? at::zeros({rows}, pred.options().dtype(at::kFloat))
                     : out.size(1) == 1 ? out.view({rows}) : out.sum(1);
   }
-  return {out, g.pred, g.target, g.logvar};
+  return {out, std::move(grads)};
 }
 
 void check_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
@@ -154,19 +160,18 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
 
 TORCH_LIBRARY_FRAGMENT(pyvae, m) {
   // Negative log-likelihood terms of loss "bernoulli" | "gaussian" | "continuous_bernoulli" for
-  // prediction/target [B, ...]: float32 per element (per_element) or per sample [B]. logvar
-  // (Gaussian) broadcasts to the prediction; without it every element uses fixed_logvar; constant
-  // is added per element (0.5 log 2 pi for the full Gaussian). In the same pass, the derivatives
-  // of each element's loss with respect to pred / target / logvar, where asked (else empty):
-  // backward then only scales them. Every derivative is multiplied by grad_scale (the reduction's
-  // factor, 1/B for "batchmean"). grad_logvar is float32 in the prediction's shape (not yet
-  // reduced to logvar's), except that with group_logvar_grad and a logvar shared by the batch (size 1
-  // or absent in dim 0) its dim 0 holds ceil(B / 16) sums over consecutive groups of 16 rows (for an
-  // upstream gradient that is the same for every row: a scalar loss).
+  // prediction/target [B, ...]: float32 per sample [B], or per element with the flag PER_ELEMENT.
+  // logvar (Gaussian) broadcasts to the prediction; without it every element uses fixed_logvar;
+  // constant is added per element (0.5 log 2 pi for the full Gaussian). In the same pass, the
+  // derivatives of each element's loss that `flags` ask for (GRAD_PRED, GRAD_TARGET, GRAD_LOGVAR:
+  // `grads` holds them in that order), each multiplied by grad_scale (the reduction's factor, 1/B
+  // for "batchmean"): backward then only scales them. The log-variance's is float32 in the
+  // prediction's shape (not yet reduced to logvar's), except that with GROUP_LOGVAR_GRAD and a
+  // logvar shared by the batch (size 1 or absent in dim 0) its dim 0 holds ceil(B / G) sums over
+  // consecutive groups of G = kLogvarGroupRows rows (for an upstream gradient that is the same for
+  // every row: a scalar loss). The flags and G: likelihood_params.h, pyvae._C.shared_constants().
   m.def("likelihood_forward(str loss, Tensor pred, Tensor target, Tensor? logvar, float fixed_logvar, "
-        "float constant, bool per_element, bool pred_grad, bool target_grad, bool logvar_grad, float grad_scale, "
-        "bool group_logvar_grad) "
-        "-> (Tensor loss, Tensor grad_pred, Tensor grad_target, Tensor grad_logvar)");
+        "float constant, int flags, float grad_scale) -> (Tensor loss, Tensor[] grads)");
   // grad (contiguous, float32/float16/bfloat16) *= scale (one float32 value on grad's device),
   // skipped when scale is 1, without a host synchronisation on CUDA (the kernel reads the scale).
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");

@@ -3,7 +3,6 @@
 // fixed order), and their CPU and CUDA implementations.
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
-#include <algorithm>
 #include <tuple>
 
 #include "common/vq_params.h"
@@ -81,33 +80,46 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const 
   return {idx.view(rows_shape), dist.view(rows_shape)};
 }
 
-// The indices' range is not checked here (that would read them back to the host): the Python API
-// checks it; out-of-range indices fail the scatter's device-side assertion.
-std::tuple<at::Tensor, at::Tensor> codebook_stats_cuda(const at::Tensor& x, const at::Tensor& idx, int64_t num_codes) {
-  check_codebook_stats(x, idx, num_codes);
+// The per-code sums of codebook_stats on CUDA, from the preparation that the Python side shares with
+// the Triton backend (kernels/_layout.py codebook_stats_by_chunks; see CodebookStatsParams). The
+// plan's values are not checked (that would read them back to the host), only what the kernels'
+// reads depend on besides them.
+at::Tensor codebook_chunk_sums_cuda(const at::Tensor& x, const at::Tensor& order, const at::Tensor& starts,
+                                    const at::Tensor& counts, const at::Tensor& chunk_end,
+                                    const at::Tensor& chunk_code) {
+  kernel_dtype(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [N, D], got shape ", x.sizes());
+  const int64_t rows = x.size(0), dim = x.size(1), codes = counts.numel();
+  TORCH_CHECK_VALUE(codes > 0, "counts must have an entry per code (K > 0)");
+  // int64, 1-D and contiguous on x's device
+  const auto check_plan = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
+    TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on the device of x");
+  };
+  check_plan(order, "order");
+  check_plan(starts, "starts");
+  check_plan(counts, "counts");
+  check_plan(chunk_end, "chunk_end");
+  check_plan(chunk_code, "chunk_code");
+  TORCH_CHECK_VALUE(order.numel() == rows, "order must have an entry per row of x");
+  TORCH_CHECK_VALUE(starts.numel() == codes && chunk_end.numel() == codes,
+                    "starts and chunk_end must have an entry per code, as counts has");
+  TORCH_CHECK_VALUE(chunk_code.numel() > 0 || rows == 0, "chunk_code must have an entry per chunk");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = idx.numel(), dim = x.size(-1);
-  const at::Tensor x2 = as_rows(x, rows, dim);
-  const at::Tensor flat = idx.reshape({-1});
-  const at::Tensor counts = at::zeros({num_codes}, idx.options()).scatter_add_(0, flat, at::ones_like(flat));
-  at::Tensor sums = at::zeros({num_codes, dim}, x.options().dtype(at::kFloat));
+  at::Tensor sums = at::zeros({codes, dim}, x.options().dtype(at::kFloat));
   if (rows > 0 && dim > 0) {
-    const at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-    const at::Tensor starts = counts.cumsum(0) - counts;
-    const at::Tensor chunk_end = at::floor_divide(counts + (kStatsChunkRows - 1), kStatsChunkRows).cumsum(0);
-    // every chunk holds a row, and each code's count rounds up to whole chunks
-    const int64_t max_chunks = std::min(rows, num_codes + (rows + kStatsChunkRows - 1) / kStatsChunkRows);
-    const at::Tensor chunk_code =
-        at::searchsorted(chunk_end, at::arange(max_chunks, idx.options()), /*out_int32=*/false, /*right=*/true);
+    const at::Tensor x2 = as_rows(x, rows, dim);
+    const int64_t max_chunks = chunk_code.numel();
     at::Tensor partial = at::empty({max_chunks, dim}, x.options().dtype(at::kFloat));
-    const CodebookStatsParams p{kernel_dtype(x, "x"), x2.data_ptr(), x2.stride(0), rows, dim, num_codes,
+    const CodebookStatsParams p{kernel_dtype(x, "x"), x2.data_ptr(), x2.stride(0), rows, dim, codes,
                                 order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
                                 chunk_end.data_ptr<int64_t>(), chunk_code.data_ptr<int64_t>(), max_chunks,
                                 partial.data_ptr<float>(), sums.data_ptr<float>()};
     cuda::codebook_stats(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {counts.to(at::kFloat), sums};
+  return sums;
 }
 #endif
 
@@ -119,7 +131,13 @@ TORCH_LIBRARY_FRAGMENT(pyvae, m) {
   // allows reduced-precision matrix units where the backend has them.
   m.def("nearest_code(Tensor x, Tensor codebook, bool exact) -> (Tensor idx, Tensor dist)");
   // counts [K] and sums [K, D] (float32) of the rows of x assigned to each code, in a fixed order.
+  // Its CUDA kernel is registered from Python (pyvae/ops/vq.py): the preparation it shares with the
+  // Triton backend, then codebook_chunk_sums.
   m.def("codebook_stats(Tensor x, Tensor idx, int num_codes) -> (Tensor counts, Tensor sums)");
+  // CUDA: sums [K, D] (float32) of the rows of x [N, D], each code's rows summed in chunks of
+  // kStatsChunkRows in the given order (see CodebookStatsParams in common/vq_params.h).
+  m.def("codebook_chunk_sums(Tensor x, Tensor order, Tensor starts, Tensor counts, Tensor chunk_end, "
+        "Tensor chunk_code) -> Tensor sums");
 }
 
 TORCH_LIBRARY_IMPL(pyvae, CPU, m) {
@@ -130,6 +148,6 @@ TORCH_LIBRARY_IMPL(pyvae, CPU, m) {
 #ifdef PYVAE_WITH_CUDA
 TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
   m.impl("nearest_code", &pyvae::nearest_code_cuda);
-  m.impl("codebook_stats", &pyvae::codebook_stats_cuda);
+  m.impl("codebook_chunk_sums", &pyvae::codebook_chunk_sums_cuda);
 }
 #endif

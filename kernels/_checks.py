@@ -1,12 +1,15 @@
 """Input checks of the ``torch.ops.pyvae.*_triton`` ops: the ones ``csrc/*_ops.cpp`` make at the C++
 ops' boundary, with the same exception types and messages, so that a direct call of a Triton op with
-a wrong device, dtype or shape is refused before any kernel reads memory. (No Triton here, and no
-import of pyvae: kernels/ sits below pyvae.ops in the data flow.)"""
+a wrong device, dtype or shape is refused before any kernel reads memory. (No Triton here, and
+nothing of pyvae but the constants it shares with the C++ kernels: kernels/ sits below pyvae.ops in
+the data flow.)"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+from .._constants import LikelihoodFlag
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -106,13 +109,19 @@ def check_reparam_backward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.T
 LOSSES = ("bernoulli", "gaussian", "continuous_bernoulli")
 
 
-def check_likelihood(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: Optional[torch.Tensor]) -> None:
+def check_likelihood(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: Optional[torch.Tensor],
+                     flags: int) -> None:
     if pred.dim() < 1:
         raise ValueError("the prediction must have a batch dimension, got a 0-d tensor")
     if pred.shape != target.shape:
         raise ValueError(f"prediction and target must have the same shape, got {sizes(pred)} and {sizes(target)}")
     if pred.device != target.device:
         raise ValueError("prediction and target must be on the same device")
+    if flags & ~LikelihoodFlag.ALL:
+        raise ValueError(f"flags must be a combination of the likelihood flags ({LikelihoodFlag.ALL} all set), "
+                         f"got {flags}")
+    if flags & LikelihoodFlag.GRAD_LOGVAR and logvar is None:
+        raise ValueError("flags ask for the log-variance's gradient, but logvar is None")
     if loss not in LOSSES:
         raise ValueError(f"loss must be 'bernoulli', 'gaussian' or 'continuous_bernoulli', got '{loss}'")
     kernel_dtype(pred, "prediction")

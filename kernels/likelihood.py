@@ -1,10 +1,12 @@
 """Triton kernels of the reconstruction likelihoods, registered as ``torch.ops.pyvae.*_triton``.
 
 Same work split as the CUDA kernels (``csrc/cuda/likelihood.cu``): rows are cut into column blocks
-(``COLUMN_BLOCK`` columns); a program owns BLOCK_R consecutive rows of one block and walks their
-columns in BLOCK_C chunks, writing one partial sum per row and block, which the launcher adds in
-block order: deterministic, no atomics. A log-variance shared by the batch has its gradient summed
-over groups of ``LOGVAR_GROUP_ROWS`` rows in the kernel (one program per group and block). The per-element formulas are those of ``csrc/common/likelihood_math.h``.
+(``LIKELIHOOD_COLUMN_BLOCK`` columns); a program owns BLOCK_R consecutive rows of one block and
+walks their columns in BLOCK_C chunks, writing one partial sum per row and block, which the launcher
+adds in block order: deterministic, no atomics. A log-variance shared by the batch has its gradient
+summed over groups of ``LOGVAR_GROUP_ROWS`` rows in the kernel (one program per group and block).
+Both constants are the C++ kernels' (:mod:`pyvae._constants`). The per-element formulas are those of
+``csrc/common/likelihood_math.h``.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .._constants import LIKELIHOOD_COLUMN_BLOCK, LikelihoodFlag
 from ._checks import LOSSES, check_likelihood, check_scale_grad
-from ._layout import as_rows, launch_device, logvar_grad_shape, logvar_group_rows
+from ._layout import as_rows, launch_device, logvar_group_rows, new_likelihood_grads
 
-COLUMN_BLOCK = 16384  # == kLikelihoodColumnBlock in csrc/common/likelihood_params.h
 LOSS_IDS = {name: i for i, name in enumerate(LOSSES)}  # the LOSS constexpr of _terms
 
 
@@ -105,16 +107,18 @@ def _likelihood_kernel(pred_ptr, target_ptr, logvar_ptr, out_ptr, grad_pred_ptr,
                        fixed_logvar, constant, grad_scale, rows, cols, n_blocks, pred_row_stride, target_row_stride,
                        logvar_row_stride, LOSS: tl.constexpr, HAS_LOGVAR: tl.constexpr, PER_ELEMENT: tl.constexpr,
                        PRED_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr, LOGVAR_GRAD: tl.constexpr,
-                       GROUP_LOGVAR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                       GROUP_LOGVAR: tl.constexpr, COLUMN_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     """Losses and the asked-for derivatives in one pass (LikelihoodParams in likelihood_params.h).
-    A program owns BLOCK_R consecutive rows of one column block; with GROUP_LOGVAR, BLOCK_R is the
-    row group of the log-variance's gradient, whose column sums it writes."""
+    A program owns BLOCK_R consecutive rows of one column block (COLUMN_BLOCK columns); with
+    GROUP_LOGVAR, BLOCK_R is the row group of the log-variance's gradient, whose column sums it
+    writes."""
     tile = tl.program_id(0).to(tl.int64)
     row_tile = tile // n_blocks
     block = tile % n_blocks
     row = row_tile * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    col_begin = block * 16384  # COLUMN_BLOCK
-    col_end = tl.minimum(col_begin + 16384, cols)
+    col_begin = block * COLUMN_BLOCK
+    col_end = tl.minimum(col_begin + COLUMN_BLOCK, cols)
     r2 = row[:, None]
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, col_end - col_begin, BLOCK_C):
@@ -156,7 +160,7 @@ def _scale_unless_one_kernel(grad_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 
 def _tile(cols: int, group_rows: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C): 2048-element tiles, BLOCK_R = the row group when there is one."""
-    block_c = min(triton.next_power_of_2(max(1, min(cols, COLUMN_BLOCK))), 2048 // group_rows)
+    block_c = min(triton.next_power_of_2(max(1, min(cols, LIKELIHOOD_COLUMN_BLOCK))), 2048 // group_rows)
     return (group_rows if group_rows > 1 else max(1, 2048 // block_c)), block_c
 
 
@@ -172,42 +176,35 @@ def _prepare(pred, target, logvar):
     return rows, cols, pred2, target2, full.contiguous().reshape(rows, cols), cols
 
 
-def _grads(pred, target, logvar, pred_grad: bool, target_grad: bool, logvar_grad: bool, group_logvar_grad: bool):
-    """The asked-for gradient buffers (empty when not asked: the schema has no optional outputs)."""
-    return (torch.empty_like(pred, memory_format=torch.contiguous_format) if pred_grad else pred.new_empty(0),
-            torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty(0),
-            pred.new_empty(logvar_grad_shape(pred, logvar, group_logvar_grad) if logvar_grad else (0,),
-                           dtype=torch.float32))
-
-
 @triton_op("pyvae::likelihood_forward_triton", mutates_args=())
 def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: Optional[torch.Tensor],
-                              fixed_logvar: float, constant: float, per_element: bool, pred_grad: bool,
-                              target_grad: bool, logvar_grad: bool, grad_scale: float,
-                              group_logvar_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              fixed_logvar: float, constant: float, flags: int,
+                              grad_scale: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Triton twin of ``torch.ops.pyvae.likelihood_forward`` (same schema, checks and outputs)."""
-    check_likelihood(loss, pred, target, logvar)
+    check_likelihood(loss, pred, target, logvar, flags)
     rows, cols, pred2, target2, logvar2, logvar_row_stride = _prepare(pred, target, logvar)
-    n_blocks = max(1, triton.cdiv(cols, COLUMN_BLOCK))
+    n_blocks = max(1, triton.cdiv(cols, LIKELIHOOD_COLUMN_BLOCK))
+    per_element = bool(flags & LikelihoodFlag.PER_ELEMENT)
     out = pred.new_empty(pred.shape if per_element else (rows, n_blocks), dtype=torch.float32)
-    logvar_grad = logvar_grad and logvar is not None
-    grad_pred, grad_target, grad_logvar = grads = _grads(pred, target, logvar, pred_grad, target_grad, logvar_grad,
-                                                         group_logvar_grad)
-    group_rows = logvar_group_rows(pred, logvar, group_logvar_grad) if logvar_grad else 1
+    grads = new_likelihood_grads(pred, target, logvar, flags)
+    wanted = [bool(flags & bit) for bit in LikelihoodFlag.GRADS]
+    # the kernel's pointers: each asked-for gradient, `out` (never written) for the others
+    remaining = iter(grads)
+    grad_pred, grad_target, grad_logvar = [next(remaining) if want else out for want in wanted]
+    group_rows = logvar_group_rows(pred, logvar, flags) if wanted[2] else 1
     if rows > 0 and cols > 0:
         block_r, block_c = _tile(cols, group_rows)
         with launch_device(pred):
             wrap_triton(_likelihood_kernel)[(triton.cdiv(rows, block_r) * n_blocks,)](
-                pred2, target2, logvar2, out, grad_pred if pred_grad else out, grad_target if target_grad else out,
-                grad_logvar if logvar_grad else out, fixed_logvar, constant, grad_scale, rows, cols, n_blocks,
-                pred2.stride(0), target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss],
-                HAS_LOGVAR=logvar is not None, PER_ELEMENT=per_element, PRED_GRAD=pred_grad,
-                TARGET_GRAD=target_grad, LOGVAR_GRAD=logvar_grad, GROUP_LOGVAR=group_rows > 1, BLOCK_R=block_r,
-                BLOCK_C=block_c)
+                pred2, target2, logvar2, out, grad_pred, grad_target, grad_logvar, fixed_logvar, constant, grad_scale,
+                rows, cols, n_blocks, pred2.stride(0), target2.stride(0), logvar_row_stride, LOSS=LOSS_IDS[loss],
+                HAS_LOGVAR=logvar is not None, PER_ELEMENT=per_element, PRED_GRAD=wanted[0],
+                TARGET_GRAD=wanted[1], LOGVAR_GRAD=wanted[2], GROUP_LOGVAR=group_rows > 1,
+                COLUMN_BLOCK=LIKELIHOOD_COLUMN_BLOCK, BLOCK_R=block_r, BLOCK_C=block_c)
     if not per_element:
         out = pred.new_zeros((rows,), dtype=torch.float32) if cols == 0 else (
             out.reshape(rows) if n_blocks == 1 else out.sum(1))
-    return (out, *grads)
+    return out, grads
 
 
 @triton_op("pyvae::scale_grad_triton_", mutates_args={"grad"})

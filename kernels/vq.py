@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .._constants import STATS_CHUNK_ROWS
 from ._checks import check_codebook, check_codebook_stats
-from ._layout import as_rows, launch_device
+from ._layout import StatsPlan, as_rows, codebook_stats_by_chunks, launch_device
 
 
 @triton.jit
@@ -87,9 +88,10 @@ def _config_from_env() -> Optional[SearchConfig]:
     return config
 
 
-def search_config(n_rows: int, n_codes: int, dim: int, dot_fp32: bool) -> SearchConfig:
-    """Block sizes of the search for this problem. Not yet tuned on a GPU: 64 x 64 tiles (fine
-    for every shape the tests use); bench/tune_vq_triton.py measures the alternatives."""
+def search_config(dim: int) -> SearchConfig:
+    """Block sizes of the search for rows of ``dim`` values: 64 x 64 tiles, dimensions 16 to 64 per
+    ``tl.dot`` step (or ``PYVAE_VQ_TRITON_CONFIG``'s); bench/tune_vq_triton.py measures the
+    alternatives."""
     override = _config_from_env()
     if override is not None:
         return override
@@ -110,7 +112,7 @@ def launch_search(x2: torch.Tensor, e: torch.Tensor, exact: bool, idx: torch.Ten
     # interpreter (CPU tensors) multiplies bfloat16 operands as their raw bits: upcast there.
     interpreted_bf16 = x2.device.type == "cpu" and x2.dtype == torch.bfloat16
     dot_fp32 = not same_16bit or interpreted_bf16
-    c = config or search_config(n_rows, n_codes, dim, dot_fp32)
+    c = config or search_config(dim)
     with launch_device(x2):
         wrap_triton(_nearest_code_kernel)[(triton.cdiv(n_rows, c.block_n),)](
             x2, e, e_sq, idx, dist, n_rows, n_codes, dim, x2.stride(0), e.stride(0), DOT_FP32=dot_fp32,
@@ -133,7 +135,6 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, exact: bool) ->
 
 
 # --------------------------------------------------------------------------- per-code statistics
-STATS_CHUNK_ROWS = 64  # rows of one code summed by one program (== kStatsChunkRows in csrc/cuda/vq.cu)
 
 
 @triton.jit
@@ -169,37 +170,27 @@ def _stats_merge_kernel(partial_ptr, counts_ptr, chunk_end_ptr, sums_ptr, dim, C
     tl.store(sums_ptr + code * dim + dd, acc, mask=dd < dim)
 
 
+def _chunk_sums(x2: torch.Tensor, plan: StatsPlan) -> torch.Tensor:
+    """The Triton part of codebook_stats: a program per (chunk, BLOCK_D columns) sums the chunk,
+    then a program per (code, BLOCK_D columns) adds the code's chunk sums in order."""
+    num_codes, dim = plan.counts.shape[0], x2.shape[1]
+    partial = x2.new_empty((plan.chunk_code.shape[0], dim), dtype=torch.float32)
+    sums = x2.new_empty((num_codes, dim), dtype=torch.float32)
+    block_d = min(triton.next_power_of_2(dim), 128)
+    d_blocks = triton.cdiv(dim, block_d)
+    with launch_device(x2):
+        wrap_triton(_stats_chunk_kernel)[(plan.chunk_code.shape[0], d_blocks)](
+            x2, plan.order, plan.starts, plan.counts, plan.chunk_end, plan.chunk_code, partial, num_codes, dim,
+            x2.stride(0), CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
+        wrap_triton(_stats_merge_kernel)[(num_codes, d_blocks)](
+            partial, plan.counts, plan.chunk_end, sums, dim, CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
+    return sums
+
+
 @triton_op("pyvae::codebook_stats_triton", mutates_args=())
 def codebook_stats_triton(x: torch.Tensor, idx: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.codebook_stats``: counts (float32 [K]) and sums (float32
-    [K, D]) of the rows of x assigned to each code, deterministic and without host synchronisation.
-
-    The rows are ordered by code (a stable sort), each code's rows are cut into chunks of
-    STATS_CHUNK_ROWS, one program sums a chunk (so a code that takes most rows still spreads over
-    many programs), and a second kernel adds each code's chunk sums in order. There are at most
-    K + N / STATS_CHUNK_ROWS chunks, a bound known without reading the counts back.
-    """
+    [K, D]) of the rows of x assigned to each code, deterministic and without host synchronisation
+    (the preparation the CUDA backend shares: ``_layout.codebook_stats_by_chunks``)."""
     check_codebook_stats(x, idx, num_codes)
-    dim = x.shape[-1]
-    x2 = as_rows(x, x.numel() // dim if dim else 0, dim)
-    flat = idx.reshape(-1)
-    n = flat.numel()
-    counts = torch.zeros(num_codes, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    sums = torch.zeros(num_codes, dim, dtype=torch.float32, device=x.device)
-    if n and dim:
-        order = torch.sort(flat, stable=True).indices
-        starts = torch.cumsum(counts, 0) - counts
-        chunk_end = torch.cumsum((counts + STATS_CHUNK_ROWS - 1) // STATS_CHUNK_ROWS, 0)
-        # every chunk holds a row, and each code's count rounds up to whole chunks
-        max_chunks = min(n, num_codes + triton.cdiv(n, STATS_CHUNK_ROWS))
-        chunk_code = torch.searchsorted(chunk_end, torch.arange(max_chunks, device=x.device), right=True)
-        partial = torch.empty(max_chunks, dim, dtype=torch.float32, device=x.device)
-        block_d = min(triton.next_power_of_2(dim), 128)
-        d_blocks = triton.cdiv(dim, block_d)
-        with launch_device(x2):
-            wrap_triton(_stats_chunk_kernel)[(max_chunks, d_blocks)](
-                x2, order, starts, counts, chunk_end, chunk_code, partial, num_codes, dim, x2.stride(0),
-                CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
-            wrap_triton(_stats_merge_kernel)[(num_codes, d_blocks)](
-                partial, counts, chunk_end, sums, dim, CHUNK=STATS_CHUNK_ROWS, BLOCK_D=block_d)
-    return counts.float(), sums
+    return codebook_stats_by_chunks(x, idx, num_codes, _chunk_sums)

@@ -147,10 +147,11 @@ _TRITON_BROKEN: dict[str, str] = {}
 _NATIVE_BROKEN: dict[str, str] = {}
 
 
-def load_op_family(op: str, register_fakes: Callable[[], None], reference: dict[str, Callable]) -> registry.OpFamily:
+def load_op_family(op: str, register_native: Callable[[], None], reference: dict[str, Callable]) -> registry.OpFamily:
     """The last step of importing ``pyvae.ops.<op>``: the PyTorch reference of each of its ops (what
-    ``family.op(name, "torch")`` returns), fake kernels for its C++ ops (when the extension is
-    built) and its Triton kernels (when Triton has somewhere to run). Returns the family.
+    ``family.op(name, "torch")`` returns), what its C++ ops need registered from Python (their fake
+    kernels: ``register_native``, when the extension is built) and its Triton kernels (when Triton
+    has somewhere to run). Returns the family.
 
     Only a reference that does not match the family's ops raises (a half-registered family): a
     failing fake registration or Triton import turns that backend off for ``op`` and warns, so that
@@ -160,7 +161,7 @@ def load_op_family(op: str, register_fakes: Callable[[], None], reference: dict[
     family.bind_reference(reference)
     if _EXTENSION is not None:
         try:
-            register_fakes()
+            register_native()
         except Exception as exc:
             _NATIVE_BROKEN[op] = f"its fake kernels failed to register ({type(exc).__name__}: {exc})"
             warnings.warn(f"pyvae: {_NATIVE_BROKEN[op]}; backends 'cpu' and 'cuda' are off for {op}",

@@ -47,6 +47,10 @@ class OpFamily:
     """Its C++ ops, ``torch.ops.pyvae.<op>`` (CPU and CUDA), each with a fake kernel and a Triton twin."""
     functions: tuple[str, ...]
     """Its ``torch.autograd.Function`` classes in ``pyvae.ops.<name>``."""
+    helper_ops: tuple[str, ...] = ()
+    """C++ ops that a kernel of one of its ops calls (with a fake kernel; no Triton twin, no reference)."""
+    python_ops: tuple[str, ...] = ()
+    """Custom ops it defines in Python (``torch.library.custom_op``), e.g. for torch.compile's sake."""
     tests: tuple[str, ...] = ()
     """Test files of its own beyond ``tests/test_<name>.py`` (e.g. its layer's)."""
     tune: str | None = None
@@ -107,7 +111,8 @@ FAMILIES: tuple[OpFamily, ...] = (
     OpFamily("reparam_kl", ops=("reparam_kl_forward", "reparam_kl_backward"), functions=("ReparamKLFunction",)),
     OpFamily("likelihood", ops=("likelihood_forward", "scale_grad_"), functions=("LikelihoodFunction",)),
     OpFamily("vq", ops=("nearest_code", "codebook_stats"), functions=("VQFunction",),
-             tests=("tests/test_vq_layer.py",), tune="tune_vq_triton"),
+             helper_ops=("codebook_chunk_sums",), python_ops=("codebook_snapshot",), tests=("tests/test_vq_layer.py",),
+             tune="tune_vq_triton"),
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)

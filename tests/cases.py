@@ -1,30 +1,95 @@
-"""Shared test cases: the (device, backend) pairs and dtypes every op family is tested on, input
-makers for the layouts the API promises to read (contiguous, strided, expanded, transposed), value
-pools with the special values (±inf, NaN, huge, tiny), and a closeness check whose tolerance is set
-per element by the magnitude of the terms that were added (not by the result, which may cancel)."""
+"""Shared test cases: the devices, (device, backend) pairs, dtypes and reductions every op family
+is tested on, random inputs drawn from an explicit generator (:func:`randn`, :func:`rand`, and
+:func:`make_tensor` for the layouts the API promises to read: contiguous, strided, expanded,
+transposed), value pools with the special values (±inf, NaN, huge, tiny), and the reductions of a
+float64 reference. Tolerances and the checks that apply them are in tolerances.py."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
-from conftest import device_backends
-from tolerances import VALUE
+import pyvae
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["none", "per_sample", "sum", "batchmean", "mean"]
+LAYOUTS = ("contiguous", "row_padded", "strided", "expanded", "transposed")
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def device_backends() -> list[tuple[str, str]]:
+    """Every (device, backend) pair that works on this machine."""
+    return [(d, b) for d in devices() for b in pyvae.backends.available(d)]
+
+
 PAIRS = device_backends()
 NATIVE_PAIRS = [(d, b) for d, b in PAIRS if b != "torch"]
-LAYOUTS = ("contiguous", "row_padded", "strided", "expanded", "transposed")
+# The VQ tests run on CPU tensors (their GPU cases are gpu-marked tests of their own).
+VQ_BACKENDS = pyvae.backends.available("cpu", "vq")
+
+
+def needs_native_cpu(op: str | None = None):
+    """Skips a test of pyvae's C++ CPU backend (for the op family ``op``) where it is not built."""
+    return pytest.mark.skipif("cpu" not in pyvae.backends.available("cpu", op), reason="extension not built")
+
+
+LOSSES = {"bernoulli": pyvae.bernoulli_nll, "continuous_bernoulli": pyvae.continuous_bernoulli_nll,
+          "gaussian": pyvae.gaussian_nll}
 
 
 def pair_id(pair) -> str:
     return f"{pair[0]}-{pair[1]}"
 
 
+def no_sync_pairs(op: str) -> list:
+    """The pairs of a no-host-sync test: cuda and triton on a CUDA device (gpu-marked) and this
+    machine's preferred CPU backend, on which the test's checks of what it measured run without the
+    sync guard (probes.no_host_sync)."""
+    cpu = ("cpu", pyvae.backends.available("cpu", op)[0])
+    return [cpu] + [pytest.param(("cuda", b), marks=pytest.mark.gpu) for b in ("cuda", "triton")]
+
+
+def skip_unless_available(pair, op: str) -> None:
+    """Skips a case whose backend does not serve the op family ``op`` on its device here."""
+    if pair[1] not in pyvae.backends.available(pair[0], op):
+        pytest.skip(f"backend {pair[1]!r} does not serve {op} on {pair[0]} here")
+
+
 def interpreted(pair) -> bool:
     """Triton in its CPU interpreter: slow, so cases there stay few and small."""
     return pair[1] == "triton" and pair[0] == "cpu"
+
+
+def skip_if_interpreted(pair, numel: int, limit: int = 70_000) -> None:
+    """Skips a case of more than ``limit`` elements under the Triton interpreter."""
+    if interpreted(pair) and numel > limit:
+        pytest.skip("too large for the Triton interpreter")
+
+
+def run_with_cpu_isa(isa: str, script: str, cwd, *args: str) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh Python whose CPU kernels use at most the `isa` SIMD paths
+    (PYVAE_CPU_ISA is read once per process, hence the subprocess)."""
+    if "cpu" not in pyvae.backends.available("cpu"):
+        pytest.skip("extension not built")
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYVAE_CPU_ISA": isa})
+
+
+def randn(*shape: int, gen: torch.Generator, device="cpu", dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    """``scale * N(0, 1)`` drawn on the CPU from ``gen`` (float32, then rounded to ``dtype``), on ``device``."""
+    return (scale * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
+
+
+def rand(*shape: int, gen: torch.Generator, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """U[0, 1) drawn on the CPU from ``gen``, on ``device`` in ``dtype``."""
+    return torch.rand(shape, generator=gen).to(device=device, dtype=dtype)
 
 
 def special_values(dtype: torch.dtype, huge: float | None = None, moderate: float = 100.0) -> list[float]:
@@ -77,35 +142,6 @@ def make_tensor(shape, dtype, layout: str, gen: torch.Generator, *, scale: float
         raise ValueError(f"unknown layout {layout!r}")
     assert t.shape == shape
     return t.to(device)
-
-
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, table=VALUE,
-                        scale: torch.Tensor | float = 1.0, what: str = "") -> None:
-    """``actual`` against the float64 ``expected`` rounded to ``actual``'s dtype (an output that
-    overflows its dtype is inf, as the kernels' is): NaN exactly where expected is NaN, ±inf exactly
-    where expected is ±inf, elsewhere ``|actual - expected| <= atol + rtol * scale`` elementwise, with
-    (atol, rtol) = ``table[dtype]`` and ``scale`` the magnitude the result was summed from (at least
-    ``|expected|``)."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a = actual.detach().double().cpu()
-    e = expected.detach().to(actual.dtype).double().cpu()
-    atol, rtol = table[dtype]
-    scale = torch.as_tensor(scale, dtype=torch.float64).cpu()
-    scale = torch.maximum(torch.nan_to_num(scale, nan=0.0, posinf=math.inf), e.abs().nan_to_num(0.0, 0.0, 0.0))
-    nan_mismatch = a.isnan() != e.isnan()
-    inf_mismatch = (a.isinf() | e.isinf()) & ~(e.isnan() | a.isnan()) & (a != e)
-    finite = a.isfinite() & e.isfinite()
-    err = (a - e).abs()
-    too_far = finite & (err > atol + rtol * scale)
-    bad = nan_mismatch | inf_mismatch | too_far
-    if bad.any():
-        where = bad.nonzero()[:5].tolist()
-        first = tuple(where[0]) if where else ()
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ (first at {where}: actual "
-            f"{a[first].item() if a.dim() else a.item()!r}, expected {e[first].item() if e.dim() else e.item()!r}, "
-            f"scale {scale.expand(e.shape)[first].item() if e.dim() else scale.item()!r}; "
-            f"nan mismatches {int(nan_mismatch.sum())}, inf mismatches {int(inf_mismatch.sum())})")
 
 
 def reduce_like(values: torch.Tensor, reduction: str, rows: int) -> torch.Tensor:

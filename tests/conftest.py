@@ -1,8 +1,7 @@
-"""Shared test setup: Triton runs in its CPU interpreter when there is no GPU (set before Triton
-is imported), and fixtures listing the devices and backends to test on."""
+"""pytest setup of tests/: Triton runs in its CPU interpreter when there is no GPU (set before Triton
+is imported), and gpu-marked tests skip without a CUDA device. Shared cases and helpers are in
+cases.py; the per-test seeding in the repository's conftest.py."""
 import os
-import subprocess
-import sys
 
 import torch
 
@@ -10,26 +9,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
-import pyvae  # noqa: E402
-
-
-def devices() -> list[str]:
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def device_backends() -> list[tuple[str, str]]:
-    """Every (device, backend) pair that works on this machine."""
-    return [(d, b) for d in devices() for b in pyvae.backends.available(d)]
-
-
-def run_with_cpu_isa(isa: str, script: str, cwd, *args: str) -> subprocess.CompletedProcess:
-    """Runs `script` in a fresh Python whose CPU kernels use at most the `isa` SIMD paths
-    (PYVAE_CPU_ISA is read once per process, hence the subprocess)."""
-    if "cpu" not in pyvae.backends.available("cpu"):
-        pytest.skip("extension not built")
-    return subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYVAE_CPU_ISA": isa})
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,6 +18,7 @@ import torch
 
 import pyvae
 from pyvae import backends, registry
+from pyvae._constants import LikelihoodFlag
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,6 +178,7 @@ def _t(*shape, dtype=torch.float32):
 
 
 _SEED = torch.tensor(3, dtype=torch.int64)
+_GRAD_PRED = LikelihoodFlag.GRAD_PRED
 
 # (op name, arguments, exception type, words of the message): bad inputs every backend refuses
 BAD_CALLS = [
@@ -201,18 +203,23 @@ BAD_CALLS = [
     ("reparam_kl_backward", lambda: (_t(4, 3), _t(4, 3), _SEED.int(), None, _t(4, 3)), ValueError, "one-element int64"),
     ("reparam_kl_backward", lambda: (_t(4, 3), _t(4, 3), _SEED, None, _t(4, 3), None, None, True, False),
      ValueError, "prior_mu_grad needs a prior_mu"),
-    ("likelihood_forward", lambda: ("bernoulli", _t(4, 6), _t(4, 5), None, 0.0, 0.0, False, True, False, False, 1.0,
-                                    False), ValueError, "same shape"),
-    ("likelihood_forward", lambda: ("bernoulli", _t(4, 6), _t(6, 4), None, 0.0, 0.0, False, True, False, False, 1.0,
-                                    False), ValueError, "same shape"),
-    ("likelihood_forward", lambda: ("poisson", _t(4, 6), _t(4, 6), None, 0.0, 0.0, False, True, False, False, 1.0,
-                                    False), ValueError, "loss must be"),
-    ("likelihood_forward", lambda: ("gaussian", _t(4, 6, dtype=torch.float64), _t(4, 6), None, 0.0, 0.0, False, True,
-                                    False, False, 1.0, False), TypeError, "prediction must be float32"),
-    ("likelihood_forward", lambda: ("gaussian", _t(4, 6), _t(4, 6), _t(3, 6), 0.0, 0.0, False, True, False, True, 1.0,
-                                    False), ValueError, "logvar of shape [3, 6] does not broadcast"),
-    ("likelihood_forward", lambda: ("gaussian", _t(()), _t(()), None, 0.0, 0.0, False, True, False, False, 1.0,
-                                    False), ValueError, "batch dimension"),
+    ("likelihood_forward", lambda: ("bernoulli", _t(4, 6), _t(4, 5), None, 0.0, 0.0, _GRAD_PRED, 1.0),
+     ValueError, "same shape"),
+    ("likelihood_forward", lambda: ("bernoulli", _t(4, 6), _t(6, 4), None, 0.0, 0.0, _GRAD_PRED, 1.0),
+     ValueError, "same shape"),
+    ("likelihood_forward", lambda: ("poisson", _t(4, 6), _t(4, 6), None, 0.0, 0.0, _GRAD_PRED, 1.0),
+     ValueError, "loss must be"),
+    ("likelihood_forward", lambda: ("gaussian", _t(4, 6, dtype=torch.float64), _t(4, 6), None, 0.0, 0.0, _GRAD_PRED,
+                                    1.0), TypeError, "prediction must be float32"),
+    ("likelihood_forward", lambda: ("gaussian", _t(4, 6), _t(4, 6), _t(3, 6), 0.0, 0.0,
+                                    _GRAD_PRED | LikelihoodFlag.GRAD_LOGVAR, 1.0),
+     ValueError, "logvar of shape [3, 6] does not broadcast"),
+    ("likelihood_forward", lambda: ("gaussian", _t(()), _t(()), None, 0.0, 0.0, _GRAD_PRED, 1.0),
+     ValueError, "batch dimension"),
+    ("likelihood_forward", lambda: ("gaussian", _t(4, 6), _t(4, 6), None, 0.0, 0.0, LikelihoodFlag.GRAD_LOGVAR, 1.0),
+     ValueError, "logvar is None"),
+    ("likelihood_forward", lambda: ("gaussian", _t(4, 6), _t(4, 6), None, 0.0, 0.0, LikelihoodFlag.ALL + 1, 1.0),
+     ValueError, "flags must be a combination"),
     ("scale_grad_", lambda: (_t(4, 6).t(), torch.tensor(2.0)), ValueError, "grad must be contiguous"),
     ("scale_grad_", lambda: (_t(4, 6), torch.tensor([2.0, 3.0])), ValueError, "single float32 value"),
     ("scale_grad_", lambda: (_t(4, 6, dtype=torch.float64), torch.tensor(2.0)), TypeError, "grad must be float32"),
@@ -255,5 +262,129 @@ def test_triton_ops_refuse_inputs_on_two_devices():
     with pytest.raises(ValueError, match="same device"):
         torch.ops.pyvae.nearest_code_triton(gpu, cpu, True)
     with pytest.raises(ValueError, match="same device"):
-        torch.ops.pyvae.likelihood_forward_triton("bernoulli", gpu, cpu, None, 0.0, 0.0, False, True, False, False,
-                                                  1.0, False)
+        torch.ops.pyvae.likelihood_forward_triton("bernoulli", gpu, cpu, None, 0.0, 0.0, _GRAD_PRED, 1.0)
+
+
+# ------------------------------------------------------------------------------ constants shared with C++
+def test_the_python_copy_of_the_shared_constants_is_the_extensions():
+    """pyvae._constants.FALLBACK (what a build without the extension uses) must equal what the C++
+    kernels were compiled with."""
+    from pyvae import _constants
+
+    extension = backends.native_extension()
+    if extension is None:
+        pytest.skip("no extension to compare with")
+    assert extension.shared_constants() == _constants.FALLBACK
+    assert _constants.SHARED == _constants.FALLBACK
+
+
+def _cpu_backends_using_the_constants():
+    found = [b for b in ("cpu", "triton") if b in backends.available("cpu", "likelihood")]
+    if not found:
+        pytest.skip("neither the cpu nor the triton backend serves CPU tensors here")
+    return found
+
+
+def _block_sensitive_row(block: int) -> torch.Tensor:
+    """pred - target for a row of two column blocks, whose per-element values (0.5 (pred - target)^2
+    of a unit-variance Gaussian) sum to 2^23 + 1 in blocks of ``block`` columns (each block's sum,
+    then the blocks in order, all exact: 2^23, then 0.5 + 0.5), and to 2^23 in larger or smaller
+    blocks added in order (2^23 + 0.5 rounds to even, twice). The halves are the first and last
+    columns of the second block: in different chunks and lanes of every kernel's inner loop."""
+    diff = torch.zeros(2 * block)
+    diff[0] = 2.0 ** 12  # 0.5 * 2^24 = 2^23
+    diff[block] = diff[2 * block - 1] = 1.0  # 0.5 each
+    return diff
+
+
+def test_likelihood_column_block_is_the_same_on_every_backend():
+    """Per-sample sums add the column blocks' partial sums in order: a row crossing one block gives
+    the same bits on the cpu and triton backends, those of blocks of LIKELIHOOD_COLUMN_BLOCK."""
+    from pyvae._constants import LIKELIHOOD_COLUMN_BLOCK as block
+
+    diff = _block_sensitive_row(block).expand(2, -1)
+    target = torch.randn(2, 2 * block).round()  # integers: pred - target stays exact
+    pred = target + diff
+    expected = torch.tensor([2.0 ** 23 + 1.0] * 2)
+    for backend in _cpu_backends_using_the_constants():
+        out = pyvae.gaussian_nll(pred, target, full=False, reduction="per_sample", backend=backend)
+        assert torch.equal(out, expected), backend
+
+
+def test_triton_likelihood_kernel_reads_its_column_block(monkeypatch):
+    """The Triton kernel takes the block as a constexpr: with a smaller one the same row sums as
+    blocks of that size (a kernel with a block of its own would give 2^23)."""
+    if "triton" not in backends.available("cpu", "likelihood"):
+        pytest.skip("needs the triton backend on CPU tensors")
+    from pyvae.kernels import likelihood as triton_likelihood
+
+    block = 4096
+    monkeypatch.setattr(triton_likelihood, "LIKELIHOOD_COLUMN_BLOCK", block)
+    pred = _block_sensitive_row(block)[None]
+    out = pyvae.gaussian_nll(pred, torch.zeros_like(pred), full=False, reduction="per_sample", backend="triton")
+    assert out.item() == 2.0 ** 23 + 1.0
+
+
+def test_logvar_group_rows_is_the_same_on_every_backend():
+    """A batch-shared log-variance's gradient comes as sums over LOGVAR_GROUP_ROWS rows: the same
+    shape from the C++ op, its Triton twin and the fake kernel, with each group's sum, for a batch
+    that crosses a group boundary."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyvae._constants import LOGVAR_GROUP_ROWS as group
+
+    rows = 2 * group + 3
+    pred, target, logvar = torch.randn(rows, 5), torch.randn(rows, 5), 0.3 * torch.randn(1, 5)
+    flags = LikelihoodFlag.GRAD_LOGVAR | LikelihoodFlag.GROUP_LOGVAR_GRAD
+    # d/dlogvar of 0.5 ((t - p)^2 e^-v + v), per element, summed over each group of rows
+    per_element = 0.5 * (1 - (target.double() - pred.double()) ** 2 * torch.exp(-logvar.double()))
+    expected = torch.stack([group_rows.sum(0) for group_rows in per_element.split(group)])
+    for backend in _cpu_backends_using_the_constants():
+        op = getattr(torch.ops.pyvae, "likelihood_forward_triton" if backend == "triton" else "likelihood_forward")
+        (grad_logvar,) = op("gaussian", pred, target, logvar, 0.0, 0.0, flags, 1.0)[1]
+        assert grad_logvar.shape == (3, 5), backend
+        torch.testing.assert_close(grad_logvar.double(), expected, rtol=1e-5, atol=1e-5, msg=backend)
+    if backends.native_extension() is not None:
+        with FakeTensorMode() as mode:
+            fake = [mode.from_tensor(t) for t in (pred, target, logvar)]
+            (grad_logvar,) = torch.ops.pyvae.likelihood_forward("gaussian", *fake, 0.0, 0.0, flags, 1.0)[1]
+        assert grad_logvar.shape == (3, 5)
+
+
+def _chunk_sensitive_rows(chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [2 chunk + 5, 1] and indices: code 0's rows sum to 2^23 + 1 in chunks of ``chunk`` rows
+    added in order (2^23, then 0.5 + 0.5), to 2^23 in chunks of chunk / 2 (2^23 + 0.5 rounds to
+    even, twice) and to 2^23 added row by row; code 1 takes the 5 rows between."""
+    x = torch.zeros(2 * chunk + 5, 1)
+    idx = torch.zeros(2 * chunk + 5, dtype=torch.int64)
+    idx[3:8] = 1
+    code0_rows = torch.nonzero(idx == 0).flatten()
+    x[code0_rows[0]] = 2.0 ** 23
+    x[code0_rows[chunk]] = x[code0_rows[2 * chunk - 1]] = 0.5
+    x[3:8] = torch.arange(5.0)[:, None]
+    return x, idx
+
+
+def test_stats_chunk_rows_is_the_same_on_both_gpu_backends():
+    """The GPU codebook_stats sum each code's rows in chunks of STATS_CHUNK_ROWS and add the chunk
+    sums in order; on these rows that gives 2^23 + 1 where another chunk size (or the cpu backend's
+    row-by-row sum) gives 2^23. The CUDA backend's Python part (the preparation, then the C++ op
+    codebook_chunk_sums) runs here with the Triton chunk kernels standing in for the C++ ones."""
+    if "triton" not in backends.available("cpu", "vq"):
+        pytest.skip("needs the triton backend on CPU tensors")
+    from pyvae._constants import STATS_CHUNK_ROWS
+    from pyvae.kernels import vq as triton_vq
+    from pyvae.ops.vq import _codebook_stats_cuda
+
+    x, idx = _chunk_sensitive_rows(STATS_CHUNK_ROWS)
+    expected_counts = torch.tensor([2 * STATS_CHUNK_ROWS, 5.0, 0.0])
+    expected_sums = torch.tensor([[2.0 ** 23 + 1.0], [10.0], [0.0]])
+    results = {"triton": torch.ops.pyvae.codebook_stats_triton(x, idx, 3)}
+    if backends.native_extension() is not None:
+        with torch.library._scoped_library("pyvae", "IMPL") as lib:
+            lib.impl("codebook_chunk_sums", lambda x2, *plan: triton_vq._chunk_sums(x2, triton_vq.StatsPlan(*plan)),
+                     "CPU")
+            results["cuda (its Python part)"] = _codebook_stats_cuda(x, idx, 3)
+    for name, (counts, sums) in results.items():
+        assert torch.equal(counts, expected_counts), name
+        assert torch.equal(sums, expected_sums), name

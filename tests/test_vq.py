@@ -1,7 +1,6 @@
 """Vector quantisation (nearest_code, vector_quantize, codebook_stats) against float64."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -9,29 +8,30 @@ import torch
 import pyvae
 from pyvae.ops.vq import VQFunction
 
-VQ_BACKENDS = pyvae.backends.available("cpu", "vq")
+from cases import (VQ_BACKENDS, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_if_interpreted,
+                   skip_unless_available)
+from probes import no_host_sync
+from tolerances import assert_nearest_codes
 
 
-def assert_exact(x, codebook, idx):
-    """The exact criterion: the chosen code's float64 distance is within 1e-5 (|x|^2 + |e|^2) of the minimum."""
-    x64 = x.reshape(-1, codebook.shape[1]).double()
-    e64 = codebook.double()
-    d = torch.cdist(x64, e64) ** 2
-    chosen = d.gather(1, idx.reshape(-1, 1)).squeeze(1)
-    slack = 1e-5 * ((x64 ** 2).sum(1) + (e64[idx.reshape(-1)] ** 2).sum(1))
-    assert (chosen - d.min(1).values <= slack + 1e-12).all()
+def vq_reference(x, codebook, indices, beta):
+    """(quantized, codebook_loss, commitment_loss, loss) from their detach()-based definitions, in the
+    inputs' dtype and differentiable in both (VQ-VAE's straight-through estimator)."""
+    q = codebook[indices]
+    codebook_loss = ((x.detach() - q) ** 2).mean()
+    commitment = ((x - q.detach()) ** 2).mean()
+    return x + (q - x).detach(), codebook_loss, commitment, codebook_loss + beta * commitment
 
 
 @pytest.mark.parametrize("backend", VQ_BACKENDS)
 @pytest.mark.parametrize("n,k,d", [(1, 1, 3), (4097, 5, 7), (300, 1000, 64), (64, 37, 1000), (0, 5, 3)])
 def test_nearest_code_exact(backend, n, k, d):
-    if backend == "triton" and n * k * d > 3_000_000 and not torch.cuda.is_available():
-        pytest.skip("too large for the Triton interpreter")
+    skip_if_interpreted(("cpu", backend), n * k * d, limit=3_000_000)
     x, codebook = torch.randn(n, d), torch.randn(k, d)
     idx, dist = pyvae.nearest_code(x, codebook, backend=backend)
     assert idx.dtype == torch.int64 and idx.shape == (n,) and dist.dtype == torch.float32
     if n:
-        assert_exact(x, codebook, idx)
+        assert_nearest_codes(x, codebook, idx)
         expected = ((x.double() - codebook.double()[idx]) ** 2).sum(1)
         torch.testing.assert_close(dist.double(), expected, rtol=1e-4, atol=1e-4 * d)
 
@@ -44,7 +44,7 @@ def test_low_precision_and_shapes(backend, dtype):
     idx, dist = pyvae.nearest_code(x, codebook, backend=backend)
     assert idx.shape == (3, 4, 3)
     # accumulation is float32 over the rounded inputs: compare with float64 on the same values
-    assert_exact(x.float(), codebook.float(), idx)
+    assert_nearest_codes(x.float(), codebook.float(), idx)
 
 
 @pytest.mark.skipif("triton" not in VQ_BACKENDS, reason="needs the triton backend")
@@ -95,16 +95,13 @@ def test_vector_quantize_values_and_gradients(backend):
 
     x64 = x.detach().double().requires_grad_()
     e64 = codebook.detach().double().requires_grad_()
-    q = e64[r.indices]
-    quantized = x64 + (q - x64).detach()
-    codebook_loss = ((x64.detach() - q) ** 2).mean()
-    commitment = ((x64 - q.detach()) ** 2).mean()
-    torch.autograd.backward([quantized, codebook_loss + 0.3 * commitment], [g.double(), torch.tensor(1.7).double()])
+    quantized, codebook_loss, commitment, loss = vq_reference(x64, e64, r.indices, 0.3)
+    torch.autograd.backward([quantized, loss], [g.double(), torch.tensor(1.7).double()])
 
     torch.testing.assert_close(r.quantized.double(), quantized.detach())
     torch.testing.assert_close(r.codebook_loss.double(), codebook_loss.detach())
     torch.testing.assert_close(r.commitment_loss.double(), commitment.detach())
-    torch.testing.assert_close(r.loss.double(), (codebook_loss + 0.3 * commitment).detach())
+    torch.testing.assert_close(r.loss.double(), loss.detach())
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(codebook.grad.double(), e64.grad, rtol=1e-5, atol=1e-6)
     counts = torch.bincount(r.indices.flatten(), minlength=13)
@@ -136,9 +133,8 @@ def test_float64_gradients_match_stop_gradient_autograd():
     weights = torch.randn(7, 4, dtype=torch.float64)
     grads = torch.autograd.grad((quantized * weights).sum() + 0.7 * codebook_loss + 0.3 * commitment, [x, codebook])
     x2, e2 = x.detach().requires_grad_(), codebook.detach().requires_grad_()
-    q = e2[idx]
-    reference = ((x2 + (q - x2).detach()) * weights).sum() + 0.7 * ((x2.detach() - q) ** 2).mean() \
-        + 0.3 * ((x2 - q.detach()) ** 2).mean()
+    q, codebook_loss, commitment, _ = vq_reference(x2, e2, idx, 0.3)
+    reference = (q * weights).sum() + 0.7 * codebook_loss + 0.3 * commitment
     for a, b in zip(grads, torch.autograd.grad(reference, [x2, e2])):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -207,9 +203,8 @@ def test_bad_input(call, error, message):
         call()
 
 
+@needs_native_cpu("vq")
 def test_opcheck():
-    if "cpu" not in VQ_BACKENDS:
-        pytest.skip("extension not built")
     x, codebook = torch.randn(2, 10, 8), torch.randn(7, 8)
     torch.library.opcheck(torch.ops.pyvae.nearest_code, (x, codebook, True))
     torch.library.opcheck(torch.ops.pyvae.codebook_stats, (x, torch.randint(0, 7, (2, 10)), 7))
@@ -220,10 +215,8 @@ def test_opcheck():
                               test_utils=("test_schema", "test_autograd_registration"))
 
 
+@needs_native_cpu("vq")
 def test_torch_compile_fullgraph_cpu():
-    if "cpu" not in VQ_BACKENDS:
-        pytest.skip("extension not built")
-
     def step(x, codebook):
         r = pyvae.vector_quantize(x, codebook, backend="cpu")
         return r.quantized.square().sum() + r.loss
@@ -251,10 +244,9 @@ def _peak_rss() -> int:
 
 
 @pytest.mark.slow
+@needs_native_cpu("vq")
 def test_memory_never_n_by_k():
     """N=32768, K=16384, D=64: an N x K float32 matrix would be 2 GiB; peak growth stays < 512 MiB."""
-    if "cpu" not in VQ_BACKENDS:
-        pytest.skip("extension not built")
     try:
         _peak_rss_reset()
     except OSError:
@@ -282,7 +274,7 @@ def test_gpu_nearest_code(backend, precision, n, k, d, dtype):
     if precision == "exact" or dtype != torch.float32:
         # 16-bit inputs: the tensor cores' products of 16-bit values are exact and accumulate in
         # float32, so "fast" meets the exact criterion too
-        assert_exact(x.float().cpu(), codebook.float().cpu(), idx.cpu())
+        assert_nearest_codes(x.float().cpu(), codebook.float().cpu(), idx.cpu())
         expected = ((x.double() - codebook.double()[idx]) ** 2).sum(1)
         torch.testing.assert_close(dist.double(), expected, rtol=1e-4, atol=1e-4 * d)
     else:  # TF32: report-level agreement only
@@ -322,21 +314,28 @@ def test_gpu_ties_and_nan():
                 assert idx.tolist() == [2, 0, 1] and dist[1].isnan(), (dtype, precision)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_vector_quantize_no_host_sync(backend):
-    if backend not in pyvae.backends.available("cuda", "vq"):
-        pytest.skip(f"{backend} not available")
-    x = torch.randn(512, 32, device="cuda", requires_grad=True)
-    codebook = torch.randn(64, 32, device="cuda", requires_grad=True)
+@pytest.mark.parametrize("pair", no_sync_pairs("vq"), ids=pair_id)
+def test_vector_quantize_no_host_sync(pair, gen):
+    """Search, losses and both gradients without a host synchronisation; then what they computed:
+    nearest codes, and values and gradients against float64 autograd on the same codes."""
+    skip_unless_available(pair, "vq")
+    device, backend = pair
+    x = randn(512, 32, gen=gen, device=device).requires_grad_()
+    codebook = randn(64, 32, gen=gen, device=device).requires_grad_()
+    # upstream gradients: the loss's weighted by numel, so that its gradients are as large as quantized's
+    upstream = [randn(512, 32, gen=gen, device=device), torch.tensor(float(x.numel()), device=device)]
     pyvae.vector_quantize(x, codebook, backend=backend)  # compile outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync(device):
         r = pyvae.vector_quantize(x, codebook, backend=backend)
-        (r.quantized.sum() + r.loss).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        grads = torch.autograd.grad([r.quantized, r.loss], [x, codebook], upstream)
+    assert_nearest_codes(x, codebook, r.indices)
+    x64, e64 = (t.detach().double().cpu().requires_grad_() for t in (x, codebook))
+    expected = vq_reference(x64, e64, r.indices.cpu(), 0.25)
+    for got, want in zip((r.quantized, r.codebook_loss, r.commitment_loss, r.loss), expected):
+        torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-5, atol=1e-6)
+    ref_grads = torch.autograd.grad([expected[0], expected[3]], [x64, e64], [u.double().cpu() for u in upstream])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -365,7 +364,7 @@ def test_autocast(backend):
         x = encoder(torch.randn(30, 12))
         res = pyvae.vector_quantize(x, codebook, backend=backend)
     assert x.dtype == torch.bfloat16 and res.quantized.dtype == torch.bfloat16
-    assert_exact(x.detach().float(), codebook.detach(), res.indices)
+    assert_nearest_codes(x.detach().float(), codebook.detach(), res.indices)
     (res.quantized.float().sum() + res.loss).backward()
     assert encoder.weight.grad.isfinite().all() and codebook.grad.isfinite().all()
 

@@ -11,11 +11,14 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pyvae
 from pyvae.nn.vq import _pick_rows
 
-VQ_BACKENDS = pyvae.backends.available("cpu", "vq")
+from cases import VQ_BACKENDS, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_unless_available
+from probes import no_host_sync
+from tolerances import assert_nearest_codes
 CENTERS = torch.tensor([[3.0, 3.0], [-3.0, 3.0], [3.0, -3.0], [-3.0, -3.0]])
 
 
@@ -101,11 +104,23 @@ def test_bad_arguments(options, name):
         pyvae.nn.VectorQuantizer(**{"num_codes": 4, "dim": 2, **options})
 
 
-def test_bad_input_shape():
-    layer = pyvae.nn.VectorQuantizer(4, 3, ema_decay=0.9, kmeans_init=True)
-    with pytest.raises(ValueError, match="x must be"):
-        layer(torch.randn(5, 2))
-    assert not layer.initted  # nothing ran
+@pytest.mark.parametrize("bad,error", [
+    pytest.param(dict(x=(5, 2)), "x must be", id="x shape"),
+    pytest.param(dict(dtype=torch.int64), "x must be a floating", id="x dtype"),
+    pytest.param(dict(backend="fast", kmeans_iters=0), "backend must be one of", id="backend"),
+])
+def test_bad_input_leaves_the_layer_untouched(bad, error):
+    """A training forward writes the layer's buffers (k-means on the first batch, then the EMA step,
+    restarts and usage): a bad call is refused before any of them is written."""
+    layer = pyvae.nn.VectorQuantizer(4, 3, ema_decay=0.9, kmeans_init=True, dead_code_threshold=0.5,
+                                     kmeans_iters=bad.get("kmeans_iters", 2), backend=bad.get("backend", "auto"))
+    before = {name: buffer.clone() for name, buffer in layer.named_buffers()}
+    x = (4 * torch.randn(bad.get("x", (16, 3)))).to(bad.get("dtype", torch.float32))
+    with pytest.raises((ValueError, TypeError), match=error):
+        layer(x)
+    assert not layer._initted
+    for name, buffer in layer.named_buffers():
+        assert torch.equal(buffer, before[name]), name
 
 
 # --------------------------------------------------------------------------- dead codes
@@ -359,7 +374,7 @@ def _compare_compiled(options, steps=3, backend="aot_eager_decomp_partition", di
     return eager
 
 
-@pytest.mark.skipif("cpu" not in VQ_BACKENDS, reason="extension not built")
+@needs_native_cpu("vq")
 @pytest.mark.parametrize("options", [
     dict(ema_decay=0.9, dead_code_threshold=2.5, straight_through="rotation"),
     dict(ema_decay=0.9, dead_code_threshold=2.5, kmeans_init=True, kmeans_iters=2, cosine=True),
@@ -374,33 +389,43 @@ def test_forward_traces_fullgraph_and_matches_eager(options):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("cpu" not in VQ_BACKENDS, reason="extension not built")
+@needs_native_cpu("vq")
 def test_forward_compiles_with_inductor_and_matches_eager():
     _compare_compiled(dict(ema_decay=0.9, dead_code_threshold=2.5, straight_through="rotation"), steps=2,
                       backend="inductor")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("pair", no_sync_pairs("vq"), ids=pair_id)
 @pytest.mark.parametrize("options", [dict(), dict(dead_code_threshold=3.0, cosine=True, straight_through="rotation"),
                                      dict(kmeans_init=True, dead_code_threshold=3.0)])
-def test_gpu_ema_layer_no_host_sync(backend, options):
-    if backend not in pyvae.backends.available("cuda", "vq"):
-        pytest.skip(f"{backend} not available")
-    layer = pyvae.nn.VectorQuantizer(64, 32, ema_decay=0.99, backend=backend, **options).cuda()
-    x = torch.randn(512, 32, device="cuda", requires_grad=True)
+def test_ema_layer_no_host_sync(pair, options, gen):
+    """A training step of the EMA layer (search, EMA update, restarts, usage; k-means before it)
+    without a host synchronisation; then what it did: one step counted, nearest codes of the
+    codebook it started from, the loss, the EMA counts (restarted codes at the threshold)."""
+    skip_unless_available(pair, "vq")
+    device, backend = pair
+    layer = pyvae.nn.VectorQuantizer(64, 32, ema_decay=0.99, backend=backend, **options).to(device)
+    x = randn(512, 32, gen=gen, device=device).requires_grad_()
     layer(x)  # compile (and k-means) outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    codebook, counts, steps = layer.codebook.clone(), layer.ema_counts.clone(), int(layer.steps)
+    with no_host_sync(device):
         r = layer(x)
-        (r.quantized.sum() + r.loss).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        (grad,) = torch.autograd.grad(r.quantized.sum() + r.loss, [x])
+    assert int(layer.steps) == steps + 1
+    unit = (lambda t: F.normalize(t, dim=-1, eps=1e-6)) if options.get("cosine") else (lambda t: t)
+    x64, e64, idx = unit(x.detach().double().cpu()), unit(codebook.double().cpu()), r.indices.cpu()
+    assert_nearest_codes(x64, e64, idx)
+    torch.testing.assert_close(r.loss.double().cpu(), 0.25 * ((x64 - e64[idx]) ** 2).mean(), rtol=1e-5, atol=1e-7)
+    # the EMA update as the layer does it, in float32: a count that lands on the threshold stays comparable
+    expected = counts.cpu().mul(0.99).add(torch.bincount(idx, minlength=64).float(), alpha=1 - 0.99)
+    threshold = options.get("dead_code_threshold", 0.0)
+    expected = torch.where(expected < threshold, torch.full_like(expected, threshold), expected)
+    torch.testing.assert_close(layer.ema_counts.cpu(), expected, rtol=1e-6, atol=1e-6)
+    assert grad.shape == x.shape and grad.isfinite().all()
 
 
 # --------------------------------------------------------------------------- DDP
-@pytest.mark.skipif("cpu" not in VQ_BACKENDS, reason="extension not built")
+@needs_native_cpu("vq")
 def test_ema_codebook_is_synchronised_under_ddp(tmp_path):
     # Two gloo ranks, each with a share of a batch: their EMA state (restarts and k-means included)
     # stays identical and equals the state one process computes from the concatenated batch.

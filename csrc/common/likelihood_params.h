@@ -24,15 +24,29 @@ struct LikelihoodInputs {
 
 // Column blocks: a row is summed in blocks of this many columns, whose partial sums are then added
 // in block order, so long rows can be split across threads or thread blocks and the result still
-// does not depend on how many there are.
+// does not depend on how many there are. Every backend's per-sample sums depend on it, so the
+// Triton kernels read it from here too (pyvae._C.shared_constants(), see module.cpp).
 constexpr int64_t kLikelihoodColumnBlock = 16384;
 
 // A log-variance shared by the whole batch (per pixel, per channel, a scalar) gets its gradient
 // summed over the batch: the kernels add the derivatives of each group of this many consecutive
 // rows in row order and write one partial row per group (the caller adds the groups in order), so
-// the buffer is rows / 16 times smaller than the prediction and forward+backward keeps one full
-// gradient buffer, not two.
+// the buffer is that many times smaller than the prediction and forward+backward keeps one full
+// gradient buffer, not two. The op's output shape depends on it (exported like the column block).
 constexpr int64_t kLogvarGroupRows = 16;
+
+// The bits of likelihood_forward's `flags`: what its one pass returns besides the per-sample losses
+// (exported by pyvae._C.shared_constants(), so the Python side composes them by name).
+namespace likelihood_flags {
+constexpr int64_t kPerElement = 1 << 0;   // the losses per element instead of per sample
+constexpr int64_t kGradPred = 1 << 1;     // the derivatives with respect to the prediction,
+constexpr int64_t kGradTarget = 1 << 2;   // the target,
+constexpr int64_t kGradLogvar = 1 << 3;   // the log-variance (needs a logvar)
+// a log-variance shared by the batch gets its derivatives as sums over groups of kLogvarGroupRows
+// rows (for an upstream gradient that is the same for every row: a scalar loss)
+constexpr int64_t kGroupLogvarGrad = 1 << 4;
+constexpr int64_t kAll = kPerElement | kGradPred | kGradTarget | kGradLogvar | kGroupLogvarGrad;
+}  // namespace likelihood_flags
 
 // One pass over prediction and target: the per-element or per-row losses and, where asked, the
 // derivatives of each element's loss with respect to its prediction, target and log-variance,

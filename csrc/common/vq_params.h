@@ -25,6 +25,9 @@ struct NearestCodeParams {
 // into partial[chunk], then each code's chunk sums added in order into sums[code]. Chunk c belongs
 // to code chunk_code[c] (codes for c past the last chunk); code k's chunks end at chunk_end[k]
 // (inclusive prefix sum of ceil(counts / kStatsChunkRows)), its rows start at order[starts[k]].
+// The order of the sums, and so their rounding, depends on it: the Triton kernels read it from here
+// too (pyvae._C.shared_constants(), see module.cpp), and both GPU backends share the preparation
+// of order, starts, chunk_end and chunk_code (kernels/_layout.py codebook_stats_by_chunks).
 constexpr int64_t kStatsChunkRows = 64;
 
 struct CodebookStatsParams {

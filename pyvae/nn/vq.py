@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
+from ..ops._common import check_floating
 from ..ops.vq import (PRECISIONS, VQResult, _stats_of_own_search, codebook_snapshot, nearest_code,
                       perplexity_of_frequencies, vector_quantize)
 
@@ -129,10 +131,15 @@ class VectorQuantizer(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_initted)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> VQResult:
+    def _check_input(self, x) -> None:
+        """What the ops would refuse, refused before k-means or the EMA step writes a buffer."""
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be a tensor [..., {self.dim}] (dim = {self.dim}), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        check_floating("x", x, backends.resolve(self.backend, x.device, "vq"))
+
+    def forward(self, x: torch.Tensor) -> VQResult:
+        self._check_input(x)
         if self.training and not self._initted:
             self.init_codebook(x)
         ema_step = self.ema_decay is not None and self.training
@@ -217,9 +224,7 @@ class VectorQuantizer(nn.Module):
         """Initialise the codebook from the rows of x by k-means (``kmeans_iters`` Lloyd
         iterations), identically on every process under data parallelism, and set ``initted``.
         ``forward`` calls it on the first training batch when ``kmeans_init`` is set."""
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be a tensor [..., {self.dim}], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        self._check_input(x)
         k = self.num_codes
         rows = self._normalize(x.detach().reshape(-1, self.dim).to(self.codebook.dtype))
         world, rank = self._world()

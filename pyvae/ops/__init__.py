@@ -1,8 +1,9 @@
 """pyvae's ops: one module per op family (reference, autograd.Function, functional API)."""
-from .likelihood import LikelihoodFunction, bernoulli_nll, continuous_bernoulli_nll, gaussian_nll, likelihood_reference
+from .likelihood import (LikelihoodFlag, LikelihoodFunction, LikelihoodSpec, bernoulli_nll, continuous_bernoulli_nll,
+                         gaussian_nll, likelihood_reference)
 from .vq import VQFunction, VQResult, codebook_stats, nearest_code, vector_quantize
 from .reparam_kl import ReparamKLFunction, draw_seed, reference_eps, reparameterize_kl, reparameterize_kl_reference
 
-__all__ = ["LikelihoodFunction", "ReparamKLFunction", "VQFunction", "VQResult", "codebook_stats", "nearest_code",
-           "vector_quantize", "bernoulli_nll", "continuous_bernoulli_nll", "draw_seed",
+__all__ = ["LikelihoodFlag", "LikelihoodFunction", "LikelihoodSpec", "ReparamKLFunction", "VQFunction", "VQResult",
+           "codebook_stats", "nearest_code", "vector_quantize", "bernoulli_nll", "continuous_bernoulli_nll", "draw_seed",
            "gaussian_nll", "likelihood_reference", "reference_eps", "reparameterize_kl", "reparameterize_kl_reference"]

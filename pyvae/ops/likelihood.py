@@ -17,7 +17,7 @@ Layers of this op family (the shape every pyvae op follows):
               Nothing else is kept for backward: not the prediction (often a decoder's last
               activation, which is then freed after forward) nor the target. Peak memory: the
               inputs plus one gradient buffer (a log-variance shared by the batch gets its gradient
-              as sums over 16-row groups, 1/16 of the size, for scalar losses). A backward with
+              as sums over groups of ``LOGVAR_GROUP_ROWS`` rows, for scalar losses). A backward with
               ``retain_graph=True`` scales a copy and keeps the buffer, so a second backward
               through the same graph returns bit-identical gradients.
     API       :func:`bernoulli_nll`, :func:`gaussian_nll`, :func:`continuous_bernoulli_nll`.
@@ -30,14 +30,16 @@ total divided by B, i.e. the reconstruction term of the ELBO per sample; ``"none
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 
 from .. import backends
+from .._constants import LikelihoodFlag
 from ._common import check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows
 
-__all__ = ["bernoulli_nll", "gaussian_nll", "continuous_bernoulli_nll", "LikelihoodFunction", "likelihood_reference"]
+__all__ = ["bernoulli_nll", "gaussian_nll", "continuous_bernoulli_nll", "LikelihoodFlag", "LikelihoodFunction",
+           "LikelihoodSpec", "likelihood_reference"]
 
 _OP = "likelihood"
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -71,32 +73,24 @@ def likelihood_reference(loss: str, pred: torch.Tensor, target: torch.Tensor, lo
 
 
 # --------------------------------------------------------------------------- backends
-def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad, target_grad,
-                   logvar_grad, grad_scale, group_logvar_grad):
-    # (group_logvar_grad: the reference always returns the per-element gradient, which backward
-    # reduces just the same)
+def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, flags, grad_scale):
+    """The torch backend of the likelihood op (its signature and outputs), except that the
+    log-variance's derivatives stay per element under GROUP_LOGVAR_GRAD: backward reduces them to
+    logvar's shape just the same."""
     values = likelihood_reference(loss, pred, target, logvar, fixed_logvar, constant).expand(pred.shape)
-    out = values if per_element else values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
-    grads = _torch_derivatives(loss, pred, target, logvar, fixed_logvar, target_grad, logvar_grad and logvar is not None,
-                               grad_scale)
-    return (out, grads[0] if pred_grad else pred.new_empty(0), grads[1] if target_grad else target.new_empty(0),
-            grads[2] if grads[2] is not None else pred.new_empty(0, dtype=torch.float32))
-
-
-def _torch_derivatives(loss, pred, target, logvar, fixed_logvar, target_grad, logvar_grad, grad_scale):
-    """Per-element derivatives of the reference loss times grad_scale (autograd of its scaled sum;
-    logvar expanded)."""
+    per_sample = values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
+    out = values if flags & LikelihoodFlag.PER_ELEMENT else per_sample
+    wanted = [bool(flags & bit) for bit in LikelihoodFlag.GRADS]
+    if not any(wanted):
+        return out, []
     with torch.enable_grad():
-        p = pred.detach().requires_grad_()
-        t = target.detach().requires_grad_(target_grad)
-        v = logvar.detach().expand(pred.shape).clone().requires_grad_(logvar_grad) if logvar is not None else None
-        values = likelihood_reference(loss, p, t, v, fixed_logvar).expand(pred.shape)
-        inputs = [p] + ([t] if target_grad else []) + ([v] if logvar_grad else [])
-        grads = list(torch.autograd.grad(values.sum() * grad_scale, inputs))
-    grad_pred = grads.pop(0).to(pred.dtype)
-    grad_target = grads.pop(0).to(target.dtype) if target_grad else None
-    grad_logvar = grads.pop(0).float() if logvar_grad else None
-    return grad_pred, grad_target, grad_logvar
+        inputs = [pred.detach().requires_grad_(), target.detach().requires_grad_(),
+                  logvar.detach().expand(pred.shape).clone().requires_grad_() if logvar is not None else None]
+        values = likelihood_reference(loss, inputs[0], inputs[1], inputs[2], fixed_logvar).expand(pred.shape)
+        grads = torch.autograd.grad(values.sum() * grad_scale, [t for t, want in zip(inputs, wanted) if want],
+                                    materialize_grads=True)  # a Bernoulli loss does not read logvar: 0
+    dtypes = [d for d, want in zip((pred.dtype, target.dtype, torch.float32), wanted) if want]
+    return out, [g.to(dtype) for g, dtype in zip(grads, dtypes)]
 
 
 def _torch_scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
@@ -111,16 +105,24 @@ def _scale_grad_(grad: torch.Tensor, scale: torch.Tensor, backend: str) -> None:
 _SCALAR_REDUCTIONS = ("sum", "batchmean", "mean")  # one upstream gradient value for every element
 
 
-def _grad_options(reduction: str, shape: torch.Size) -> tuple[float, bool]:
-    """(grad_scale, group_logvar_grad) of the forward op for this reduction: the factor it applies
-    to every element's gradient, and whether every row gets the same upstream gradient (a scalar
-    loss), so that a log-variance shared by the batch can have its gradient summed in the kernel."""
-    scalar = reduction in _SCALAR_REDUCTIONS
+def _grad_scale(reduction: str, shape: torch.Size) -> float:
+    """The factor the reduction applies to every element's gradient."""
     if reduction == "batchmean" and shape[0] > 0:
-        return 1.0 / shape[0], scalar
+        return 1.0 / shape[0]
     if reduction == "mean" and shape.numel() > 0:
-        return 1.0 / shape.numel(), scalar
-    return 1.0, scalar
+        return 1.0 / shape.numel()
+    return 1.0
+
+
+def _op_flags(reduction: str, wanted: list[bool]) -> int:
+    """The forward op's flags for this reduction and the wanted gradients (of pred, target, logvar).
+    A scalar loss gives every row the same upstream gradient, so a log-variance shared by the batch
+    can have its gradient summed over row groups in the kernel."""
+    flags = LikelihoodFlag.PER_ELEMENT if reduction == "none" else 0
+    flags |= LikelihoodFlag.GROUP_LOGVAR_GRAD if reduction in _SCALAR_REDUCTIONS else 0
+    for bit, want in zip(LikelihoodFlag.GRADS, wanted):
+        flags |= bit if want else 0
+    return flags
 
 
 def _forward_op(backend: str):
@@ -128,29 +130,40 @@ def _forward_op(backend: str):
 
 
 # --------------------------------------------------------------------------- autograd
-class LikelihoodFunction(torch.autograd.Function):
-    """``nll = LikelihoodFunction.apply(loss, pred, target, logvar, fixed_logvar, constant, reduction, backend,
-    grad_mode)``, ``grad_mode`` being ``torch.is_grad_enabled()`` where the caller is.
+class LikelihoodSpec(NamedTuple):
+    """What one :class:`LikelihoodFunction` computes: the negative log-likelihood ``loss`` (one of
+    :data:`LOSSES`) with ``reduction``, on ``backend`` (a concrete one, not "auto"). Without a
+    logvar tensor every element uses ``fixed_logvar``; ``constant`` is added per element."""
+    loss: str
+    reduction: str
+    backend: str
+    fixed_logvar: float = 0.0
+    constant: float = 0.0
 
-    ``loss`` is one of :data:`LOSSES`; ``logvar`` a tensor broadcastable to ``pred`` (Gaussian) or
-    None, in which case every element uses ``fixed_logvar``; ``constant`` is added per element.
+
+class LikelihoodFunction(torch.autograd.Function):
+    """``nll = LikelihoodFunction.apply(spec, pred, target, logvar, grad_mode)``: ``spec`` a
+    :class:`LikelihoodSpec`, ``logvar`` a tensor broadcastable to ``pred`` (Gaussian) or None,
+    ``grad_mode`` being ``torch.is_grad_enabled()`` where the caller is.
+
     Gradients flow to ``pred``, ``target`` and ``logvar`` (reduced over its broadcast dims).
     """
 
     @staticmethod
-    def forward(ctx, loss, pred, target, logvar, fixed_logvar, constant, reduction, backend, grad_mode=True):
-        forward_op = _forward_op(backend)
+    def forward(ctx, spec: LikelihoodSpec, pred, target, logvar, grad_mode=True):
         # needs_input_grad follows requires_grad even under torch.no_grad(), where no backward comes:
         # the caller passes the grad mode it was called in.
-        wanted = (grad_mode and ctx.needs_input_grad[1], grad_mode and ctx.needs_input_grad[2],
-                  grad_mode and logvar is not None and ctx.needs_input_grad[3])
-        out, *unit_grads = forward_op(loss, pred, target, logvar, fixed_logvar, constant, reduction == "none", *wanted,
-                                      *_grad_options(reduction, pred.shape))
-        if reduction not in ("none", "per_sample"):
-            out = reduce_rows(out, reduction, pred.numel())
-        # Kept as attributes, not saved tensors: backward scales them in place (see the module docstring).
-        ctx.unit_grads = unit_grads
-        ctx.wanted, ctx.reduction, ctx.backend = wanted, reduction, backend
+        wanted = [grad_mode and ctx.needs_input_grad[i] for i in (1, 2, 3)]
+        out, unit_grads = _forward_op(spec.backend)(spec.loss, pred, target, logvar, spec.fixed_logvar,
+                                                    spec.constant, _op_flags(spec.reduction, wanted),
+                                                    _grad_scale(spec.reduction, pred.shape))
+        if spec.reduction not in ("none", "per_sample"):
+            out = reduce_rows(out, spec.reduction, pred.numel())
+        # Kept as attributes, not saved tensors: backward scales them in place (see the module
+        # docstring). One entry per input, None where no gradient was asked for.
+        remaining = iter(unit_grads)
+        ctx.unit_grads = [next(remaining) if want else None for want in wanted]
+        ctx.reduction, ctx.backend = spec.reduction, spec.backend
         ctx.pred_shape = pred.shape
         ctx.logvar_meta = (logvar.shape, logvar.dtype) if logvar is not None else None
         return out
@@ -165,25 +178,24 @@ class LikelihoodFunction(torch.autograd.Function):
         # (Under torch.compile the traced backward is functional, so copying changes nothing there.)
         keep = torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph()
         if keep:
-            unit_grads = [g.clone() if want else g for g, want in zip(unit_grads, ctx.wanted)]
+            unit_grads = [g.clone() if g is not None else None for g in unit_grads]
         else:
             ctx.unit_grads = None  # frees the buffers once autograd has taken the gradients
         if ctx.reduction in _SCALAR_REDUCTIONS:  # one upstream value, often 1
             upstream = grad_out.float().reshape(())
-            for g, want in zip(unit_grads, ctx.wanted):
-                if want:
+            for g in unit_grads:
+                if g is not None:
                     _scale_grad_(g, upstream, ctx.backend)
         else:
             upstream = expand_reduced_grad(grad_out.float(), ctx.reduction, ctx.pred_shape, ctx.pred_shape[0])
-            for g, want in zip(unit_grads, ctx.wanted):
-                if want:
+            for g in unit_grads:
+                if g is not None:
                     g.mul_(upstream)
-        pred_grad, target_grad, logvar_grad = ctx.wanted
-        grad_pred, grad_target, grad_logvar = [g if want else None for g, want in zip(unit_grads, ctx.wanted)]
-        if logvar_grad:
+        grad_pred, grad_target, grad_logvar = unit_grads
+        if grad_logvar is not None:
             logvar_shape, logvar_dtype = ctx.logvar_meta
             grad_logvar = grad_logvar.sum_to_size(logvar_shape).to(logvar_dtype)
-        return (None, grad_pred, grad_target, grad_logvar, None, None, None, None, None)
+        return None, grad_pred, grad_target, grad_logvar, None
 
 
 # --------------------------------------------------------------------------- API
@@ -221,7 +233,7 @@ def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, reduction: str 
     formula's value (``inf`` or NaN) on every backend.
     """
     resolved = _prepare("logits", logits, target, reduction, backend)
-    return LikelihoodFunction.apply("bernoulli", logits, target, None, 0.0, 0.0, reduction, resolved,
+    return LikelihoodFunction.apply(LikelihoodSpec("bernoulli", reduction, resolved), logits, target, None,
                                     torch.is_grad_enabled())
 
 
@@ -237,8 +249,8 @@ def continuous_bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, redu
     evaluated by the same formula, not clamped.
     """
     resolved = _prepare("logits", logits, target, reduction, backend)
-    return LikelihoodFunction.apply("continuous_bernoulli", logits, target, None, 0.0, 0.0, reduction, resolved,
-                                    torch.is_grad_enabled())
+    return LikelihoodFunction.apply(LikelihoodSpec("continuous_bernoulli", reduction, resolved), logits, target,
+                                    None, torch.is_grad_enabled())
 
 
 def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, logvar: Union[None, float, torch.Tensor, str] = None, *,
@@ -272,11 +284,11 @@ def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, logvar: Union[None, f
         if not broadcasts:
             raise ValueError(f"logvar of shape {tuple(logvar.shape)} does not broadcast to mean's shape "
                              f"{tuple(mean.shape)}")
-        return LikelihoodFunction.apply("gaussian", mean, target, logvar, 0.0, constant, reduction, resolved,
-                                        torch.is_grad_enabled())
-    fixed = 0.0 if logvar is None else float(logvar)
-    return LikelihoodFunction.apply("gaussian", mean, target, None, fixed, constant, reduction, resolved,
-                                    torch.is_grad_enabled())
+        return LikelihoodFunction.apply(LikelihoodSpec("gaussian", reduction, resolved, constant=constant), mean,
+                                        target, logvar, torch.is_grad_enabled())
+    spec = LikelihoodSpec("gaussian", reduction, resolved, fixed_logvar=0.0 if logvar is None else float(logvar),
+                          constant=constant)
+    return LikelihoodFunction.apply(spec, mean, target, None, torch.is_grad_enabled())
 
 
 def _gaussian_nll_optimal(mean, target, full, reduction, backend):
@@ -297,15 +309,12 @@ def _gaussian_nll_optimal(mean, target, full, reduction, backend):
 # --------------------------------------------------------------------------- fake kernels
 def _register_fakes() -> None:
     # pyvae.kernels exists only in an installed pyvae (setup.py maps kernels/ there), as do the ops
-    from ..kernels._layout import logvar_grad_shape
+    from ..kernels._layout import new_likelihood_grads
 
-    def forward_fake(loss, pred, target, logvar, fixed_logvar, constant, per_element, pred_grad, target_grad,
-                     logvar_grad, grad_scale, group_logvar_grad):
+    def forward_fake(loss, pred, target, logvar, fixed_logvar, constant, flags, grad_scale):
+        per_element = flags & LikelihoodFlag.PER_ELEMENT
         return (pred.new_empty(pred.shape if per_element else pred.shape[:1], dtype=torch.float32),
-                torch.empty_like(pred, memory_format=torch.contiguous_format) if pred_grad else pred.new_empty(0),
-                torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty(0),
-                pred.new_empty(logvar_grad_shape(pred, logvar, group_logvar_grad) if logvar_grad and logvar is not None else (0,),
-                               dtype=torch.float32))
+                new_likelihood_grads(pred, target, logvar, flags))
 
     torch.library.register_fake("pyvae::likelihood_forward", forward_fake)
     torch.library.register_fake("pyvae::scale_grad_", lambda grad, scale: None)

@@ -8,8 +8,10 @@ Layers of this op family:
               merge), ``kernels/vq.py`` (tl.dot tiles with a running argmin in registers);
     ops       ``torch.ops.pyvae.nearest_code`` and ``codebook_stats`` (CPU, CUDA) and their
               ``_triton`` twins, with fake implementations. The GPU statistics sort the rows by code,
-              sum fixed 64-row chunks of each code's rows in parallel and add each code's chunk
-              sums in order: deterministic, balanced when one code takes most rows, no host sync;
+              sum fixed chunks of each code's rows (``STATS_CHUNK_ROWS``) in parallel and add each
+              code's chunk sums in order: deterministic, balanced when one code takes most rows, no
+              host sync. Both GPU backends share that preparation (``kernels/_layout.py``), which is
+              why the CUDA ``codebook_stats`` is registered here, around the C++ kernels;
     autograd  :class:`VQFunction`: straight-through gradient to x, commitment gradient to x, and
               the codebook gradient from deterministic per-code counts and sums (no one-hot, no
               scatter with atomics, nothing of size N x K);
@@ -256,17 +258,35 @@ def _(codebook: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(codebook)
 
 
-# --------------------------------------------------------------------------- fake kernels
-def _register_fakes() -> None:
+# --------------------------------------------------------------------------- registration
+def _codebook_stats_cuda(x: torch.Tensor, idx: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA kernel of ``torch.ops.pyvae.codebook_stats``: the preparation it shares with the
+    Triton backend, then the C++ kernels (``torch.ops.pyvae.codebook_chunk_sums``)."""
+    # pyvae.kernels exists only in an installed pyvae (setup.py maps kernels/ there), as CUDA builds do
+    from ..kernels._checks import check_codebook_stats
+    from ..kernels._layout import codebook_stats_by_chunks
+
+    check_codebook_stats(x, idx, num_codes)
+    return codebook_stats_by_chunks(x, idx, num_codes, lambda x2, plan: torch.ops.pyvae.codebook_chunk_sums(x2, *plan))
+
+
+def _register_native() -> None:
+    """Fake kernels of the C++ ops, and the CUDA kernel of codebook_stats (:func:`_codebook_stats_cuda`)."""
     def nearest_fake(x, codebook, exact):
         return x.new_empty(x.shape[:-1], dtype=torch.int64), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
     def stats_fake(x, idx, num_codes):
         return x.new_empty(num_codes, dtype=torch.float32), x.new_empty((num_codes, x.shape[-1]), dtype=torch.float32)
 
+    def chunk_sums_fake(x, order, starts, counts, chunk_end, chunk_code):
+        return x.new_empty((counts.shape[0], x.shape[1]), dtype=torch.float32)
+
     torch.library.register_fake("pyvae::nearest_code", nearest_fake)
     torch.library.register_fake("pyvae::codebook_stats", stats_fake)
+    torch.library.register_fake("pyvae::codebook_chunk_sums", chunk_sums_fake)
+    if backends.native_extension().has_cuda:
+        torch.library.register_kernel("pyvae::codebook_stats", "cuda", _codebook_stats_cuda)
 
 
-_FAMILY = backends.load_op_family(_OP, _register_fakes, {"nearest_code": _torch_nearest_code,
-                                                         "codebook_stats": codebook_stats_reference})
+_FAMILY = backends.load_op_family(_OP, _register_native, {"nearest_code": _torch_nearest_code,
+                                                          "codebook_stats": codebook_stats_reference})

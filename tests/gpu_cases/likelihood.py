@@ -2,6 +2,7 @@
 import torch
 
 import pyvae
+from pyvae._constants import LikelihoodFlag as flag
 
 from . import DTYPES, TRIMMED_DTYPES, pick
 
@@ -39,7 +40,7 @@ def triton_launches(ops, t) -> None:
                 pred, target = t(40, cols, dtype=dtype), t(40, cols)
                 logvars = [None] if loss != "gaussian" else [None, t(1, cols), t(40, cols)]
                 for logvar in logvars:
-                    for per_element, group in ((False, True), (False, False), (True, False)):
-                        ops.likelihood_forward(loss, pred, target, logvar, 0.0, 0.0, per_element, True, True,
-                                               logvar is not None, 1.0, group)
+                    grads = flag.GRAD_PRED | flag.GRAD_TARGET | (flag.GRAD_LOGVAR if logvar is not None else 0)
+                    for mode in (flag.GROUP_LOGVAR_GRAD, 0, flag.PER_ELEMENT):
+                        ops.likelihood_forward(loss, pred, target, logvar, 0.0, 0.0, mode | grads, 1.0)
         ops.scale_grad_(t(1000, dtype=dtype), t(1))
