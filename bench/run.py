@@ -20,6 +20,7 @@ one summary line per op and mode and the folder it wrote.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shlex
 import sys
@@ -28,12 +29,11 @@ from pathlib import Path
 import torch
 
 import harness
-import likelihood
-import reparam_kl
 import train_step
-import vq
+from pyvae.registry import FAMILIES
 
-SUITES = {"reparam_kl": reparam_kl, "likelihood": likelihood, "vq": vq, "train_step": train_step}
+# Each op family's bench/<name>.py (in registration order), then whole training steps.
+SUITES = {**{f.name: importlib.import_module(f.bench) for f in FAMILIES}, "train_step": train_step}
 CPU_TIME_BUDGET_S = 1.0
 
 

@@ -52,8 +52,7 @@ def report() -> int:
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for dev in devices:
         name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else platform.processor() or "cpu"
-        autos = ", ".join(f"{op} -> {backends.resolve('auto', torch.device(dev), op)}"
-                          for op in ("reparam_kl", "likelihood", "vq"))
+        autos = ", ".join(f"{op} -> {backends.resolve('auto', torch.device(dev), op)}" for op in backends.FAMILIES)
         print(f"{dev} ({name}): backends {backends.available(dev)}; auto: {autos}")
     for op in backends.FAMILIES:
         for backend, reason in backends.unavailable_reasons(op).items():

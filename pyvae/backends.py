@@ -10,7 +10,8 @@ Backends:
 
 ``backend="auto"`` (the default of every op) takes ``PYVAE_BACKEND`` from the environment when it
 is set, else picks per device: for CUDA tensors the GPU backend the benchmark measured faster for
-that op (``AUTO_CUDA``), for CPU tensors ``cpu``; ``torch`` where the extension is missing.
+that op (its family's ``auto_cuda`` in :mod:`pyvae.registry`), for CPU tensors ``cpu``; ``torch``
+where the extension is missing.
 
 A package installed without ``pyvae._C`` falls back to ``torch`` quietly. An extension that exists
 but fails to load (built against another torch, an undefined symbol) warns once at import, with the
@@ -29,10 +30,14 @@ from typing import Callable
 
 import torch
 
+from . import registry
+
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 
-# The GPU backend `auto` picks per op, from bench/results (triton until a GPU run says otherwise).
-AUTO_CUDA = {"reparam_kl": "triton", "likelihood": "triton", "vq": "triton"}
+# The op families (the `op` of resolve/available), in registration order, and the GPU backend
+# `auto` picks for each (a lookup table, so that resolve stays plain Python for torch.compile).
+FAMILIES = registry.NAMES
+AUTO_CUDA = {f.name: f.auto_cuda for f in registry.FAMILIES}
 
 # How to rebuild the extension against the torch installed here (quoted in every message about it).
 REBUILD = ("rebuild it against this torch: `pip install --no-build-isolation .` "
@@ -114,23 +119,24 @@ def triton_usable() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def triton_kernels(op: str) -> ModuleType | None:
-    """Imports ``pyvae.kernels.<op>`` (registering its ``*_triton`` ops); None if that fails, which
-    turns the triton backend off for ``op`` alone (with a warning saying why).
+    """Imports the Triton kernels of op family ``op`` (registering its ``*_triton`` ops); None if
+    that fails, which turns the triton backend off for ``op`` alone (with a warning saying why).
 
     Op modules call this when they are imported, so that nothing is imported while torch.compile
     traces a call.
     """
     if not _HAS_TRITON:
         return None
+    kernels = registry.family(op).kernels
     try:
-        return importlib.import_module(f"pyvae.kernels.{op}")
+        return importlib.import_module(kernels)
     except Exception as exc:  # a broken Triton install must not break `import pyvae`
-        if isinstance(exc, ModuleNotFoundError) and exc.name in ("pyvae.kernels", f"pyvae.kernels.{op}"):
+        if isinstance(exc, ModuleNotFoundError) and exc.name in ("pyvae.kernels", kernels):
             # kernels/ is installed as pyvae.kernels by setup.py; a bare checkout has no such package
             reason = (f"{exc.name} is not importable (a source checkout without an install? "
                       f"`pip install --no-build-isolation -e .` installs kernels/ as pyvae.kernels)")
         else:
-            reason = f"pyvae.kernels.{op} failed to import ({type(exc).__name__}: {exc})"
+            reason = f"{kernels} failed to import ({type(exc).__name__}: {exc})"
         _TRITON_BROKEN[op] = reason
         warnings.warn(f"pyvae: {reason}; backend 'triton' is off for {op}", RuntimeWarning, stacklevel=2)
         return None
@@ -141,22 +147,28 @@ _TRITON_BROKEN: dict[str, str] = {}
 _NATIVE_BROKEN: dict[str, str] = {}
 
 
-def load_op_family(op: str, register_fakes: Callable[[], None]) -> None:
-    """The last step of importing a ``pyvae.ops`` module: fake kernels for its C++ ops (when the
-    extension is built) and its Triton kernels (when Triton has somewhere to run).
+def load_op_family(op: str, register_native: Callable[[], None], reference: dict[str, Callable]) -> registry.OpFamily:
+    """The last step of importing ``pyvae.ops.<op>``: the PyTorch reference of each of its ops (what
+    ``family.op(name, "torch")`` returns), what its C++ ops need registered from Python (their fake
+    kernels: ``register_native``, when the extension is built) and its Triton kernels (when Triton
+    has somewhere to run). Returns the family.
 
-    Neither raises: a failure turns that backend off for ``op`` and warns, so that ``import pyvae``
-    never stops half-way through an op module.
+    Only a reference that does not match the family's ops raises (a half-registered family): a
+    failing fake registration or Triton import turns that backend off for ``op`` and warns, so that
+    ``import pyvae`` never stops half-way through an op module.
     """
+    family = registry.family(op)
+    family.bind_reference(reference)
     if _EXTENSION is not None:
         try:
-            register_fakes()
+            register_native()
         except Exception as exc:
             _NATIVE_BROKEN[op] = f"its fake kernels failed to register ({type(exc).__name__}: {exc})"
             warnings.warn(f"pyvae: {_NATIVE_BROKEN[op]}; backends 'cpu' and 'cuda' are off for {op}",
                           RuntimeWarning, stacklevel=2)
     if triton_usable():
         triton_kernels(op)
+    return family
 
 
 def unavailable_reasons(op: str) -> dict[str, str]:
@@ -187,9 +199,6 @@ def available(device: torch.device | str = "cpu", op: str | None = None) -> list
 def _broken(backend: str) -> dict[str, str]:
     return _TRITON_BROKEN if backend == "triton" else _NATIVE_BROKEN if backend in ("cpu", "cuda") else {}
 
-
-# The op families (the `op` of resolve/available): each pyvae.ops module's _OP.
-FAMILIES = ("reparam_kl", "likelihood", "vq")
 
 _AVAILABLE: dict[tuple[str, int | None], list[str]] = {}
 

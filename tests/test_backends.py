@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pyvae
-from pyvae import backends
+from pyvae import backends, registry
 from pyvae._constants import LikelihoodFlag
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,7 +245,7 @@ def test_triton_ops_check_inputs_as_the_cpp_ops_do(name, make_args, exc_type, wo
         return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in make_args())
 
     with pytest.raises(exc_type) as triton_error:
-        getattr(torch.ops.pyvae, "scale_grad_triton_" if name == "scale_grad_" else name + "_triton")(*args())
+        getattr(torch.ops.pyvae, registry.triton_twin(name))(*args())
     assert words in str(triton_error.value)
     if native in backends.available(device):  # the same exception, word for word, as the C++ op's
         with pytest.raises(exc_type) as cpp_error:

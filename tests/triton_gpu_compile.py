@@ -1,17 +1,26 @@
 """Compiles every Triton kernel variant pyvae's launchers ask for, for NVIDIA GPUs, on a machine
-without one (run by tests/test_triton_gpu_compile.py in a process of its own).
+without one, and checks each compiled variant's registers and shared memory against the limits of
+the GPU it was compiled for (run by tests/test_package.py in a process of its own).
+
+    python tests/triton_gpu_compile.py [FAMILY...]     (default: every family of pyvae.registry)
 
 Triton's interpreter, which runs the kernels in the CPU test suite, accepts code that a GPU
 compile rejects (a tl.dot block under 16, operand dtypes that differ, ...). Here the launchers run
 on meta tensors with ``wrap_triton`` replaced by a recorder, so each launch gives the kernel, its
 argument types and its constexprs exactly as a GPU run would; each distinct variant is then
-compiled ahead of time (Triton's own ptxas) for sm_90, and the search for sm_80 too. Prints one
-line per variant; exits 1 if any fails.
+compiled ahead of time (Triton's own ptxas) for sm_90, and the search for sm_80 too, and its cubin
+read by cuobjdump (tests/kernel_resources.py). The launches of op family ``<name>`` are made by
+``gpu_cases.<name>.triton_launches``. Prints one line per variant (registers, shared memory, local
+memory if any); exits 1 if any fails to compile or is above a device limit.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 import sys
+import tempfile
+from types import SimpleNamespace
 
 os.environ.pop("TRITON_INTERPRET", None)  # before Triton is imported: compile, don't interpret
 
@@ -20,8 +29,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pyvae._constants import LikelihoodFlag as flag  # noqa: E402
-from pyvae.kernels import likelihood, reparam_kl, vq  # noqa: E402
+from kernel_resources import Usage, report, resource_usage  # noqa: E402
+from pyvae import registry  # noqa: E402
 
 # Every variant for Hopper; the search (the one kernel whose code generation differs by
 # architecture: mma on sm_80, wgmma on sm_90) for Ampere too.
@@ -31,63 +40,30 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
                 torch.int32: "i32"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
-launches: list[tuple[object, tuple, dict]] = []
 
+def record_launches(families) -> list[tuple[object, tuple, dict]]:
+    """(kernel, args, kwargs) of every launch the families' launchers make on meta tensors."""
+    launches = []
 
-class RecordingLauncher:
-    """Stands in for ``torch.library.wrap_triton``: ``RecordingLauncher(kernel)[grid](*args, **kw)``."""
+    class RecordingLauncher:
+        """Stands in for ``torch.library.wrap_triton``: ``RecordingLauncher(kernel)[grid](*args, **kw)``."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-
-def run_launchers() -> None:
-    """Every launcher, over the dtypes and the switches that select a kernel variant."""
-    meta = torch.device("meta")
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
 
     def t(*shape, dtype=torch.float32):
-        return torch.empty(*shape, dtype=dtype, device=meta)
+        return torch.empty(*shape, dtype=dtype, device="meta")
 
-    fn = {op: getattr(mod, op)._init_fn for mod, op in (
-        (reparam_kl, "reparam_kl_forward_triton"), (reparam_kl, "reparam_kl_backward_triton"),
-        (likelihood, "likelihood_forward_triton"), (likelihood, "scale_grad_triton_"),
-        (vq, "nearest_code_triton"), (vq, "codebook_stats_triton"))}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for cols in (1024, 7, 100000):  # whole short rows per program, ragged, rows longer than a block
-            mu = t(64, cols, dtype=dtype)
-            for seed in (None, 5):
-                fn["reparam_kl_forward_triton"](mu, mu, seed, 2, False)
-            fn["reparam_kl_forward_triton"](mu, mu, 5, 1, True)
-            seed = t((), dtype=torch.int64)
-            for grad_z, grad_kl in ((t(2, 64, cols, dtype=dtype), t(64, cols)), (t(1, 64, cols, dtype=dtype), None),
-                                    (None, t(64, cols))):
-                fn["reparam_kl_backward_triton"](mu, mu, seed, grad_z, grad_kl)
-            # a Gaussian prior: full, one row for the batch ([Z]: stride 0), one value per row
-            # ([B, 1]: column stride 0), or either tensor alone
-            for prior_mu, prior_logvar in ((mu, t(cols, dtype=dtype)), (t(64, 1, dtype=dtype), None), (None, mu)):
-                fn["reparam_kl_forward_triton"](mu, mu, 5, 2, False, prior_mu, prior_logvar)
-                fn["reparam_kl_forward_triton"](mu, mu, None, 1, True, prior_mu, prior_logvar)
-                for grad_z in (t(1, 64, cols, dtype=dtype), None):
-                    fn["reparam_kl_backward_triton"](mu, mu, seed, grad_z, t(64, cols), prior_mu, prior_logvar,
-                                                     prior_mu is not None, prior_logvar is not None)
-        for loss in ("bernoulli", "gaussian", "continuous_bernoulli"):
-            for cols in (3 * 32 * 32, 65537):
-                pred, target = t(40, cols, dtype=dtype), t(40, cols)
-                logvars = [None] if loss != "gaussian" else [None, t(1, cols), t(40, cols)]
-                for logvar in logvars:
-                    grads = flag.GRAD_PRED | flag.GRAD_TARGET | (flag.GRAD_LOGVAR if logvar is not None else 0)
-                    for mode in (flag.GROUP_LOGVAR_GRAD, 0, flag.PER_ELEMENT):
-                        fn["likelihood_forward_triton"](loss, pred, target, logvar, 0.0, 0.0, mode | grads, 1.0)
-        fn["scale_grad_triton_"](t(1000, dtype=dtype), t(1))
-        for e_dtype in (dtype, torch.float32):
-            for dim in (64, 37, 3, 1000):
-                for exact in (True, False):
-                    fn["nearest_code_triton"](t(300, dim, dtype=dtype), t(500, dim, dtype=e_dtype), exact)
-        for dim in (64, 300):
-            fn["codebook_stats_triton"](t(300, dim, dtype=dtype), t(300, dtype=torch.int64), 50)
+    for family in families:
+        kernels = importlib.import_module(family.kernels)
+        kernels.wrap_triton = RecordingLauncher
+        # the function under each twin's triton_op (the op itself would dispatch, not launch)
+        ops = SimpleNamespace(**{op: getattr(kernels, twin)._init_fn for op, twin in zip(family.ops, family.triton_ops)})
+        importlib.import_module(family.gpu_cases).triton_launches(ops, t)
+    return launches
 
 
 def signature_of(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
@@ -112,29 +88,44 @@ def signature_of(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
     return signature, constexprs, {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
 
 
-def main() -> int:
-    for mod in (likelihood, reparam_kl, vq):
-        mod.wrap_triton = RecordingLauncher
-    run_launchers()
+def compile_variant(kernel, signature: dict, constexprs: dict, options: dict, target: GPUTarget) -> tuple[Usage, int]:
+    """Compiles one variant for ``target``; (its resource usage, threads per block). The shared memory
+    counts what the cubin declares and what Triton requests at launch."""
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
+                              options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        (usage,) = resource_usage(cubin.name, arch=target.arch)
+    return dataclasses.replace(usage, shared=usage.shared + compiled.metadata.shared), 32 * compiled.metadata.num_warps
+
+
+def main(argv: list[str]) -> int:
+    families = [registry.family(name) for name in argv] if argv else registry.FAMILIES
     variants = {}
-    for kernel, args, kwargs in launches:
+    for kernel, args, kwargs in record_launches(families):
         signature, constexprs, options = signature_of(kernel, args, kwargs)
         key = (kernel.__name__, tuple(signature.items()), tuple(constexprs.items()), tuple(options.items()))
         variants.setdefault(key, (kernel, signature, constexprs, options))
-    failures = 0
+    failures = over_limit = 0
+    local = []
     for (name, _, constexpr_items, option_items), (kernel, signature, constexprs, options) in variants.items():
         for target in TARGETS + ARCH_SENSITIVE.get(name, []):
-            label = f"sm_{target.arch} {name} {dict(constexpr_items)} {dict(option_items) or ''}"
+            label = f"{name} {dict(constexpr_items)} {dict(option_items) or ''}"
             try:
-                triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
-                               options=options)
-                print("ok  ", label)
+                usage, threads = compile_variant(kernel, signature, constexprs, options, target)
             except Exception as exc:  # report every variant, not only the first failure
                 failures += 1
-                print("FAIL", label, "\n    ", f"{type(exc).__name__}: {exc}"[:2000].replace("\n", "\n     "))
-    print(f"{len(variants)} kernel variants compiled, {failures} compiles failed")
-    return 1 if failures else 0
+                print(f"FAIL sm_{target.arch} {label}", "\n    ",
+                      f"{type(exc).__name__}: {exc}"[:2000].replace("\n", "\n     "))
+                continue
+            over_limit += report([usage], threads, label)
+            if usage.uses_local_memory:
+                local.append(f"sm_{target.arch} {label}")
+    print(f"{len(variants)} kernel variants compiled, {failures} compiles failed, {over_limit} above a device limit, "
+          f"{len(local)} using local memory (register spills)" + "".join(f"\n    {v}" for v in local))
+    return 1 if failures or over_limit else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

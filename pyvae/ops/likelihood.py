@@ -93,14 +93,13 @@ def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, flags, gr
     return out, [g.to(dtype) for g, dtype in zip(grads, dtypes)]
 
 
+def _torch_scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    grad.mul_(scale)
+
+
 def _scale_grad_(grad: torch.Tensor, scale: torch.Tensor, backend: str) -> None:
     """grad *= scale (one float32 value), skipped on the device when it is 1."""
-    if backend == "torch":
-        grad.mul_(scale)
-    elif backend == "triton":
-        torch.ops.pyvae.scale_grad_triton_(grad, scale)
-    else:
-        torch.ops.pyvae.scale_grad_(grad, scale)
+    _FAMILY.op("scale_grad_", backend)(grad, scale)
 
 
 _SCALAR_REDUCTIONS = ("sum", "batchmean", "mean")  # one upstream gradient value for every element
@@ -127,11 +126,7 @@ def _op_flags(reduction: str, wanted: list[bool]) -> int:
 
 
 def _forward_op(backend: str):
-    if backend == "torch":
-        return _torch_forward
-    if backend == "triton":
-        return torch.ops.pyvae.likelihood_forward_triton
-    return torch.ops.pyvae.likelihood_forward
+    return _FAMILY.op("likelihood_forward", backend)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -325,4 +320,5 @@ def _register_fakes() -> None:
     torch.library.register_fake("pyvae::scale_grad_", lambda grad, scale: None)
 
 
-backends.load_op_family(_OP, _register_fakes)
+_FAMILY = backends.load_op_family(_OP, _register_fakes, {"likelihood_forward": _torch_forward,
+                                                         "scale_grad_": _torch_scale_grad_})

@@ -196,11 +196,7 @@ def _torch_backward(mu, logvar, seed, grad_z, grad_kl, prior_mu=None, prior_logv
 
 def _ops(backend: str):
     """(forward, backward) callables of ``backend`` with the registered ops' signature."""
-    if backend == "torch":
-        return _torch_forward, _torch_backward
-    if backend == "triton":  # registered when this module was imported (see the bottom)
-        return torch.ops.pyvae.reparam_kl_forward_triton, torch.ops.pyvae.reparam_kl_backward_triton
-    return torch.ops.pyvae.reparam_kl_forward, torch.ops.pyvae.reparam_kl_backward
+    return _FAMILY.op("reparam_kl_forward", backend), _FAMILY.op("reparam_kl_backward", backend)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -379,4 +375,5 @@ def _register_fakes() -> None:
     torch.library.register_fake("pyvae::reparam_kl_backward", backward_fake)
 
 
-backends.load_op_family(_OP, _register_fakes)
+_FAMILY = backends.load_op_family(_OP, _register_fakes, {"reparam_kl_forward": _torch_forward,
+                                                         "reparam_kl_backward": _torch_backward})

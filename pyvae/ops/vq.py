@@ -97,12 +97,12 @@ def codebook_stats_reference(x: torch.Tensor, idx: torch.Tensor, num_codes: int)
 
 
 # --------------------------------------------------------------------------- backends
+def _torch_nearest_code(x, codebook, exact: bool):
+    return nearest_code_reference(x, codebook)  # one precision: float64 for float64 inputs, else float32
+
+
 def _nearest(backend: str, x, codebook, exact: bool):
-    if backend == "torch":
-        return nearest_code_reference(x, codebook)
-    if backend == "triton":
-        return torch.ops.pyvae.nearest_code_triton(x, codebook, exact)
-    return torch.ops.pyvae.nearest_code(x, codebook, exact)
+    return _FAMILY.op("nearest_code", backend)(x, codebook, exact)
 
 
 def _stats_of_own_search(x: torch.Tensor, idx: torch.Tensor, num_codes: int,
@@ -114,11 +114,7 @@ def _stats_of_own_search(x: torch.Tensor, idx: torch.Tensor, num_codes: int,
 
 
 def _stats(backend: str, x, idx, num_codes: int):
-    if backend == "torch":
-        return codebook_stats_reference(x, idx, num_codes)
-    if backend == "triton":
-        return torch.ops.pyvae.codebook_stats_triton(x, idx, num_codes)
-    return torch.ops.pyvae.codebook_stats(x, idx, num_codes)
+    return _FAMILY.op("codebook_stats", backend)(x, idx, num_codes)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -292,4 +288,5 @@ def _register_native() -> None:
         torch.library.register_kernel("pyvae::codebook_stats", "cuda", _codebook_stats_cuda)
 
 
-backends.load_op_family(_OP, _register_native)
+_FAMILY = backends.load_op_family(_OP, _register_native, {"nearest_code": _torch_nearest_code,
+                                                          "codebook_stats": codebook_stats_reference})
