@@ -1,8 +1,8 @@
-"""Sweeps the block sizes of the Triton nearest-code search on this GPU (bench/gpu_check.sh ... tune:vq).
+"""Sweeps the block sizes of the Triton nearest-code search on this GPU (run by bench/gpu_check.sh vq).
 
     python bench/tune_vq_triton.py [--out vq_tune.md] [--quick]
 
-For each benchmark problem of issue #4 and each precision, times every configuration of
+For each problem in PROBLEMS and each precision, times every configuration of
 (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages) in the grid below with triton.testing.do_bench,
 checks that it returns the same codes as the current default (kernels.vq.search_config), and writes
 the best ones with TFLOP/s (2 N K D / t) and % of the dense tensor-core peak. Configurations that do

@@ -52,9 +52,7 @@ PYVAE_HD float cb_log_norm_grad(float l, float e) {
 // Whether a loss is a function of e^-|p| (the Bernoulli losses). The CPU kernel computes that
 // exponential for a whole chunk in a loop of its own and hands it to loss_terms_given_exp: as one
 // loop, exp then log1p is a dependency chain too long for the out-of-order window to overlap
-// enough iterations. This split, with exp_neg and log1p_unit, took the Bernoulli forward at
-// 4096x4096 from 35.0 to 18.6 ms on an AVX2 CPU (bench/results/cpu/likelihood.md before and after
-// the commit that made it).
+// enough iterations (the measurement: ARCHITECTURE.md, Performance notes).
 template <Loss kLoss>
 constexpr bool kUsesExpNegAbs = kLoss != Loss::kGaussian;
 

@@ -1,7 +1,7 @@
 // Philox4x32-10 (csrc/common/philox.h) for a run of consecutive groups, with x86 SIMD intrinsics
 // where the CPU has them: g++ auto-vectorises the 32x32->64-bit products of the scalar code into
 // vpmullq or multi-instruction emulations, while _mm*_mul_epu32 is exactly the widening product
-// Philox needs, one instruction for 4 (AVX2) or 8 (AVX-512) lanes: about 2x faster overall.
+// Philox needs, one instruction for 4 (AVX2) or 8 (AVX-512) lanes.
 #pragma once
 #include <stdint.h>
 

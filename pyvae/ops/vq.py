@@ -17,9 +17,8 @@ Layers of this op family:
               scatter with atomics, nothing of size N x K);
     API       :func:`nearest_code`, :func:`vector_quantize`, :func:`codebook_stats`.
 
-Status (issue #4, in progress): every backend has its own search and statistics kernels; the CUDA
-search uses tensor cores (WMMA: TF32 or 16-bit) for ``precision="fast"`` when x and the codebook
-share a dtype and float32 CUDA cores otherwise; none of the GPU code has run on a GPU yet.
+The CUDA search uses tensor cores (WMMA: TF32 or 16-bit) for ``precision="fast"`` when x and the
+codebook share a dtype, and float32 CUDA cores otherwise.
 
 Distances are squared L2. Ties go to the lowest index. A code whose distance is NaN is never
 chosen; a row of x containing NaN gets index 0 and distance NaN, on every backend.
