@@ -52,7 +52,9 @@ def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_co
                 acc += tl.dot(xt, tl.trans(et))
         e_sq = tl.load(e_sq_ptr + codes, mask=codes < n_codes, other=float("inf"))
         dist = e_sq[None, :] - 2.0 * acc
-        dist = tl.where((codes[None, :] < n_codes) & (dist == dist), dist, float("inf"))  # NaN never wins
+        # a distance that is not finite (NaN, or the -inf of an infinite x or code) never wins, as
+        # in csrc/common/vq_math.h
+        dist = tl.where((codes[None, :] < n_codes) & (dist > float("-inf")), dist, float("inf"))
         tile_best, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best < best  # strict: ties keep the lower code
         best = tl.where(better, tile_best, best)

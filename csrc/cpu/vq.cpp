@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/vq_math.h"
 #include "chunk.h"  // PYVAE_MULTIVERSION
 
 namespace pyvae::cpu {
@@ -20,7 +21,7 @@ constexpr int kLanes = 16;
 // Folds one row of scores (distance = |e|^2 - 2 x.e for codes code0 .. code0 + n) into the row's
 // running (best, best_code). kLanes independent running minima let g++ vectorise the scan; a
 // strict < keeps the lowest code within a lane, the lane merge prefers the lower code on ties,
-// and NaN never wins.
+// and a distance that is not finite never wins (beats_best).
 PYVAE_MULTIVERSION void update_best(const float* __restrict scores, const float* __restrict code_sq, int64_t n,
                                     int64_t code0, float& best, int64_t& best_code) {
   float lane_best[kLanes];
@@ -34,7 +35,7 @@ PYVAE_MULTIVERSION void update_best(const float* __restrict scores, const float*
 #pragma omp simd
     for (int l = 0; l < kLanes; ++l) {
       const float d = code_sq[j + l] - 2.0f * scores[j + l];
-      const bool better = d < lane_best[l];
+      const bool better = beats_best(d, lane_best[l]);
       lane_best[l] = better ? d : lane_best[l];
       lane_code[l] = better ? static_cast<int32_t>(j + l) : lane_code[l];
     }
@@ -42,7 +43,7 @@ PYVAE_MULTIVERSION void update_best(const float* __restrict scores, const float*
   for (; j < n; ++j) {  // the tail, into the lanes it would have had
     const float d = code_sq[j] - 2.0f * scores[j];
     const int l = static_cast<int>(j % kLanes);
-    if (d < lane_best[l]) {
+    if (beats_best(d, lane_best[l])) {
       lane_best[l] = d;
       lane_code[l] = static_cast<int32_t>(j);
     }

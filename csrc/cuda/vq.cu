@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../common/vq_math.h"
 #include "common.cuh"
 #include "vq.h"
 
@@ -55,7 +56,8 @@ __device__ __forceinline__ void init_best(RunningBest& b) {
 }
 
 // Folds the dot products dot(i, j) of a code tile into the thread's running (min, argmin) per row.
-// Codes come in increasing order: a strict < keeps the lowest on ties, and NaN never wins.
+// Codes come in increasing order: a strict < keeps the lowest on ties; a distance that is not
+// finite never wins (beats_best).
 template <typename Dot>
 __device__ __forceinline__ void fold_tile(const NearestCodeParams& p, int64_t code0, TileLane lane, Dot dot,
                                           RunningBest& b) {
@@ -67,7 +69,7 @@ __device__ __forceinline__ void fold_tile(const NearestCodeParams& p, int64_t co
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float d = sq - 2.0f * dot(i, j);
-      if (d < b.best[i]) {
+      if (beats_best(d, b.best[i])) {
         b.best[i] = d;
         b.idx[i] = code;
       }

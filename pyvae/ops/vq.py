@@ -20,8 +20,10 @@ Layers of this op family:
 The CUDA search uses tensor cores (WMMA: TF32 or 16-bit) for ``precision="fast"`` when x and the
 codebook share a dtype, and float32 CUDA cores otherwise.
 
-Distances are squared L2. Ties go to the lowest index. A code whose distance is NaN is never
-chosen; a row of x containing NaN gets index 0 and distance NaN, on every backend.
+Distances are squared L2. Ties go to the lowest index. A code whose expanded distance
+``|e|^2 - 2 x.e`` is not finite is chosen only when no code has a finite one, and then code 0
+(``csrc/common/vq_math.h``): a row of x containing NaN gets index 0 and distance NaN, a row with an
+infinite value index 0 and distance inf, on every backend.
 """
 from __future__ import annotations
 
@@ -66,18 +68,32 @@ def perplexity_of_frequencies(probs: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest codes in plain PyTorch (float64 for float64 inputs, else float32), block by block."""
+    """Nearest codes in plain PyTorch (float64 for float64 inputs, else float32), block by block,
+    with the native searches' rules: ties to the lowest index, and a code whose expanded distance is
+    not finite wins only when none is finite, then code 0 at distance |x|^2 + inf."""
     cdt = torch.float64 if torch.float64 in (x.dtype, codebook.dtype) else torch.float32
-    d = codebook.shape[1]
+    d, k = codebook.shape[1], codebook.shape[0]
     x2 = x.reshape(-1, d).to(cdt)
     e = codebook.to(cdt)
-    e_sq = (e * e).sum(1)
+    # Identical codes must tie exactly, but a GEMM may round identical columns differently: search
+    # the distinct codes, ordered by the lowest index each stands for, and map back to that index.
+    distinct, which = torch.unique(e, dim=0, return_inverse=True)
+    first = torch.full((distinct.shape[0],), k, dtype=torch.int64, device=e.device)
+    first = first.scatter_reduce(0, which, torch.arange(k, device=e.device), "amin")
+    first, order = first.sort()
+    distinct = distinct[order]
+    e_sq = (distinct * distinct).sum(1)
     idx = torch.empty(x2.shape[0], dtype=torch.int64, device=x.device)
+    found = torch.empty(x2.shape[0], dtype=torch.bool, device=x.device)
     for r0 in range(0, x2.shape[0], _REFERENCE_ROWS):
         xb = x2[r0:r0 + _REFERENCE_ROWS]
-        dist = e_sq - 2.0 * (xb @ e.t())
-        idx[r0:r0 + _REFERENCE_ROWS] = torch.nan_to_num(dist, nan=math.inf).argmin(1)
-    dist = ((x2 - e[idx]) ** 2).sum(1).float()
+        dist = e_sq - 2.0 * (xb @ distinct.t())
+        # the rule of csrc/common/vq_math.h: a distance that is not finite never wins
+        dist = torch.where(dist > -math.inf, dist, math.inf)
+        best, arg = dist.min(1)  # the first of equal values: the lowest index
+        idx[r0:r0 + _REFERENCE_ROWS] = torch.where(best < math.inf, first[arg], 0)
+        found[r0:r0 + _REFERENCE_ROWS] = best < math.inf
+    dist = torch.where(found, ((x2 - e[idx]) ** 2).sum(1), (x2 * x2).sum(1) + math.inf).float()
     return idx.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])
 
 
