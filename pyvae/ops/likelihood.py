@@ -78,8 +78,7 @@ def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, flags, gr
     log-variance's derivatives stay per element under GROUP_LOGVAR_GRAD: backward reduces them to
     logvar's shape just the same."""
     values = likelihood_reference(loss, pred, target, logvar, fixed_logvar, constant).expand(pred.shape)
-    per_sample = values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
-    out = values if flags & LikelihoodFlag.PER_ELEMENT else per_sample
+    out = values if flags & LikelihoodFlag.PER_ELEMENT else values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
     wanted = [bool(flags & bit) for bit in LikelihoodFlag.GRADS]
     if not any(wanted):
         return out, []
