@@ -147,11 +147,23 @@ _TRITON_BROKEN: dict[str, str] = {}
 _NATIVE_BROKEN: dict[str, str] = {}
 
 
-def load_op_family(op: str, register_native: Callable[[], None], reference: dict[str, Callable]) -> registry.OpFamily:
+# An op's derivative: (setup_context, make_backward) for torch.library.register_autograd, where
+# make_backward(backend) gives the backward of the op serving that backend ("cpu" for the C++ op,
+# which serves CUDA tensors too, "triton" for its Triton twin), so that it calls that backend's ops.
+Derivative = tuple[Callable, Callable[[str], Callable]]
+
+
+def load_op_family(op: str, register_native: Callable[[], None], reference: dict[str, Callable],
+                   derivatives: dict[str, Derivative] | None = None,
+                   vmap_rules: dict[str, Callable[[str], Callable]] | None = None) -> registry.OpFamily:
     """The last step of importing ``pyvae.ops.<op>``: the PyTorch reference of each of its ops (what
     ``family.op(name, "torch")`` returns), what its C++ ops need registered from Python (their fake
-    kernels: ``register_native``, when the extension is built) and its Triton kernels (when Triton
-    has somewhere to run). Returns the family.
+    kernels: ``register_native``, when the extension is built), its Triton kernels (when Triton
+    has somewhere to run), and for the C++ ops and their Triton twins alike: their derivatives
+    (``derivatives``: an op without one, and every helper op, gets an autograd kernel that raises
+    a clear error when asked to differentiate, never silent zeros) and their rules under
+    ``torch.vmap`` (``vmap_rules``: op -> make_rule(backend); default: the op called on each slice
+    in turn, as a loop would). Returns the family.
 
     Only a reference that does not match the family's ops raises (a half-registered family): a
     failing fake registration or Triton import turns that backend off for ``op`` and warns, so that
@@ -166,9 +178,160 @@ def load_op_family(op: str, register_native: Callable[[], None], reference: dict
             _NATIVE_BROKEN[op] = f"its fake kernels failed to register ({type(exc).__name__}: {exc})"
             warnings.warn(f"pyvae: {_NATIVE_BROKEN[op]}; backends 'cpu' and 'cuda' are off for {op}",
                           RuntimeWarning, stacklevel=2)
-    if triton_usable():
-        triton_kernels(op)
+    served = []  # (op name as registered, the backend it serves, the op of the family it is)
+    if _EXTENSION is not None and op not in _NATIVE_BROKEN:
+        served += [(name, "cpu", name) for name in family.ops + family.helper_ops]
+    if triton_usable() and triton_kernels(op) is not None:
+        served += [(registry.triton_twin(name), "triton", name) for name in family.ops]
+    for name, derivative in (derivatives or {}).items():
+        _DERIVATIVES[(op, name)] = derivative
+    for registered, backend, name in served:
+        _register_derivative(f"pyvae::{registered}", backend, (derivatives or {}).get(name))
+        rule = (vmap_rules or {}).get(name)
+        torch.library.register_vmap(f"pyvae::{registered}", rule(backend) if rule else loop_vmap_rule(registered))
     return family
+
+
+def _register_derivative(qualname: str, backend: str, derivative: Derivative | None) -> None:
+    """Registers ``derivative`` as the op's autograd formula, or, for an op without one (a helper op,
+    an in-place op), an autograd kernel that raises naming the op when asked for a gradient (an
+    op without any autograd kernel would silently give zero gradients, with only a warning)."""
+    if derivative is not None:
+        setup_context, make_backward = derivative
+        torch.library.register_autograd(qualname, make_backward(backend), setup_context=setup_context)
+        return
+    op = _op_overload(qualname)
+
+    def no_derivative(*args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            raise RuntimeError(f"{qualname} has no derivative (it is a step inside another pyvae op, whose "
+                               f"derivative covers it): differentiate the public pyvae function instead")
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    _IMPL_LIBRARY.impl(qualname.split("::")[1], no_derivative, "Autograd")
+
+
+_IMPL_LIBRARY = torch.library.Library("pyvae", "IMPL")
+_DERIVATIVES: dict[tuple[str, str], Derivative] = {}
+
+
+def differentiable_op(op: str, name: str, backend: str) -> Callable:
+    """Op ``name`` of family ``op`` on a concrete ``backend``, as a function autograd and the
+    ``torch.func`` transforms differentiate through its registered derivative: what a backward that
+    may itself be differentiated calls (``create_graph=True``, ``torch.func.grad`` of a grad, ...).
+    The plain op (``registry.family(op).op(name, backend)``) is enough, and cheaper, elsewhere: the
+    derivative registered on the op serves autograd, but ``torch.func`` runs only
+    ``torch.autograd.Function``s with ``setup_context``. The reference serves ``torch`` as it is."""
+    reference = registry.family(op).op(name, "torch")
+    if backend == "torch" and not isinstance(reference, torch.library.CustomOpDef):
+        return reference  # plain PyTorch, differentiable as it is
+    return _op_function(op, name, backend if backend in ("torch", "triton") else "cpu")
+
+
+def op_in_backward(op: str, name: str, backend: str) -> Callable:
+    """What a backward formula calls for op ``name``: :func:`differentiable_op` where its result may
+    be differentiated again (grad mode on: ``create_graph=True``; ``torch.func`` transforms active),
+    else :func:`plain_op`."""
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        return differentiable_op(op, name, backend)
+    return plain_op(op, name, backend)
+
+
+def plain_op(op: str, name: str, backend: str) -> Callable:
+    """Op ``name`` of family ``op`` on ``backend`` for a call whose result autograd will not
+    differentiate (inside a Function's forward, a first-order backward, under no_grad): dispatched
+    below its autograd kernel, whose Python code (``register_autograd``'s) would otherwise run on
+    every call only to find that no gradient is needed. The op itself where that guard cannot be
+    used: the reference (``torch``, whose likelihood uses torch.func), under torch.compile or
+    ``torch.func`` transforms."""
+    fn = registry.family(op).op(name, backend)
+    if backend == "torch" or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return fn
+    return _below_autograd(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _below_autograd(fn: Callable) -> Callable:
+    def call(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return fn(*args)
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def _op_function(op: str, name: str, backend: str) -> Callable:
+    """The op of ``backend`` called through a ``torch.autograd.Function`` with the op's registered
+    derivative. A list output of the op (``Tensor[]``) becomes separate outputs of the Function, and
+    is rebuilt for the derivative and for the caller, who see the op's own output structure."""
+    callable_op = registry.family(op).op(name, backend)
+    setup_context, make_backward = _DERIVATIVES[(op, name)]
+    backward = make_backward(backend)
+    overload = callable_op._opoverload if isinstance(callable_op, torch.library.CustomOpDef) else callable_op.default
+    returns = overload._schema.returns
+    is_list = [str(r.type).startswith("List") for r in returns]
+
+    def nest(flat: tuple) -> tuple:
+        flat, nested = list(flat), []
+        list_length = len(flat) - (len(is_list) - sum(is_list))
+        for listed in is_list:
+            nested.append(flat[:list_length] if listed else flat[0])
+            del flat[:list_length if listed else 1]
+        return tuple(nested)
+
+    class OpFunction(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            flat = []
+            for out, listed in zip(callable_op(*args), is_list):
+                flat.extend(out) if listed else flat.append(out)
+            return tuple(flat)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, nest(output))
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *nest(grads))
+
+    OpFunction.__name__ = OpFunction.__qualname__ = f"{name}_{backend}_function"
+    return lambda *args: nest(OpFunction.apply(*args))
+
+
+def _op_overload(qualname: str):
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+def loop_vmap_rule(registered: str) -> Callable:
+    """The rule of ``torch.ops.pyvae.<registered>`` under ``torch.vmap`` when it has none of its own:
+    the op on each slice in turn, results stacked (what PyTorch's fallback does, without its
+    performance warning). A seeded noise op then draws the same noise for every slice, as a loop of
+    calls would."""
+    op = _op_overload(f"pyvae::{registered}")
+
+    def rule(info, in_dims, *args):
+        outputs = [op(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)))
+                   for i in range(info.batch_size)]
+        return stack_outputs(outputs)
+    return rule
+
+
+def stack_outputs(outputs: list):
+    """Per-slice op outputs (a tensor, or tuples of tensors and lists of tensors) stacked along a new
+    dim 0; returns (stacked, out_dims) as a vmap rule does."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(outputs), 0
+    if first is None:
+        return None, None
+    if isinstance(first, (tuple, list)):
+        parts = [stack_outputs([o[j] for o in outputs]) for j in range(len(first))]
+        return type(first)(p[0] for p in parts), type(first)(p[1] for p in parts)
+    raise TypeError(f"cannot stack outputs of type {type(first).__name__} under vmap")
 
 
 def unavailable_reasons(op: str) -> dict[str, str]:
@@ -183,6 +346,7 @@ def unavailable_reasons(op: str) -> dict[str, str]:
     return reasons
 
 
+@torch.compiler.assume_constant_result  # traced as its value: no guard on the lazily filled cache below
 def available(device: torch.device | str = "cpu", op: str | None = None) -> list[str]:
     """The backends that can serve tensors on ``device`` (for ``op``, if given: without it, those
     that serve at least one op family), in order of preference for ``auto``."""

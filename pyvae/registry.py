@@ -108,11 +108,13 @@ class OpFamily:
 
 # In registration order (the order of reports and benchmark runs).
 FAMILIES: tuple[OpFamily, ...] = (
-    OpFamily("reparam_kl", ops=("reparam_kl_forward", "reparam_kl_backward"), functions=("ReparamKLFunction",)),
+    OpFamily("reparam_kl", ops=("reparam_kl_forward", "reparam_kl_backward"), functions=("ReparamKLFunction",),
+             python_ops=("philox_normal",)),
     OpFamily("likelihood", ops=("likelihood_forward", "scale_grad_"), functions=("LikelihoodFunction",)),
     OpFamily("vq", ops=("nearest_code", "codebook_stats"), functions=("VQFunction",),
-             helper_ops=("codebook_chunk_sums",), python_ops=("codebook_snapshot",), tests=("tests/test_vq_layer.py",),
-             tune="tune_vq_triton"),
+             helper_ops=("codebook_chunk_sums",),
+             python_ops=("codebook_snapshot", "nearest_code_reference", "codebook_stats_reference"),
+             tests=("tests/test_vq_layer.py",), tune="tune_vq_triton"),
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)

@@ -44,6 +44,14 @@ LOSSES = {"bernoulli": pyvae.bernoulli_nll, "continuous_bernoulli": pyvae.contin
           "gaussian": pyvae.gaussian_nll}
 
 
+def compile_pairs(op: str) -> list:
+    """The (device, backend) pairs a torch.compile test runs on: ``torch`` and ``cpu`` on CPU tensors
+    (the Triton interpreter cannot run a compiled Triton op: "Cannot access data pointer of
+    Tensor"), the GPU backends on a CUDA device (gpu-marked, run by bench/gpu_check.sh)."""
+    cpu = [("cpu", b) for b in ("torch", "cpu") if b in pyvae.backends.available("cpu", op)]
+    return cpu + [pytest.param(("cuda", b), marks=pytest.mark.gpu, id=f"cuda-{b}") for b in ("cuda", "triton")]
+
+
 def pair_id(pair) -> str:
     return f"{pair[0]}-{pair[1]}"
 

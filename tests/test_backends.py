@@ -388,3 +388,22 @@ def test_stats_chunk_rows_is_the_same_on_both_gpu_backends():
     for name, (counts, sums) in results.items():
         assert torch.equal(counts, expected_counts), name
         assert torch.equal(sums, expected_sums), name
+
+
+def test_first_compiled_call_in_a_process_does_not_recompile(tmp_path):
+    """Backend resolution read a cache filled by the first call, which torch.compile guarded on: the
+    first compiled call of a fresh process compiled twice. (A fresh process: in this one, earlier
+    tests have filled the cache.)"""
+    script = textwrap.dedent("""
+        import torch, torch._dynamo.testing, pyvae
+        counter = torch._dynamo.testing.CompileCounter()
+        f = torch.compile(lambda m, l: pyvae.reparameterize_kl(m, l, seed=1)[1].sum()
+                          + pyvae.bernoulli_nll(m, l.sigmoid()) + pyvae.vector_quantize(m, l).loss,
+                          fullgraph=True, backend=counter)
+        for _ in range(3):
+            f(torch.randn(4, 8), torch.randn(4, 8))
+        print("frames", counter.frame_count)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "frames 1" in done.stdout, done.stdout

@@ -81,6 +81,27 @@ def test_registered_ops_have_fake_kernels(family):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyvae::{op}", "Meta"), f"pyvae::{op} has no fake kernel"
 
 
+def test_every_op_has_an_autograd_kernel():
+    """An op without one is differentiated as a constant: zero gradients, with only PyTorch's
+    warning. Every op in torch.ops.pyvae has a derivative, or a kernel that raises naming it."""
+    for family in registry.FAMILIES:
+        importlib.import_module(family.module)
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyvae::"))
+    assert names
+    missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "Autograd")]
+    assert not missing, f"ops without an autograd kernel: {missing}"
+
+
+@pytest.mark.skipif(backends.native_extension() is None, reason="extension not built")
+def test_an_op_without_a_derivative_raises_naming_it():
+    grad = torch.ones(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="pyvae::scale_grad_ has no derivative"):
+        torch.ops.pyvae.scale_grad_(grad * 1.0, torch.ones(()))
+    buffer = torch.full((4,), 2.0)
+    torch.ops.pyvae.scale_grad_(buffer, torch.full((), 3.0))  # without a gradient to take it runs
+    assert torch.equal(buffer, torch.full((4,), 6.0))
+
+
 def test_every_registered_op_belongs_to_a_family():
     declared = {op for f in registry.FAMILIES for op in f.ops + f.helper_ops + f.python_ops + f.triton_ops}
     names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyvae::")}

@@ -9,10 +9,11 @@ import torch
 import pyvae
 from pyvae.ops.reparam_kl import ReparamKLFunction, reference_eps, reparameterize_kl_reference
 
-from cases import (DTYPES, NATIVE_PAIRS, PAIRS, REDUCTIONS, devices, needs_native_cpu, no_sync_pairs, pair_id, randn,
-                   run_with_cpu_isa, skip_unless_available)
+from cases import (DTYPES, NATIVE_PAIRS, PAIRS, REDUCTIONS, compile_pairs, devices, needs_native_cpu, no_sync_pairs,
+                   pair_id, randn, run_with_cpu_isa, skip_unless_available)
 from probes import allocated_bytes, count_launches, held_bytes, no_host_sync
 from tolerances import SUM, VALUE, assert_close, assert_close_scaled, noise_scale
+import transforms
 
 
 def make_inputs(shape, dtype, device, gen, requires_grad=False, noncontiguous=False):
@@ -933,3 +934,75 @@ def test_prior_torch_compile_fullgraph_cpu(gen):
     torch.testing.assert_close(out, eager)
     for a, b in zip(compiled_grads, grads):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- higher order, torch.func, compile
+def _reparam(backend, mu, logvar, prior_mu=None, prior_logvar=None, n_samples=1, reduction="per_sample"):
+    return pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, n_samples=n_samples,
+                                   seed=7, reduction=reduction, backend=backend)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("prior", [False, True], ids=["standard", "prior"])
+def test_gradgradcheck_float64_reference(reduction, prior, gen):
+    mu, logvar = (0.5 * torch.randn(2, 3, 5, dtype=torch.float64, generator=gen)).unbind()
+    inputs = [mu, logvar] + ([torch.randn(5, dtype=torch.float64, generator=gen),
+                              0.3 * torch.randn(3, 5, dtype=torch.float64, generator=gen)] if prior else [])
+    inputs = [t.requires_grad_() for t in inputs]
+    fn = lambda *xs: _reparam("torch", *xs, n_samples=2, reduction=reduction)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend", pyvae.backends.available("cpu", "reparam_kl"))
+@pytest.mark.parametrize("prior", [False, True], ids=["standard", "prior"])
+@pytest.mark.parametrize("reduction", ["per_sample", "batchmean", "none"])
+def test_second_order_gradients_match_reference(backend, prior, reduction, gen):
+    # the fused backends once gave all-zero second-order gradients, with only a warning
+    inputs = [randn(4, 8, gen=gen), randn(4, 8, gen=gen, scale=0.5)]
+    if prior:
+        inputs += [randn(8, gen=gen), randn(4, 8, gen=gen, scale=0.5)]
+    fn = lambda b, *xs: _reparam(b, *xs, n_samples=2, reduction=reduction)  # noqa: E731
+    transforms.assert_second_order_matches_reference(fn, backend, inputs)
+
+
+@pytest.mark.parametrize("backend", pyvae.backends.available("cpu", "reparam_kl"))
+@pytest.mark.parametrize("prior", [False, True], ids=["standard", "prior"])
+def test_torch_func_transforms_match_loop(backend, prior, gen):
+    # the same seed draws the same noise for every vmapped slice, as in a loop of calls
+    batched = [randn(3, 4, 8, gen=gen), randn(3, 4, 8, gen=gen, scale=0.5)]
+    if prior:
+        batched += [randn(3, 8, gen=gen), randn(3, 4, 8, gen=gen, scale=0.5)]
+    transforms.assert_func_transforms_match_loop(_reparam, backend, batched)
+
+
+@pytest.mark.parametrize("backend", pyvae.backends.available("cpu", "reparam_kl"))
+def test_vmap_randomness_without_seed(backend, gen):
+    mu, logvar = randn(3, 4, 8, gen=gen), randn(3, 4, 8, gen=gen, scale=0.5)
+
+    def noise(m, lv):
+        z, _ = pyvae.reparameterize_kl(m, lv, backend=backend)
+        return (z - m) / torch.exp(0.5 * lv)
+
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(noise)(mu, logvar)
+    same = torch.func.vmap(noise, randomness="same")(mu, logvar)
+    torch.testing.assert_close(same[1], same[0], atol=1e-5, rtol=1e-5)
+    different = torch.func.vmap(noise, randomness="different")(mu, logvar)
+    assert (different[1] - different[0]).abs().max() > 0.1
+    assert 0.5 < different.std() < 1.5
+
+
+@pytest.mark.parametrize("pair", compile_pairs("reparam_kl"), ids=pair_id)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("prior", [False, True], ids=["standard", "prior"])
+def test_compiles_in_bounded_time_without_recompiles(pair, dynamic, prior):
+    device, backend = pair
+    # a constant seed made Inductor run for minutes (the torch backend's Philox rounds, traced)
+    def make(size):
+        gen = torch.Generator().manual_seed(size)
+        rows = 4 + size
+        tensors = [randn(rows, 8, gen=gen), randn(rows, 8, gen=gen, scale=0.5)]
+        tensors += [randn(8, gen=gen), randn(rows, 8, gen=gen, scale=0.5)] if prior else []
+        return [t.to(device) for t in tensors]
+
+    transforms.assert_compiles_once(lambda b, *xs: _reparam(b, *xs, reduction="batchmean"), backend, make, dynamic)

@@ -8,9 +8,10 @@ import torch
 import pyvae
 from pyvae.ops.vq import VQFunction
 
-from cases import (VQ_BACKENDS, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_if_interpreted,
+from cases import (VQ_BACKENDS, compile_pairs, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_if_interpreted,
                    skip_unless_available)
 from probes import no_host_sync
+import transforms
 from tolerances import assert_nearest_codes
 
 
@@ -384,3 +385,47 @@ def test_gpu_codebook_stats(backend, d, dtype):
     torch.testing.assert_close(counts, torch.bincount(idx, minlength=300).float())
     torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-3)
     assert torch.equal(pyvae.codebook_stats(x, idx, 300, backend=backend)[1], sums)
+
+
+# ----------------------------------------------------------------------------- higher order, torch.func, compile
+def _quantize(backend, x, codebook):
+    r = pyvae.vector_quantize(x, codebook, beta=0.3, backend=backend)
+    return r.quantized, r.loss, r.commitment_loss, r.codebook_loss
+
+
+def _distinct_inputs(gen, rows=(6,)):
+    """x and a codebook whose nearest codes are clear (no near-ties that float32 and float64 could
+    resolve differently)."""
+    codebook = 3.0 * torch.randn(5, 4, generator=gen)
+    x = codebook[torch.randint(0, 5, rows, generator=gen)] + 0.1 * torch.randn(*rows, 4, generator=gen)
+    return [x, codebook]
+
+
+def test_gradgradcheck_float64_reference(gen):
+    inputs = [t.double().requires_grad_() for t in _distinct_inputs(gen)]
+    assert torch.autograd.gradgradcheck(lambda *xs: _quantize("torch", *xs), inputs)
+
+
+@pytest.mark.parametrize("backend", VQ_BACKENDS)
+def test_second_order_gradients_match_reference(backend, gen):
+    # the cpu backend's codebook statistics had no derivative: its second-order gradient differed
+    transforms.assert_second_order_matches_reference(_quantize, backend, _distinct_inputs(gen))
+
+
+@pytest.mark.parametrize("backend", VQ_BACKENDS)
+def test_torch_func_transforms_match_loop(backend, gen):
+    x, codebook = _distinct_inputs(gen, rows=(3, 6))
+    transforms.assert_func_transforms_match_loop(lambda b, xs: _quantize(b, xs, codebook), backend, [x])
+    codebooks = codebook + 0.01 * torch.randn(3, 5, 4, generator=gen)  # a codebook per vmapped slice
+    transforms.assert_func_transforms_match_loop(_quantize, backend, [x, codebooks])
+
+
+@pytest.mark.parametrize("pair", compile_pairs("vq"), ids=pair_id)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiles_in_bounded_time_without_recompiles(pair, dynamic):
+    device, backend = pair
+
+    def make(size):
+        return [t.to(device) for t in _distinct_inputs(torch.Generator().manual_seed(size), (6 + size,))]
+
+    transforms.assert_compiles_once(lambda b, x, c: _quantize(b, x, c)[1:], backend, make, dynamic)

@@ -1,6 +1,8 @@
 """Argument checks and reductions shared by every op family (one meaning on every op)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 REDUCTIONS = ("none", "per_sample", "sum", "batchmean", "mean")
@@ -59,3 +61,104 @@ def expand_reduced_grad(grad: torch.Tensor, reduction: str, shape: torch.Size, s
     elif reduction == "mean":
         grad = grad / shape.numel()
     return grad.expand(shape)
+
+
+# --------------------------------------------------------------------------- derivatives of the ops
+def reference_vjp(reference, args: tuple, differentiable: tuple[int, ...], grad_outputs) -> list:
+    """The vector-Jacobian product of an op computed through its PyTorch reference (same signature
+    as the op): ``reference(*args)``'s outputs (tensors, or lists of tensors), paired with
+    ``grad_outputs`` (same structure; None where no gradient came), differentiated against the
+    floating tensor arguments at positions ``differentiable``. Returns one entry per argument (None
+    where none). Taken with ``torch.func.vjp``, so the result is differentiable again under grad
+    mode (a backward with ``create_graph=True``) and inside ``torch.func`` transforms: this is how
+    the fused ops get exact higher-order derivatives without a kernel for each order."""
+    positions = [i for i in differentiable
+                 if i < len(args) and isinstance(args[i], torch.Tensor) and args[i].dtype.is_floating_point]
+    result: list = [None] * len(args)
+    cotangents = []
+
+    def outputs_with_gradients(*values):
+        merged = list(args)
+        for i, v in zip(positions, values):
+            merged[i] = v
+        pairs = [(out, grad) for out, grad in _pair(reference(*merged), grad_outputs)
+                 if grad is not None and out is not None and out.dtype.is_floating_point]
+        cotangents[:] = [grad.to(out.dtype) for out, grad in pairs]
+        return tuple(out for out, _ in pairs)
+
+    if not positions:
+        return result
+    _, vjp_fn = torch.func.vjp(outputs_with_gradients, *(args[i] for i in positions))
+    if not cotangents:
+        return result
+    for i, g in zip(positions, vjp_fn(tuple(cotangents))):
+        result[i] = g
+    return result
+
+
+def _pair(outputs, grads) -> list:
+    """(output, its gradient) for each tensor an op returned; a list output (``Tensor[]``) is paired
+    element by element (its gradient may be None as a whole)."""
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = grads if isinstance(grads, (tuple, list)) else (grads,)
+    pairs = []
+    for out, grad in zip(outputs, grads):
+        if isinstance(out, (list, tuple)):
+            pairs.extend(zip(out, grad if grad is not None else [None] * len(out)))
+        else:
+            pairs.append((out, grad))
+    return pairs
+
+
+def save_args(ctx, args: tuple) -> None:
+    """Keeps an op's arguments for its backward: tensors through ``save_for_backward`` (so autograd
+    checks they were not modified in place), everything else as is; :func:`saved_args` gives them back."""
+    ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in args))
+    ctx.other_args = tuple(None if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def saved_args(ctx) -> tuple:
+    return tuple(t if t is not None else other for t, other in zip(ctx.saved_tensors, ctx.other_args))
+
+
+def reference_derivative(reference, differentiable: tuple[int, ...]):
+    """The derivative of an op taken through its PyTorch reference (:func:`reference_vjp`), as
+    ``(setup_context, make_backward)`` for :func:`pyvae.backends.load_op_family`. For the ops whose
+    inputs autograd does not otherwise differentiate (backward ops, the likelihood's gradient
+    outputs): it is what makes second- and higher-order gradients of the fused ops exact."""
+    def setup_context(ctx, inputs, output):
+        save_args(ctx, inputs)
+
+    def make_backward(backend: str):
+        def backward(ctx, *grads):
+            return tuple(reference_vjp(reference, saved_args(ctx), differentiable, grads))
+        return backward
+
+    return setup_context, make_backward
+
+
+# --------------------------------------------------------------------------- applying the Functions
+def apply(function: type[torch.autograd.Function], *args):
+    """``function.apply(*args)`` for a Function written with ``setup_context`` (which the
+    ``torch.func`` transforms need), through an equivalent Function with the context in its forward
+    where no transform runs: torch binds a ``setup_context`` Function's default arguments with
+    ``inspect.signature`` on every call, a cost of the order of a small op's whole kernel."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return _context_in_forward(function).apply(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _context_in_forward(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """The same forward, setup_context and backward as ``function``, with the context in forward."""
+    class ContextInForward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = function.forward(*args)
+            function.setup_context(ctx, args, output)
+            return output
+
+        backward = staticmethod(function.backward)
+
+    ContextInForward.__name__ = ContextInForward.__qualname__ = function.__name__
+    return ContextInForward

@@ -14,9 +14,11 @@ Layers of this op family (the shape every pyvae op follows):
               the device, so there is no host synchronisation. Forward+backward then moves the
               minimum (read prediction and target, write the gradient), where recomputing in
               backward would read the inputs twice and evaluate the transcendental functions twice.
-              Nothing else is kept for backward: not the prediction (often a decoder's last
-              activation, which is then freed after forward) nor the target. Peak memory: the
-              inputs plus one gradient buffer (a log-variance shared by the batch gets its gradient
+              Backward keeps references to the inputs (no copies, nothing computed from them), so
+              that a backward with ``create_graph=True`` can recompute the gradients as
+              differentiable functions (the op's registered derivative gives the next order): exact
+              second- and higher-order gradients on every backend. Peak memory: the inputs plus one
+              gradient buffer (a log-variance shared by the batch gets its gradient
               as sums over groups of ``LOGVAR_GROUP_ROWS`` rows, for scalar losses). A backward with
               ``retain_graph=True`` scales a copy and keeps the buffer, so a second backward
               through the same graph returns bit-identical gradients.
@@ -36,7 +38,8 @@ import torch
 
 from .. import backends
 from .._constants import LikelihoodFlag
-from ._common import check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows
+from ._common import (apply, check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows,
+                      reference_derivative)
 
 __all__ = ["bernoulli_nll", "gaussian_nll", "continuous_bernoulli_nll", "LikelihoodFlag", "LikelihoodFunction",
            "LikelihoodSpec", "likelihood_reference"]
@@ -74,22 +77,42 @@ def likelihood_reference(loss: str, pred: torch.Tensor, target: torch.Tensor, lo
 
 # --------------------------------------------------------------------------- backends
 def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, flags, grad_scale):
-    """The torch backend of the likelihood op (its signature and outputs), except that the
-    log-variance's derivatives stay per element under GROUP_LOGVAR_GRAD: backward reduces them to
-    logvar's shape just the same."""
+    """The torch backend of the likelihood op: its signature and outputs (a batch-shared
+    log-variance's derivatives summed over row groups, as the kernels return them). Differentiable
+    (its gradients too, when grad mode is on: this is the op's derivative, see the registration)."""
     values = likelihood_reference(loss, pred, target, logvar, fixed_logvar, constant).expand(pred.shape)
-    out = values if flags & LikelihoodFlag.PER_ELEMENT else values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
+    per_element = bool(flags & LikelihoodFlag.PER_ELEMENT)
+    out = values if per_element else values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
     wanted = [bool(flags & bit) for bit in LikelihoodFlag.GRADS]
     if not any(wanted):
         return out, []
-    with torch.enable_grad():
-        inputs = [pred.detach().requires_grad_(), target.detach().requires_grad_(),
-                  logvar.detach().expand(pred.shape).clone().requires_grad_() if logvar is not None else None]
-        values = likelihood_reference(loss, inputs[0], inputs[1], inputs[2], fixed_logvar).expand(pred.shape)
-        grads = torch.autograd.grad(values.sum() * grad_scale, [t for t, want in zip(inputs, wanted) if want],
-                                    materialize_grads=True)  # a Bernoulli loss does not read logvar: 0
-    dtypes = [d for d, want in zip((pred.dtype, target.dtype, torch.float32), wanted) if want]
-    return out, [g.to(dtype) for g, dtype in zip(grads, dtypes)]
+    positions = [i for i, want in enumerate(wanted) if want]
+    logvar_full = logvar.expand(pred.shape) if logvar is not None else None
+
+    def total(p, t, v):
+        return likelihood_reference(loss, p, t, v, fixed_logvar).expand(pred.shape).sum() * grad_scale
+
+    # torch.func.grad, not torch.autograd.grad: it runs under no_grad (inside an autograd Function's
+    # forward), stays differentiable under grad mode (this is also the op's derivative, see the
+    # registration) and composes with torch.func transforms
+    grads = list(torch.func.grad(total, argnums=tuple(positions))(pred, target, logvar_full))
+    logvar_grad_dtype = torch.promote_types(torch.float32, pred.dtype)  # float32, float64 for float64 inputs
+    dtypes = [d for d, want in zip((pred.dtype, target.dtype, logvar_grad_dtype), wanted) if want]
+    grads = [g.to(dtype) for g, dtype in zip(grads, dtypes)]
+    if wanted[2]:
+        from ..kernels._layout import logvar_group_rows  # pyvae.kernels: an installed pyvae only (for now)
+        grads[-1] = _sum_row_groups(grads[-1], logvar_group_rows(pred, logvar, flags))
+    return out, grads
+
+
+def _sum_row_groups(t: torch.Tensor, group: int) -> torch.Tensor:
+    """[B, ...] -> [ceil(B / group), ...]: sums of consecutive groups of ``group`` rows."""
+    if group == 1:
+        return t
+    groups = -(-t.shape[0] // group)
+    cols = math.prod(t.shape[1:])
+    padded = torch.nn.functional.pad(t.reshape(t.shape[0], cols), (0, 0, 0, groups * group - t.shape[0]))
+    return padded.reshape(groups, group, cols).sum(1).reshape(groups, *t.shape[1:])
 
 
 def _torch_scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
@@ -98,7 +121,7 @@ def _torch_scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
 
 def _scale_grad_(grad: torch.Tensor, scale: torch.Tensor, backend: str) -> None:
     """grad *= scale (one float32 value), skipped on the device when it is 1."""
-    _FAMILY.op("scale_grad_", backend)(grad, scale)
+    backends.plain_op(_OP, "scale_grad_", backend)(grad, scale)
 
 
 _SCALAR_REDUCTIONS = ("sum", "batchmean", "mean")  # one upstream gradient value for every element
@@ -113,6 +136,13 @@ def _grad_scale(reduction: str, shape: torch.Size) -> float:
     return 1.0
 
 
+def _kernel_grad_scale(reduction: str, shape: torch.Size) -> float:
+    """The factor the forward kernel folds into its unit gradients: the reduction's, except under
+    torch.compile, where a float argument computed from the batch size would make the compiled graph
+    specialise on that size (backward then multiplies the upstream gradient by it instead)."""
+    return 1.0 if torch.compiler.is_compiling() else _grad_scale(reduction, shape)
+
+
 def _op_flags(reduction: str, wanted: list[bool]) -> int:
     """The forward op's flags for this reduction and the wanted gradients (of pred, target, logvar).
     A scalar loss gives every row the same upstream gradient, so a log-variance shared by the batch
@@ -125,7 +155,7 @@ def _op_flags(reduction: str, wanted: list[bool]) -> int:
 
 
 def _forward_op(backend: str):
-    return _FAMILY.op("likelihood_forward", backend)
+    return backends.plain_op(_OP, "likelihood_forward", backend)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -141,34 +171,52 @@ class LikelihoodSpec(NamedTuple):
 
 
 class LikelihoodFunction(torch.autograd.Function):
-    """``nll = LikelihoodFunction.apply(spec, pred, target, logvar, grad_mode)``: ``spec`` a
-    :class:`LikelihoodSpec`, ``logvar`` a tensor broadcastable to ``pred`` (Gaussian) or None,
-    ``grad_mode`` being ``torch.is_grad_enabled()`` where the caller is.
+    """``nll, *unit_grads = LikelihoodFunction.apply(spec, pred, target, logvar, grad_mode, needs_grad)``:
+    ``spec`` a :class:`LikelihoodSpec`, ``logvar`` a tensor broadcastable to ``pred`` (Gaussian) or
+    None, ``grad_mode`` being ``torch.is_grad_enabled()`` where the caller is, ``needs_grad`` whether
+    pred, target and logvar need a gradient (default: their ``requires_grad``, which is not what a
+    ``torch.func`` transform differentiates: pass it). ``unit_grads`` (of pred, target, logvar; None
+    where not needed) are the forward op's gradient buffers at a unit upstream gradient, which
+    backward scales in place: the caller drops them.
 
-    Gradients flow to ``pred``, ``target`` and ``logvar`` (reduced over its broadcast dims).
+    Gradients flow to ``pred``, ``target`` and ``logvar`` (reduced over its broadcast dims). The
+    inputs are kept (references, no copies) for a backward with ``create_graph=True``, which
+    recomputes the gradients through the op's own derivative, so that second- and higher-order
+    gradients are exact; ``torch.func`` transforms work as on PyTorch's own losses.
     """
 
-    @staticmethod
-    def forward(ctx, spec: LikelihoodSpec, pred, target, logvar, grad_mode=True):
-        # needs_input_grad follows requires_grad even under torch.no_grad(), where no backward comes:
-        # the caller passes the grad mode it was called in.
-        wanted = [grad_mode and ctx.needs_input_grad[i] for i in (1, 2, 3)]
-        out, unit_grads = _forward_op(spec.backend)(spec.loss, pred, target, logvar, spec.fixed_logvar,
-                                                    spec.constant, _op_flags(spec.reduction, wanted),
-                                                    _grad_scale(spec.reduction, pred.shape))
-        if spec.reduction not in ("none", "per_sample"):
-            out = reduce_rows(out, spec.reduction, pred.numel())
-        # Kept as attributes, not saved tensors: backward scales them in place (see the module
-        # docstring). One entry per input, None where no gradient was asked for.
-        remaining = iter(unit_grads)
-        ctx.unit_grads = [next(remaining) if want else None for want in wanted]
-        ctx.reduction, ctx.backend = spec.reduction, spec.backend
-        ctx.pred_shape = pred.shape
-        ctx.logvar_meta = (logvar.shape, logvar.dtype) if logvar is not None else None
-        return out
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def forward(spec: LikelihoodSpec, pred, target, logvar, grad_mode=True, needs_grad=None):
+        if needs_grad is None:  # (under torch.func transforms the caller must tell: see _apply)
+            needs_grad = (pred.requires_grad, target.requires_grad, logvar is not None and logvar.requires_grad)
+        wanted = [grad_mode and need for need in needs_grad]
+        out, unit_grads = _forward_op(spec.backend)(spec.loss, pred, target, logvar, spec.fixed_logvar,
+                                                    spec.constant, _op_flags(spec.reduction, wanted),
+                                                    _kernel_grad_scale(spec.reduction, pred.shape))
+        if spec.reduction not in ("none", "per_sample"):
+            out = reduce_rows(out, spec.reduction, pred.numel())
+        remaining = iter(unit_grads)
+        return (out, *(next(remaining) if want else None for want in wanted))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, pred, target, logvar, *_ = inputs
+        # Kept as attributes, not saved tensors: backward scales them in place (see the module
+        # docstring). One entry per input, None where no gradient was asked for.
+        ctx.unit_grads = list(output[1:])
+        ctx.mark_non_differentiable(*(g for g in output[1:] if g is not None))
+        ctx.save_for_backward(pred, target, logvar)
+        ctx.spec = spec
+        # the part of the reduction's factor the kernel did not fold in (see _kernel_grad_scale)
+        ctx.upstream_scale = _grad_scale(spec.reduction, pred.shape) / _kernel_grad_scale(spec.reduction, pred.shape)
+        ctx.logvar_meta = (logvar.shape, logvar.dtype) if logvar is not None else None
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unit_grads):
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            return (None, *_differentiable_grads(ctx, grad_out), None, None)
         unit_grads = ctx.unit_grads
         if unit_grads is None:
             raise RuntimeError("Trying to backward through a pyvae likelihood a second time: its gradient buffer was "
@@ -180,13 +228,18 @@ class LikelihoodFunction(torch.autograd.Function):
             unit_grads = [g.clone() if g is not None else None for g in unit_grads]
         else:
             ctx.unit_grads = None  # frees the buffers once autograd has taken the gradients
-        if ctx.reduction in _SCALAR_REDUCTIONS:  # one upstream value, often 1
-            upstream = grad_out.float().reshape(())
+        reduction, pred_shape = ctx.spec.reduction, ctx.saved_tensors[0].shape
+        if unit_grads[0] is None and unit_grads[1] is None and unit_grads[2] is None:
+            return None, None, None, None, None, None
+        if reduction in _SCALAR_REDUCTIONS:  # one upstream value, often 1
+            upstream = _upstream(grad_out).reshape(())
+            if not isinstance(ctx.upstream_scale, float) or ctx.upstream_scale != 1.0:
+                upstream = upstream * ctx.upstream_scale
             for g in unit_grads:
                 if g is not None:
-                    _scale_grad_(g, upstream, ctx.backend)
+                    _scale_grad_(g, upstream, ctx.spec.backend)
         else:
-            upstream = expand_reduced_grad(grad_out.float(), ctx.reduction, ctx.pred_shape, ctx.pred_shape[0])
+            upstream = expand_reduced_grad(_upstream(grad_out), reduction, pred_shape, pred_shape[0])
             for g in unit_grads:
                 if g is not None:
                     g.mul_(upstream)
@@ -194,10 +247,47 @@ class LikelihoodFunction(torch.autograd.Function):
         if grad_logvar is not None:
             logvar_shape, logvar_dtype = ctx.logvar_meta
             grad_logvar = grad_logvar.sum_to_size(logvar_shape).to(logvar_dtype)
-        return None, grad_pred, grad_target, grad_logvar, None
+        return None, grad_pred, grad_target, grad_logvar, None, None
+
+
+def _upstream(grad_out: torch.Tensor) -> torch.Tensor:
+    """The upstream gradient in the precision of the gradients (float32, float64 for float64)."""
+    return grad_out.to(torch.promote_types(grad_out.dtype, torch.float32))
+
+
+def _differentiable_grads(ctx, grad_out) -> list:
+    """The gradients of pred, target and logvar as differentiable functions of the inputs and of
+    ``grad_out``: the forward op asked again (per element: no row groups) at a unit upstream, under
+    grad mode, so that its registered derivative carries the next order."""
+    pred, target, logvar = ctx.saved_tensors
+    spec = ctx.spec
+    wanted = [ctx.needs_input_grad[i] for i in (1, 2, 3)]
+    flags = _op_flags("none", wanted)  # per element: the upstream gradient may differ per element
+    _, grads = backends.differentiable_op(_OP, "likelihood_forward", spec.backend)(
+        spec.loss, pred, target, logvar, spec.fixed_logvar, spec.constant, flags,
+        _grad_scale(spec.reduction, pred.shape))
+    upstream = _upstream(grad_out) if spec.reduction in _SCALAR_REDUCTIONS else \
+        expand_reduced_grad(_upstream(grad_out), spec.reduction, pred.shape, pred.shape[0])
+    remaining = iter(grads)
+    result = [next(remaining) * upstream if want else None for want in wanted]
+    if result[0] is not None:
+        result[0] = result[0].to(pred.dtype)
+    if result[1] is not None:
+        result[1] = result[1].to(target.dtype)
+    if result[2] is not None:
+        result[2] = result[2].sum_to_size(logvar.shape).to(logvar.dtype)
+    return result
 
 
 # --------------------------------------------------------------------------- API
+def _apply(spec: LikelihoodSpec, pred, target, logvar) -> torch.Tensor:
+    """The loss of :class:`LikelihoodFunction`, asking its forward for the gradients autograd will
+    need: those of the inputs that require one, when grad mode is on (``needs_input_grad`` would
+    follow requires_grad even under torch.no_grad(), where no backward comes)."""
+    needs = (pred.requires_grad, target.requires_grad, logvar is not None and logvar.requires_grad)
+    return apply(LikelihoodFunction, spec, pred, target, logvar, torch.is_grad_enabled(), needs)[0]
+
+
 def _prepare(pred_name: str, pred, target, reduction: str, backend: str):
     """Shared argument checks; returns the concrete backend."""
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
@@ -232,8 +322,7 @@ def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, reduction: str 
     formula's value (``inf`` or NaN) on every backend.
     """
     resolved = _prepare("logits", logits, target, reduction, backend)
-    return LikelihoodFunction.apply(LikelihoodSpec("bernoulli", reduction, resolved), logits, target, None,
-                                    torch.is_grad_enabled())
+    return _apply(LikelihoodSpec("bernoulli", reduction, resolved), logits, target, None)
 
 
 def continuous_bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, reduction: str = "batchmean",
@@ -248,8 +337,7 @@ def continuous_bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, redu
     evaluated by the same formula, not clamped.
     """
     resolved = _prepare("logits", logits, target, reduction, backend)
-    return LikelihoodFunction.apply(LikelihoodSpec("continuous_bernoulli", reduction, resolved), logits, target,
-                                    None, torch.is_grad_enabled())
+    return _apply(LikelihoodSpec("continuous_bernoulli", reduction, resolved), logits, target, None)
 
 
 def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, logvar: Union[None, float, torch.Tensor, str] = None, *,
@@ -283,11 +371,10 @@ def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, logvar: Union[None, f
         if not broadcasts:
             raise ValueError(f"logvar of shape {tuple(logvar.shape)} does not broadcast to mean's shape "
                              f"{tuple(mean.shape)}")
-        return LikelihoodFunction.apply(LikelihoodSpec("gaussian", reduction, resolved, constant=constant), mean,
-                                        target, logvar, torch.is_grad_enabled())
+        return _apply(LikelihoodSpec("gaussian", reduction, resolved, constant=constant), mean, target, logvar)
     spec = LikelihoodSpec("gaussian", reduction, resolved, fixed_logvar=0.0 if logvar is None else float(logvar),
                           constant=constant)
-    return LikelihoodFunction.apply(spec, mean, target, None, torch.is_grad_enabled())
+    return _apply(spec, mean, target, None)
 
 
 def _gaussian_nll_optimal(mean, target, full, reduction, backend):
@@ -320,4 +407,5 @@ def _register_fakes() -> None:
 
 
 _FAMILY = backends.load_op_family(_OP, _register_fakes, {"likelihood_forward": _torch_forward,
-                                                         "scale_grad_": _torch_scale_grad_})
+                                                         "scale_grad_": _torch_scale_grad_},
+                                  derivatives={"likelihood_forward": reference_derivative(_torch_forward, (1, 2, 3))})

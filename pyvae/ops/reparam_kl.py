@@ -20,7 +20,8 @@ import math
 import torch
 
 from .. import backends
-from ._common import check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows
+from ._common import (apply, check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows,
+                      reference_derivative)
 
 __all__ = ["reparameterize_kl", "ReparamKLFunction", "reference_eps", "reparameterize_kl_reference", "draw_seed"]
 
@@ -65,6 +66,15 @@ def reference_eps(seed: int | torch.Tensor, shape: torch.Size | tuple[int, ...],
     """
     if not isinstance(seed, torch.Tensor):
         seed = torch.tensor(seed, dtype=torch.int64, device=device)
+    return torch.ops.pyvae.philox_normal(seed.reshape(()).to(torch.int64), list(shape), n_samples, dtype)
+
+
+@torch.library.custom_op("pyvae::philox_normal", mutates_args=())
+def philox_normal(seed: torch.Tensor, shape: list[int], n_samples: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`reference_eps` of a 0-d int64 key on its device. An opaque op, so that torch.compile
+    takes it as one call: traced, the ten integer Philox rounds of a constant seed made Inductor
+    run for minutes and take gigabytes (its constant folding and code generation of the unrolled
+    rounds)."""
     shape = torch.Size(shape)
     cols = shape[-1]
     rows = shape.numel() // cols if cols else 0
@@ -72,7 +82,6 @@ def reference_eps(seed: int | torch.Tensor, shape: torch.Size | tuple[int, ...],
     device = seed.device
     counter = torch.arange(rows * groups, dtype=torch.int64, device=device)
     sample = torch.arange(n_samples, dtype=torch.int64, device=device).view(-1, 1)
-    seed = seed.reshape(()).to(torch.int64)
     c0 = (counter & _MASK32).expand(n_samples, -1)
     c1 = (counter >> 32).expand(n_samples, -1)
     c2 = sample.expand_as(c0)
@@ -85,6 +94,11 @@ def reference_eps(seed: int | torch.Tensor, shape: torch.Size | tuple[int, ...],
         normals += [radius * torch.cos(theta), radius * torch.sin(theta)]
     eps = torch.stack(normals, dim=-1).reshape(n_samples, rows, 4 * groups)[..., :cols]
     return eps.reshape(n_samples, *shape)
+
+
+@philox_normal.register_fake
+def _(seed, shape, n_samples, dtype):
+    return seed.new_empty((n_samples, *shape), dtype=dtype)
 
 
 def draw_seed(device: torch.device | str) -> torch.Tensor:
@@ -194,45 +208,54 @@ def _torch_backward(mu, logvar, seed, grad_z, grad_kl, prior_mu=None, prior_logv
             grad_prior_logvar.to(prior_logvar.dtype) if prior_logvar_grad else grad_prior_logvar)
 
 
-def _ops(backend: str):
-    """(forward, backward) callables of ``backend`` with the registered ops' signature."""
-    return _FAMILY.op("reparam_kl_forward", backend), _FAMILY.op("reparam_kl_backward", backend)
-
-
 # --------------------------------------------------------------------------- autograd
 class ReparamKLFunction(torch.autograd.Function):
-    """``(z, kl) = ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, backend[, prior_mu, prior_logvar])``.
+    """``(z, kl, seed_used) = ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, backend,
+    prior_mu, prior_logvar)``.
 
     ``seed`` is an int or None (drawn from PyTorch's generator for the device); ``backend`` a
     concrete backend name (see :mod:`pyvae.backends`); ``prior_mu`` / ``prior_logvar`` None or
     tensors of mu's dtype and device that broadcast to mu (the KL is then against that Gaussian).
-    Saves only ``mu``, ``logvar``, the prior tensors given and the 0-d key the forward op used, from
-    which backward regenerates eps (the backend's backward op, which also returns the prior's
-    gradients, summed over its broadcast dims).
+    ``seed_used`` is the 0-d int64 key the noise was drawn with (no gradient).
+    Saves only ``mu``, ``logvar``, the prior tensors given and that key, from which backward
+    regenerates eps (the backend's backward op, which also returns the prior's gradients, summed
+    over its broadcast dims). The backward op has a derivative of its own, so second- and
+    higher-order gradients are exact; under ``torch.func.vmap`` each slice is computed as one call
+    would be (the same ``seed`` draws the same noise for every slice, as in a loop; with
+    ``seed=None`` vmap's ``randomness`` decides: ``"different"`` keys, ``"same"`` key, or an error).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, mu, logvar, seed: int | None, n_samples: int, reduction: str, backend: str,
+    def forward(mu, logvar, seed: int | None, n_samples: int, reduction: str, backend: str,
                 prior_mu=None, prior_logvar=None):
-        forward_op, _ = _ops(backend)
+        forward_op = backends.plain_op(_OP, "reparam_kl_forward", backend)
         if prior_mu is None and prior_logvar is None:
             z, kl, seed_used = forward_op(mu, logvar, seed, n_samples, reduction == "none")
         else:
             z, kl, seed_used = forward_op(mu, logvar, seed, n_samples, reduction == "none", prior_mu, prior_logvar)
         if reduction not in ("none", "per_sample"):
             kl = reduce_rows(kl, reduction, mu.numel())
+        return (z[0] if n_samples == 1 else z), kl, seed_used
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mu, logvar, _, n_samples, reduction, backend, *priors = inputs
+        prior_mu, prior_logvar = (*priors, None, None)[:2]
+        seed_used = output[2]
+        ctx.mark_non_differentiable(seed_used)
         ctx.save_for_backward(mu, logvar, seed_used, *(t for t in (prior_mu, prior_logvar) if t is not None))
         ctx.has_prior = prior_mu is not None, prior_logvar is not None
         ctx.n_samples, ctx.reduction, ctx.backend = n_samples, reduction, backend
         ctx.set_materialize_grads(False)
-        return (z[0] if n_samples == 1 else z), kl
 
     @staticmethod
-    def backward(ctx, grad_z, grad_kl):
+    def backward(ctx, grad_z, grad_kl, _grad_seed):
         mu, logvar, seed, *priors = ctx.saved_tensors
         prior_mu = priors.pop(0) if ctx.has_prior[0] else None
         prior_logvar = priors.pop(0) if ctx.has_prior[1] else None
-        _, backward_op = _ops(ctx.backend)
+        backward_op = backends.op_in_backward(_OP, "reparam_kl_backward", ctx.backend)
         if grad_z is not None:
             grad_z = (grad_z.unsqueeze(0) if ctx.n_samples == 1 else grad_z).to(mu.dtype)
         if grad_kl is not None:
@@ -251,6 +274,51 @@ class ReparamKLFunction(torch.autograd.Function):
             mu, logvar, seed, grad_z, grad_kl, prior_mu, prior_logvar, *wanted)
         return (grad_mu, grad_logvar, None, None, None, None, grad_prior_mu if wanted[0] else None,
                 grad_prior_logvar if wanted[1] else None)
+
+
+# --------------------------------------------------------------------------- the ops' own derivatives
+# Registered on the C++ ops and their Triton twins (pyvae.backends.load_op_family), so that a
+# backward taken with create_graph=True is itself differentiable: the forward op's derivative is the
+# backward op of the same backend; the backward op's, the derivative of its reference.
+def _forward_op_setup_context(ctx, inputs, output):
+    mu, logvar, _, _, kl_per_element, *priors = inputs
+    prior_mu, prior_logvar = (*priors, None, None)[:2]
+    ctx.save_for_backward(mu, logvar, output[2], prior_mu, prior_logvar)
+    ctx.kl_per_element = kl_per_element
+
+
+def _forward_op_backward(backend: str):
+    def backward(ctx, grad_z, grad_kl, _grad_seed):
+        mu, logvar, seed, prior_mu, prior_logvar = ctx.saved_tensors
+        if grad_kl is not None:
+            grad_kl = (grad_kl if ctx.kl_per_element else grad_kl.unsqueeze(-1)).float().expand(mu.shape)
+        wanted = (grad_kl is not None and prior_mu is not None and ctx.needs_input_grad[5],
+                  grad_kl is not None and prior_logvar is not None and ctx.needs_input_grad[6])
+        grads = backends.op_in_backward(_OP, "reparam_kl_backward", backend)(
+            mu, logvar, seed, grad_z.to(mu.dtype) if grad_z is not None else None, grad_kl, prior_mu, prior_logvar,
+            *wanted)
+        return (grads[0], grads[1], None, None, None, grads[2] if wanted[0] else None,
+                grads[3] if wanted[1] else None)
+    return backward
+
+
+def _forward_op_vmap_rule(backend: str):
+    """The forward op under vmap: one call per slice (see :class:`ReparamKLFunction` for the noise);
+    with ``seed=None`` the randomness vmap was asked for decides."""
+    def rule(info, in_dims, mu, logvar, seed, n_samples, kl_per_element, prior_mu=None, prior_logvar=None):
+        if seed is None and info.randomness == "error":
+            raise RuntimeError("vmap: pyvae.reparameterize_kl draws random noise (seed=None): pass a seed, or call "
+                               "torch.func.vmap with randomness='different' or 'same'")
+        if seed is None and info.randomness == "same":
+            device = (mu if isinstance(mu, torch.Tensor) else logvar).device
+            seed = int(draw_seed(device))  # one key for every slice (reads it back to the host)
+        op = _FAMILY.op("reparam_kl_forward", backend)
+        args = (mu, logvar, seed, n_samples, kl_per_element, prior_mu, prior_logvar)
+        dims = (*in_dims, None, None)[:7]
+        outputs = [op(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, dims)))
+                   for i in range(info.batch_size)]
+        return backends.stack_outputs(outputs)
+    return rule
 
 
 # --------------------------------------------------------------------------- API
@@ -351,10 +419,12 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, prior_mu: torch
         mu, logvar = mu.to(common), logvar.to(common)
     _check_seed(seed)
     if prior_mu is None and prior_logvar is None:
-        return ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, resolved)
+        # every argument passed: torch.compile (2.13) binds its context to the first argument of a
+        # forward called with fewer arguments than it has parameters
+        return apply(ReparamKLFunction, mu, logvar, seed, n_samples, reduction, resolved, None, None)[:2]
     prior_mu = prior_mu.to(mu.dtype) if prior_mu is not None else None
     prior_logvar = prior_logvar.to(mu.dtype) if prior_logvar is not None else None
-    return ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, resolved, prior_mu, prior_logvar)
+    return apply(ReparamKLFunction, mu, logvar, seed, n_samples, reduction, resolved, prior_mu, prior_logvar)[:2]
 
 
 # --------------------------------------------------------------------------- fake kernels
@@ -375,5 +445,9 @@ def _register_fakes() -> None:
     torch.library.register_fake("pyvae::reparam_kl_backward", backward_fake)
 
 
-_FAMILY = backends.load_op_family(_OP, _register_fakes, {"reparam_kl_forward": _torch_forward,
-                                                         "reparam_kl_backward": _torch_backward})
+_FAMILY = backends.load_op_family(
+    _OP, _register_fakes, {"reparam_kl_forward": _torch_forward, "reparam_kl_backward": _torch_backward},
+    derivatives={"reparam_kl_forward": (_forward_op_setup_context, _forward_op_backward),
+                 "reparam_kl_backward": reference_derivative(_torch_backward, (0, 1, 3, 4, 5, 6))},
+    vmap_rules={"reparam_kl_forward": _forward_op_vmap_rule})
+philox_normal.register_vmap(backends.loop_vmap_rule("philox_normal"))

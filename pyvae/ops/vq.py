@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from .. import backends
-from ._common import check_floating, check_same_device
+from ._common import apply, check_floating, check_same_device
 
 __all__ = ["nearest_code", "vector_quantize", "codebook_stats", "VQResult", "VQFunction",
            "nearest_code_reference", "codebook_stats_reference"]
@@ -58,7 +58,7 @@ class VQResult(NamedTuple):
 def _code_counts(flat_idx: torch.Tensor, num_codes: int) -> torch.Tensor:
     """int64 assignments per code. A scatter-add of ones, not torch.bincount, which reads the
     largest index back to the host on a GPU; integer sums are exact, so this is deterministic."""
-    return torch.zeros(num_codes, dtype=torch.int64, device=flat_idx.device).scatter_add_(
+    return torch.zeros(num_codes, dtype=torch.int64, device=flat_idx.device).scatter_add(
         0, flat_idx, torch.ones_like(flat_idx))
 
 
@@ -83,16 +83,18 @@ def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor) -> tuple[tor
     first, order = first.sort()
     distinct = distinct[order]
     e_sq = (distinct * distinct).sum(1)
-    idx = torch.empty(x2.shape[0], dtype=torch.int64, device=x.device)
-    found = torch.empty(x2.shape[0], dtype=torch.bool, device=x.device)
+    # blocks concatenated, not written into a preallocated tensor (which vmap could not batch)
+    idx_blocks = [torch.empty(0, dtype=torch.int64, device=x.device)]
+    found_blocks = [torch.empty(0, dtype=torch.bool, device=x.device)]
     for r0 in range(0, x2.shape[0], _REFERENCE_ROWS):
         xb = x2[r0:r0 + _REFERENCE_ROWS]
         dist = e_sq - 2.0 * (xb @ distinct.t())
         # the rule of csrc/common/vq_math.h: a distance that is not finite never wins
         dist = torch.where(dist > -math.inf, dist, math.inf)
         best, arg = dist.min(1)  # the first of equal values: the lowest index
-        idx[r0:r0 + _REFERENCE_ROWS] = torch.where(best < math.inf, first[arg], 0)
-        found[r0:r0 + _REFERENCE_ROWS] = best < math.inf
+        idx_blocks.append(torch.where(best < math.inf, first[arg], 0))
+        found_blocks.append(best < math.inf)
+    idx, found = torch.cat(idx_blocks), torch.cat(found_blocks)
     dist = torch.where(found, ((x2 - e[idx]) ** 2).sum(1), (x2 * x2).sum(1) + math.inf).float()
     return idx.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])
 
@@ -112,12 +114,34 @@ def codebook_stats_reference(x: torch.Tensor, idx: torch.Tensor, num_codes: int)
 
 
 # --------------------------------------------------------------------------- backends
-def _torch_nearest_code(x, codebook, exact: bool):
-    return nearest_code_reference(x, codebook)  # one precision: float64 for float64 inputs, else float32
+@torch.library.custom_op("pyvae::nearest_code_reference", mutates_args=())
+def _torch_nearest_code(x: torch.Tensor, codebook: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend of nearest_code (one precision: float64 for float64 inputs, else float32),
+    as an opaque op: traced, its loop over blocks of rows made torch.compile specialise on the row
+    count, and its search for identical codes (torch.unique) cannot be vmapped."""
+    return nearest_code_reference(x, codebook)
+
+
+@_torch_nearest_code.register_fake
+def _(x, codebook, exact):
+    return x.new_empty(x.shape[:-1], dtype=torch.int64), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("pyvae::codebook_stats_reference", mutates_args=())
+def _torch_codebook_stats(x: torch.Tensor, idx: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend of codebook_stats, as an opaque op with the derivative of the native ones:
+    its segment sum has no rule under vmap (PyTorch would loop, warning)."""
+    return codebook_stats_reference(x, idx, num_codes)
+
+
+@_torch_codebook_stats.register_fake
+def _(x, idx, num_codes):
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    return x.new_empty(num_codes, dtype=cdt), x.new_empty((num_codes, x.shape[-1]), dtype=cdt)
 
 
 def _nearest(backend: str, x, codebook, exact: bool):
-    return _FAMILY.op("nearest_code", backend)(x, codebook, exact)
+    return backends.plain_op(_OP, "nearest_code", backend)(x, codebook, exact)
 
 
 def _stats_of_own_search(x: torch.Tensor, idx: torch.Tensor, num_codes: int,
@@ -129,7 +153,7 @@ def _stats_of_own_search(x: torch.Tensor, idx: torch.Tensor, num_codes: int,
 
 
 def _stats(backend: str, x, idx, num_codes: int):
-    return _FAMILY.op("codebook_stats", backend)(x, idx, num_codes)
+    return backends.plain_op(_OP, "codebook_stats", backend)(x, idx, num_codes)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -143,18 +167,25 @@ class VQFunction(torch.autograd.Function):
     ``quantized`` passes its gradient straight through to ``x``; ``commitment_loss`` sends
     ``2 (x - e[idx]) / numel`` to x; ``codebook_loss`` sends ``2 (count_k e_k - sum_k) / numel`` to
     code k, from :func:`codebook_stats` (deterministic). Saves x, the codebook and the indices.
+    Backward is differentiable again (the statistics op has a derivative of its own), and
+    ``torch.func`` transforms work, each vmapped slice quantised as one call would.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, codebook, idx, backend: str):
+    def forward(x, codebook, idx, backend: str):
         chosen = codebook.index_select(0, idx.reshape(-1)).reshape(x.shape)
         cdt = _compute_dtype(x, codebook)
         # the codes as stored (not rounded to x's dtype), in one fused pass
         mse = torch.nn.functional.mse_loss(x.to(cdt), chosen.to(cdt), reduction="sum") / max(x.numel(), 1)
-        q = chosen.to(x.dtype)
+        return chosen.to(x.dtype), mse, mse.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, codebook, idx, backend = inputs
         ctx.save_for_backward(x, codebook, idx)
         ctx.backend = backend
-        return q, mse, mse.clone()
 
     @staticmethod
     def backward(ctx, grad_q, grad_codebook_loss, grad_commitment):
@@ -164,19 +195,62 @@ class VQFunction(torch.autograd.Function):
         grad_x = grad_codebook = None
         if ctx.needs_input_grad[0]:
             if grad_commitment is not None:
-                # (x - e[idx]) * 2 c / numel + grad_q, in place in one buffer
+                # (x - e[idx]) * 2 c / numel + grad_q, in place in one buffer; out of place where the
+                # result must stay differentiable (create_graph=True) or torch.func transforms run
                 q = codebook.index_select(0, idx.reshape(-1)).reshape(x.shape)
-                grad_x = torch.sub(x.to(cdt), q.to(cdt)).mul_(grad_commitment * scale)
-                if grad_q is not None:
-                    grad_x.add_(grad_q)
+                grad_x = torch.sub(x.to(cdt), q.to(cdt))
+                if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+                    grad_x = grad_x * (grad_commitment * scale) + (grad_q if grad_q is not None else 0)
+                else:
+                    grad_x.mul_(grad_commitment * scale)
+                    if grad_q is not None:
+                        grad_x.add_(grad_q)
             else:
                 grad_x = grad_q.to(cdt) if grad_q is not None else torch.zeros_like(x, dtype=cdt)
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1] and grad_codebook_loss is not None:
-            counts, sums = _stats(ctx.backend, x, idx, codebook.shape[0])
+            counts, sums = backends.op_in_backward(_OP, "codebook_stats", ctx.backend)(x, idx, codebook.shape[0])
             grad_codebook = (grad_codebook_loss * scale) * (counts[:, None] * codebook.to(cdt) - sums.to(cdt))
             grad_codebook = grad_codebook.to(codebook.dtype)
         return grad_x, grad_codebook, None, None
+
+
+# --------------------------------------------------------------------------- the ops' own derivatives
+# Registered on the C++ ops and their Triton twins (pyvae.backends.load_op_family): exact to any
+# order, as they are written with differentiable PyTorch operations.
+def _nearest_setup_context(ctx, inputs, output):
+    x, codebook, _ = inputs
+    ctx.save_for_backward(x, codebook, output[0])
+
+
+def _nearest_backward(backend: str):
+    def backward(ctx, _grad_idx, grad_dist):
+        """dist = |x - e[idx]|^2 (idx piecewise constant): 2 (x - e[idx]) to x, its negative to the code."""
+        x, codebook, idx = ctx.saved_tensors
+        if grad_dist is None:
+            return None, None, None
+        flat = idx.reshape(-1)
+        diff = (x.float() - codebook.index_select(0, flat).reshape(x.shape).float()) * (2.0 * grad_dist.unsqueeze(-1))
+        grad_codebook = torch.zeros(codebook.shape, dtype=diff.dtype, device=diff.device).index_add(
+            0, flat, -diff.reshape(-1, codebook.shape[1]))
+        return diff.to(x.dtype), grad_codebook.to(codebook.dtype), None
+    return backward
+
+
+def _stats_setup_context(ctx, inputs, output):
+    x, idx, _ = inputs
+    ctx.save_for_backward(idx)
+    ctx.x_dtype = x.dtype
+
+
+def _stats_backward(backend: str):
+    def backward(ctx, _grad_counts, grad_sums):
+        """sums = the rows of x added by code: each row gets its code's gradient (counts: none)."""
+        (idx,) = ctx.saved_tensors
+        if grad_sums is None:
+            return None, None, None
+        return grad_sums.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1).to(ctx.x_dtype), None, None
+    return backward
 
 
 # --------------------------------------------------------------------------- API
@@ -253,7 +327,7 @@ def vector_quantize(x: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.
     resolved = _check(x, codebook, backend, precision)
     with torch.no_grad():
         idx, _ = _nearest(resolved, x, codebook, precision == "exact")
-    quantized, codebook_loss, commitment_loss = VQFunction.apply(x, codebook, idx, resolved)
+    quantized, codebook_loss, commitment_loss = apply(VQFunction, x, codebook, idx, resolved)
     counts = _code_counts(idx.reshape(-1), codebook.shape[0])
     perplexity = perplexity_of_frequencies(counts.float() / max(idx.numel(), 1))
     loss = codebook_loss + beta * commitment_loss
@@ -304,4 +378,12 @@ def _register_native() -> None:
 
 
 _FAMILY = backends.load_op_family(_OP, _register_native, {"nearest_code": _torch_nearest_code,
-                                                          "codebook_stats": codebook_stats_reference})
+                                                          "codebook_stats": _torch_codebook_stats},
+                                  derivatives={"nearest_code": (_nearest_setup_context, _nearest_backward),
+                                               "codebook_stats": (_stats_setup_context, _stats_backward)})
+_torch_nearest_code.register_autograd(_nearest_backward("torch"), setup_context=_nearest_setup_context)
+_torch_nearest_code.register_vmap(backends.loop_vmap_rule("nearest_code_reference"))
+_torch_codebook_stats.register_autograd(_stats_backward("torch"), setup_context=_stats_setup_context)
+_torch_codebook_stats.register_vmap(backends.loop_vmap_rule("codebook_stats_reference"))
+codebook_snapshot.register_autograd(lambda ctx, grad: grad)
+codebook_snapshot.register_vmap(backends.loop_vmap_rule("codebook_snapshot"))
