@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .ops.vq import _code_counts, perplexity_of_frequencies
+from .ops.vq import code_counts, perplexity_of_frequencies
 
 __all__ = ["active_units", "code_usage", "iwae_nll", "perplexity"]
 
@@ -109,7 +109,7 @@ def _code_frequencies(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= num_codes:
         raise ValueError(f"indices must lie in [0, num_codes = {num_codes}), got values in [{lo}, {hi}]")
-    return _code_counts(indices.reshape(-1), num_codes).double() / indices.numel()
+    return code_counts(indices.reshape(-1), num_codes).double() / indices.numel()
 
 
 def perplexity(indices: torch.Tensor, num_codes: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from ..nn import GaussianLatent
 from ..ops.likelihood import gaussian_nll
 from ..ops.reparam_kl import reparameterize_kl
 from .base import BaseVAE, ModelOutput, positive_int
-from .vae import _hidden_dims, _mlp
+from .vae import check_hidden_dims, mlp
 
 _SEED_MODULUS = 2**63  # a layer's seed is seed + layer index, kept in the op's range [0, 2**63 - 1]
 
@@ -87,7 +87,7 @@ class HierarchicalVAE(BaseVAE):
                  gaussian_logvar="learned") -> None:
         dims = _latent_dims(latent_dims)
         floors = _free_bits(free_bits, len(dims))
-        hidden = _hidden_dims(hidden_dims)
+        hidden = check_hidden_dims(hidden_dims)
         if not hidden:
             raise ValueError("hidden_dims must hold at least one width (its last is the width H of the ladder)")
         super().__init__(input_shape, likelihood=likelihood, gaussian_logvar=gaussian_logvar, beta=beta,
@@ -96,18 +96,18 @@ class HierarchicalVAE(BaseVAE):
         self.num_layers = len(dims)
         self.latent_dim = sum(dims)
         features, width = math.prod(self.input_shape), hidden[-1]
-        self.encoder = _mlp((features, *hidden))
-        self.bottom_up = nn.ModuleList(_mlp((width, width)) for _ in dims[1:])
+        self.encoder = mlp((features, *hidden))
+        self.bottom_up = nn.ModuleList(mlp((width, width)) for _ in dims[1:])
         # (indices from 0, bottom first) top_down[i] maps [z_{i+1}, s_{i+1}] to s_i; priors[i] maps s_i to
         # (mu_p, logvar_p) of layer i
-        self.top_down = nn.ModuleList(_mlp((dims[i + 1] + (width if i + 1 < len(dims) - 1 else 0), width))
+        self.top_down = nn.ModuleList(mlp((dims[i + 1] + (width if i + 1 < len(dims) - 1 else 0), width))
                                       for i in range(len(dims) - 1))
         self.priors = nn.ModuleList(nn.Linear(width, 2 * z) for z in dims[:-1])
         self.latents = nn.ModuleList(
             GaussianLatent(width if i == len(dims) - 1 else 2 * width, z, backend=backend, free_bits=fb)
             for i, (z, fb) in enumerate(zip(dims, floors)))
         widths = (dims[0] + width, *reversed(hidden))
-        self.decoder = nn.Sequential(_mlp(widths), nn.Linear(widths[-1], features))
+        self.decoder = nn.Sequential(mlp(widths), nn.Linear(widths[-1], features))
 
     # ------------------------------------------------------------------ the two passes
     def _bottom_up(self, x: torch.Tensor, repeat: int = 1) -> list[torch.Tensor]:

@@ -14,15 +14,15 @@ from ._conv import check_channels, conv_decoder, conv_encoder
 from .base import BaseVAE, ModelOutput, positive_int, positive_ints
 
 
-def _mlp(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear + ReLU between consecutive sizes."""
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear + ReLU between consecutive sizes (the MLP blocks of the VAE family)."""
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers)
 
 
-def _hidden_dims(hidden_dims) -> tuple[int, ...]:
+def check_hidden_dims(hidden_dims) -> tuple[int, ...]:
     return positive_ints("hidden_dims", hidden_dims, allow_empty=True)
 
 
@@ -127,14 +127,14 @@ class _MLPVAE(GaussianVAE):
                          kl_warmup_steps=kl_warmup_steps, free_bits=free_bits, backend=backend)
         self.num_classes = num_classes
         self.latent_dim = positive_int("latent_dim", latent_dim)
-        self.hidden_dims = _hidden_dims(hidden_dims)
+        self.hidden_dims = check_hidden_dims(hidden_dims)
         cond = num_classes or 0
         features = math.prod(self.input_shape)
-        self.encoder = _mlp((features + cond, *self.hidden_dims))
+        self.encoder = mlp((features + cond, *self.hidden_dims))
         self.latent = GaussianLatent(self.hidden_dims[-1] if self.hidden_dims else features + cond, latent_dim,
                                      backend=backend, free_bits=free_bits)
         widths = (latent_dim + cond, *reversed(self.hidden_dims))
-        self.decoder = nn.Sequential(_mlp(widths), nn.Linear(widths[-1], features))
+        self.decoder = nn.Sequential(mlp(widths), nn.Linear(widths[-1], features))
 
     def _one_hot(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # A comparison, not F.one_hot, whose range check reads the labels back to the host.

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..ops._common import check_reduction, reduce_rows
+from ..ops import check_reduction, reduce_rows
 from ..ops.reparam_kl import reparameterize_kl
 
 

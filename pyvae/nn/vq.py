@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
-from ..ops._common import check_floating
-from ..ops.vq import (PRECISIONS, VQResult, _stats_of_own_search, codebook_snapshot, nearest_code,
+from ..ops import check_floating
+from ..ops.vq import (PRECISIONS, VQResult, codebook_stats_of_search, codebook_snapshot, nearest_code,
                       perplexity_of_frequencies, vector_quantize)
 
 # torch 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single; older torch
@@ -178,7 +178,7 @@ class VectorQuantizer(nn.Module):
     def _ema_update(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """One EMA step (and dead-code restarts) from rows x [N, D]; returns the (global) counts."""
         k, d = self.num_codes, self.dim
-        counts, sums = _stats_of_own_search(x, indices, k, backend=self.backend)
+        counts, sums = codebook_stats_of_search(x, indices, k, backend=self.backend)
         world, rank = self._world()
         restarts = self.dead_code_threshold > 0
         sizes = None
@@ -241,7 +241,7 @@ class VectorQuantizer(nn.Module):
         counts = torch.ones(k, dtype=means.dtype, device=means.device)
         for _ in range(self.kmeans_iters):
             idx, _ = nearest_code(rows, means, precision=self.precision, backend=self.backend)
-            counts, sums = _stats_of_own_search(rows, idx, k, backend=self.backend)
+            counts, sums = codebook_stats_of_search(rows, idx, k, backend=self.backend)
             if world > 1:
                 stats = torch.cat([counts.unsqueeze(1), sums], dim=1)
                 dist.all_reduce(stats)

@@ -3,7 +3,10 @@ from .likelihood import (LikelihoodFlag, LikelihoodFunction, LikelihoodSpec, ber
                          gaussian_nll, likelihood_reference)
 from .vq import VQFunction, VQResult, codebook_stats, nearest_code, vector_quantize
 from .reparam_kl import ReparamKLFunction, draw_seed, reference_eps, reparameterize_kl, reparameterize_kl_reference
+# argument checks and reductions with one meaning on every op, for layers built on the ops
+from ._common import REDUCTIONS, check_floating, check_reduction, reduce_rows
 
-__all__ = ["LikelihoodFlag", "LikelihoodFunction", "LikelihoodSpec", "ReparamKLFunction", "VQFunction", "VQResult",
+__all__ = ["REDUCTIONS", "check_floating", "check_reduction", "reduce_rows",
+           "LikelihoodFlag", "LikelihoodFunction", "LikelihoodSpec", "ReparamKLFunction", "VQFunction", "VQResult",
            "codebook_stats", "nearest_code", "vector_quantize", "bernoulli_nll", "continuous_bernoulli_nll", "draw_seed",
            "gaussian_nll", "likelihood_reference", "reference_eps", "reparameterize_kl", "reparameterize_kl_reference"]

@@ -35,7 +35,8 @@ import torch
 from .. import backends
 from ._common import apply, check_floating, check_same_device
 
-__all__ = ["nearest_code", "vector_quantize", "codebook_stats", "VQResult", "VQFunction",
+__all__ = ["nearest_code", "vector_quantize", "codebook_stats", "codebook_stats_of_search", "code_counts", "VQResult",
+           "VQFunction",
            "nearest_code_reference", "codebook_stats_reference"]
 
 _OP = "vq"
@@ -55,7 +56,7 @@ class VQResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------- the reference
-def _code_counts(flat_idx: torch.Tensor, num_codes: int) -> torch.Tensor:
+def code_counts(flat_idx: torch.Tensor, num_codes: int) -> torch.Tensor:
     """int64 assignments per code. A scatter-add of ones, not torch.bincount, which reads the
     largest index back to the host on a GPU; integer sums are exact, so this is deterministic."""
     return torch.zeros(num_codes, dtype=torch.int64, device=flat_idx.device).scatter_add(
@@ -106,7 +107,7 @@ def codebook_stats_reference(x: torch.Tensor, idx: torch.Tensor, num_codes: int)
     cdt = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
     x2 = x.reshape(-1, d).to(cdt)
     flat = idx.reshape(-1)
-    counts = _code_counts(flat, num_codes).to(cdt)
+    counts = code_counts(flat, num_codes).to(cdt)
     order = torch.sort(flat, stable=True).indices
     sums = torch.segment_reduce(x2[order], "sum", lengths=counts.to(torch.int64), axis=0, unsafe=True) \
         if x2.shape[0] else x2.new_zeros(num_codes, d)
@@ -144,10 +145,11 @@ def _nearest(backend: str, x, codebook, exact: bool):
     return backends.plain_op(_OP, "nearest_code", backend)(x, codebook, exact)
 
 
-def _stats_of_own_search(x: torch.Tensor, idx: torch.Tensor, num_codes: int,
+def codebook_stats_of_search(x: torch.Tensor, idx: torch.Tensor, num_codes: int,
                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`codebook_stats` for indices from this package's own search (so they lie in
-    range): no argument checks, and so no host synchronisation on a GPU. For layers."""
+    range): no argument checks, and so no host synchronisation on a GPU. For layers (an EMA
+    codebook update from the indices its forward found)."""
     with torch.no_grad():
         return _stats(backends.resolve(backend, x.device, _OP), x, idx, num_codes)
 
@@ -328,7 +330,7 @@ def vector_quantize(x: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.
     with torch.no_grad():
         idx, _ = _nearest(resolved, x, codebook, precision == "exact")
     quantized, codebook_loss, commitment_loss = apply(VQFunction, x, codebook, idx, resolved)
-    counts = _code_counts(idx.reshape(-1), codebook.shape[0])
+    counts = code_counts(idx.reshape(-1), codebook.shape[0])
     perplexity = perplexity_of_frequencies(counts.float() / max(idx.numel(), 1))
     loss = codebook_loss + beta * commitment_loss
     return VQResult(quantized, idx, loss, commitment_loss, codebook_loss, counts, perplexity)
