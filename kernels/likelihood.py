@@ -33,11 +33,6 @@ def _log1p(x):
 
 
 @triton.jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
 def _sigmoid(x):
     e = tl.exp(-tl.abs(x))
     r = 1.0 / (1.0 + e)
@@ -45,13 +40,22 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _cb_log_norm(l):
+def _limit_product(l, t):
+    """c l with c = 1 - t for l > 0, -t else, but 0 for c = 0: with log1p(e^-|l|), the Bernoulli NLL
+    softplus(l) - t l, and at l = ±inf its limit (0 where t is the class l predicts with certainty)."""
+    c = tl.where(l > 0.0, 1.0 - t, -t)
+    return tl.where(c == 0.0, 0.0, c * l)
+
+
+@triton.jit
+def _cb_log1p_exp_minus_log_norm(l):
+    """log1p(e^-|l|) - log C(l): series below |l| = 0.25, else log1p(-e^-|l|) - log|l| (-inf at ±inf)."""
     a = tl.abs(l)
     z = l * l
     series = 0.6931471805599453 + z * (1.0 / 12.0 + z * (-7.0 / 1440.0 + z * (31.0 / 90720.0)))
     e = tl.exp(-a)
-    direct = tl.log(a) - _log1p(-e) + _log1p(e)  # discarded below 0.25 (a may be 0 there)
-    return tl.where(a < 0.25, series, direct)
+    direct = _log1p(-e) - tl.log(a)  # discarded below 0.25 (a may be 0 there)
+    return tl.where(a < 0.25, _log1p(e) - series, direct)
 
 
 @triton.jit
@@ -69,7 +73,7 @@ def _cb_log_norm_grad(l):
 def _terms(p, t, v, LOSS: tl.constexpr):
     """(value without constant, d/dpred, d/dtarget, d/dlogvar) of one element."""
     if LOSS == 0:
-        value = _softplus(p) - t * p
+        value = _limit_product(p, t) + _log1p(tl.exp(-tl.abs(p)))  # softplus(p) - t p
         d_pred = _sigmoid(p) - t
         d_target = -p
         d_logvar = tl.zeros_like(p)
@@ -77,12 +81,15 @@ def _terms(p, t, v, LOSS: tl.constexpr):
         inv_var = tl.exp(-v)
         diff = p - t
         scaled = diff * inv_var
-        value = 0.5 * (diff * scaled + v)
+        # v = -inf: the variance is 0, as for every v below -88.7 (inv_var = inf): +inf where t != m
+        # (not inf - inf), NaN where t == m
+        value = 0.5 * (diff * scaled + tl.where(v < -3.4028234663852886e38, -3.4028234663852886e38, v))
         d_pred = scaled
         d_target = -scaled
         d_logvar = 0.5 * (1.0 - diff * scaled)
     else:
-        value = _softplus(p) - t * p - _cb_log_norm(p)
+        c_l = _limit_product(p, t)
+        value = tl.where(c_l == float("inf"), c_l, c_l + _cb_log1p_exp_minus_log_norm(p))  # at ±inf: +inf or -inf
         d_pred = _sigmoid(p) - t - _cb_log_norm_grad(p)
         d_target = -p
         d_logvar = tl.zeros_like(p)
