@@ -29,28 +29,38 @@ PYVAE_HD SoftplusSigmoid softplus_sigmoid_f(float x, float exp_neg_abs_x) {
   return {x >= 0.0f ? r : e * r, e, log1p_unit(e)};
 }
 
-// The continuous Bernoulli's log(1 + e) - log C(l), C = l / tanh(l / 2) its normaliser (even in l),
-// e = e^-|l| and log1p(e) from softplus_sigmoid_f: the loss is (the Bernoulli one) + this. Below
-// |l| = 0.25 with log C's Taylor series (error < 2e-9), above it log1p(-e) - log|l| (log1p(e) cancels).
-// -inf at l = ±inf.
-PYVAE_HD float cb_log1p_exp_minus_log_norm(float l, float e, float log1p_e) {
-  const float a = fabsf(l);
-  const float z = l * l;
-  const float series = 0.69314718055994531f + z * (1.0f / 12.0f + z * (-7.0f / 1440.0f + z * (31.0f / 90720.0f)));
-  const float direct = log1p_f(-e) - log_f(a);  // discarded below 0.25 (a may be 0 there)
-  return a < 0.25f ? log1p_e - series : direct;
-}
+// The Bernoulli losses at an infinite logit l. softplus(l) - t l = c l + log1p(e^-|l|), c = 1 - t for
+// l > 0 and -t otherwise (d/dl of relu(l) - t l), is then c l: +inf, -inf, or 0 for c = 0 (the target
+// the logit predicts with certainty: 0 * inf = NaN in IEEE arithmetic). The same for the continuous
+// Bernoulli's c l - log|l| + o(1), with -inf for c = 0 (see cb_log1p_exp_minus_log_norm).
+PYVAE_HD float limit_coefficient(float l, float t) { return (l > 0.0f ? 1.0f : 0.0f) - t; }
 
-// c * l, but 0 for c = 0 (and l = ±inf). The Bernoulli losses are c l + log1p(e^-|l|) with c = 1 - t
-// for l > 0, -t for l <= 0 (d/dl of relu(l) - t l): at l = ±inf this is their limit l -> ±inf, 0
-// where the target is the class the logit predicts with certainty. (A NaN l with c = 0 gives 0 here;
-// the NaN log1p term makes the loss NaN.) One select, no branch.
+// c * l, but 0 for c = 0 (one select; a NaN l with c = 0 gives 0 here, the NaN log1p term a NaN loss).
 PYVAE_HD float limit_product(float c, float l) {
   const float product = c * l;
   return c == 0.0f ? 0.0f : product;
 }
 
-PYVAE_HD float limit_coefficient(float l, float t) { return l > 0.0f ? 1.0f - t : -t; }
+// The continuous Bernoulli's log(1 + e) - log C(l), C = l / tanh(l / 2) its normaliser (even in l),
+// e = e^-|l| and log1p(e) from softplus_sigmoid_f: the loss is c l + this. Below |l| = 0.25 with
+// log C's Taylor series (error < 2e-9), above it log1p(-e) - log|l| (log1p(e) cancels). At l = ±inf
+// it is -88.72, not -inf (log_unit(inf) = 128 ln 2), so that c l decides: cb_limit_product.
+PYVAE_HD float cb_log1p_exp_minus_log_norm(float l, float e, float log1p_e) {
+  const float a = fabsf(l);
+  const float z = l * l;
+  const float series = 0.69314718055994531f + z * (1.0f / 12.0f + z * (-7.0f / 1440.0f + z * (31.0f / 90720.0f)));
+  // a NaN l gives NaN through log1p_f(-e); below 0.25 discarded (a may be 0 there)
+  const float direct = log1p_f(-e) - log_unit(a);
+  return a < 0.25f ? log1p_e - series : direct;
+}
+
+// c * l for the continuous Bernoulli: 0 for c = 0 at finite l, and there -inf at l = ±inf (the limit
+// of -log|l|), so that + cb_log1p_exp_minus_log_norm (finite) is the limit l -> ±inf: +inf where
+// c l = +inf, else -inf.
+PYVAE_HD float cb_limit_product(float c, float l) {
+  const float product = c * l;
+  return c == 0.0f ? (fabsf(l) == INFINITY ? -INFINITY : 0.0f) : product;
+}
 
 // d log C / dl = 1/l - 1/sinh(l), e = e^-|l|.
 PYVAE_HD float cb_log_norm_grad(float l, float e) {
@@ -92,11 +102,8 @@ PYVAE_HD LossTerms loss_terms_given_exp(float p, float t, float logvar, float co
     out.d_logvar = 0.5f * (1.0f - diff * scaled);
   } else {
     const SoftplusSigmoid s = softplus_sigmoid_f(p, e);
-    // c l + log1p(e) - log C(l); at l = ±inf the last term is -inf, so the limit is +inf where c l is
-    // (not inf - inf), else -inf
-    const float c_l = limit_product(limit_coefficient(p, t), p);
-    const float value = c_l + cb_log1p_exp_minus_log_norm(p, s.exp_neg_abs, s.log1p_exp_neg_abs);
-    out.value = c_l == INFINITY ? c_l : value;
+    out.value = cb_limit_product(limit_coefficient(p, t), p) +
+                cb_log1p_exp_minus_log_norm(p, s.exp_neg_abs, s.log1p_exp_neg_abs);  // softplus(p) - t p - log C
     out.d_pred = s.sigmoid - t - cb_log_norm_grad(p, s.exp_neg_abs);
     out.d_target = -p;
   }
