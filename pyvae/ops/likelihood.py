@@ -275,8 +275,11 @@ def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, reduction: str 
     below. ``reduction``: ``"batchmean"`` (default: sum / B, the ELBO's reconstruction term per
     sample), ``"per_sample"`` (``[B]``, the NLL of each observation), ``"sum"``, ``"mean"``
     (per element, as ``F.binary_cross_entropy_with_logits``'s default), ``"none"``.
-    Gradients flow to ``logits`` and ``target``. NaN in gives NaN out; infinite logits give the
-    formula's value (``inf`` or NaN) on every backend.
+    Gradients flow to ``logits`` and ``target`` (``sigmoid(l) - t`` and ``-l``). Non-finite inputs, on
+    every backend: IEEE arithmetic (NaN in gives NaN), except that an infinite logit gives the limit
+    ``l -> ±inf``, ``c l`` with ``c = 1 - t`` at +inf and ``-t`` at -inf, 0 where ``c = 0``. Values and
+    gradients equal ``F.binary_cross_entropy_with_logits``'s but where its value is NaN at
+    ``l = -inf`` (``t <= 1``) and at ``l = +inf`` (``t = 1``); the README lists the rules.
     """
     resolved = _prepare("logits", logits, target, reduction, backend)
     return LikelihoodFunction.apply(LikelihoodSpec("bernoulli", reduction, resolved), logits, target, None,
@@ -291,8 +294,11 @@ def continuous_bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, redu
     is used for ``|l| < 0.25``, so it is exact at ``lambda = 0.5`` and stable for saturated logits).
 
     Same arguments, dtypes, reductions and gradients as :func:`bernoulli_nll`; matches
-    ``-torch.distributions.ContinuousBernoulli(logits=l).log_prob(t)``. Targets outside [0, 1] are
-    evaluated by the same formula, not clamped.
+    ``-torch.distributions.ContinuousBernoulli(logits=l).log_prob(t)`` (values and gradients) for
+    ``|l| <= 20``, beyond which PyTorch's normaliser loses accuracy, and at ``l = ±inf`` where that is
+    not NaN: an infinite logit gives the limit, +inf where ``c l = +inf`` (``c`` as in
+    :func:`bernoulli_nll`), else -inf. Targets outside [0, 1] are evaluated by the same formula, not
+    clamped.
     """
     resolved = _prepare("logits", logits, target, reduction, backend)
     return LikelihoodFunction.apply(LikelihoodSpec("continuous_bernoulli", reduction, resolved), logits, target,
@@ -309,6 +315,9 @@ def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, logvar: Union[None, f
     broadcast dims), or ``"optimal"``: the one variance shared by the whole batch that maximises its
     likelihood, sigma^2 = mean squared error over the batch (sigma-VAE, Rybkin et al. 2021), with
     gradients flowing through it. ``reduction`` as in :func:`bernoulli_nll`.
+    Values and gradients are the eager formula's under autograd (IEEE arithmetic), except where
+    ``exp(-logvar)`` overflows (``logvar = -inf``, or below -88.7 in float32): the variance is 0, the
+    loss +inf where ``target != mean`` and NaN where equal (the formula gives NaN at ``-inf``).
     """
     if isinstance(logvar, str):
         if logvar != "optimal":
