@@ -33,11 +33,6 @@ def _log1p(x):
 
 
 @triton.jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
 def _sigmoid(x):
     e = tl.exp(-tl.abs(x))
     r = 1.0 / (1.0 + e)
@@ -45,13 +40,33 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _cb_log_norm(l):
+def _limit_coefficient(l, t):
+    """c of c l + log1p(e^-|l|) = softplus(l) - t l: 1 - t for l > 0, -t else (likelihood_math.h)."""
+    return tl.where(l > 0.0, 1.0, 0.0) - t
+
+
+@triton.jit
+def _limit_product(c, l):
+    """c l, but 0 for c = 0: at l = ±inf the limit of the Bernoulli NLL (0 * inf would be NaN)."""
+    return tl.where(c == 0.0, 0.0, c * l)
+
+
+@triton.jit
+def _cb_limit_product(c, l):
+    """c l for the continuous Bernoulli: for c = 0, 0 at finite l and -inf (the limit of -log|l|) at ±inf."""
+    return tl.where(c == 0.0, tl.where(tl.abs(l) == float("inf"), -float("inf"), 0.0), c * l)
+
+
+@triton.jit
+def _cb_log1p_exp_minus_log_norm(l):
+    """log1p(e^-|l|) - log C(l): series below |l| = 0.25, else log1p(-e^-|l|) - log|l|; finite at ±inf
+    (log|l| of at most the largest float), where _cb_limit_product decides."""
     a = tl.abs(l)
     z = l * l
     series = 0.6931471805599453 + z * (1.0 / 12.0 + z * (-7.0 / 1440.0 + z * (31.0 / 90720.0)))
     e = tl.exp(-a)
-    direct = tl.log(a) - _log1p(-e) + _log1p(e)  # discarded below 0.25 (a may be 0 there)
-    return tl.where(a < 0.25, series, direct)
+    direct = _log1p(-e) - tl.log(tl.minimum(a, 3.4028234663852886e38))  # discarded below 0.25 (a may be 0)
+    return tl.where(a < 0.25, _log1p(e) - series, direct)
 
 
 @triton.jit
@@ -69,7 +84,7 @@ def _cb_log_norm_grad(l):
 def _terms(p, t, v, LOSS: tl.constexpr):
     """(value without constant, d/dpred, d/dtarget, d/dlogvar) of one element."""
     if LOSS == 0:
-        value = _softplus(p) - t * p
+        value = _limit_product(_limit_coefficient(p, t), p) + _log1p(tl.exp(-tl.abs(p)))  # softplus(p) - t p
         d_pred = _sigmoid(p) - t
         d_target = -p
         d_logvar = tl.zeros_like(p)
@@ -77,12 +92,14 @@ def _terms(p, t, v, LOSS: tl.constexpr):
         inv_var = tl.exp(-v)
         diff = p - t
         scaled = diff * inv_var
-        value = 0.5 * (diff * scaled + v)
+        # v = -inf: the variance is 0, as for every v below -88.7 (inv_var = inf): +inf where t != m
+        # (not inf - inf), NaN where t == m
+        value = 0.5 * (diff * scaled + tl.where(v < -3.4028234663852886e38, -3.4028234663852886e38, v))
         d_pred = scaled
         d_target = -scaled
         d_logvar = 0.5 * (1.0 - diff * scaled)
     else:
-        value = _softplus(p) - t * p - _cb_log_norm(p)
+        value = _cb_limit_product(_limit_coefficient(p, t), p) + _cb_log1p_exp_minus_log_norm(p)
         d_pred = _sigmoid(p) - t - _cb_log_norm_grad(p)
         d_target = -p
         d_logvar = tl.zeros_like(p)

@@ -15,7 +15,7 @@ from pyvae.ops.likelihood import LikelihoodFunction, LikelihoodSpec, likelihood_
 from cases import (DTYPES, LOSSES, NATIVE_PAIRS, PAIRS, REDUCTIONS, compile_pairs, needs_native_cpu, no_sync_pairs,
                    pair_id, rand, randn, run_with_cpu_isa, skip_if_interpreted, skip_unless_available)
 from probes import allocated_bytes, no_host_sync
-from tolerances import SUM, VALUE, assert_close
+from tolerances import SUM, VALUE, assert_close, assert_close_scaled
 import transforms
 
 def make(shape, dtype, device, loss, gen, requires_grad=False):
@@ -248,19 +248,241 @@ def test_stable_at_extreme_logits(pair):
                                           backend=backend).abs().max() < 1e-6
 
 
+# ----------------------------------------------------------------------------- NaN / Inf rules
+# The README's rules for non-finite inputs, one function per loss: the value and the derivatives of
+# one element from Python floats (an independent spelling of each rule: the tests hold every backend,
+# the reference included, to it). Every combination of these values is tested, for each input.
+INF, NAN = math.inf, math.nan
+LARGE = 1e4  # saturates every logit (e^-LARGE = 0) and over/underflows e^-logvar in float32 and float64
+SPECIAL = (0.0, 1.0, -1.0, LARGE, -LARGE, INF, -INF, NAN)
+TARGETS = (0.0, 0.5, 1.0, -1.0, LARGE, -LARGE, INF, -INF, NAN)  # a soft target too
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return INF
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)  # NaN -> NaN
+    return e / (1.0 + e)
+
+
+def _softplus(x: float) -> float:
+    return x if math.isnan(x) else max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def _limit_coefficient(l: float, t: float) -> float:
+    """The loss at an infinite logit l is c * l + (a term that is 0, or -inf for the continuous
+    Bernoulli): c = 1 - t at +inf, -t at -inf."""
+    return 1.0 - t if l > 0 else -t
+
+
+def bernoulli_rule(l: float, t: float) -> tuple[float, float, float]:
+    """(value, d/dl, d/dt). Finite l: softplus(l) - t l in IEEE arithmetic (so an infinite target
+    gives ±inf, or NaN at l = 0). l = ±inf: the limit l -> ±inf at that t, c l with c = 1 - t or -t:
+    0 where c = 0 (the target the logit predicts with certainty), ±inf elsewhere, NaN for NaN t.
+    Derivatives everywhere sigmoid(l) - t and -l."""
+    if math.isinf(l):
+        c = _limit_coefficient(l, t)
+        value = 0.0 if c == 0 else c * l
+    else:
+        value = _softplus(l) - t * l
+    return value, _sigmoid(l) - t, -l
+
+
+def continuous_bernoulli_rule(l: float, t: float) -> tuple[float, float, float]:
+    """(value, d/dl, d/dt). Finite l: softplus(l) - t l - log(l / tanh(l / 2)) (log 2 at l = 0).
+    l = ±inf: the limit l -> ±inf at that t, of c l - log|l| + o(1): +inf where c l = +inf, -inf
+    where c l is 0 or -inf (a density unbounded at the target), NaN for NaN t.
+    d/dl = sigmoid(l) - t - (1/l - 1/sinh l) (0.5 - t at 0, c at ±inf), d/dt = -l."""
+    if math.isinf(l):
+        c = _limit_coefficient(l, t)
+        limit = 0.0 if c == 0 else c * l
+        value = limit if math.isnan(limit) else (INF if limit == INF else -INF)
+        return value, c, -l
+    log_norm = math.log(2.0) if l == 0 else math.log(l / math.tanh(l / 2))
+    inv_sinh = 0.0 if abs(l) > 700 else (1.0 / math.sinh(l) if l != 0 else 0.0)
+    d_log_norm = 0.0 if l == 0 else 1.0 / l - inv_sinh
+    return _softplus(l) - t * l - log_norm, _sigmoid(l) - t - d_log_norm, -l
+
+
+def gaussian_rule(m: float, t: float, v: float) -> tuple[float, float, float, float]:
+    """(value, d/dm, d/dt, d/dv) of 0.5 ((t - m)^2 e^-v + v) + log(2 pi) / 2 in IEEE arithmetic, but
+    where e^-v overflows (v = -inf, or v < -88.7 in float32) the variance is 0: the loss is +inf where
+    t != m (the formula's inf - inf would be NaN at v = -inf) and NaN where t = m (0 inf)."""
+    diff = m - t
+    inv_var = _exp(-v)
+    scaled = diff * inv_var
+    q = diff * scaled
+    value = 0.5 * q + HALF_LOG_2PI if v == -INF else 0.5 * (q + v) + HALF_LOG_2PI
+    return value, scaled, -scaled, 0.5 * (1.0 - q)
+
+
+RULES = {"bernoulli": bernoulli_rule, "continuous_bernoulli": continuous_bernoulli_rule, "gaussian": gaussian_rule}
+
+
+def special_grid(loss: str, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:
+    """Every combination of the special values: prediction x target (x logvar), as [rows, cols]
+    tensors in ``dtype`` (a row per prediction value)."""
+    axes = (SPECIAL, TARGETS) if loss != "gaussian" else (SPECIAL, SPECIAL, SPECIAL)
+    mesh = torch.meshgrid(*[torch.tensor(a, dtype=torch.float64) for a in axes], indexing="ij")
+    return [m.reshape(len(axes[0]), -1).to(dtype=dtype, device=device).contiguous() for m in mesh]
+
+
+def rule_table(loss: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[value, derivative per input] of the rule, float64, from the inputs as they are (rounded)."""
+    columns = zip(*(x.double().cpu().flatten().tolist() for x in inputs))
+    rows = [RULES[loss](*args) for args in columns]
+    return [torch.tensor(col, dtype=torch.float64).reshape(inputs[0].shape) for col in zip(*rows)]
+
+
+def backend_table(loss: str, backend: str, inputs: list[torch.Tensor], reduction="sum") -> list[torch.Tensor]:
+    """[per-element value, gradient of the ``reduction`` of the loss per input] on ``backend``."""
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    kwargs = {"logvar": xs[2]} if loss == "gaussian" else {}
+    value = LOSSES[loss](xs[0], xs[1], reduction="none", backend=backend, **kwargs)
+    out = LOSSES[loss](xs[0], xs[1], reduction=reduction, backend=backend, **kwargs)
+    grads = torch.autograd.grad(out, xs, torch.ones_like(out))
+    return [value.detach(), *grads]
+
+
+NAMES = {"bernoulli": ("logits", "target"), "continuous_bernoulli": ("logits", "target"),
+         "gaussian": ("mean", "target", "logvar")}
+
+
+def assert_table(got: list[torch.Tensor], expected: list[torch.Tensor], loss: str, dtype: torch.dtype,
+                 what: str, reduction="sum") -> None:
+    """NaN exactly where expected, ±inf exactly where expected, finite values within the dtype's
+    tolerance (values are float32, or float64 on backend='torch' with float64 inputs)."""
+    value_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = 1.0 if reduction == "sum" else 1.0 / got[0].shape[0]  # batchmean's factor on the gradients
+    assert_close_scaled(got[0], expected[0], value_dtype, VALUE, what=f"{loss} value {what}")
+    for g, e, name in zip(got[1:], expected[1:], NAMES[loss]):
+        # logvar's gradient goes through a float32 buffer on every backend
+        tol_dtype = torch.float32 if name == "logvar" and dtype == torch.float64 else dtype
+        assert_close_scaled(g, e * scale, tol_dtype, VALUE, what=f"{loss} d/d{name} {what}")
+
+
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
-def test_nan_inf_identical(pair):
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_nan_inf_rules(pair, loss, dtype):
+    """Values and gradients of every combination of 0, ±1, ±large, ±inf, NaN in each input follow
+    the README's rules, identically on every backend (exact NaN and ±inf positions)."""
     device, backend = pair
-    special = torch.tensor([0.0, float("nan"), float("inf"), -float("inf"), 3.0], device=device)
-    pred, target = torch.meshgrid(special, special.clamp(0, 1).nan_to_num(0.5), indexing="ij")
-    pred, target = pred.contiguous(), target.contiguous()
-    for loss, fn in LOSSES.items():
-        out = fn(pred, target, reduction="none", backend=backend)
-        expected = reference(loss, pred, target, "none").float()
-        assert torch.equal(out.isnan(), expected.isnan()), loss
-        finite = expected.isfinite()
-        assert torch.equal(out.isinf(), expected.isinf()), loss
-        torch.testing.assert_close(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
+    if dtype == torch.float64 and backend != "torch":
+        pytest.skip("float64 is the torch backend's")
+    inputs = special_grid(loss, dtype, device)
+    expected = rule_table(loss, inputs)
+    for reduction in ("sum", "batchmean"):  # the kernels' unit gradient, and one the reduction scales
+        assert_table(backend_table(loss, backend, inputs, reduction), expected, loss, dtype, f"({reduction})",
+                     reduction)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("logvar", [INF, -INF, NAN, LARGE, -LARGE, 0.0])
+def test_nan_inf_rules_fixed_logvar(pair, logvar):
+    """A float logvar (the kernels' scalar path) follows the same rules as a tensor one."""
+    device, backend = pair
+    mean, target, _ = special_grid("gaussian", torch.float32, device)
+    v = torch.full_like(mean, logvar)
+    expected = rule_table("gaussian", [mean, target, v])
+    m, t = mean.clone().requires_grad_(), target.clone().requires_grad_()
+    value = pyvae.gaussian_nll(m, t, logvar, reduction="none", backend=backend)
+    grads = torch.autograd.grad(pyvae.gaussian_nll(m, t, logvar, reduction="sum", backend=backend), [m, t])
+    assert_table([value, *grads], expected[:3], "gaussian", torch.float32, f"(logvar={logvar})")
+
+
+def _float64_table(loss: str, backend: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The special grid in float64 and the backend's table (computed in float32 but on the torch backend)."""
+    inputs = special_grid(loss, torch.float64)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    return inputs, [x.double() for x in backend_table(loss, backend, [x.to(dtype) for x in inputs])]
+
+
+def _torch_table(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    xs = [x.clone().requires_grad_() for x in inputs]
+    value = fn(*xs)
+    return [value.detach(), *torch.autograd.grad(value.sum(), xs)]
+
+
+def _compare(got: torch.Tensor, expected: torch.Tensor, backend: str, what: str, float64_tol=VALUE[torch.float64]):
+    """``got`` (float64 on the torch backend, float32 on the others) against PyTorch's float64 result."""
+    table = {**VALUE, torch.float64: float64_tol}
+    assert_close_scaled(got, expected, torch.float64 if backend == "torch" else torch.float32, table, what=what)
+
+
+# Where PyTorch's Bernoulli and continuous Bernoulli NLLs are NaN for NaN-free inputs while a limit exists:
+# l = -inf with t <= 1, and l = +inf with t = 1 (its formula's inf - inf and 0 * inf). pyvae gives the limit.
+def _torch_nan_at_limits(l: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return ((l == -INF) & (t <= 1)) | ((l == INF) & (t == 1))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_bernoulli_nll_vs_binary_cross_entropy_with_logits(pair):
+    """The README: equal to F.binary_cross_entropy_with_logits (values and gradients) for all inputs,
+    except that where PyTorch's value is NaN at an infinite logit (l = -inf with t <= 1, l = +inf
+    with t = 1) pyvae gives the limit."""
+    backend = pair[1]
+    inputs, got = _float64_table("bernoulli", backend)
+    ours, bce = got, _torch_table(lambda l, t: F.binary_cross_entropy_with_logits(l, t, reduction="none"), inputs)
+    keep = ~bce[0].isnan()
+    _compare(ours[0][keep], bce[0][keep], backend, "value where PyTorch's is not NaN")
+    assert torch.equal(bce[0].isnan() & ~ours[0].isnan(), _torch_nan_at_limits(*inputs))
+    for g, e, name in zip(ours[1:], bce[1:], ("logits", "target")):
+        _compare(g, e, backend, f"d/d{name}")
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_continuous_bernoulli_nll_vs_torch_distributions(pair):
+    """The README: equal to -ContinuousBernoulli(logits=l).log_prob(t) (values and gradients) for
+    |l| <= 20 and for l = ±inf, except that where PyTorch's value is NaN at l = ±inf (as for the
+    Bernoulli loss) pyvae gives the limit. In between PyTorch's normaliser, formed from sigmoid(l),
+    loses accuracy (at |l| = LARGE the value is off by 5.6)."""
+    backend = pair[1]
+    inputs, ours = _float64_table("continuous_bernoulli", backend)
+    theirs = _torch_table(lambda l, t: -torch.distributions.ContinuousBernoulli(logits=l, validate_args=False)
+                          .log_prob(t), inputs)
+    l = inputs[0]
+    compared = (l.abs() <= 20) | l.isinf() | l.isnan()
+    keep = compared & ~theirs[0].isnan()
+    _compare(ours[0][keep], theirs[0][keep], backend, "value where PyTorch's is not NaN", (1e-8, 1e-8))
+    assert torch.equal(theirs[0].isnan() & ~ours[0].isnan(), _torch_nan_at_limits(*inputs))
+    for g, e, name in zip(ours[1:], theirs[1:], ("logits", "target")):
+        _compare(g[compared], e[compared], backend, f"d/d{name}", (1e-8, 1e-8))
+    # PyTorch's is off at |l| = LARGE, pyvae's is not (the rule's value there is checked above)
+    far = l.abs() == LARGE
+    assert (theirs[0][far] - ours[0][far]).abs().nan_to_num().max() > 1
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_gaussian_nll_vs_eager_formula_and_gaussian_nll_loss(pair):
+    """The README: equal to the eager formula 0.5 ((t - m)^2 exp(-v) + v) + log(2 pi)/2 under autograd
+    (values and gradients) for all inputs, except at v = -inf with t != m, where the formula's
+    inf - inf is NaN and pyvae gives +inf; equal to F.gaussian_nll_loss(m, t, exp(v), full=True) for
+    finite inputs where exp(v) is at least its eps (1e-6) and finite."""
+    backend = pair[1]
+    inputs, ours = _float64_table("gaussian", backend)
+    eager = _torch_table(lambda m, t, v: 0.5 * ((t - m) ** 2 * torch.exp(-v) + v) + HALF_LOG_2PI, inputs)
+    m, t, v = inputs
+    keep = ~eager[0].isnan()
+    _compare(ours[0][keep], eager[0][keep], backend, "value where the eager formula's is not NaN")
+    zero_variance = (v == -INF) & (m != t) & ~(m - t).isnan()
+    assert torch.equal(eager[0].isnan() & ~ours[0].isnan(), zero_variance)
+    for g, e, name in zip(ours[1:], eager[1:], NAMES["gaussian"]):
+        _compare(g, e, backend, f"d/d{name}", VALUE[torch.float32] if name == "logvar" else VALUE[torch.float64])
+    theirs = _torch_table(lambda m, t, v: F.gaussian_nll_loss(m, t, v.exp(), full=True, reduction="none"), inputs)
+    usable = m.isfinite() & t.isfinite() & (v >= math.log(1e-6)) & (v.exp() < INF)
+    assert usable.sum() > 20
+    for g, e, name in zip(ours, theirs, ("value",) + NAMES["gaussian"]):
+        _compare(g[usable], e[usable], backend, f"F.gaussian_nll_loss {name}",
+                 VALUE[torch.float32] if name == "logvar" else VALUE[torch.float64])
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)

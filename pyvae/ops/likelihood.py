@@ -50,29 +50,76 @@ LOSSES = ("bernoulli", "gaussian", "continuous_bernoulli")
 
 
 # --------------------------------------------------------------------------- the reference
+class _LimitProduct(torch.autograd.Function):
+    """``a * b`` with ``0 * ±inf = 0``, in the derivatives ``(g b, g a)`` too (a product of the same
+    kind): the Bernoulli losses' ``c * l`` at an infinite logit ``l``, whose limit is 0 where
+    ``c = 0``, while d/dc stays ``l``. A branch that ``torch.where`` discards (upstream gradient 0)
+    then gives 0, not ``0 * inf = NaN``. NaN stays NaN."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, b):
+        zero = ((a == 0) & b.isinf()) | ((b == 0) & a.isinf())
+        return torch.where(zero, 0.0, a * b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return (_limit_product(grad, b).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None,
+                _limit_product(grad, a).sum_to_size(b.shape) if ctx.needs_input_grad[1] else None)
+
+
+def _limit_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _LimitProduct.apply(a, b)
+
+
+def _limit_coefficient(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """c of the Bernoulli losses at an infinite logit l, where they are c * l + (0, or -log|l| + o(1)
+    for the continuous Bernoulli): 1 - t at +inf, -t at -inf (softplus(l) - t l = (1 - t) l + o(1), resp.
+    -t l + o(1))."""
+    return torch.where(p > 0, 1.0 - t, -t)
+
+
 def _cb_log_norm(logits: torch.Tensor) -> torch.Tensor:
-    """log C of the continuous Bernoulli in terms of the logit l: log(l / tanh(l / 2)); Taylor near 0."""
+    """log C of the continuous Bernoulli in terms of the logit l: log(l / tanh(l / 2)); Taylor near 0,
+    +inf at ±inf."""
     a = logits.abs()
-    z = logits * logits
+    small = a < 0.25
+    z = torch.where(small, logits, 0.0) ** 2  # each branch sees only its own inputs: finite derivatives
     series = math.log(2.0) + z * (1.0 / 12.0 + z * (-7.0 / 1440.0 + z * (31.0 / 90720.0)))
-    safe = torch.where(a < 0.25, torch.ones_like(a), a)
+    safe = torch.where(small, 1.0, a)
     e = torch.exp(-safe)
     direct = torch.log(safe) - torch.log1p(-e) + torch.log1p(e)
-    return torch.where(a < 0.25, series, direct)
+    return torch.where(small, series, direct)
 
 
 def likelihood_reference(loss: str, pred: torch.Tensor, target: torch.Tensor, logvar: torch.Tensor | None = None,
                          fixed_logvar: float = 0.0, constant: float = 0.0) -> torch.Tensor:
     """Per-element negative log-likelihood in plain differentiable PyTorch (float64 for float64
-    inputs, else float32): the oracle of every backend."""
+    inputs, else float32): the oracle of every backend. Values and first derivatives follow the
+    README's rules for non-finite inputs: at an infinite logit the Bernoulli losses take their limit
+    (``_limit_coefficient``); a Gaussian log-variance of -inf gives +inf where target != mean."""
     cdt = torch.float64 if pred.dtype == torch.float64 else torch.float32
     p, t = pred.to(cdt), target.to(cdt)
-    if loss == "bernoulli":
-        return torch.nn.functional.softplus(p) - t * p
-    if loss == "continuous_bernoulli":
-        return torch.nn.functional.softplus(p) - t * p - _cb_log_norm(p)
+    if loss in ("bernoulli", "continuous_bernoulli"):
+        infinite = p.isinf()
+        finite_p = torch.where(infinite, 0.0, p)  # the finite branch never sees inf (nor its derivatives)
+        c_l = _limit_product(_limit_coefficient(p, t), p)  # (softplus(l) - t l) at l = ±inf
+        if loss == "bernoulli":
+            return torch.where(infinite, c_l, torch.nn.functional.softplus(finite_p) - t * finite_p)
+        # continuous Bernoulli: c l - log|l| + o(1) at l = ±inf, so +inf where c l is, else -inf
+        log_l = torch.log(torch.where(infinite, p.abs(), 1.0))
+        at_inf = torch.where(c_l == math.inf, c_l, c_l - log_l)
+        return torch.where(infinite, at_inf, torch.nn.functional.softplus(finite_p) - t * finite_p
+                           - _cb_log_norm(finite_p))
     v = logvar.to(cdt) if logvar is not None else torch.full((), fixed_logvar, dtype=cdt, device=p.device)
-    return 0.5 * ((t - p) ** 2 * torch.exp(-v) + v) + constant
+    # logvar = -inf: the variance is 0, as for any logvar whose exp(-logvar) overflows: +inf where t != m
+    # (without the clamp, inf - inf = NaN), NaN where t == m (0 * inf)
+    return 0.5 * ((t - p) ** 2 * torch.exp(-v) + v.clamp(min=-torch.finfo(cdt).max)) + constant
 
 
 # --------------------------------------------------------------------------- backends
@@ -318,8 +365,11 @@ def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, reduction: str 
     below. ``reduction``: ``"batchmean"`` (default: sum / B, the ELBO's reconstruction term per
     sample), ``"per_sample"`` (``[B]``, the NLL of each observation), ``"sum"``, ``"mean"``
     (per element, as ``F.binary_cross_entropy_with_logits``'s default), ``"none"``.
-    Gradients flow to ``logits`` and ``target``. NaN in gives NaN out; infinite logits give the
-    formula's value (``inf`` or NaN) on every backend.
+    Gradients flow to ``logits`` and ``target`` (``sigmoid(l) - t`` and ``-l``). Non-finite inputs, on
+    every backend: IEEE arithmetic (NaN in gives NaN), except that an infinite logit gives the limit
+    ``l -> ±inf``, ``c l`` with ``c = 1 - t`` at +inf and ``-t`` at -inf, 0 where ``c = 0``. Values and
+    gradients equal ``F.binary_cross_entropy_with_logits``'s but where its value is NaN at
+    ``l = -inf`` (``t <= 1``) and at ``l = +inf`` (``t = 1``); the README lists the rules.
     """
     resolved = _prepare("logits", logits, target, reduction, backend)
     return _apply(LikelihoodSpec("bernoulli", reduction, resolved), logits, target, None)
@@ -333,8 +383,11 @@ def continuous_bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, *, redu
     is used for ``|l| < 0.25``, so it is exact at ``lambda = 0.5`` and stable for saturated logits).
 
     Same arguments, dtypes, reductions and gradients as :func:`bernoulli_nll`; matches
-    ``-torch.distributions.ContinuousBernoulli(logits=l).log_prob(t)``. Targets outside [0, 1] are
-    evaluated by the same formula, not clamped.
+    ``-torch.distributions.ContinuousBernoulli(logits=l).log_prob(t)`` (values and gradients) for
+    ``|l| <= 20``, beyond which PyTorch's normaliser loses accuracy, and at ``l = ±inf`` where that is
+    not NaN: an infinite logit gives the limit, +inf where ``c l = +inf`` (``c`` as in
+    :func:`bernoulli_nll`), else -inf. Targets outside [0, 1] are evaluated by the same formula, not
+    clamped.
     """
     resolved = _prepare("logits", logits, target, reduction, backend)
     return _apply(LikelihoodSpec("continuous_bernoulli", reduction, resolved), logits, target, None)
@@ -350,6 +403,9 @@ def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, logvar: Union[None, f
     broadcast dims), or ``"optimal"``: the one variance shared by the whole batch that maximises its
     likelihood, sigma^2 = mean squared error over the batch (sigma-VAE, Rybkin et al. 2021), with
     gradients flowing through it. ``reduction`` as in :func:`bernoulli_nll`.
+    Values and gradients are the eager formula's under autograd (IEEE arithmetic), except where
+    ``exp(-logvar)`` overflows (``logvar = -inf``, or below -88.7 in float32): the variance is 0, the
+    loss +inf where ``target != mean`` and NaN where equal (the formula gives NaN at ``-inf``).
     """
     if isinstance(logvar, str):
         if logvar != "optimal":
