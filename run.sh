@@ -2,10 +2,10 @@
 # The two commands of the README:
 #   ./run.sh bench [args]   benchmark suite on this machine's default device (table + bench/results/)
 #   ./run.sh test  [args]   the test suite (pytest)
-# Each first makes sure ./.venv exists with what it needs and that pyvae is built and installed in
-# it (incrementally). The venv sees the system's packages, so a machine whose Python already has
-# (CUDA) torch and Triton uses them; torch is installed only if none is importable, and then the
-# CPU build torch==2.13.0, never a CUDA wheel.
+# Each first makes sure ./.venv exists with what it needs and that this checkout is installed in it
+# editable, its extension built (again only when native or build files change). The venv sees the
+# system's packages, so a machine whose Python already has (CUDA) torch and Triton uses them; torch
+# is installed only if none is importable, and then the CPU build torch==2.13.0, never a CUDA wheel.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -46,12 +46,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   pip_install "${missing[@]}"
 fi
 
-# Build and install pyvae against the torch in the venv (incremental: build/cmake-*/ is reused).
-stamp=build/.installed-stamp
-if [ ! -f "$stamp" ] || [ -n "$(find setup.py CMakeLists.txt csrc pyvae kernels -newer "$stamp" -print -quit)" ] \
-   || ! "$VPY" -c "import pyvae._C" >/dev/null 2>&1; then
-  echo "[run.sh] building pyvae (pip install --no-build-isolation .)"
-  PATH="$PWD/$VENV/bin:$PATH" "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .
+# pyvae is installed editable (`pip install -e .`): the venv imports this checkout's pyvae/ (and its
+# kernels/ as pyvae.kernels), so Python edits need no reinstall. Only the extension pyvae._C, built in
+# place into pyvae/, is rebuilt: when a native or build file changed since the last install, when
+# pyvae._C does not load here (never built, another torch), or when the venv's pyvae is not this
+# checkout (a non-editable install, another clone). The build is incremental (build/cmake-*/).
+stamp=build/.editable-stamp
+root=$(pwd -P)
+installed=$(cd / && "$root/$VPY" -c "import os, pyvae, pyvae._C; print(os.path.realpath(pyvae.__file__))" 2>/dev/null || true)
+if [ ! -f "$stamp" ] || [ "$installed" != "$root/pyvae/__init__.py" ] \
+   || [ -n "$(find setup.py pyproject.toml CMakeLists.txt csrc -newer "$stamp" -print -quit)" ]; then
+  echo "[run.sh] building pyvae._C (pip install --no-build-isolation -e .)"
+  PATH="$PWD/$VENV/bin:$PATH" "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
   mkdir -p build && touch "$stamp"
 fi
 
