@@ -29,18 +29,17 @@ fi
 VPY="$VENV/bin/python"
 
 pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
-have() { "$VPY" -c "import $1" >/dev/null 2>&1; }
+# absent MODULE:PACKAGE...: the PACKAGEs whose MODULE is not installed (one Python process, which
+# looks the modules up without importing them: a run after the first starts in seconds)
+absent() { "$VPY" -c 'import importlib.util as u, sys
+print(" ".join(a.split(":", 1)[1] for a in sys.argv[1:] if u.find_spec(a.split(":", 1)[0]) is None))' "$@"; }
 
-if ! have torch; then
+if [ -n "$(absent torch:torch)" ]; then
   echo "[run.sh] no torch importable: installing torch==2.13.0 (CPU build)"
   pip_install torch==2.13.0
 fi
-missing=()
-for mod_pkg in triton:triton numpy:numpy scipy:scipy pytest:pytest pytest_benchmark:pytest-benchmark \
-               matplotlib:matplotlib tqdm:tqdm psutil:psutil ninja:ninja setuptools:setuptools wheel:wheel \
-               hypothesis:hypothesis; do
-  have "${mod_pkg%%:*}" || missing+=("${mod_pkg#*:}")
-done
+read -r -a missing <<< "$(absent triton:triton numpy:numpy scipy:scipy pytest:pytest pytest_benchmark:pytest-benchmark \
+  matplotlib:matplotlib tqdm:tqdm psutil:psutil ninja:ninja setuptools:setuptools wheel:wheel hypothesis:hypothesis)"
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[run.sh] installing ${missing[*]}"
   pip_install "${missing[@]}"
@@ -64,8 +63,8 @@ fi
 # scikit-learn (the CLI's bundled digits) and vector-quantize-pytorch (what pyvae.nn.VectorQuantize
 # is tested and benchmarked against), where they can be fetched: the tests and rows that need them
 # are skipped, with a reason, on a machine without network that lacks them.
-for mod_pkg in sklearn:scikit-learn vector_quantize_pytorch:vector-quantize-pytorch==1.32.0; do
-  have "${mod_pkg%%:*}" || pip_install "${mod_pkg#*:}" || echo "[run.sh] ${mod_pkg#*:} unavailable: what needs it is skipped"
+for pkg in $(absent sklearn:scikit-learn vector_quantize_pytorch:vector-quantize-pytorch==1.32.0); do
+  pip_install "$pkg" || echo "[run.sh] $pkg unavailable: what needs it is skipped"
 done
 
 case "$cmd" in
