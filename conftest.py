@@ -1,25 +1,25 @@
 """Shared by tests/ and bench/.
 
-Run tests and benchmarks against the installed pyvae, never the source folder of the same name
-(which has neither the built extension nor pyvae.kernels): drop the repository root that
-`python -m pytest` and pytest's rootdir handling put on sys.path.
+The tests run against this checkout: pytest puts the repository root on sys.path, so `import pyvae`
+is ./pyvae (its kernels/ bound as pyvae.kernels by pyvae/__init__.py), and the editable install
+(`pip install --no-build-isolation -e .`, which `./run.sh test` keeps up to date) has built the
+extension pyvae._C into it and makes child processes import the same pyvae. Without that extension
+`import pyvae` fails here with the command that builds it (PYVAE_REQUIRE_NATIVE=1 unless set: the
+suite never runs on the torch backend alone by accident; PYVAE_REQUIRE_NATIVE=0 allows it).
 
 Every test starts from generators seeded by its own id (torch's, Python's and NumPy's global ones,
 and the ``gen`` fixture, a CPU torch.Generator that input-building helpers take explicitly), so its
 data does not depend on which tests ran before it, and a failure repeats when the test runs alone.
 """
+import os
 import random
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-_ROOT = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-sys.modules.pop("pyvae", None)
+os.environ.setdefault("PYVAE_REQUIRE_NATIVE", "1")
 
 
 def _seed_of(request) -> int:

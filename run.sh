@@ -2,10 +2,10 @@
 # The two commands of the README:
 #   ./run.sh bench [args]   benchmark suite on this machine's default device (table + bench/results/)
 #   ./run.sh test  [args]   the test suite (pytest)
-# Each first makes sure ./.venv exists with what it needs and that pyvae is built and installed in
-# it (incrementally). The venv sees the system's packages, so a machine whose Python already has
-# (CUDA) torch and Triton uses them; torch is installed only if none is importable, and then the
-# CPU build torch==2.13.0, never a CUDA wheel.
+# Each first makes sure ./.venv exists with what it needs and that this checkout is installed in it
+# editable, its extension built (again only when native or build files change). The venv sees the
+# system's packages, so a machine whose Python already has (CUDA) torch and Triton uses them; torch
+# is installed only if none is importable, and then the CPU build torch==2.13.0, never a CUDA wheel.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,37 +29,42 @@ fi
 VPY="$VENV/bin/python"
 
 pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
-have() { "$VPY" -c "import $1" >/dev/null 2>&1; }
+# absent MODULE:PACKAGE...: the PACKAGEs whose MODULE is not installed (one Python process, which
+# looks the modules up without importing them: a run after the first starts in seconds)
+absent() { "$VPY" -c 'import importlib.util as u, sys
+print(" ".join(a.split(":", 1)[1] for a in sys.argv[1:] if u.find_spec(a.split(":", 1)[0]) is None))' "$@"; }
 
-if ! have torch; then
+if [ -n "$(absent torch:torch)" ]; then
   echo "[run.sh] no torch importable: installing torch==2.13.0 (CPU build)"
   pip_install torch==2.13.0
 fi
-missing=()
-for mod_pkg in triton:triton numpy:numpy scipy:scipy pytest:pytest pytest_benchmark:pytest-benchmark \
-               matplotlib:matplotlib tqdm:tqdm psutil:psutil ninja:ninja setuptools:setuptools wheel:wheel \
-               hypothesis:hypothesis; do
-  have "${mod_pkg%%:*}" || missing+=("${mod_pkg#*:}")
-done
+read -r -a missing <<< "$(absent triton:triton numpy:numpy scipy:scipy pytest:pytest pytest_benchmark:pytest-benchmark \
+  matplotlib:matplotlib tqdm:tqdm psutil:psutil ninja:ninja setuptools:setuptools wheel:wheel hypothesis:hypothesis)"
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[run.sh] installing ${missing[*]}"
   pip_install "${missing[@]}"
 fi
 
-# Build and install pyvae against the torch in the venv (incremental: build/cmake-*/ is reused).
-stamp=build/.installed-stamp
-if [ ! -f "$stamp" ] || [ -n "$(find setup.py CMakeLists.txt csrc pyvae kernels -newer "$stamp" -print -quit)" ] \
-   || ! "$VPY" -c "import pyvae._C" >/dev/null 2>&1; then
-  echo "[run.sh] building pyvae (pip install --no-build-isolation .)"
-  PATH="$PWD/$VENV/bin:$PATH" "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .
+# pyvae is installed editable (`pip install -e .`): the venv imports this checkout's pyvae/ (and its
+# kernels/ as pyvae.kernels), so Python edits need no reinstall. Only the extension pyvae._C, built in
+# place into pyvae/, is rebuilt: when a native or build file changed since the last install, when
+# pyvae._C does not load here (never built, another torch), or when the venv's pyvae is not this
+# checkout (a non-editable install, another clone). The build is incremental (build/cmake-*/).
+stamp=build/.editable-stamp
+root=$(pwd -P)
+installed=$(cd / && "$root/$VPY" -c "import os, pyvae, pyvae._C; print(os.path.realpath(pyvae.__file__))" 2>/dev/null || true)
+if [ ! -f "$stamp" ] || [ "$installed" != "$root/pyvae/__init__.py" ] \
+   || [ -n "$(find setup.py pyproject.toml CMakeLists.txt csrc -newer "$stamp" -print -quit)" ]; then
+  echo "[run.sh] building pyvae._C (pip install --no-build-isolation -e .)"
+  PATH="$PWD/$VENV/bin:$PATH" "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
   mkdir -p build && touch "$stamp"
 fi
 
 # scikit-learn (the CLI's bundled digits) and vector-quantize-pytorch (what pyvae.nn.VectorQuantize
 # is tested and benchmarked against), where they can be fetched: the tests and rows that need them
 # are skipped, with a reason, on a machine without network that lacks them.
-for mod_pkg in sklearn:scikit-learn vector_quantize_pytorch:vector-quantize-pytorch==1.32.0; do
-  have "${mod_pkg%%:*}" || pip_install "${mod_pkg#*:}" || echo "[run.sh] ${mod_pkg#*:} unavailable: what needs it is skipped"
+for pkg in $(absent sklearn:scikit-learn vector_quantize_pytorch:vector-quantize-pytorch==1.32.0); do
+  pip_install "$pkg" || echo "[run.sh] $pkg unavailable: what needs it is skipped"
 done
 
 case "$cmd" in

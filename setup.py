@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 try:
@@ -70,7 +70,10 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["pyvae", "pyvae.ops", "pyvae.nn", "pyvae.models", "pyvae.kernels"],
+    # Every package under pyvae/, plus the top-level kernels/ folder installed as pyvae.kernels (a
+    # top-level `kernels` would clash with another PyPI package). A source checkout and an editable
+    # install find kernels/ through pyvae/__init__.py instead.
+    packages=find_packages(include=["pyvae", "pyvae.*"]) + ["pyvae.kernels"],
     package_dir={"pyvae.kernels": "kernels"},
     ext_modules=[CMakeExtension("pyvae._C")],
     cmdclass={"build_ext": CMakeBuild},

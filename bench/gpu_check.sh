@@ -14,7 +14,8 @@
 # Stages, in this order; each has a time limit (cut to what is left of the budget), and a stage
 # that fails or runs out of time is recorded and the next one runs:
 #   info       GPU, driver, nvcc, torch and Triton versions
-#   build      pip install --no-build-isolation, for this GPU's architecture only (PYVAE_CUDA_ARCHS)
+#   build      pip install --no-build-isolation -e . (the tests import this checkout; its extension is
+#              built in place), for this GPU's architecture only (PYVAE_CUDA_ARCHS)
 #   report     python -m pyvae: how the extension was built, the backends it serves
 #   resources  registers, shared and local memory of the built CUDA kernels (tests/kernel_resources.py)
 #   gpu        the gpu-marked tests of the families
@@ -120,10 +121,10 @@ if [ -z "${PYVAE_CUDA_ARCHS:-}" ] && [ "$DRY" = 0 ]; then
   export PYVAE_CUDA_ARCHS=$cap$([ "$cap" = 90 ] && echo a)
 fi
 export MAX_JOBS=${MAX_JOBS:-16}
-BUILD=("$PY" -m pip install --no-build-isolation --no-deps -v .)
+BUILD=("$PY" -m pip install --no-build-isolation --no-deps -v -e .)
 if [ "$DRY" = 0 ]; then
   stage build 240 env PYVAE_CUDA_ARCHS="$PYVAE_CUDA_ARCHS" "${BUILD[@]}"
-  stage report 30 "$PY" -P -m pyvae  # -P: the installed pyvae, not the checkout's source
+  stage report 30 "$PY" -P -m pyvae  # -P: the pyvae the install points at (this checkout), found as any tool finds it
 else
   dry build "PYVAE_CUDA_ARCHS=<this GPU's, e.g. 90a> MAX_JOBS=$MAX_JOBS ${BUILD[*]}"
 fi

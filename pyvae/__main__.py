@@ -44,8 +44,7 @@ def report() -> int:
         print(f"extension pyvae._C: FAILED TO LOAD: {backends.native_extension_error()}\n"
               f"  the cpu and cuda backends are off; {backends.REBUILD}")
     elif ext is None:
-        print("extension pyvae._C: not installed (this pyvae was installed without it): "
-              "the cpu and cuda backends are unavailable")
+        print(f"extension pyvae._C: not installed ({backends.MISSING}): the cpu and cuda backends are unavailable")
     else:
         cuda = f"yes, for sm_{ext.cuda_archs.replace(',', ', sm_')}" if ext.has_cuda else "no"
         print(f"extension pyvae._C {ext.version}: CPU kernels yes; CUDA kernels {cuda}")

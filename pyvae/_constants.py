@@ -5,8 +5,7 @@
 :data:`FALLBACK` is the one copy in Python, for a pyvae installed without its extension (the torch
 and triton backends then run alone); ``tests/test_backends.py`` fails if it differs from the
 extension's. This module sits beside ``pyvae._C``, not in ``pyvae.kernels``: ``pyvae.ops`` composes
-the likelihood op's flags on every install, and ``pyvae.kernels`` exists only in an installed
-package.
+the likelihood op's flags for every backend, and ``pyvae.kernels`` holds the Triton side.
 """
 from __future__ import annotations
 

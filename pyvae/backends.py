@@ -13,7 +13,8 @@ is set, else picks per device: for CUDA tensors the GPU backend the benchmark me
 that op (its family's ``auto_cuda`` in :mod:`pyvae.registry`), for CPU tensors ``cpu``; ``torch``
 where the extension is missing.
 
-A package installed without ``pyvae._C`` falls back to ``torch`` quietly. An extension that exists
+A package installed without ``pyvae._C``, or a source checkout where it was never built, falls back to
+``torch`` quietly (:data:`MISSING` says which, in every message about it). An extension that exists
 but fails to load (built against another torch, an undefined symbol) warns once at import, with the
 cause and the rebuild command; ``PYVAE_REQUIRE_NATIVE=1`` makes both cases an ImportError. A Triton
 module that fails to import turns off the ``triton`` backend of its op family alone.
@@ -30,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from . import registry
+from . import SOURCE_CHECKOUT, registry
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 
@@ -42,6 +43,13 @@ AUTO_CUDA = {f.name: f.auto_cuda for f in registry.FAMILIES}
 # How to rebuild the extension against the torch installed here (quoted in every message about it).
 REBUILD = ("rebuild it against this torch: `pip install --no-build-isolation .` "
            "(`pip install --no-build-isolation -e .` for a checkout), or `./run.sh test`")
+
+# What a pyvae without pyvae._C lacks (quoted in every message about it): a source checkout that was
+# never built (an editable install builds the extension into its pyvae/), or a package installed
+# without it.
+MISSING = (f"this source checkout ({SOURCE_CHECKOUT}) has no built extension pyvae._C "
+           "(`pip install --no-build-isolation -e .` or `./run.sh test` builds it into pyvae/)"
+           if SOURCE_CHECKOUT is not None else "this pyvae was installed without its extension pyvae._C")
 
 
 def _load_extension() -> tuple[ModuleType | None, str | None]:
@@ -71,8 +79,7 @@ if _EXTENSION_ERROR is not None:
     warnings.warn(f"pyvae._C failed to load ({_EXTENSION_ERROR}): the cpu and cuda backends are off and "
                   f"backend='auto' falls back to 'torch'; {REBUILD}", RuntimeWarning)
 elif _EXTENSION is None and _require_native():
-    raise ImportError(f"PYVAE_REQUIRE_NATIVE=1, but this pyvae was installed without its extension pyvae._C; "
-                      f"{REBUILD}")
+    raise ImportError(f"PYVAE_REQUIRE_NATIVE=1, but {MISSING}; {REBUILD}")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -132,9 +139,9 @@ def triton_kernels(op: str) -> ModuleType | None:
         return importlib.import_module(kernels)
     except Exception as exc:  # a broken Triton install must not break `import pyvae`
         if isinstance(exc, ModuleNotFoundError) and exc.name in ("pyvae.kernels", kernels):
-            # kernels/ is installed as pyvae.kernels by setup.py; a bare checkout has no such package
-            reason = (f"{exc.name} is not importable (a source checkout without an install? "
-                      f"`pip install --no-build-isolation -e .` installs kernels/ as pyvae.kernels)")
+            # setup.py installs kernels/ as pyvae.kernels, and a checkout binds it (pyvae/__init__.py)
+            reason = (f"{exc.name} is not importable (an install without the repository's kernels/? "
+                      f"reinstall: `pip install --no-build-isolation .`)")
         else:
             reason = f"{kernels} failed to import ({type(exc).__name__}: {exc})"
         _TRITON_BROKEN[op] = reason
@@ -414,6 +421,6 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
             + (f" ({backend!r} is off: {unavailable_reasons(op)[backend]}"
                + (f"; {REBUILD})" if backend != "triton" and _EXTENSION_ERROR else ")")
                if backend in unavailable_reasons(op) else "")
-            + (" (this pyvae was installed without its extension pyvae._C)"
+            + (f" ({MISSING})"
                if backend in ("cpu", "cuda") and _EXTENSION is None and _EXTENSION_ERROR is None else ""))
     return backend

@@ -1,5 +1,5 @@
-"""No silent fallbacks: a broken extension, a checkout without an install, a Triton module that fails
-to import, and Triton ops called directly with bad inputs.
+"""No silent fallbacks: a broken extension, a source checkout with or without a build, a Triton
+module that fails to import, and Triton ops called directly with bad inputs.
 
 The import cases run in fresh processes; they fake the extension's state with an import hook
 (so they work the same on an editable and a normal install) and import pyvae from wherever it is
@@ -75,7 +75,7 @@ def test_a_broken_extension_warns_once_with_the_cause_and_the_rebuild_command(tm
 
 
 def test_require_native_turns_a_broken_or_missing_extension_into_an_import_error(tmp_path):
-    for mode, words in (("broken", "failed to load"), ("absent", "installed without its extension")):
+    for mode, words in (("broken", "failed to load"), ("absent", backends.MISSING)):
         done = _run(mode, "import pyvae", tmp_path, PYVAE_REQUIRE_NATIVE="1")
         assert done.returncode != 0, mode
         last = done.stderr.strip().splitlines()[-1]
@@ -128,48 +128,65 @@ def test_a_failed_triton_module_turns_off_triton_for_its_family_only(tmp_path):
 
 
 def _source_checkout(tmp_path, with_build):
-    """A copy of the checkout's pyvae/ (no pyvae.kernels: setup.py maps kernels/ there), with or
-    without an extension built in place, and code that hides every installed pyvae."""
-    shutil.copytree(os.path.join(REPO, "pyvae"), tmp_path / "checkout" / "pyvae",
-                    ignore=shutil.ignore_patterns("__pycache__", "_C*.so", "_C*.pyd"))
+    """A copy of the checkout's pyvae/, kernels/ and setup.py (kernels/ becomes pyvae.kernels through
+    pyvae/__init__.py alone), with or without an extension built in place, and code that hides every
+    installed pyvae."""
+    checkout = tmp_path / "checkout"
+    for folder in ("pyvae", "kernels"):
+        shutil.copytree(os.path.join(REPO, folder), checkout / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "_C*.so", "_C*.pyd"))
+    shutil.copy(os.path.join(REPO, "setup.py"), checkout)
     if with_build:
         built = backends.native_extension()
         if built is None:
             pytest.skip("needs a built extension to copy")
-        shutil.copy(built.__file__, tmp_path / "checkout" / "pyvae")
+        shutil.copy(built.__file__, checkout / "pyvae")
     return textwrap.dedent("""
-        import sys
-        # an editable install's finder would map pyvae.kernels to kernels/; the checkout (first on
-        # sys.path, the working directory) hides a normal install's pyvae
+        import sys, torch
+        # an editable install's finder would map pyvae.kernels to the real checkout's kernels/; the
+        # copy (first on sys.path, the working directory) hides an installed pyvae
         sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
-        import pyvae
+        import pyvae, pyvae.__main__
         assert pyvae.__file__.startswith(sys.argv[1]), pyvae.__file__
+        print("KERNELS", pyvae.kernels.__file__, pyvae.SOURCE_CHECKOUT)
         print("AVAILABLE", pyvae.backends.available("cpu"), pyvae.backends.available("cpu", "likelihood"))
-        print("CPU OPS", pyvae.backends.available("cpu", "reparam_kl"), pyvae.backends.available("cpu", "vq"))
+        print("OPS", pyvae.backends.available("cpu", "reparam_kl"), pyvae.backends.available("cpu", "vq"))
+        print("AUTO", pyvae.backends.resolve("auto", torch.device("cpu"), "likelihood"))
+        try:
+            pyvae.backends.resolve("cpu", torch.device("cpu"), "vq")
+        except ValueError as exc:
+            print("RESOLVE", exc)
+        pyvae.__main__.report()
     """)
 
 
 @pytest.mark.parametrize("with_build", [False, True], ids=["no_build", "built_in_place"])
 def test_a_source_checkout_imports_and_names_what_is_missing(tmp_path, with_build):
+    # A checkout, installed or not, is a whole pyvae: its kernels/ serve as pyvae.kernels (every
+    # family's triton backend, and the likelihood fake kernels that import pyvae.kernels), and the
+    # extension serves wherever it was built in place. Without a build: the torch backend, quietly,
+    # and every message about the cpu backend names the missing build and the command that makes it.
     pytest.importorskip("triton")
     code = _source_checkout(tmp_path, with_build)
-    checkout = str(tmp_path / "checkout")
+    checkout = os.path.realpath(tmp_path / "checkout")
     env = {k: v for k, v in os.environ.items() if k not in ("PYVAE_REQUIRE_NATIVE", "PYVAE_BACKEND")}
     env["TRITON_INTERPRET"] = "1"
     done = subprocess.run([sys.executable, "-W", "always", "-c", code, os.path.join(checkout, "pyvae")],
                           capture_output=True, text=True, cwd=checkout, env=env, timeout=120)
     assert done.returncode == 0, done.stderr  # never an exception half-way through an op module
-    # each family's Triton kernels are named missing, with the command that installs them
-    for op in ("reparam_kl", "likelihood", "vq"):
-        assert f"backend 'triton' is off for {op}" in done.stderr, done.stderr
-    assert "pyvae.kernels is not importable" in done.stderr and "pip install --no-build-isolation -e ." in done.stderr
+    assert "RuntimeWarning" not in done.stderr, done.stderr  # no backend turned off
+    assert f"KERNELS {os.path.join(checkout, 'kernels', '__init__.py')} {checkout}" in done.stdout, done.stdout
+    native = ["cpu"] if with_build else []
+    assert f"AVAILABLE {native + ['triton', 'torch']} {native + ['triton', 'torch']}" in done.stdout, done.stdout
+    assert f"OPS {native + ['triton', 'torch']} {native + ['triton', 'torch']}" in done.stdout
+    assert f"AUTO {'cpu' if with_build else 'torch'}" in done.stdout
     if with_build:
-        # the C++ ops serve every family whose fake kernels need no pyvae.kernels; likelihood's say why not
-        assert "AVAILABLE ['cpu', 'torch'] ['torch']" in done.stdout, done.stdout
-        assert "CPU OPS ['cpu', 'torch'] ['cpu', 'torch']" in done.stdout
-        assert "backends 'cpu' and 'cuda' are off for likelihood" in done.stderr and "pyvae.kernels" in done.stderr
+        assert "RESOLVE" not in done.stdout and "CPU kernels yes" in done.stdout
     else:
-        assert "AVAILABLE ['torch'] ['torch']" in done.stdout, done.stdout
+        missing = f"this source checkout ({checkout}) has no built extension pyvae._C"
+        resolve_line = next(line for line in done.stdout.splitlines() if line.startswith("RESOLVE"))
+        assert missing in resolve_line and "pip install --no-build-isolation -e ." in resolve_line, resolve_line
+        assert f"extension pyvae._C: not installed ({missing}" in done.stdout, done.stdout
 
 
 # ------------------------------------------------------------------------------ Triton op input checks
