@@ -38,6 +38,7 @@ import torch
 
 from .. import backends
 from .._constants import LikelihoodFlag
+from ..kernels._layout import logvar_group_rows, new_likelihood_grads
 from ._common import (apply, check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows,
                       reference_derivative)
 
@@ -147,7 +148,6 @@ def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, flags, gr
     dtypes = [d for d, want in zip((pred.dtype, target.dtype, logvar_grad_dtype), wanted) if want]
     grads = [g.to(dtype) for g, dtype in zip(grads, dtypes)]
     if wanted[2]:
-        from ..kernels._layout import logvar_group_rows  # pyvae.kernels: an installed pyvae only (for now)
         grads[-1] = _sum_row_groups(grads[-1], logvar_group_rows(pred, logvar, flags))
     return out, grads
 
@@ -450,9 +450,6 @@ def _gaussian_nll_optimal(mean, target, full, reduction, backend):
 
 # --------------------------------------------------------------------------- fake kernels
 def _register_fakes() -> None:
-    # pyvae.kernels exists only in an installed pyvae (setup.py maps kernels/ there), as do the ops
-    from ..kernels._layout import new_likelihood_grads
-
     def forward_fake(loss, pred, target, logvar, fixed_logvar, constant, flags, grad_scale):
         per_element = flags & LikelihoodFlag.PER_ELEMENT
         return (pred.new_empty(pred.shape if per_element else pred.shape[:1], dtype=torch.float32),

@@ -33,6 +33,8 @@ from typing import NamedTuple
 import torch
 
 from .. import backends
+from ..kernels._checks import check_codebook_stats
+from ..kernels._layout import codebook_stats_by_chunks
 from ._common import apply, check_floating, check_same_device
 
 __all__ = ["nearest_code", "vector_quantize", "codebook_stats", "codebook_stats_of_search", "code_counts", "VQResult",
@@ -353,10 +355,6 @@ def _(codebook: torch.Tensor) -> torch.Tensor:
 def _codebook_stats_cuda(x: torch.Tensor, idx: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The CUDA kernel of ``torch.ops.pyvae.codebook_stats``: the preparation it shares with the
     Triton backend, then the C++ kernels (``torch.ops.pyvae.codebook_chunk_sums``)."""
-    # pyvae.kernels exists only in an installed pyvae (setup.py maps kernels/ there), as CUDA builds do
-    from ..kernels._checks import check_codebook_stats
-    from ..kernels._layout import codebook_stats_by_chunks
-
     check_codebook_stats(x, idx, num_codes)
     return codebook_stats_by_chunks(x, idx, num_codes, lambda x2, plan: torch.ops.pyvae.codebook_chunk_sums(x2, *plan))
 
