@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import io
 import itertools
@@ -43,6 +44,7 @@ VAE_FAMILY = ("vae", "convvae", "cvae", "hvae")
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 2: adds "buffers", the model's buffers that its state_dict leaves out
+END_WAIT = datetime.timedelta(days=1)  # how long the other ranks wait for rank 0's evaluation and pictures
 ACTIVE_THRESHOLD = 0.01  # Var_x E[z_u | x] above which a latent unit counts as active (Burda et al. 2016)
 
 # The CLI's defaults per model, sized for the 8x8 digits (a default run takes seconds to a couple of
@@ -252,11 +254,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------- processes
 @dataclass
 class Run:
-    """Where this process stands: its rank in the job, the device, the output directory."""
+    """Where this process stands: its rank in the job, the device, the output directory, and (when
+    distributed) the group in which the ranks wait for each other at the end (see :func:`_run`)."""
     rank: int
     world: int
     device: torch.device
     out: str
+    end_group: Any = None
 
     @property
     def main(self) -> bool:
@@ -299,6 +303,10 @@ def start_processes(args: argparse.Namespace) -> Run:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         except ValueError as exc:  # a missing MASTER_ADDR / MASTER_PORT and the like
             raise UsageError(f"WORLD_SIZE={world} but torch.distributed cannot start: {exc}") from None
+        # The other ranks wait there while rank 0 evaluates and draws, however long that takes: a
+        # gloo group of its own, whose timeout is not the training collectives' (NCCL's watchdog
+        # would end a wait of more than 10 minutes, gloo's default 30, and the run with it).
+        return Run(rank, world, device, args.out, dist.new_group(backend="gloo", timeout=END_WAIT))
     return Run(rank, world, device, args.out)
 
 
@@ -858,7 +866,16 @@ def _run(args: argparse.Namespace, run: Run, started: float, log: Callable[[str]
         os.makedirs(os.path.join(args.out, "rank_state"), exist_ok=True)
         atomic_write(os.path.join(args.out, "rank_state", f"rank{run.rank}.json"),
                      lambda f: f.write(json.dumps(_rank_state(model)).encode()))
-    return report(args, run, data, model, history, resolved, started) if run.main else None
+    metrics = report(args, run, data, model, history, resolved, started) if run.main else None
+    if run.distributed:
+        # The ranks leave together, after rank 0's evaluation and pictures. A rank that went straight
+        # from its last collective to the interpreter's exit was now and then aborted there
+        # ("terminate called without an active exception", and torchrun then stopped rank 0 too):
+        # the process group outlives destroy_process_group, and a gloo worker thread that had not yet
+        # released that collective's tensors needed the GIL during finalization. Waiting here, with
+        # the GIL released, gives it that time.
+        dist.barrier(group=run.end_group)
+    return metrics
 
 
 def check_dataset_size(args: argparse.Namespace, run: Run, data: ImageDataset) -> None:
