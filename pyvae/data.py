@@ -58,7 +58,11 @@ def load_dataset(spec: str, *, binarize: bool = False) -> ImageDataset:
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, str]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:  # an optional dependency (the [train] extra): say how to get it, no traceback
+        raise DatasetError("--dataset digits needs scikit-learn, which is not installed: "
+                           'pip install "pyvae[train]" (or scikit-learn), or pass an .npz/.npy file') from None
 
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]  # [1797, 1, 8, 8]
@@ -152,11 +156,16 @@ def to_labels(labels: np.ndarray, n: int, source: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def test_count(n: int) -> int:
+    """How many of ``n`` images (n >= 2) :func:`split` puts in the test split."""
+    return min(n - 1, max(1, round(n * TEST_FRACTION)))
+
+
 def split(images: np.ndarray, labels: np.ndarray | None, name: str) -> ImageDataset:
     """A fixed (``SPLIT_SEED``) random split, ``TEST_FRACTION`` of the images (at least 1) for test."""
     n = len(images)
     order = np.random.default_rng(SPLIT_SEED).permutation(n)
-    n_test = min(n - 1, max(1, round(n * TEST_FRACTION)))
+    n_test = test_count(n)
     test, train = order[:n_test], order[n_test:]
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     if labels is None:

@@ -2,25 +2,33 @@
 
 A plain loop (as pytorch/examples' VAE is): Adam(W) over shuffled mini-batches with a tqdm bar,
 a checkpoint after every epoch (written to a temporary file in the same directory and renamed, so
-a killed run leaves the previous checkpoint intact), and at the end ``metrics.json`` and PNG
-pictures in ``--out``. Under ``torchrun --nproc_per_node=N`` the same command trains with
-DistributedDataParallel: every global batch of ``--batch-size`` examples is split between the ranks,
-and rank 0 writes the outputs.
+a killed run leaves the previous checkpoint intact; it holds everything the next step reads, so a
+resumed run equals the uninterrupted one), then ``metrics.json`` in ``--out`` as soon as the
+evaluation ends, and after it PNG pictures (optional: when they cannot be drawn, e.g. without
+matplotlib, the run warns and still succeeds). Under ``torchrun --nproc_per_node=N`` the same
+command trains with DistributedDataParallel: every global batch of ``--batch-size`` examples is
+split between the ranks, and rank 0 writes the outputs.
 
-Exit status: 0 on success, 2 for a usage error (bad option, missing or malformed dataset, missing
-or incompatible checkpoint: one line on stderr, no traceback), 1 when training diverges.
+Exit status: 0 on success, 2 for a usage error (bad option, missing or malformed dataset, a dataset
+too small to evaluate, missing scikit-learn for the digits, an --out that cannot be written, missing,
+incompatible or incomplete checkpoint: one line on stderr, no traceback, checked before training),
+1 when training diverges.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import platform
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -29,13 +37,14 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, backends
-from .data import DatasetError, ImageDataset, load_dataset
+from .data import DatasetError, ImageDataset, load_dataset, test_count
 
 MODELS = ("vae", "convvae", "cvae", "vqvae", "hvae")
 VAE_FAMILY = ("vae", "convvae", "cvae", "hvae")
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: adds "buffers", the model's buffers that its state_dict leaves out
+END_WAIT = datetime.timedelta(days=1)  # how long the other ranks wait for rank 0's evaluation and pictures
 ACTIVE_THRESHOLD = 0.01  # Var_x E[z_u | x] above which a latent unit counts as active (Burda et al. 2016)
 
 # The CLI's defaults per model, sized for the 8x8 digits (a default run takes seconds to a couple of
@@ -63,7 +72,10 @@ MODEL_OPTIONS = {
 
 # Options that may change when a run is resumed; every other one must match the checkpoint's.
 RESUMABLE_CHANGES = ("epochs", "out", "device", "backend", "compile", "threads", "quiet", "resume", "overwrite",
-                     "iwae_k", "debug_rank_state")
+                     "iwae_k", "debug_rank_state", "debug_stop_at_step")
+# What a checkpoint holds; a file without one of these cannot be resumed.
+CHECKPOINT_KEYS = ("format", "model", "buffers", "optimizer", "epoch", "step", "rng", "args", "history")
+TRAIN_EXTRA = 'pip install "pyvae[train]"'  # the optional dependencies of the CLI (matplotlib, scikit-learn)
 
 
 class UsageError(Exception):
@@ -204,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     # Each rank writes hashes of its final state to <out>/rank_state/ (the multi-process test reads them).
     g.add_argument("--debug-rank-state", action="store_true", help=argparse.SUPPRESS)
+    # After N training steps the process stops itself (SIGSTOP), mid-epoch at a known point, so that
+    # the resume test can SIGKILL it there without guessing at timing.
+    g.add_argument("--debug-stop-at-step", type=_positive_int, help=argparse.SUPPRESS)
     p.epilog = "defaults per model: " + "; ".join(
         f"{m}: " + ", ".join(f"{k.replace('_', '-')}={_show(v)}" for k, v in DEFAULTS[m].items()) for m in MODELS)
     return p
@@ -239,11 +254,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------- processes
 @dataclass
 class Run:
-    """Where this process stands: its rank in the job, the device, the output directory."""
+    """Where this process stands: its rank in the job, the device, the output directory, and (when
+    distributed) the group in which the ranks wait for each other at the end (see :func:`_run`)."""
     rank: int
     world: int
     device: torch.device
     out: str
+    end_group: Any = None
 
     @property
     def main(self) -> bool:
@@ -286,6 +303,10 @@ def start_processes(args: argparse.Namespace) -> Run:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         except ValueError as exc:  # a missing MASTER_ADDR / MASTER_PORT and the like
             raise UsageError(f"WORLD_SIZE={world} but torch.distributed cannot start: {exc}") from None
+        # The other ranks wait there while rank 0 evaluates and draws, however long that takes: a
+        # gloo group of its own, whose timeout is not the training collectives' (NCCL's watchdog
+        # would end a wait of more than 10 minutes, gloo's default 30, and the run with it).
+        return Run(rank, world, device, args.out, dist.new_group(backend="gloo", timeout=END_WAIT))
     return Run(rank, world, device, args.out)
 
 
@@ -362,8 +383,16 @@ def load_checkpoint(args: argparse.Namespace, device: torch.device) -> dict:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
         raise UsageError(f"--resume: checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume: {path} is not a pyvae train checkpoint (format {CHECKPOINT_FORMAT})")
+    if not isinstance(state, dict) or "format" not in state:
+        raise UsageError(f"--resume: {path} is not a pyvae train checkpoint")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise UsageError(f"--resume: {path} has checkpoint format {state['format']!r}, and this pyvae resumes "
+                         f"format {CHECKPOINT_FORMAT} only (start afresh with --overwrite, or choose another --out)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing or not isinstance(state["args"], dict):
+        what = f"no {', '.join(missing)}" if missing else "its args are not a dict"
+        raise UsageError(f"--resume: {path} is incomplete or damaged ({what}), so it cannot be resumed "
+                         "(start afresh with --overwrite, or choose another --out)")
     saved, now = state["args"], _compatible_args(args)
     diffs = [f"--{k.replace('_', '-')} {_show_arg(saved.get(k))} (now {_show_arg(v)})"
              for k, v in now.items() if saved.get(k) != v]
@@ -371,6 +400,45 @@ def load_checkpoint(args: argparse.Namespace, device: torch.device) -> dict:
         raise UsageError(f"--resume: {path} was written with different options: {'; '.join(diffs)} "
                          "(resume with the checkpoint's options, or choose another --out)")
     return state
+
+
+def restore(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run) -> tuple[int, int, dict]:
+    """Puts a checkpoint's state (see :func:`load_checkpoint`) into the model, the optimizer and the
+    random generators; returns (epoch, step, history). UsageError if it does not fit them."""
+    try:
+        model.load_state_dict(state["model"])
+        load_unsaved_buffers(model, state["buffers"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], run.device)
+        history = state["history"]
+        if not {"step_loss", "epochs", "train_seconds"} <= set(history):
+            raise ValueError("its history lacks step_loss, epochs or train_seconds")
+        return int(state["epoch"]), int(state["step"]), history
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        detail = " ".join(str(exc).split())  # load_state_dict's message spans lines
+        raise UsageError(f"--resume: {os.path.join(run.out, CHECKPOINT)} does not fit this model and its "
+                         f"options ({type(exc).__name__}: {detail})") from None
+
+
+def unsaved_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's buffers that its state_dict leaves out (non-persistent ones), by name.
+
+    The next training step may read them: a VectorQuantizer's step counter salts the rows its
+    dead-code restarts pick. Layers keep them out of state_dict on purpose (a drop-in layer keeps
+    its original's keys), so checkpoints save them beside it, for any model alike."""
+    in_state_dict = model.state_dict().keys()
+    return {name: b for name, b in model.named_buffers() if name not in in_state_dict}
+
+
+def load_unsaved_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Copies what :func:`unsaved_buffers` saved back into the model's buffers; ValueError or
+    RuntimeError when the names or shapes differ."""
+    own = unsaved_buffers(model)
+    if set(buffers) != set(own):
+        raise ValueError(f"its unsaved buffers {sorted(buffers)} are not this model's {sorted(own)}")
+    with torch.no_grad():
+        for name, value in buffers.items():
+            own[name].copy_(value)
 
 
 def _show_arg(value) -> str:
@@ -444,10 +512,7 @@ def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: torch.n
     history: dict[str, Any] = {"step_loss": [], "epochs": [], "train_seconds": 0.0}
     epoch = step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step, history = state["epoch"], state["step"], state["history"]
-        _set_rng_state(state["rng"], run.device)
+        epoch, step, history = restore(state, model, optimizer, run)
 
     train_model = model
     if run.distributed:
@@ -484,6 +549,8 @@ def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: torch.n
             optimizer.step()
             losses.append(loss.detach() / run.world)
             step += 1
+            if step == args.debug_stop_at_step:
+                os.kill(os.getpid(), signal.SIGSTOP)  # the resume test SIGKILLs the process here
             if i % 10 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{float(losses[-1]) * run.world:.3f}")
         bar.close()
@@ -504,7 +571,8 @@ def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: torch.n
         history["train_seconds"] += train_seconds
         if run.main:
             save_checkpoint(os.path.join(run.out, CHECKPOINT), {
-                "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "buffers": unsaved_buffers(model),
+                "optimizer": optimizer.state_dict(),
                 "epoch": epoch, "step": step, "rng": _rng_state(run.device), "args": _compatible_args(args),
                 "history": history, "pyvae_version": __version__})
             if not args.quiet:
@@ -642,9 +710,9 @@ def _show_grid(ax, mosaic, title: str) -> None:
 
 @torch.no_grad()
 def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model, history: dict,
-                   metrics: dict) -> list[str]:
+                   metrics: dict, written: list[str]) -> None:
     """samples.png, reconstructions.png, loss_curves.png and latent_traversal.png (VAE family) or
-    code_usage.png (vqvae) in ``run.out``; returns their file names."""
+    code_usage.png (vqvae) in ``run.out``; appends each file's name to ``written`` once it is saved."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -652,7 +720,6 @@ def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model
 
     model.eval()
     device = run.device
-    written = []
 
     def save(fig, name: str) -> None:
         fig.savefig(os.path.join(run.out, name), dpi=110, bbox_inches="tight")
@@ -745,7 +812,6 @@ def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model
         ax.set_title(f"code usage: {metrics['codes_used']}/{len(counts)} codes used, "
                      f"perplexity {metrics['perplexity']:.1f}", fontsize=10)
         save(fig, "code_usage.png")
-    return written
 
 
 def _pad(images: torch.Tensor, n: int) -> torch.Tensor:
@@ -783,6 +849,7 @@ def _run(args: argparse.Namespace, run: Run, started: float, log: Callable[[str]
         data = load_dataset(args.dataset, binarize=args.binarize)
     except DatasetError as exc:
         raise UsageError(str(exc)) from None
+    check_dataset_size(args, run, data)
     torch.manual_seed(args.seed)
     model = build_model(args, data).to(run.device)
     checkpoint = os.path.join(args.out, CHECKPOINT)
@@ -791,10 +858,7 @@ def _run(args: argparse.Namespace, run: Run, started: float, log: Callable[[str]
         raise UsageError(f"{checkpoint} exists: pass --resume to continue that run, --overwrite to start "
                          "afresh, or choose another --out")
     if run.main:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--out {args.out}: cannot create the directory ({exc.strerror})") from None
+        prepare_out(args.out)
     if run.distributed:
         dist.barrier()  # the directory exists before any rank writes into it
     history = train(args, run, data, model, state, log)
@@ -802,8 +866,54 @@ def _run(args: argparse.Namespace, run: Run, started: float, log: Callable[[str]
         os.makedirs(os.path.join(args.out, "rank_state"), exist_ok=True)
         atomic_write(os.path.join(args.out, "rank_state", f"rank{run.rank}.json"),
                      lambda f: f.write(json.dumps(_rank_state(model)).encode()))
-    if not run.main:
-        return None
+    metrics = report(args, run, data, model, history, resolved, started) if run.main else None
+    if run.distributed:
+        # The ranks leave together, after rank 0's evaluation and pictures. A rank that went straight
+        # from its last collective to the interpreter's exit was now and then aborted there
+        # ("terminate called without an active exception", and torchrun then stopped rank 0 too):
+        # the process group outlives destroy_process_group, and a gloo worker thread that had not yet
+        # released that collective's tensors needed the GIL during finalization. Waiting here, with
+        # the GIL released, gives it that time.
+        dist.barrier(group=run.end_group)
+    return metrics
+
+
+def check_dataset_size(args: argparse.Namespace, run: Run, data: ImageDataset) -> None:
+    """Refuses up front (UsageError) a dataset too small to train on or to evaluate."""
+    if len(data.x_train) < run.world:
+        raise UsageError(f"dataset {data.name}: its training split has {len(data.x_train)} image(s), fewer than "
+                         f"the {run.world} processes, and every process needs at least one")
+    if args.model in VAE_FAMILY and len(data.x_test) < 2:
+        smallest = next(n for n in itertools.count(2) if test_count(n) >= 2)
+        raise UsageError(f"dataset {data.name}: its test split has {len(data.x_test)} image, and the evaluation of "
+                         f"--model {args.model} needs at least 2 (active units are a variance over the test images): "
+                         f"give it at least {smallest} images")
+
+
+def prepare_out(out: str) -> None:
+    """Creates ``out`` and writes (and removes) a file in it, so that a directory the run could not
+    write into is refused (UsageError) before training rather than at the first checkpoint."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
+    # A real file rather than os.access: it is what the run will do, and sees what os.access does
+    # not (ACLs, network filesystems' own checks).
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pyvae-write-test-", dir=out)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write into the directory ({exc.strerror})") from None
+    os.close(fd)
+    os.remove(probe)
+
+
+def report(args: argparse.Namespace, run: Run, data: ImageDataset, model, history: dict, resolved: dict,
+           started: float) -> dict:
+    """Evaluates the model and writes metrics.json, then the pictures (rank 0); returns the metrics.
+
+    metrics.json is written as soon as the evaluation ends, so that the run's result is on disk
+    whatever happens to the pictures; it is written again with their names. Pictures are optional:
+    when they cannot be drawn, a warning says why and the run still succeeds."""
     train_seconds = history["train_seconds"]
     metrics = {
         "model": args.model, "dataset": data.name, "input_shape": list(data.input_shape),
@@ -812,16 +922,27 @@ def _run(args: argparse.Namespace, run: Run, started: float, log: Callable[[str]
         **evaluate(args, run, data, model),
         "epochs": len(history["epochs"]), "steps": history["steps"], "train_seconds": train_seconds,
         "steps_per_second": history["steps"] / train_seconds if train_seconds else None,
-    }
-    metrics["pictures"] = write_pictures(args, run, data, model, history, metrics)
-    metrics.update({
+        "pictures": [],
         "wall_seconds": time.perf_counter() - started,  # this invocation, evaluation and pictures included
         "device": str(run.device), "world_size": run.world, "backend": args.backend, "backends": resolved,
         "compile": args.compile, "torch_version": torch.__version__, "pyvae_version": __version__,
         "python_version": platform.python_version(),
         "args": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items())},
-    })
-    write_metrics(os.path.join(args.out, "metrics.json"), metrics)
+    }
+    path = os.path.join(args.out, "metrics.json")
+    write_metrics(path, metrics)
+    try:
+        write_pictures(args, run, data, model, history, metrics, metrics["pictures"])
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional extra costs only the pictures
+        if isinstance(exc, ImportError):
+            why = f"{exc.name or 'matplotlib'} is not installed: {TRAIN_EXTRA}"
+        else:
+            why = f"{type(exc).__name__}: {' '.join(str(exc).split())}; they need matplotlib ({TRAIN_EXTRA})"
+        metrics["pictures_skipped"] = f"no pictures ({why})"
+        print(f"pyvae train: warning: {metrics['pictures_skipped']}; metrics.json and {CHECKPOINT} are complete",
+              file=sys.stderr)
+    metrics["wall_seconds"] = time.perf_counter() - started
+    write_metrics(path, metrics)
     return metrics
 
 
@@ -855,6 +976,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("pyvae train: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
         return 130
     if metrics is not None:
-        print(f"wrote {args.out}: metrics.json, {', '.join(metrics['pictures'])}, {CHECKPOINT}")
+        print(f"wrote {args.out}: {', '.join(['metrics.json', *metrics['pictures'], CHECKPOINT])}")
         print(_summary(metrics))
     return 0

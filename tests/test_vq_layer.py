@@ -425,12 +425,11 @@ def test_ema_layer_no_host_sync(pair, options, gen):
 
 
 # --------------------------------------------------------------------------- DDP
-@needs_native_cpu("vq")
-def test_ema_codebook_is_synchronised_under_ddp(tmp_path):
-    # Two gloo ranks, each with a share of a batch: their EMA state (restarts and k-means included)
-    # stays identical and equals the state one process computes from the concatenated batch.
+def _ddp_ema_states(tmp_path) -> list[dict]:
+    """Runs tests/ddp_ema_worker.py as two gloo ranks; each rank's saved states (both must exit 0)."""
     import ddp_ema_worker as worker
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     init_file = str(tmp_path / "init")
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # loopback: no hostname lookup
     logs = [open(tmp_path / f"rank{rank}.log", "w") for rank in range(2)]
@@ -441,8 +440,19 @@ def test_ema_codebook_is_synchronised_under_ddp(tmp_path):
     finally:
         for p in procs:
             p.kill()
+        for log in logs:
+            log.close()
     assert codes == [0, 0], "\n".join((tmp_path / f"rank{rank}.log").read_text() for rank in range(2))
-    states = [torch.load(tmp_path / f"state{rank}.pt") for rank in range(2)]
+    return [torch.load(tmp_path / f"state{rank}.pt") for rank in range(2)]
+
+
+@needs_native_cpu("vq")
+def test_ema_codebook_is_synchronised_under_ddp(tmp_path):
+    # Two gloo ranks, each with a share of a batch: their EMA state (restarts and k-means included)
+    # stays identical and equals the state one process computes from the concatenated batch.
+    import ddp_ema_worker as worker
+
+    states = _ddp_ema_states(tmp_path)
     for name in worker.CASES:
         for key in states[0][name]:
             assert torch.equal(states[0][name][key], states[1][name][key]), (name, key)
@@ -456,6 +466,17 @@ def test_ema_codebook_is_synchronised_under_ddp(tmp_path):
         threshold = worker.CASES[name].get("dead_code_threshold")
         if threshold:
             assert (single.ema_counts == threshold).any()  # codes were restarted in the last step
+
+
+@pytest.mark.slow
+@needs_native_cpu("vq")
+def test_the_ddp_workers_succeed_twenty_times_in_a_row(tmp_path):
+    # Start-up and shutdown of the process group are where a multi-process run fails now and then
+    # (issue 19: an abort at exit in about 1 of 4 runs): 20 runs, every one exits 0 with equal ranks.
+    for i in range(20):
+        states = _ddp_ema_states(tmp_path / f"run{i}")
+        for name, state in states[0].items():
+            assert all(torch.equal(v, states[1][name][k]) for k, v in state.items()), (i, name)
 
 
 # --------------------------------------------------------------------------- the drop-in

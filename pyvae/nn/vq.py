@@ -67,7 +67,9 @@ class VectorQuantizer(nn.Module):
     batches with decay ``usage_decay``; the first batches are plain averages (weight ``1/(t+1)``
     at step t until that falls to ``1 - usage_decay``), so they carry no start-up bias. Monitoring
     only: they and the step counter ``steps`` are left out of the state_dict (which keeps the
-    layer's keys as before), so a layer restored from a checkpoint starts them afresh.
+    layer's keys as before), so a layer restored from a state_dict starts them afresh. ``steps``
+    also salts the rows that restarts and k-means pick, so exact resumption needs it: ``pyvae
+    train``'s checkpoints save every buffer a model's state_dict leaves out beside it.
 
     Under data parallelism (``torch.distributed`` initialised, more than one process) the EMA
     counts and sums, the k-means statistics and the rows of restarts are exchanged between the
