@@ -319,12 +319,15 @@ def loop_vmap_rule(registered: str) -> Callable:
     performance warning). A seeded noise op then draws the same noise for every slice, as a loop of
     calls would."""
     op = _op_overload(f"pyvae::{registered}")
+    return lambda info, in_dims, *args: map_slices(op, info.batch_size, args, in_dims)
 
-    def rule(info, in_dims, *args):
-        outputs = [op(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)))
-                   for i in range(info.batch_size)]
-        return stack_outputs(outputs)
-    return rule
+
+def map_slices(op: Callable, batch_size: int, args: tuple, in_dims: tuple):
+    """``op`` on each of ``batch_size`` slices of ``args`` (each sliced along its entry of ``in_dims``,
+    an int, or passed whole), results stacked along dim 0: (outputs, out_dims) as a vmap rule returns."""
+    outputs = [op(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)))
+               for i in range(batch_size)]
+    return stack_outputs(outputs)
 
 
 def stack_outputs(outputs: list):

@@ -312,12 +312,9 @@ def _forward_op_vmap_rule(backend: str):
         if seed is None and info.randomness == "same":
             device = (mu if isinstance(mu, torch.Tensor) else logvar).device
             seed = int(draw_seed(device))  # one key for every slice (reads it back to the host)
-        op = _FAMILY.op("reparam_kl_forward", backend)
         args = (mu, logvar, seed, n_samples, kl_per_element, prior_mu, prior_logvar)
-        dims = (*in_dims, None, None)[:7]
-        outputs = [op(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, dims)))
-                   for i in range(info.batch_size)]
-        return backends.stack_outputs(outputs)
+        return backends.map_slices(_FAMILY.op("reparam_kl_forward", backend), info.batch_size, args,
+                                   (*in_dims, None, None)[:7])
     return rule
 
 
