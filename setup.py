@@ -73,7 +73,7 @@ setup(
     # Every package under pyvae/, plus the top-level kernels/ folder installed as pyvae.kernels (a
     # top-level `kernels` would clash with another PyPI package). A source checkout and an editable
     # install find kernels/ through pyvae/__init__.py instead.
-    packages=find_packages(include=["pyvae", "pyvae.*"]) + ["pyvae.kernels"],
+    packages=find_packages(include=["pyvae", "pyvae.*"]) + ["pyvae.kernels", "pyvae.kernels.contracts"],
     package_dir={"pyvae.kernels": "kernels"},
     ext_modules=[CMakeExtension("pyvae._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -19,8 +19,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._constants import LIKELIHOOD_COLUMN_BLOCK, LikelihoodFlag
-from ._checks import LOSSES, check_likelihood, check_scale_grad
-from ._layout import as_rows, launch_device, logvar_group_rows, new_likelihood_grads
+from ._layout import as_rows, launch_device
+from .contracts.likelihood import (LOSSES, check_likelihood_forward, check_scale_grad_, logvar_group_rows,
+                                   new_likelihood_forward_outputs)
 
 LOSS_IDS = {name: i for i, name in enumerate(LOSSES)}  # the LOSS constexpr of _terms
 
@@ -198,12 +199,13 @@ def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tenso
                               fixed_logvar: float, constant: float, flags: int,
                               grad_scale: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Triton twin of ``torch.ops.pyvae.likelihood_forward`` (same schema, checks and outputs)."""
-    check_likelihood(loss, pred, target, logvar, flags)
+    check_likelihood_forward(loss, pred, target, logvar, fixed_logvar, constant, flags, grad_scale)
     rows, cols, pred2, target2, logvar2, logvar_row_stride = _prepare(pred, target, logvar)
     n_blocks = max(1, triton.cdiv(cols, LIKELIHOOD_COLUMN_BLOCK))
     per_element = bool(flags & LikelihoodFlag.PER_ELEMENT)
-    out = pred.new_empty(pred.shape if per_element else (rows, n_blocks), dtype=torch.float32)
-    grads = new_likelihood_grads(pred, target, logvar, flags)
+    out, grads = new_likelihood_forward_outputs(loss, pred, target, logvar, fixed_logvar, constant, flags, grad_scale)
+    if not per_element:  # one partial sum per row and column block, added below
+        out = pred.new_empty((rows, n_blocks), dtype=torch.float32)
     wanted = [bool(flags & bit) for bit in LikelihoodFlag.GRADS]
     # the kernel's pointers: each asked-for gradient, `out` (never written) for the others
     remaining = iter(grads)
@@ -228,7 +230,7 @@ def likelihood_forward_triton(loss: str, pred: torch.Tensor, target: torch.Tenso
 def scale_grad_triton_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """Triton twin of ``torch.ops.pyvae.scale_grad_``: contiguous ``grad *= scale`` (one float32
     value on grad's device), skipped on the device when the scale is 1."""
-    check_scale_grad(grad, scale)
+    check_scale_grad_(grad, scale)
     n = grad.numel()
     if n:
         block = 4096

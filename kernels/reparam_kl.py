@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._checks import check_reparam_backward, check_reparam_forward
 from ._layout import as_rows, as_rows_broadcast, launch_device
+from .contracts.reparam_kl import (check_reparam_kl_backward, check_reparam_kl_forward,
+                                   new_reparam_kl_backward_outputs, new_reparam_kl_forward_outputs)
 
 
 @triton.jit
@@ -204,15 +205,12 @@ def reparam_kl_forward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: Opti
     With ``seed=None`` the key is drawn by ``torch.randint`` on the device first (a second launch:
     Triton cannot read PyTorch's CUDA generator state the way the CUDA kernel does).
     """
-    check_reparam_forward(mu, logvar, seed, n_samples, prior_mu, prior_logvar)
+    check_reparam_kl_forward(mu, logvar, seed, n_samples, kl_per_element, prior_mu, prior_logvar)
     cols = mu.shape[-1]
     rows = mu.numel() // cols if cols else 0
-    z = mu.new_empty((n_samples, *mu.shape))
-    kl = mu.new_empty(mu.shape if kl_per_element else mu.shape[:-1], dtype=torch.float32)
+    z, kl, seed_used = new_reparam_kl_forward_outputs(mu, logvar, seed, n_samples, kl_per_element)
     if seed is None:
         seed_used = torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=mu.device)
-    else:
-        seed_used = mu.new_empty((), dtype=torch.int64)
     if cols == 0:
         kl.zero_()
     if rows == 0 or cols == 0:
@@ -253,12 +251,12 @@ def reparam_kl_backward_triton(mu: torch.Tensor, logvar: torch.Tensor, seed: tor
                                prior_mu_grad: bool = False, prior_logvar_grad: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.reparam_kl_backward`` (same schema, checks and outputs)."""
-    check_reparam_backward(mu, logvar, seed, grad_z, grad_kl, prior_mu, prior_logvar, prior_mu_grad,
-                           prior_logvar_grad)
+    check_reparam_kl_backward(mu, logvar, seed, grad_z, grad_kl, prior_mu, prior_logvar, prior_mu_grad,
+                              prior_logvar_grad)
     cols = mu.shape[-1]
     rows = mu.numel() // cols if cols else 0
-    grad_mu = torch.empty_like(mu, memory_format=torch.contiguous_format)
-    grad_logvar = torch.empty_like(mu, memory_format=torch.contiguous_format)
+    # the priors' gradients come from _reduce_prior_grad, in their own shapes
+    grad_mu, grad_logvar = new_reparam_kl_backward_outputs(mu, logvar, seed, grad_z, grad_kl)[:2]
     # the prior plays a part only through the KL's gradient
     with_prior = grad_kl is not None and (prior_mu is not None or prior_logvar is not None)
     per_element = [mu.new_empty((rows, cols), dtype=torch.float32) if with_prior and wanted else None

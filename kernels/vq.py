@@ -21,8 +21,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._constants import STATS_CHUNK_ROWS
-from ._checks import check_codebook, check_codebook_stats
-from ._layout import StatsPlan, as_rows, codebook_stats_by_chunks, launch_device
+from ._layout import as_rows, launch_device
+from .contracts.vq import (StatsPlan, check_codebook_stats, check_nearest_code, codebook_stats_by_chunks,
+                           new_nearest_code_outputs)
 
 
 @triton.jit
@@ -125,13 +126,11 @@ def launch_search(x2: torch.Tensor, e: torch.Tensor, exact: bool, idx: torch.Ten
 @triton_op("pyvae::nearest_code_triton", mutates_args=())
 def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.nearest_code`` (same schema, checks and outputs)."""
-    check_codebook(x, codebook)
+    check_nearest_code(x, codebook, exact)
     dim = codebook.shape[1]
     x2 = as_rows(x, x.numel() // dim if dim else 0, dim)
     e = as_rows(codebook, codebook.shape[0], dim)
-    n_rows = x2.shape[0]
-    idx = torch.empty(n_rows, dtype=torch.int64, device=x.device)
-    dist = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    idx, dist = new_nearest_code_outputs(x2, e, exact)  # [N] each
     launch_search(x2, e, exact, idx, dist)
     return idx.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])
 
@@ -193,6 +192,6 @@ def _chunk_sums(x2: torch.Tensor, plan: StatsPlan) -> torch.Tensor:
 def codebook_stats_triton(x: torch.Tensor, idx: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.pyvae.codebook_stats``: counts (float32 [K]) and sums (float32
     [K, D]) of the rows of x assigned to each code, deterministic and without host synchronisation
-    (the preparation the CUDA backend shares: ``_layout.codebook_stats_by_chunks``)."""
+    (the preparation the CUDA backend shares: ``contracts.vq.codebook_stats_by_chunks``)."""
     check_codebook_stats(x, idx, num_codes)
     return codebook_stats_by_chunks(x, idx, num_codes, _chunk_sums)

@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from . import SOURCE_CHECKOUT, registry
+from .kernels.contracts import fake_kernel
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 
@@ -160,17 +161,19 @@ _NATIVE_BROKEN: dict[str, str] = {}
 Derivative = tuple[Callable, Callable[[str], Callable]]
 
 
-def load_op_family(op: str, register_native: Callable[[], None], reference: dict[str, Callable],
+def load_op_family(op: str, reference: dict[str, Callable],
                    derivatives: dict[str, Derivative] | None = None,
-                   vmap_rules: dict[str, Callable[[str], Callable]] | None = None) -> registry.OpFamily:
+                   vmap_rules: dict[str, Callable[[str], Callable]] | None = None,
+                   native_kernels: Callable[[], None] | None = None) -> registry.OpFamily:
     """The last step of importing ``pyvae.ops.<op>``: the PyTorch reference of each of its ops (what
-    ``family.op(name, "torch")`` returns), what its C++ ops need registered from Python (their fake
-    kernels: ``register_native``, when the extension is built), its Triton kernels (when Triton
-    has somewhere to run), and for the C++ ops and their Triton twins alike: their derivatives
-    (``derivatives``: an op without one, and every helper op, gets an autograd kernel that raises
-    a clear error when asked to differentiate, never silent zeros) and their rules under
-    ``torch.vmap`` (``vmap_rules``: op -> make_rule(backend); default: the op called on each slice
-    in turn, as a loop would). Returns the family.
+    ``family.op(name, "torch")`` returns); when the extension is built, the fake kernel of each of
+    its C++ ops, from the family's contract (``pyvae.kernels.contracts.<op>``: its checks, then its
+    outputs), and ``native_kernels()``, kernels of its C++ ops written in Python (if any); its
+    Triton kernels (when Triton has somewhere to run); and for the C++ ops and their Triton twins
+    alike: their derivatives (``derivatives``: an op without one, and every helper op, gets an
+    autograd kernel that raises a clear error when asked to differentiate, never silent zeros) and
+    their rules under ``torch.vmap`` (``vmap_rules``: op -> make_rule(backend); default: the op
+    called on each slice in turn, as a loop would). Returns the family.
 
     Only a reference that does not match the family's ops raises (a half-registered family): a
     failing fake registration or Triton import turns that backend off for ``op`` and warns, so that
@@ -180,7 +183,11 @@ def load_op_family(op: str, register_native: Callable[[], None], reference: dict
     family.bind_reference(reference)
     if _EXTENSION is not None:
         try:
-            register_native()
+            contract = importlib.import_module(family.contract)
+            for name in family.ops + family.helper_ops:
+                torch.library.register_fake(f"pyvae::{name}", fake_kernel(contract, name))
+            if native_kernels is not None:
+                native_kernels()
         except Exception as exc:
             _NATIVE_BROKEN[op] = f"its fake kernels failed to register ({type(exc).__name__}: {exc})"
             warnings.warn(f"pyvae: {_NATIVE_BROKEN[op]}; backends 'cpu' and 'cuda' are off for {op}",

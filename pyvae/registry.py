@@ -3,20 +3,24 @@
 Everything that lists op families iterates over :data:`FAMILIES`: :mod:`pyvae.backends` (which
 backends serve each family), ``python -m pyvae``, the benchmark runner ``bench/run.py``,
 ``bench/gpu_check.sh``, the Triton GPU-compile check ``tests/triton_gpu_compile.py`` and the
-compute-sanitizer cases ``tests/cuda_sanitize_cases.py``. ``tests/test_registry.py`` fails if a
+compute-sanitizer cases ``tests/cuda_sanitize_cases.py``, and the tests every family goes through
+(bad calls, properties). ``tests/test_registry.py`` fails if a
 family is registered only in part.
 
 A family named ``<name>`` lives in files of its own, found by these names:
 
-    pyvae/ops/<name>.py           reference, autograd Function(s), API and the fake kernels of its C++ ops;
+    pyvae/ops/<name>.py           reference, autograd Function(s) and API;
                                   sets ``_OP = "<name>"`` and ends with ``backends.load_op_family(...)``
     kernels/<name>.py             its Triton kernels: the ``triton_twin`` of each op (``pyvae.kernels.<name>``)
+    kernels/contracts/<name>.py   its ops' contract: ``check_<op>`` and ``new_<op>_outputs`` of each op,
+                                  used by the fake kernels, the Triton twins and the torch backend
     csrc/<name>_ops.cpp, csrc/cpu/<name>.cpp, csrc/cuda/<name>.cu
                                   its C++ ops (CMakeLists.txt finds them by pattern)
     bench/<name>.py               its benchmark (``run`` and ``n_cases``, run by bench/run.py)
     tests/test_<name>.py          its tests (plus ``tests``)
-    tests/gpu_cases/<name>.py     its cases of the GPU checks: a small run of each CUDA kernel for
-                                  compute-sanitizer, and every Triton kernel variant its launchers ask for
+    tests/families/<name>.py      its cases of the tests every family goes through (bad calls,
+                                  property cases) and of the GPU checks (a small run of each CUDA kernel
+                                  for compute-sanitizer, every Triton kernel variant its launchers ask for)
 
 This module imports nothing of pyvae, so that :mod:`pyvae.backends` can import it and shell scripts
 can run it: ``python pyvae/registry.py ATTRIBUTE [NAME...]`` prints that attribute of the named
@@ -68,6 +72,12 @@ class OpFamily:
         return f"pyvae.kernels.{self.name}"
 
     @property
+    def contract(self) -> str:
+        """Its ops' contract: input checks and outputs (``kernels/contracts/<name>.py``, see
+        :mod:`pyvae.kernels.contracts`)."""
+        return f"pyvae.kernels.contracts.{self.name}"
+
+    @property
     def bench(self) -> str:
         """Its benchmark module, imported from bench/ (bench/<name>.py)."""
         return self.name
@@ -77,10 +87,11 @@ class OpFamily:
         return (f"tests/test_{self.name}.py", *self.tests)
 
     @property
-    def gpu_cases(self) -> str:
-        """Its cases of the GPU checks (tests/gpu_cases/<name>.py, imported from tests/): ``sanitize``
-        for compute-sanitizer, ``triton_launches`` for the Triton GPU-compile check."""
-        return f"gpu_cases.{self.name}"
+    def cases(self) -> str:
+        """Its cases of the tests and checks every family goes through (tests/families/<name>.py,
+        imported from tests/; see tests/families/__init__.py): bad calls, property cases, and the
+        GPU checks' ``sanitize`` (compute-sanitizer) and ``triton_launches`` (Triton GPU compile)."""
+        return f"families.{self.name}"
 
     @property
     def triton_ops(self) -> tuple[str, ...]:

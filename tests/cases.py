@@ -31,17 +31,12 @@ def device_backends() -> list[tuple[str, str]]:
 
 PAIRS = device_backends()
 NATIVE_PAIRS = [(d, b) for d, b in PAIRS if b != "torch"]
-# The VQ tests run on CPU tensors (their GPU cases are gpu-marked tests of their own).
-VQ_BACKENDS = pyvae.backends.available("cpu", "vq")
 
 
 def needs_native_cpu(op: str | None = None):
     """Skips a test of pyvae's C++ CPU backend (for the op family ``op``) where it is not built."""
     return pytest.mark.skipif("cpu" not in pyvae.backends.available("cpu", op), reason="extension not built")
 
-
-LOSSES = {"bernoulli": pyvae.bernoulli_nll, "continuous_bernoulli": pyvae.continuous_bernoulli_nll,
-          "gaussian": pyvae.gaussian_nll}
 
 
 def compile_pairs(op: str) -> list:

@@ -3,7 +3,7 @@
 
     python tests/cuda_sanitize_cases.py [--trim] [--cpu] [FAMILY...]   (default: every family of pyvae.registry)
 
-The cases of op family ``<name>`` are ``gpu_cases.<name>.sanitize``. ``--trim`` keeps the shapes
+The cases of op family ``<name>`` are ``families.<name>.sanitize``. ``--trim`` keeps the shapes
 that reach every code path (one element per row, ragged rows, rows longer than a block) and two
 dtypes, so that racecheck fits a short GPU session. ``--cpu`` runs the same cases on the cpu
 backend: a check of the cases themselves where there is no GPU.
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     families = [registry.family(name) for name in argv if not name.startswith("--")] or registry.FAMILIES
     torch.manual_seed(0)
     for family in families:
-        importlib.import_module(family.gpu_cases).sanitize(device, trim)
+        importlib.import_module(family.cases).sanitize(device, trim)
         if device == "cuda":
             torch.cuda.synchronize()
         print(f"sanitize cases done: {family.name}{' (trimmed)' if trim else ''}", flush=True)

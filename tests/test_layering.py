@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Private modules that other packages share on purpose: the constants the backends share (read from
 # pyvae._C), and the Triton side's input checks and launch layouts, which the ops also use for their
 # fake kernels and the CUDA statistics (to become the per-family contract modules of issue #20).
-SHARED_PRIVATE_MODULES = {"pyvae._constants", "pyvae.kernels._checks", "pyvae.kernels._layout"}
+SHARED_PRIVATE_MODULES = {"pyvae._constants", "pyvae.kernels._layout"}
 
 
 def _modules() -> dict[str, Path]:

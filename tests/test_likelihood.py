@@ -12,8 +12,9 @@ import pyvae
 from pyvae._constants import LOGVAR_GROUP_ROWS, LikelihoodFlag
 from pyvae.ops.likelihood import LikelihoodFunction, LikelihoodSpec, likelihood_reference
 
-from cases import (DTYPES, LOSSES, NATIVE_PAIRS, PAIRS, REDUCTIONS, compile_pairs, needs_native_cpu, no_sync_pairs,
+from cases import (DTYPES, NATIVE_PAIRS, PAIRS, REDUCTIONS, compile_pairs, needs_native_cpu, no_sync_pairs,
                    pair_id, rand, randn, run_with_cpu_isa, skip_if_interpreted, skip_unless_available)
+from families.likelihood import LOSSES
 from probes import allocated_bytes, no_host_sync
 from tolerances import SUM, VALUE, assert_close, assert_close_scaled
 import transforms
@@ -878,3 +879,100 @@ def test_compiles_in_bounded_time_without_recompiles(pair, dynamic, loss):
                                                          (6,) if loss == "gaussian" else None)]
 
     transforms.assert_compiles_once(_likelihood(loss), backend, make, dynamic)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_gaussian_nll_tiny_variance(pair):
+    device, backend = pair
+    mean = torch.tensor([[0.0, 0.0]], device=device)
+    target = torch.tensor([[0.0, 1e-20]], device=device)
+    logvar = torch.full((1, 2), -100.0, device=device)
+    out = pyvae.gaussian_nll(mean, target, logvar, full=False, reduction="none", backend=backend)
+    # The README's limit: below logvar = -88.7, exp(-logvar) overflows float32 on every backend, so
+    # the loss is NaN (0 * inf) where target == mean and inf elsewhere, although the float64 formula
+    # gives [-50, 1.3e3].
+    torch.testing.assert_close(out.cpu(), torch.tensor([[math.nan, math.inf]]), equal_nan=True)
+
+
+# ------------------------------------------------------------------------------ constants shared with C++
+def _cpu_backends_using_the_constants():
+    found = [b for b in ("cpu", "triton") if b in pyvae.backends.available("cpu", "likelihood")]
+    if not found:
+        pytest.skip("neither the cpu nor the triton backend serves CPU tensors here")
+    return found
+
+
+def _block_sensitive_row(block: int) -> torch.Tensor:
+    """pred - target for a row of two column blocks, whose per-element values (0.5 (pred - target)^2
+    of a unit-variance Gaussian) sum to 2^23 + 1 in blocks of ``block`` columns (each block's sum,
+    then the blocks in order, all exact: 2^23, then 0.5 + 0.5), and to 2^23 in larger or smaller
+    blocks added in order (2^23 + 0.5 rounds to even, twice). The halves are the first and last
+    columns of the second block: in different chunks and lanes of every kernel's inner loop."""
+    diff = torch.zeros(2 * block)
+    diff[0] = 2.0 ** 12  # 0.5 * 2^24 = 2^23
+    diff[block] = diff[2 * block - 1] = 1.0  # 0.5 each
+    return diff
+
+
+def test_likelihood_column_block_is_the_same_on_every_backend():
+    """Per-sample sums add the column blocks' partial sums in order: a row crossing one block gives
+    the same bits on the cpu and triton backends, those of blocks of LIKELIHOOD_COLUMN_BLOCK."""
+    from pyvae._constants import LIKELIHOOD_COLUMN_BLOCK as block
+
+    diff = _block_sensitive_row(block).expand(2, -1)
+    target = torch.randn(2, 2 * block).round()  # integers: pred - target stays exact
+    pred = target + diff
+    expected = torch.tensor([2.0 ** 23 + 1.0] * 2)
+    for backend in _cpu_backends_using_the_constants():
+        out = pyvae.gaussian_nll(pred, target, full=False, reduction="per_sample", backend=backend)
+        assert torch.equal(out, expected), backend
+
+
+def test_triton_likelihood_kernel_reads_its_column_block(monkeypatch):
+    """The Triton kernel takes the block as a constexpr: with a smaller one the same row sums as
+    blocks of that size (a kernel with a block of its own would give 2^23)."""
+    if "triton" not in pyvae.backends.available("cpu", "likelihood"):
+        pytest.skip("needs the triton backend on CPU tensors")
+    from pyvae.kernels import likelihood as triton_likelihood
+
+    block = 4096
+    monkeypatch.setattr(triton_likelihood, "LIKELIHOOD_COLUMN_BLOCK", block)
+    pred = _block_sensitive_row(block)[None]
+    out = pyvae.gaussian_nll(pred, torch.zeros_like(pred), full=False, reduction="per_sample", backend="triton")
+    assert out.item() == 2.0 ** 23 + 1.0
+
+
+def test_logvar_group_rows_is_the_same_on_every_backend():
+    """A batch-shared log-variance's gradient comes as sums over LOGVAR_GROUP_ROWS rows: the same
+    shape from the C++ op, its Triton twin and the fake kernel, with each group's sum, for a batch
+    that crosses a group boundary."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyvae._constants import LOGVAR_GROUP_ROWS as group
+
+    rows = 2 * group + 3
+    pred, target, logvar = torch.randn(rows, 5), torch.randn(rows, 5), 0.3 * torch.randn(1, 5)
+    flags = LikelihoodFlag.GRAD_LOGVAR | LikelihoodFlag.GROUP_LOGVAR_GRAD
+    # d/dlogvar of 0.5 ((t - p)^2 e^-v + v), per element, summed over each group of rows
+    per_element = 0.5 * (1 - (target.double() - pred.double()) ** 2 * torch.exp(-logvar.double()))
+    expected = torch.stack([group_rows.sum(0) for group_rows in per_element.split(group)])
+    for backend in _cpu_backends_using_the_constants():
+        op = getattr(torch.ops.pyvae, "likelihood_forward_triton" if backend == "triton" else "likelihood_forward")
+        (grad_logvar,) = op("gaussian", pred, target, logvar, 0.0, 0.0, flags, 1.0)[1]
+        assert grad_logvar.shape == (3, 5), backend
+        torch.testing.assert_close(grad_logvar.double(), expected, rtol=1e-5, atol=1e-5, msg=backend)
+    if pyvae.backends.native_extension() is not None:
+        with FakeTensorMode() as mode:
+            fake = [mode.from_tensor(t) for t in (pred, target, logvar)]
+            (grad_logvar,) = torch.ops.pyvae.likelihood_forward("gaussian", *fake, 0.0, 0.0, flags, 1.0)[1]
+        assert grad_logvar.shape == (3, 5)
+
+
+@pytest.mark.skipif(pyvae.backends.native_extension() is None, reason="extension not built")
+def test_an_op_without_a_derivative_raises_naming_it():
+    grad = torch.ones(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="pyvae::scale_grad_ has no derivative"):
+        torch.ops.pyvae.scale_grad_(grad * 1.0, torch.ones(()))
+    buffer = torch.full((4,), 2.0)
+    torch.ops.pyvae.scale_grad_(buffer, torch.full((), 3.0))  # without a gradient to take it runs
+    assert torch.equal(buffer, torch.full((4,), 6.0))

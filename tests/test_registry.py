@@ -1,11 +1,14 @@
 """Every op family of pyvae.registry is registered in full, and nothing is registered outside it:
-its ops (C++ schemas, fake kernels, Triton twins), its op module, its autograd Functions, its
-benchmark, its tests and its cases in the GPU checks. A family added in part fails here, naming
-what is missing."""
+its ops (C++ schemas, contracts, fake kernels, Triton twins), its op module, its autograd Functions,
+its benchmark, its tests and its cases of the shared tests and GPU checks. A family added in part
+fails here, naming what is missing (:func:`missing_parts`, tried on a throwaway family below); and
+no shared file names a family: each is found through the registry."""
 import ast
 import importlib
+import io
 import os
 import re
+import tokenize
 from glob import glob
 
 import pytest
@@ -17,15 +20,55 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = pytest.mark.parametrize("family", registry.FAMILIES, ids=registry.NAMES)
 
 
-def _read(path: str) -> str:
-    """The text of a file of the repository."""
-    with open(os.path.join(REPO, path)) as f:
+def _read(path: str, root: str = REPO) -> str:
+    """The text of a file of the repository (or of another tree laid out like it)."""
+    with open(os.path.join(root, path)) as f:
         return f.read()
 
 
-def _functions(path: str) -> set[str]:
-    """Names of the top-level functions a Python file of the repository defines."""
-    return {node.name for node in ast.parse(_read(path)).body if isinstance(node, ast.FunctionDef)}
+def _top_level_names(path: str, root: str = REPO) -> set[str]:
+    """Names of the functions, classes and variables a Python file defines at its top level."""
+    names = set()
+    for node in ast.parse(_read(path, root)).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+def _bad_call_ops(path: str, root: str = REPO) -> set[str]:
+    """The ops that a families/<name>.py's BAD_CALLS calls (the first item of each entry)."""
+    for node in ast.parse(_read(path, root)).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "BAD_CALLS" for t in node.targets):
+            return {entry.elts[0].value for entry in node.value.elts if isinstance(entry, ast.Tuple)}
+    return set()
+
+
+def missing_parts(family: registry.OpFamily, root: str = REPO) -> list[str]:
+    """What of ``family``'s own files (pyvae/registry.py's docstring lists them) is missing under
+    ``root``, or lacks a definition the shared code looks up by name; empty when it is whole."""
+    def has(path: str, *names: str) -> list[str]:
+        if not os.path.exists(os.path.join(root, path)):
+            return [f"{path} (file)"]
+        return [f"{path}: {name}" for name in names if name not in _top_level_names(path, root)]
+
+    name = family.name
+    missing = has(f"pyvae/ops/{name}.py", "_OP", "_FAMILY", *family.functions)
+    missing += has(f"kernels/{name}.py", *family.triton_ops)
+    contract = f"kernels/contracts/{name}.py"
+    missing += has(contract, *(f"check_{op}" for op in family.ops + family.helper_ops),
+                   *(f"new_{op}_outputs" for op in family.ops + family.helper_ops if not op.endswith("_")))
+    for path in (f"csrc/{name}_ops.cpp", f"csrc/cpu/{name}.cpp", f"csrc/cuda/{name}.cu", *family.test_files):
+        missing += [] if os.path.exists(os.path.join(root, path)) else [f"{path} (file)"]
+    missing += has(f"bench/{family.bench}.py", "run", "n_cases")
+    if family.tune:
+        missing += [] if os.path.exists(os.path.join(root, "bench", f"{family.tune}.py")) else [f"bench/{family.tune}.py"]
+    cases = "tests/" + family.cases.replace(".", "/") + ".py"  # imported from tests/
+    missing += has(cases, "BAD_CALLS", "PROPERTY_EXAMPLES", "property_case", "example", "sanitize", "triton_launches")
+    if not missing:
+        missing += [f"{cases}: BAD_CALLS of {op}" for op in family.ops if op not in _bad_call_ops(cases, root)]
+    return missing
 
 
 def _op_modules() -> dict[str, str]:
@@ -92,16 +135,6 @@ def test_every_op_has_an_autograd_kernel():
     assert not missing, f"ops without an autograd kernel: {missing}"
 
 
-@pytest.mark.skipif(backends.native_extension() is None, reason="extension not built")
-def test_an_op_without_a_derivative_raises_naming_it():
-    grad = torch.ones(4, requires_grad=True)
-    with pytest.raises(RuntimeError, match="pyvae::scale_grad_ has no derivative"):
-        torch.ops.pyvae.scale_grad_(grad * 1.0, torch.ones(()))
-    buffer = torch.full((4,), 2.0)
-    torch.ops.pyvae.scale_grad_(buffer, torch.full((), 3.0))  # without a gradient to take it runs
-    assert torch.equal(buffer, torch.full((4,), 6.0))
-
-
 def test_every_registered_op_belongs_to_a_family():
     declared = {op for f in registry.FAMILIES for op in f.ops + f.helper_ops + f.python_ops + f.triton_ops}
     names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyvae::")}
@@ -109,28 +142,23 @@ def test_every_registered_op_belongs_to_a_family():
 
 
 @FAMILIES
-def test_benchmark_tests_and_gpu_checks_cover_the_family(family):
-    assert {"run", "n_cases"} <= _functions(f"bench/{family.bench}.py")
-    if family.tune:
-        assert os.path.exists(os.path.join(REPO, "bench", f"{family.tune}.py"))
-    for path in family.test_files:
-        assert os.path.exists(os.path.join(REPO, path)), path
-    gpu_cases = "tests/" + family.gpu_cases.replace(".", "/") + ".py"  # imported from tests/
-    assert {"sanitize", "triton_launches"} <= _functions(gpu_cases), gpu_cases
+def test_the_family_has_all_its_files(family):
+    assert missing_parts(family) == []
 
 
 def test_op_dispatch_per_backend():
     if backends.native_extension() is None or not backends.triton_usable():
         pytest.skip("needs the extension and Triton")
-    family = registry.family("vq")
-    assert family.op("nearest_code", "cpu") is torch.ops.pyvae.nearest_code
-    assert family.op("nearest_code", "cuda") is torch.ops.pyvae.nearest_code
-    assert family.op("codebook_stats", "triton") is torch.ops.pyvae.codebook_stats_triton
-    assert registry.triton_twin("scale_grad_") == "scale_grad_triton_"
-    with pytest.raises(KeyError, match="no op 'likelihood_forward'"):
-        family.op("likelihood_forward", "cpu")
-    with pytest.raises(ValueError, match="the families are reparam_kl, likelihood, vq"):
-        registry.family("residual_vq")
+    family, other = registry.FAMILIES[-1], registry.FAMILIES[0]
+    op = family.ops[0]
+    assert family.op(op, "cpu") is getattr(torch.ops.pyvae, op)
+    assert family.op(op, "cuda") is getattr(torch.ops.pyvae, op)
+    assert family.op(op, "triton") is getattr(torch.ops.pyvae, registry.triton_twin(op))
+    assert registry.triton_twin("scale_") == "scale_triton_"
+    with pytest.raises(KeyError, match=f"no op '{other.ops[0]}'"):
+        family.op(other.ops[0], "cpu")
+    with pytest.raises(ValueError, match="the families are " + ", ".join(registry.NAMES)):
+        registry.family("no_such_family")
 
 
 def test_a_reference_must_cover_the_family_ops():
@@ -146,4 +174,80 @@ def test_sanitizer_cases_run_on_the_cpu_backend(family):
     if "cpu" not in backends.available("cpu", family.name):
         pytest.skip("needs the extension")
     torch.manual_seed(0)
-    importlib.import_module(family.gpu_cases).sanitize("cpu", trim=True)
+    importlib.import_module(family.cases).sanitize("cpu", trim=True)
+
+
+# ------------------------------------------------------------------------------ one family, one place
+# The shared machinery: it finds the families through the registry and names none of them (nor any
+# of their ops). The registry's FAMILIES and the package's exports are the places that do.
+SHARED_FILES = ["pyvae/backends.py", "pyvae/__main__.py", "pyvae/ops/_common.py", "kernels/__init__.py",
+                "kernels/_layout.py", "kernels/contracts/__init__.py", "tests/test_backends.py",
+                "tests/test_properties.py", "tests/test_registry.py", "tests/cases.py", "tests/tolerances.py",
+                "tests/transforms.py", "tests/probes.py", "tests/conftest.py", "tests/families/__init__.py",
+                "tests/cuda_sanitize_cases.py", "tests/triton_gpu_compile.py", "bench/run.py", "bench/harness.py"]
+
+
+def _family_names_in(path: str) -> list[str]:
+    """Identifiers and whole string literals of a Python file that are a family's or an op's name."""
+    names = set(registry.NAMES)
+    for f in registry.FAMILIES:
+        names.update(f.ops + f.helper_ops + f.python_ops + f.triton_ops)
+    found = []
+    for tok in tokenize.generate_tokens(io.StringIO(_read(path)).readline):
+        value = tok.string
+        if tok.type == tokenize.STRING:
+            try:
+                value = ast.literal_eval(tok.string)
+            except (ValueError, SyntaxError):
+                continue
+        if tok.type in (tokenize.NAME, tokenize.STRING) and value in names:
+            found.append(f"{path}:{tok.start[0]}: {tok.string}")
+    return found
+
+
+def test_no_shared_file_names_a_family():
+    assert [hit for path in SHARED_FILES for hit in _family_names_in(path)] == []
+
+
+def test_the_shared_file_list_is_what_the_tree_has():
+    for path in SHARED_FILES:
+        assert os.path.exists(os.path.join(REPO, path)), path
+
+
+# A throwaway family, written file by file as a contributor would: each step is caught until the
+# family is whole (the path of "Adding an op family" in ARCHITECTURE.md).
+_TOY = registry.OpFamily("toy", ops=("toy_forward", "toy_scale_"), functions=("ToyFunction",),
+                         helper_ops=("toy_helper",))
+_TOY_FILES = [
+    ("pyvae/ops/toy.py", '_OP = "toy"\nclass ToyFunction: ...\n_FAMILY = None\n'),
+    ("kernels/toy.py", "def toy_forward_triton(): ...\ndef toy_scale_triton_(): ...\n"),
+    # the contract: the in-place op returns nothing, so it has no new_..._outputs
+    ("kernels/contracts/toy.py", "def check_toy_forward(): ...\ndef check_toy_scale_(): ...\n"
+                                 "def check_toy_helper(): ...\ndef new_toy_forward_outputs(): ...\n"
+                                 "def new_toy_helper_outputs(): ...\n"),
+    ("csrc/toy_ops.cpp", ""), ("csrc/cpu/toy.cpp", ""), ("csrc/cuda/toy.cu", ""),
+    ("bench/toy.py", "def run(): ...\ndef n_cases(): ...\n"),
+    ("tests/test_toy.py", ""),
+    ("tests/families/toy.py", "BAD_CALLS = [('toy_forward', None, ValueError, ''), ('toy_scale_', None, ValueError, '')]\n"
+                              "PROPERTY_EXAMPLES = (1, 1)\ndef property_case(): ...\ndef example(): ...\n"
+                              "def sanitize(): ...\ndef triton_launches(): ...\n"),
+]
+
+
+def test_a_throwaway_family_is_caught_at_each_missing_file(tmp_path):
+    for path, text in _TOY_FILES:
+        assert any(m.startswith(path) for m in missing_parts(_TOY, str(tmp_path))), path
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    assert missing_parts(_TOY, str(tmp_path)) == []
+    # and at each missing definition the shared code looks up
+    for path, definition, missing in [
+            ("kernels/contracts/toy.py", "def new_toy_forward_outputs(): ...\n", "new_toy_forward_outputs"),
+            ("kernels/toy.py", "def toy_scale_triton_(): ...\n", "toy_scale_triton_"),
+            ("tests/families/toy.py", "def example(): ...\n", "example"),
+            ("tests/families/toy.py", ", ('toy_scale_', None, ValueError, '')", "BAD_CALLS of toy_scale_")]:
+        whole = (tmp_path / path).read_text()
+        (tmp_path / path).write_text(whole.replace(definition, ""))
+        assert missing_parts(_TOY, str(tmp_path)) == [f"{path}: {missing}"]
+        (tmp_path / path).write_text(whole)
+

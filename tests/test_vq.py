@@ -1,6 +1,7 @@
 """Vector quantisation (nearest_code, vector_quantize, codebook_stats) against float64."""
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -8,11 +9,14 @@ import torch
 import pyvae
 from pyvae.ops.vq import VQFunction
 
-from cases import (VQ_BACKENDS, compile_pairs, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_if_interpreted,
+from cases import (PAIRS, compile_pairs, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_if_interpreted,
                    skip_unless_available)
 from probes import no_host_sync
 import transforms
 from tolerances import assert_nearest_codes
+
+# The VQ tests run on CPU tensors (their GPU cases are gpu-marked tests of their own).
+VQ_BACKENDS = pyvae.backends.available("cpu", "vq")
 
 
 def vq_reference(x, codebook, indices, beta):
@@ -429,3 +433,62 @@ def test_compiles_in_bounded_time_without_recompiles(pair, dynamic):
         return [t.to(device) for t in _distinct_inputs(torch.Generator().manual_seed(size), (6 + size,))]
 
     transforms.assert_compiles_once(lambda b, x, c: _quantize(b, x, c)[1:], backend, make, dynamic)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_vq_infinite_values(pair):
+    """The README's rule: a non-finite expanded distance wins only when no code has a finite one,
+    and then code 0; a row with an infinite value is at distance inf, one with NaN at NaN."""
+    device, backend = pair
+    inf, nan = math.inf, math.nan
+    cases = [  # x, codebook, expected indices, expected distances
+        ([[0.5], [inf], [-inf], [1.0], [nan]], [[2.0], [-3.0]], [0, 0, 0, 0, 0], [2.25, inf, inf, 1.0, nan]),
+        ([[0.5], [-0.5]], [[inf], [-inf]], [0, 0], [inf, inf]),  # every code infinite: code 0
+        ([[0.5], [-9.0]], [[inf], [3.0]], [1, 1], [6.25, 144.0]),  # an infinite code loses to a finite one
+        ([[inf, 0.0]], [[1.0, 0.0], [0.0, 1.0]], [0], [inf]),  # -inf and NaN expanded distances
+    ]
+    for x, codebook, want_idx, want_dist in cases:
+        idx, dist = pyvae.nearest_code(torch.tensor(x, device=device), torch.tensor(codebook, device=device),
+                                       backend=backend)
+        assert idx.tolist() == want_idx, (x, codebook)
+        torch.testing.assert_close(dist.cpu(), torch.tensor(want_dist), equal_nan=True, msg=str((x, codebook)))
+
+
+# ------------------------------------------------------------------------------ constants shared with C++
+def _chunk_sensitive_rows(chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [2 chunk + 5, 1] and indices: code 0's rows sum to 2^23 + 1 in chunks of ``chunk`` rows
+    added in order (2^23, then 0.5 + 0.5), to 2^23 in chunks of chunk / 2 (2^23 + 0.5 rounds to
+    even, twice) and to 2^23 added row by row; code 1 takes the 5 rows between."""
+    x = torch.zeros(2 * chunk + 5, 1)
+    idx = torch.zeros(2 * chunk + 5, dtype=torch.int64)
+    idx[3:8] = 1
+    code0_rows = torch.nonzero(idx == 0).flatten()
+    x[code0_rows[0]] = 2.0 ** 23
+    x[code0_rows[chunk]] = x[code0_rows[2 * chunk - 1]] = 0.5
+    x[3:8] = torch.arange(5.0)[:, None]
+    return x, idx
+
+
+def test_stats_chunk_rows_is_the_same_on_both_gpu_backends():
+    """The GPU codebook_stats sum each code's rows in chunks of STATS_CHUNK_ROWS and add the chunk
+    sums in order; on these rows that gives 2^23 + 1 where another chunk size (or the cpu backend's
+    row-by-row sum) gives 2^23. The CUDA backend's Python part (the preparation, then the C++ op
+    codebook_chunk_sums) runs here with the Triton chunk kernels standing in for the C++ ones."""
+    if "triton" not in pyvae.backends.available("cpu", "vq"):
+        pytest.skip("needs the triton backend on CPU tensors")
+    from pyvae._constants import STATS_CHUNK_ROWS
+    from pyvae.kernels import vq as triton_vq
+    from pyvae.ops.vq import _codebook_stats_cuda
+
+    x, idx = _chunk_sensitive_rows(STATS_CHUNK_ROWS)
+    expected_counts = torch.tensor([2 * STATS_CHUNK_ROWS, 5.0, 0.0])
+    expected_sums = torch.tensor([[2.0 ** 23 + 1.0], [10.0], [0.0]])
+    results = {"triton": torch.ops.pyvae.codebook_stats_triton(x, idx, 3)}
+    if pyvae.backends.native_extension() is not None:
+        with torch.library._scoped_library("pyvae", "IMPL") as lib:
+            lib.impl("codebook_chunk_sums", lambda x2, *plan: triton_vq._chunk_sums(x2, triton_vq.StatsPlan(*plan)),
+                     "CPU")
+            results["cuda (its Python part)"] = _codebook_stats_cuda(x, idx, 3)
+    for name, (counts, sums) in results.items():
+        assert torch.equal(counts, expected_counts), name
+        assert torch.equal(sums, expected_sums), name

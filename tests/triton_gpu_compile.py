@@ -10,7 +10,7 @@ on meta tensors with ``wrap_triton`` replaced by a recorder, so each launch give
 argument types and its constexprs exactly as a GPU run would; each distinct variant is then
 compiled ahead of time (Triton's own ptxas) for sm_90, and the search for sm_80 too, and its cubin
 read by cuobjdump (tests/kernel_resources.py). The launches of op family ``<name>`` are made by
-``gpu_cases.<name>.triton_launches``. Prints one line per variant (registers, shared memory, local
+``families.<name>.triton_launches``. Prints one line per variant (registers, shared memory, local
 memory if any); exits 1 if any fails to compile or is above a device limit.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def record_launches(families) -> list[tuple[object, tuple, dict]]:
         kernels.wrap_triton = RecordingLauncher
         # the function under each twin's triton_op (the op itself would dispatch, not launch)
         ops = SimpleNamespace(**{op: getattr(kernels, twin)._init_fn for op, twin in zip(family.ops, family.triton_ops)})
-        importlib.import_module(family.gpu_cases).triton_launches(ops, t)
+        importlib.import_module(family.cases).triton_launches(ops, t)
     return launches
 
 

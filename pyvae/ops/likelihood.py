@@ -38,7 +38,9 @@ import torch
 
 from .. import backends
 from .._constants import LikelihoodFlag
-from ..kernels._layout import logvar_group_rows, new_likelihood_grads
+from ..kernels.contracts import REFERENCE_DTYPES
+from ..kernels.contracts import likelihood as contract
+from ..kernels.contracts.likelihood import logvar_group_rows
 from ._common import (apply, check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows,
                       reference_derivative)
 
@@ -47,7 +49,7 @@ __all__ = ["bernoulli_nll", "gaussian_nll", "continuous_bernoulli_nll", "Likelih
 
 _OP = "likelihood"
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-LOSSES = ("bernoulli", "gaussian", "continuous_bernoulli")
+LOSSES = contract.LOSSES
 
 
 # --------------------------------------------------------------------------- the reference
@@ -128,6 +130,8 @@ def _torch_forward(loss, pred, target, logvar, fixed_logvar, constant, flags, gr
     """The torch backend of the likelihood op: its signature and outputs (a batch-shared
     log-variance's derivatives summed over row groups, as the kernels return them). Differentiable
     (its gradients too, when grad mode is on: this is the op's derivative, see the registration)."""
+    contract.check_likelihood_forward(loss, pred, target, logvar, fixed_logvar, constant, flags, grad_scale,
+                                      dtypes=REFERENCE_DTYPES)
     values = likelihood_reference(loss, pred, target, logvar, fixed_logvar, constant).expand(pred.shape)
     per_element = bool(flags & LikelihoodFlag.PER_ELEMENT)
     out = values if per_element else values.reshape(pred.shape[0], math.prod(pred.shape[1:])).sum(1)
@@ -163,6 +167,7 @@ def _sum_row_groups(t: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _torch_scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    contract.check_scale_grad_(grad, scale, dtypes=REFERENCE_DTYPES)
     grad.mul_(scale)
 
 
@@ -448,17 +453,5 @@ def _gaussian_nll_optimal(mean, target, full, reduction, backend):
     return reduce_rows(per_sample, reduction, mean.numel()) if reduction != "per_sample" else per_sample
 
 
-# --------------------------------------------------------------------------- fake kernels
-def _register_fakes() -> None:
-    def forward_fake(loss, pred, target, logvar, fixed_logvar, constant, flags, grad_scale):
-        per_element = flags & LikelihoodFlag.PER_ELEMENT
-        return (pred.new_empty(pred.shape if per_element else pred.shape[:1], dtype=torch.float32),
-                new_likelihood_grads(pred, target, logvar, flags))
-
-    torch.library.register_fake("pyvae::likelihood_forward", forward_fake)
-    torch.library.register_fake("pyvae::scale_grad_", lambda grad, scale: None)
-
-
-_FAMILY = backends.load_op_family(_OP, _register_fakes, {"likelihood_forward": _torch_forward,
-                                                         "scale_grad_": _torch_scale_grad_},
+_FAMILY = backends.load_op_family(_OP, {"likelihood_forward": _torch_forward, "scale_grad_": _torch_scale_grad_},
                                   derivatives={"likelihood_forward": reference_derivative(_torch_forward, (1, 2, 3))})

@@ -20,6 +20,8 @@ import math
 import torch
 
 from .. import backends
+from ..kernels.contracts import REFERENCE_DTYPES
+from ..kernels.contracts import reparam_kl as contract
 from ._common import (apply, check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows,
                       reference_derivative)
 
@@ -168,6 +170,8 @@ def reparameterize_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, seed: in
 
 
 def _torch_forward(mu, logvar, seed, n_samples, kl_per_element, prior_mu=None, prior_logvar=None):
+    contract.check_reparam_kl_forward(mu, logvar, seed, n_samples, kl_per_element, prior_mu, prior_logvar,
+                                      dtypes=REFERENCE_DTYPES)
     seed_used = draw_seed(mu.device) if seed is None else torch.full((), seed, dtype=torch.int64, device=mu.device)
     z, kl = reparameterize_kl_reference(mu, logvar, seed_used, n_samples, "none" if kl_per_element else "per_sample",
                                         prior_mu, prior_logvar)
@@ -176,6 +180,8 @@ def _torch_forward(mu, logvar, seed, n_samples, kl_per_element, prior_mu=None, p
 
 def _torch_backward(mu, logvar, seed, grad_z, grad_kl, prior_mu=None, prior_logvar=None, prior_mu_grad=False,
                     prior_logvar_grad=False):
+    contract.check_reparam_kl_backward(mu, logvar, seed, grad_z, grad_kl, prior_mu, prior_logvar, prior_mu_grad,
+                                       prior_logvar_grad, dtypes=REFERENCE_DTYPES)
     cdt = _compute_dtype(mu.dtype)
     mu_c, logvar_c = mu.to(cdt), logvar.to(cdt)
     std = torch.exp(0.5 * logvar_c)
@@ -424,26 +430,8 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, prior_mu: torch
     return apply(ReparamKLFunction, mu, logvar, seed, n_samples, reduction, resolved, prior_mu, prior_logvar)[:2]
 
 
-# --------------------------------------------------------------------------- fake kernels
-def _register_fakes() -> None:
-    def forward_fake(mu, logvar, seed, n_samples, kl_per_element, prior_mu=None, prior_logvar=None):
-        z = mu.new_empty((n_samples, *mu.shape))
-        kl = mu.new_empty(mu.shape if kl_per_element else mu.shape[:-1], dtype=torch.float32)
-        return z, kl, mu.new_empty((), dtype=torch.int64)
-
-    def backward_fake(mu, logvar, seed, grad_z, grad_kl, prior_mu=None, prior_logvar=None, prior_mu_grad=False,
-                      prior_logvar_grad=False):
-        return (torch.empty_like(mu, memory_format=torch.contiguous_format),
-                torch.empty_like(mu, memory_format=torch.contiguous_format),
-                prior_mu.new_empty(prior_mu.shape) if prior_mu_grad else mu.new_empty(0),
-                prior_logvar.new_empty(prior_logvar.shape) if prior_logvar_grad else mu.new_empty(0))
-
-    torch.library.register_fake("pyvae::reparam_kl_forward", forward_fake)
-    torch.library.register_fake("pyvae::reparam_kl_backward", backward_fake)
-
-
 _FAMILY = backends.load_op_family(
-    _OP, _register_fakes, {"reparam_kl_forward": _torch_forward, "reparam_kl_backward": _torch_backward},
+    _OP, {"reparam_kl_forward": _torch_forward, "reparam_kl_backward": _torch_backward},
     derivatives={"reparam_kl_forward": (_forward_op_setup_context, _forward_op_backward),
                  "reparam_kl_backward": reference_derivative(_torch_backward, (0, 1, 3, 4, 5, 6))},
     vmap_rules={"reparam_kl_forward": _forward_op_vmap_rule})

@@ -10,7 +10,7 @@ Layers of this op family:
               ``_triton`` twins, with fake implementations. The GPU statistics sort the rows by code,
               sum fixed chunks of each code's rows (``STATS_CHUNK_ROWS``) in parallel and add each
               code's chunk sums in order: deterministic, balanced when one code takes most rows, no
-              host sync. Both GPU backends share that preparation (``kernels/_layout.py``), which is
+              host sync. Both GPU backends share that preparation (``kernels/contracts/vq.py``), which is
               why the CUDA ``codebook_stats`` is registered here, around the C++ kernels;
     autograd  :class:`VQFunction`: straight-through gradient to x, commitment gradient to x, and
               the codebook gradient from deterministic per-code counts and sums (no one-hot, no
@@ -33,8 +33,8 @@ from typing import NamedTuple
 import torch
 
 from .. import backends
-from ..kernels._checks import check_codebook_stats
-from ..kernels._layout import codebook_stats_by_chunks
+from ..kernels.contracts import REFERENCE_DTYPES
+from ..kernels.contracts import vq as contract
 from ._common import apply, check_floating, check_same_device
 
 __all__ = ["nearest_code", "vector_quantize", "codebook_stats", "codebook_stats_of_search", "code_counts", "VQResult",
@@ -122,23 +122,28 @@ def _torch_nearest_code(x: torch.Tensor, codebook: torch.Tensor, exact: bool) ->
     """The torch backend of nearest_code (one precision: float64 for float64 inputs, else float32),
     as an opaque op: traced, its loop over blocks of rows made torch.compile specialise on the row
     count, and its search for identical codes (torch.unique) cannot be vmapped."""
+    contract.check_nearest_code(x, codebook, exact, dtypes=REFERENCE_DTYPES)
     return nearest_code_reference(x, codebook)
 
 
 @_torch_nearest_code.register_fake
 def _(x, codebook, exact):
-    return x.new_empty(x.shape[:-1], dtype=torch.int64), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    contract.check_nearest_code(x, codebook, exact, dtypes=REFERENCE_DTYPES)
+    return contract.new_nearest_code_outputs(x, codebook, exact)
 
 
 @torch.library.custom_op("pyvae::codebook_stats_reference", mutates_args=())
 def _torch_codebook_stats(x: torch.Tensor, idx: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch backend of codebook_stats, as an opaque op with the derivative of the native ones:
     its segment sum has no rule under vmap (PyTorch would loop, warning)."""
+    contract.check_codebook_stats(x, idx, num_codes, dtypes=REFERENCE_DTYPES)
     return codebook_stats_reference(x, idx, num_codes)
 
 
 @_torch_codebook_stats.register_fake
 def _(x, idx, num_codes):
+    contract.check_codebook_stats(x, idx, num_codes, dtypes=REFERENCE_DTYPES)
+    # float64 for float64 x, as the reference computes
     cdt = torch.promote_types(x.dtype, torch.float32)
     return x.new_empty(num_codes, dtype=cdt), x.new_empty((num_codes, x.shape[-1]), dtype=cdt)
 
@@ -355,32 +360,21 @@ def _(codebook: torch.Tensor) -> torch.Tensor:
 def _codebook_stats_cuda(x: torch.Tensor, idx: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The CUDA kernel of ``torch.ops.pyvae.codebook_stats``: the preparation it shares with the
     Triton backend, then the C++ kernels (``torch.ops.pyvae.codebook_chunk_sums``)."""
-    check_codebook_stats(x, idx, num_codes)
-    return codebook_stats_by_chunks(x, idx, num_codes, lambda x2, plan: torch.ops.pyvae.codebook_chunk_sums(x2, *plan))
+    contract.check_codebook_stats(x, idx, num_codes)
+    return contract.codebook_stats_by_chunks(
+        x, idx, num_codes, lambda x2, plan: torch.ops.pyvae.codebook_chunk_sums(x2, *plan))
 
 
-def _register_native() -> None:
-    """Fake kernels of the C++ ops, and the CUDA kernel of codebook_stats (:func:`_codebook_stats_cuda`)."""
-    def nearest_fake(x, codebook, exact):
-        return x.new_empty(x.shape[:-1], dtype=torch.int64), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-    def stats_fake(x, idx, num_codes):
-        return x.new_empty(num_codes, dtype=torch.float32), x.new_empty((num_codes, x.shape[-1]), dtype=torch.float32)
-
-    def chunk_sums_fake(x, order, starts, counts, chunk_end, chunk_code):
-        return x.new_empty((counts.shape[0], x.shape[1]), dtype=torch.float32)
-
-    torch.library.register_fake("pyvae::nearest_code", nearest_fake)
-    torch.library.register_fake("pyvae::codebook_stats", stats_fake)
-    torch.library.register_fake("pyvae::codebook_chunk_sums", chunk_sums_fake)
+def _register_cuda_stats() -> None:
+    """:func:`_codebook_stats_cuda` as the CUDA kernel of the C++ op codebook_stats."""
     if backends.native_extension().has_cuda:
         torch.library.register_kernel("pyvae::codebook_stats", "cuda", _codebook_stats_cuda)
 
 
-_FAMILY = backends.load_op_family(_OP, _register_native, {"nearest_code": _torch_nearest_code,
-                                                          "codebook_stats": _torch_codebook_stats},
+_FAMILY = backends.load_op_family(_OP, {"nearest_code": _torch_nearest_code, "codebook_stats": _torch_codebook_stats},
                                   derivatives={"nearest_code": (_nearest_setup_context, _nearest_backward),
-                                               "codebook_stats": (_stats_setup_context, _stats_backward)})
+                                               "codebook_stats": (_stats_setup_context, _stats_backward)},
+                                  native_kernels=_register_cuda_stats)
 _torch_nearest_code.register_autograd(_nearest_backward("torch"), setup_context=_nearest_setup_context)
 _torch_nearest_code.register_vmap(backends.loop_vmap_rule("nearest_code_reference"))
 _torch_codebook_stats.register_autograd(_stats_backward("torch"), setup_context=_stats_setup_context)
