@@ -2,10 +2,9 @@
 
 Everything that lists op families iterates over :data:`FAMILIES`: :mod:`pyvae.backends` (which
 backends serve each family), ``python -m pyvae``, the benchmark runner ``bench/run.py``,
-``bench/gpu_check.sh``, the Triton GPU-compile check ``tests/triton_gpu_compile.py`` and the
-compute-sanitizer cases ``tests/cuda_sanitize_cases.py``, and the tests every family goes through
-(bad calls, properties). ``tests/test_registry.py`` fails if a
-family is registered only in part.
+``bench/gpu_check.sh``, the Triton GPU-compile check ``tests/triton_gpu_compile.py``, the
+compute-sanitizer cases ``tests/cuda_sanitize_cases.py`` and the tests every family goes through
+(bad calls, properties). ``tests/test_registry.py`` fails if a family is registered only in part.
 
 A family named ``<name>`` lives in files of its own, found by these names:
 
