@@ -11,12 +11,10 @@ from pyvae.ops.vq import VQFunction
 
 from cases import (PAIRS, compile_pairs, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_if_interpreted,
                    skip_unless_available)
+from families.vq import VQ_BACKENDS
 from probes import no_host_sync
 import transforms
 from tolerances import assert_nearest_codes
-
-# The VQ tests run on CPU tensors (their GPU cases are gpu-marked tests of their own).
-VQ_BACKENDS = pyvae.backends.available("cpu", "vq")
 
 
 def vq_reference(x, codebook, indices, beta):

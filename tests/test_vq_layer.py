@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import pyvae
 from pyvae.nn.vq import _pick_rows
 
-from cases import VQ_BACKENDS, needs_native_cpu, no_sync_pairs, pair_id, randn, skip_unless_available
+from cases import needs_native_cpu, no_sync_pairs, pair_id, randn, skip_unless_available
+from families.vq import VQ_BACKENDS
 from probes import no_host_sync
 from tolerances import assert_nearest_codes
 CENTERS = torch.tensor([[3.0, 3.0], [-3.0, 3.0], [3.0, -3.0], [-3.0, -3.0]])

@@ -8,6 +8,9 @@ from pyvae.ops.vq import codebook_stats_reference
 
 from . import DTYPES, HUGE, TRIMMED_DTYPES, OnCPU, arg, draw_values, pick
 
+# The VQ tests run on CPU tensors (their GPU cases are gpu-marked tests of their own).
+VQ_BACKENDS = pyvae.backends.available("cpu", "vq")
+
 
 def example(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     return pyvae.vector_quantize(a, b, backend=backend).loss
