@@ -1,0 +1,99 @@
+// Per-bin formulas of the discretized mixture of logistics (pyvae/ops/dmol.py has the definition
+// and the float64 reference), shared by the CPU and CUDA kernels: the log-probability of a data
+// value's bin under one logistic component of one channel, and its derivatives.
+#pragma once
+#include <math.h>
+
+#include "hd.h"
+#include "vmath.h"
+
+namespace pyvae {
+
+constexpr float kDmolLogScaleMin = -7.0f;  // log-scales are clamped below here
+constexpr float kDmolLogMidMassMin = -11.512925464970229f;  // log(1e-5): a bin's mass below 1e-5: the
+                                                           // mid-bin density instead
+
+struct DmolBinTerms {
+  float log_prob;     // log P(x's bin | this component and channel)
+  float d_centered;   // its derivative with respect to centered = x - mean
+  float d_log_scale;  // and to the raw log-scale (0 where the clamp holds it)
+};
+
+// Where a value's bin lies: class 0 is open below, class num_classes - 1 above.
+struct DmolBinKind {
+  bool first, last;
+};
+
+// The class of x on the grid k / (num_classes - 1) * 2 - 1: the nearest, from the index.
+PYVAE_HD DmolBinKind dmol_bin_kind(float x, float half_classes, float last_class) {
+  const float k = round_nearest((x + 1.0f) * half_classes);
+  return DmolBinKind{k <= 0.0f, k >= last_class};
+}
+
+// sigmoid(z) and sigmoid(-z) from e = exp(-|z|), both without cancellation.
+struct SigmoidPair {
+  float pos, neg;
+};
+
+PYVAE_HD SigmoidPair sigmoid_pair(float z, float e) {
+  const float r = 1.0f / (1.0f + e);
+  return z >= 0.0f ? SigmoidPair{r, e * r} : SigmoidPair{e * r, r};
+}
+
+// softplus(z) = max(z, 0) + log1p(e), e = exp(-|z|).
+PYVAE_HD float softplus_given_exp(float z, float e) { return (z > 0.0f ? z : 0.0f) + log1p_unit(e); }
+
+// 1 - exp(-d) for d >= 0 without cancellation: a series for small d.
+PYVAE_HD float one_minus_exp_neg(float d) {
+  const float series = d * (1.0f - d * (0.5f - d * (1.0f / 6.0f - d * (1.0f / 24.0f - d * (1.0f / 120.0f - d / 720.0f)))));
+  return d < 0.25f ? series : 1.0f - exp_neg(d);
+}
+
+// The bin's log-mass log(sigma(a) - sigma(b)), with a, b its edges standardised, is written
+// log sigma(a) + log sigma(-b) + log(1 - exp(-(a - b))) (the same value): no difference of two
+// nearly equal probabilities, so 16-bit data's narrow bins keep their digits in float32. Class 0
+// keeps the first term, the last class the second.
+// log_half_classes = log((num_classes - 1) / 2), half_bin = 1 / (num_classes - 1).
+PYVAE_HD DmolBinTerms dmol_bin_terms(float centered, float raw_log_scale, DmolBinKind kind, float half_bin,
+                                     float log_half_classes) {
+  const bool clamped = raw_log_scale < kDmolLogScaleMin;  // NaN is not: it passes on
+  const float log_scale = clamped ? kDmolLogScaleMin : raw_log_scale;
+  const float inv_scale = exp_f(-log_scale);
+  const float a = inv_scale * (centered + half_bin);  // the bin's upper edge, standardised
+  const float b = inv_scale * (centered - half_bin);  // its lower edge
+  const float m = inv_scale * centered;               // its middle
+  const float width = inv_scale * (2.0f * half_bin);  // a - b
+  const float ea = exp_neg(fabsf(a)), eb = exp_neg(fabsf(b)), em = exp_neg(fabsf(m));
+  const SigmoidPair sa = sigmoid_pair(a, ea), sb = sigmoid_pair(b, eb), sm = sigmoid_pair(m, em);
+  const float log_below = -softplus_given_exp(-a, ea);  // log sigma(a): the mass below the upper edge
+  const float log_above = -softplus_given_exp(b, eb);   // log sigma(-b): the mass above the lower edge
+  const float kept = one_minus_exp_neg(width);
+  const float log_kept = log_f(kept);
+  // Every case computed and one selected (no branches: the CPU kernel's loop over positions vectorises).
+  const float log_mass = log_below + log_above + log_kept;
+  const bool inner = !kind.first && !kind.last;
+  const bool wide = log_mass > kDmolLogMidMassMin;
+  // a bin too narrow for its mass: the density at its middle times its width
+  const float log_mid = m - log_scale - 2.0f * softplus_given_exp(m, em) - log_half_classes;
+  const bool in_mid = inner && !wide;
+  const float log_prob = kind.first ? log_below : kind.last ? log_above : wide ? log_mass : log_mid;
+  // d/da log sigma(a) = sigma(-a), d/db log sigma(-b) = -sigma(b), d/dwidth log(1 - e^-w) = e^-w / (1 - e^-w)
+  const float d_a = kind.last || in_mid ? 0.0f : sa.neg;
+  const float d_b = kind.first || in_mid ? 0.0f : -sb.pos;
+  const float d_width = inner && wide ? (1.0f - kept) / kept : 0.0f;
+  const float d_m = in_mid ? sm.neg - sm.pos : 0.0f;
+  // a, b, m and the width are s (.) with s = exp(-log_scale), the width not a function of centered:
+  // d/dcentered = s (d_a + d_b + d_m), d/dlog_scale = -(a d_a + b d_b + m d_m + width d_width)
+  const float d_centered = inv_scale * (d_a + d_b + d_m);
+  const float d_log_scale = -(a * d_a + b * d_b + m * d_m + width * d_width) - (in_mid ? 1.0f : 0.0f);
+  return DmolBinTerms{log_prob, d_centered, clamped ? 0.0f : d_log_scale};
+}
+
+// tanh(z) from e = exp(-2|z|), the sign restored.
+PYVAE_HD float tanh_f(float z) {
+  const float e = exp_neg(2.0f * fabsf(z));
+  const float t = (1.0f - e) / (1.0f + e);
+  return z < 0.0f ? -t : t;
+}
+
+}  // namespace pyvae
