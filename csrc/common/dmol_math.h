@@ -19,16 +19,9 @@ struct DmolBinTerms {
   float d_log_scale;  // and to the raw log-scale (0 where the clamp holds it)
 };
 
-// Where a value's bin lies: class 0 is open below, class num_classes - 1 above.
-struct DmolBinKind {
-  bool first, last;
-};
-
-// The class of x on the grid k / (num_classes - 1) * 2 - 1: the nearest, from the index.
-PYVAE_HD DmolBinKind dmol_bin_kind(float x, float half_classes, float last_class) {
-  const float k = round_nearest((x + 1.0f) * half_classes);
-  return DmolBinKind{k <= 0.0f, k >= last_class};
-}
+// The class of x on the grid k / (num_classes - 1) * 2 - 1 (the nearest), as a float: class 0's
+// bin is open below, class num_classes - 1's above.
+PYVAE_HD float dmol_class(float x, float half_classes) { return round_nearest((x + 1.0f) * half_classes); }
 
 // sigmoid(z) and sigmoid(-z) from e = exp(-|z|), both without cancellation.
 struct SigmoidPair {
@@ -37,7 +30,7 @@ struct SigmoidPair {
 
 PYVAE_HD SigmoidPair sigmoid_pair(float z, float e) {
   const float r = 1.0f / (1.0f + e);
-  return z >= 0.0f ? SigmoidPair{r, e * r} : SigmoidPair{e * r, r};
+  return SigmoidPair{z >= 0.0f ? r : e * r, z >= 0.0f ? e * r : r};
 }
 
 // softplus(z) = max(z, 0) + log1p(e), e = exp(-|z|).
@@ -54,10 +47,13 @@ PYVAE_HD float one_minus_exp_neg(float d) {
 // nearly equal probabilities, so 16-bit data's narrow bins keep their digits in float32. Class 0
 // keeps the first term, the last class the second.
 // log_half_classes = log((num_classes - 1) / 2), half_bin = 1 / (num_classes - 1).
-PYVAE_HD DmolBinTerms dmol_bin_terms(float centered, float raw_log_scale, DmolBinKind kind, float half_bin,
-                                     float log_half_classes) {
-  const bool clamped = raw_log_scale < kDmolLogScaleMin;  // NaN is not: it passes on
-  const float log_scale = clamped ? kDmolLogScaleMin : raw_log_scale;
+PYVAE_HD DmolBinTerms dmol_bin_terms(float centered, float raw_log_scale, float klass, float last_class,
+                                     float half_bin, float log_half_classes) {
+  // The cases are floats 0 or 1 and every selection a comparison of floats, so that g++
+  // vectorises the CPU kernel's loop over positions (it gives up on masks of mixed widths).
+  const float is_first = klass <= 0.0f ? 1.0f : 0.0f;
+  const float is_last = klass >= last_class ? 1.0f : 0.0f;
+  const float log_scale = raw_log_scale < kDmolLogScaleMin ? kDmolLogScaleMin : raw_log_scale;  // NaN passes
   const float inv_scale = exp_f(-log_scale);
   const float a = inv_scale * (centered + half_bin);  // the bin's upper edge, standardised
   const float b = inv_scale * (centered - half_bin);  // its lower edge
@@ -68,25 +64,25 @@ PYVAE_HD DmolBinTerms dmol_bin_terms(float centered, float raw_log_scale, DmolBi
   const float log_below = -softplus_given_exp(-a, ea);  // log sigma(a): the mass below the upper edge
   const float log_above = -softplus_given_exp(b, eb);   // log sigma(-b): the mass above the lower edge
   const float kept = one_minus_exp_neg(width);
-  const float log_kept = log_f(kept);
-  // Every case computed and one selected (no branches: the CPU kernel's loop over positions vectorises).
-  const float log_mass = log_below + log_above + log_kept;
-  const bool inner = !kind.first && !kind.last;
-  const bool wide = log_mass > kDmolLogMidMassMin;
-  // a bin too narrow for its mass: the density at its middle times its width
+  // log_unit, not log_f (whose select for inf and NaN stops the vectorising); a width below the
+  // smallest normal float is far below the mid-bin threshold either way
+  const float log_mass = log_below + log_above + log_unit(kept > 1.17549435e-38f ? kept : 1.17549435e-38f);
+  const float is_wide = log_mass > kDmolLogMidMassMin ? 1.0f : 0.0f;
+  const float is_inner = 1.0f - is_first - is_last;  // num_classes >= 2: never both
+  const float is_mass = is_inner * is_wide;          // a mid bin wide enough for its mass
+  const float is_mid = is_inner - is_mass;           // one too narrow: the density at its middle times its width
   const float log_mid = m - log_scale - 2.0f * softplus_given_exp(m, em) - log_half_classes;
-  const bool in_mid = inner && !wide;
-  const float log_prob = kind.first ? log_below : kind.last ? log_above : wide ? log_mass : log_mid;
+  const float log_prob = is_first > 0.0f ? log_below : is_last > 0.0f ? log_above : is_wide > 0.0f ? log_mass : log_mid;
   // d/da log sigma(a) = sigma(-a), d/db log sigma(-b) = -sigma(b), d/dwidth log(1 - e^-w) = e^-w / (1 - e^-w)
-  const float d_a = kind.last || in_mid ? 0.0f : sa.neg;
-  const float d_b = kind.first || in_mid ? 0.0f : -sb.pos;
-  const float d_width = inner && wide ? (1.0f - kept) / kept : 0.0f;
-  const float d_m = in_mid ? sm.neg - sm.pos : 0.0f;
+  const float d_a = is_last + is_mid > 0.0f ? 0.0f : sa.neg;
+  const float d_b = is_first + is_mid > 0.0f ? 0.0f : -sb.pos;
+  const float d_width = is_mass > 0.0f ? (1.0f - kept) / kept : 0.0f;
+  const float d_m = is_mid > 0.0f ? sm.neg - sm.pos : 0.0f;
   // a, b, m and the width are s (.) with s = exp(-log_scale), the width not a function of centered:
   // d/dcentered = s (d_a + d_b + d_m), d/dlog_scale = -(a d_a + b d_b + m d_m + width d_width)
   const float d_centered = inv_scale * (d_a + d_b + d_m);
-  const float d_log_scale = -(a * d_a + b * d_b + m * d_m + width * d_width) - (in_mid ? 1.0f : 0.0f);
-  return DmolBinTerms{log_prob, d_centered, clamped ? 0.0f : d_log_scale};
+  const float d_log_scale = -(a * d_a + b * d_b + m * d_m + width * d_width) - is_mid;
+  return DmolBinTerms{log_prob, d_centered, raw_log_scale < kDmolLogScaleMin ? 0.0f : d_log_scale};
 }
 
 // tanh(z) from e = exp(-2|z|), the sign restored.

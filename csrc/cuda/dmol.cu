@@ -49,11 +49,10 @@ __device__ float dmol_position(const DmolParams& p, const DmolConsts& k, int64_t
   const int64_t at = b * p.params_batch_stride + n * p.params_position_stride;
   const ParamRow<TP> prm{static_cast<const TP*>(p.params) + at, p.params_param_stride};
   const TX* xs = static_cast<const TX*>(p.x) + b * p.x_batch_stride + n * p.x_position_stride;
-  float xv[3];
-  DmolBinKind kind[3];
+  float xv[3], klass[3];
   for (int c = 0; c < C; ++c) {
     xv[c] = to_f32(xs[c * p.x_channel_stride]);
-    kind[c] = dmol_bin_kind(xv[c], k.half_classes, k.last_class);
+    klass[c] = dmol_class(xv[c], k.half_classes);
   }
   float top = -INFINITY, total = 0.0f;  // log-softmax of the logits
   for (int64_t i = 0; i < M; ++i) top = fmaxf(top, prm(i));
@@ -64,8 +63,8 @@ __device__ float dmol_position(const DmolParams& p, const DmolConsts& k, int64_t
   for (int64_t i = 0; i < M; ++i) {
     float joint = prm(i) - log_norm;
     for (int c = 0; c < C; ++c)
-      joint += dmol_bin_terms(xv[c] - coupled_mean(prm, k, M, c, i, xv, t), prm(M + c * k.block + M + i), kind[c],
-                              k.half_bin, k.log_half_classes).log_prob;
+      joint += dmol_bin_terms(xv[c] - coupled_mean(prm, k, M, c, i, xv, t), prm(M + c * k.block + M + i), klass[c],
+                              k.last_class, k.half_bin, k.log_half_classes).log_prob;
     if (joint > joint_top) {
       joint_total = joint_total * exp_f(joint_top - joint) + 1.0f;
       joint_top = joint;
@@ -81,8 +80,8 @@ __device__ float dmol_position(const DmolParams& p, const DmolConsts& k, int64_t
     DmolBinTerms terms[3];
     float joint = prm(i) - log_norm, d_mean_g = 0.0f;
     for (int c = 0; c < C; ++c) {
-      terms[c] = dmol_bin_terms(xv[c] - coupled_mean(prm, k, M, c, i, xv, t), prm(M + c * k.block + M + i), kind[c],
-                                k.half_bin, k.log_half_classes);
+      terms[c] = dmol_bin_terms(xv[c] - coupled_mean(prm, k, M, c, i, xv, t), prm(M + c * k.block + M + i), klass[c],
+                                k.last_class, k.half_bin, k.log_half_classes);
       joint += terms[c].log_prob;
     }
     const float weight = exp_f(joint + nll) * p.grad_scale;  // the posterior of component i, scaled
