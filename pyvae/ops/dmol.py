@@ -50,10 +50,12 @@ import torch.nn.functional as F
 from .. import backends
 from ..kernels.contracts import REFERENCE_DTYPES
 from ..kernels.contracts import dmol as contract
+from . import philox
 from ._common import apply, check_floating, check_reduction, check_same_device, reduce_rows, reference_derivative
 
-__all__ = ["discretized_mix_logistic_nll", "bits_per_dim", "DMOLFunction", "DMOLSpec", "dmol_reference",
-           "dmol_num_params"]
+__all__ = ["discretized_mix_logistic_nll", "discretized_mix_logistic_sample", "discretized_mix_logistic_mean",
+           "bits_per_dim", "quantize", "data_grid", "DMOLFunction", "DMOLSpec", "dmol_reference",
+           "dmol_sample_reference", "dmol_num_params"]
 
 _OP = "dmol"
 LAYOUTS = ("channels_first", "channels_last")
@@ -330,6 +332,111 @@ def bits_per_dim(nll: torch.Tensor, num_dims: int) -> torch.Tensor:
     """Nats of a whole observation (e.g. the ``"per_sample"`` NLL, or a negative ELBO) as bits per
     dimension: ``nll / (num_dims · ln 2)``, with ``num_dims`` the observation's values (C·H·W)."""
     return nll / (num_dims * math.log(2.0))
+
+
+# --------------------------------------------------------------------------- sampling
+UNIFORM_MIN = 1e-5  # the sampler's uniforms are clamped to [UNIFORM_MIN, 1 - UNIFORM_MIN] (PixelCNN++)
+
+
+def sampler_uniforms(seed: torch.Tensor, positions: int, count: int) -> torch.Tensor:
+    """The sampler's uniforms, [positions, count] float32: position n's word w is word w % 4 of the
+    Philox block of counter n in stream w // 4 (csrc/common/philox.h's philox_group), as a uniform
+    in [0, 1), clamped to [UNIFORM_MIN, 1 - UNIFORM_MIN]."""
+    index = torch.arange(positions, dtype=torch.int64, device=seed.device)
+    columns = []
+    for block in range((count + 3) // 4):
+        columns += [philox.uniform(w) for w in philox.philox_group(seed, index, block)]
+    return torch.stack(columns[:count], dim=-1).clamp(UNIFORM_MIN, 1.0 - UNIFORM_MIN)
+
+
+def dmol_sample_reference(params: torch.Tensor, seed: torch.Tensor, num_mix: int, channels: int,
+                          channels_last: bool, temperature: float) -> torch.Tensor:
+    """A sample of the mixture at every position, in x's layout [B, C, *positions] (channels-first)
+    or [B, *positions, C], float32 (float64 for float64 params), in [-1, 1], not rounded to the data
+    grid. Component by Gumbel-max over ``logits + temperature * gumbel``, then each channel a
+    logistic sample ``mean + temperature * scale * logit(u)`` given the channels before it, clamped
+    to [-1, 1]; ``temperature=0`` takes the most likely component and its means. Noise: the
+    position's uniforms (:func:`sampler_uniforms`): M for the choice, then one per channel."""
+    cdt = _compute_dtype(params.dtype)
+    params_cl = (params if channels_last else params.movedim(1, -1)).to(cdt)
+    logits, means, log_scales, coeffs = split_params(params_cl, num_mix, channels)
+    lead = params_cl.shape[:-1]
+    u = sampler_uniforms(seed, lead.numel(), num_mix + channels).to(cdt).reshape(*lead, num_mix + channels)
+    gumbel = -torch.log(-torch.log(u[..., :num_mix]))
+    choice = torch.argmax(logits + temperature * gumbel, dim=-1, keepdim=True)  # the first of equal maxima
+
+    def chosen(t):  # [..., C, M] -> [..., C]
+        return t.gather(-1, choice.unsqueeze(-2).expand(*t.shape[:-1], 1)).squeeze(-1)
+
+    noise = torch.log(u[..., num_mix:]) - torch.log1p(-u[..., num_mix:])  # logistic samples
+    spread = temperature * torch.exp(chosen(log_scales).clamp(min=LOG_SCALE_MIN)) * noise
+    mean = chosen(means)
+    values = []
+    for c in range(channels):
+        value = mean[..., c] + spread[..., c]
+        if c >= 1:
+            t = torch.tanh(chosen(coeffs))
+            value = value + (t[..., 0] * values[0] if c == 1 else t[..., 1] * values[0] + t[..., 2] * values[1])
+        values.append(value.clamp(-1.0, 1.0))
+    x = torch.stack(values, dim=-1)
+    return x if channels_last else x.movedim(-1, 1)
+
+
+def discretized_mix_logistic_sample(params: torch.Tensor, *, num_mix: int, channels: int,
+                                    layout: str = "channels_first", temperature: float = 1.0,
+                                    seed: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """A sample from the discretized mixture of logistics of ``params`` (laid out as for
+    :func:`discretized_mix_logistic_nll`): values in [-1, 1] in x's layout, float32, continuous
+    (round them to the data grid with :func:`quantize` for images). ``temperature`` scales the Gumbel
+    noise of the choice and the logistic noise (0: the most likely component's means). The same
+    ``seed`` gives the same sample on every backend; ``seed=None`` draws one from PyTorch's generator
+    for params' device."""
+    check_floating("params", params, "torch")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'channels_first' or 'channels_last', got {layout!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    if isinstance(num_mix, bool) or not isinstance(num_mix, int) or num_mix < 1:
+        raise ValueError(f"num_mix must be a positive int, got {num_mix!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    philox.check_seed(seed)
+    ch = _channel_dim(layout)
+    if params.dim() < 2 or params.shape[ch] != contract.num_params(num_mix, channels):
+        raise ValueError(f"params must have {contract.num_params(num_mix, channels)} parameters per position in dim "
+                         f"{ch} (num_mix={num_mix}, channels={channels}, layout={layout!r}), got shape "
+                         f"{list(params.shape)}")
+    resolved = backends.resolve(backend, params.device, _OP)
+    check_floating("params", params, resolved)
+    key = philox.draw_seed(params.device) if seed is None else torch.tensor(seed, dtype=torch.int64,
+                                                                             device=params.device)
+    with torch.no_grad():
+        return dmol_sample_reference(params, key, num_mix, channels, layout == "channels_last", float(temperature))
+
+
+def discretized_mix_logistic_mean(params: torch.Tensor, *, num_mix: int, channels: int,
+                                  layout: str = "channels_first") -> torch.Tensor:
+    """The mixture's mean at every position, in x's layout: sum over components of the component's
+    probability times its mean, each channel's mean given the earlier channels at their component
+    means (the coupling), clamped to [-1, 1]; differentiable. A summary for pictures (the
+    discretization and the clamp of a sample are not modelled)."""
+    params_cl = params if layout == "channels_last" else params.movedim(1, -1)
+    logits, means, _, coeffs = split_params(params_cl, num_mix, channels)
+    component = means
+    if coeffs is not None:
+        t = torch.tanh(coeffs)
+        m0 = means[..., 0, :]
+        m1 = means[..., 1, :] + t[..., 0, :] * m0
+        m2 = means[..., 2, :] + t[..., 1, :] * m0 + t[..., 2, :] * m1
+        component = torch.stack([m0, m1, m2], dim=-2)
+    mean = (torch.softmax(logits, -1).unsqueeze(-2) * component).sum(-1).clamp(-1.0, 1.0)
+    return mean if layout == "channels_last" else mean.movedim(-1, 1)
+
+
+def quantize(x: torch.Tensor, num_classes: int = 256) -> torch.Tensor:
+    """Values in [-1, 1] rounded to the data grid k / (num_classes - 1) * 2 - 1, as class indices
+    (int64): what a sample is as data (``data_grid`` maps them back)."""
+    return torch.round((x.clamp(-1.0, 1.0) + 1.0) * (0.5 * (num_classes - 1))).long()
 
 
 _FAMILY = backends.load_op_family(_OP, {"dmol_forward": _torch_forward},
