@@ -108,6 +108,61 @@ DmolForwardResult dmol_forward(const at::Tensor& params_in, const at::Tensor& x_
   return {out, std::move(grads)};
 }
 
+void check_dmol_sample(const at::Tensor& params, const at::Tensor& seed, int64_t num_mix, int64_t channels,
+                       bool channels_last, double temperature) {
+  TORCH_CHECK_VALUE(num_mix >= 1, "num_mix must be >= 1, got ", num_mix);
+  TORCH_CHECK_VALUE(channels == 1 || channels == 3, "channels must be 1 or 3, got ", channels);
+  TORCH_CHECK_VALUE(params.dim() >= 2, "params must have at least 2 dims, got ", params.sizes());
+  const int64_t ch = channels_last ? params.dim() - 1 : 1;
+  TORCH_CHECK_VALUE(params.size(ch) == dmol_num_params(num_mix, channels), "params must have ",
+                    dmol_num_params(num_mix, channels), " parameters in dim ", ch, ", got ", params.sizes());
+  kernel_dtype(params, "params");
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1, "seed must be a one-element int64 tensor");
+  PYVAE_CHECK_DEVICE_OF(seed, "seed", params, "params");
+  TORCH_CHECK_VALUE(temperature >= 0.0, "temperature must be >= 0, got ", temperature);
+}
+
+// One implementation for the CPU and CUDA keys: only the kernel launch depends on the device.
+at::Tensor dmol_sample(const at::Tensor& params_in, const at::Tensor& seed, int64_t num_mix, int64_t channels,
+                       bool channels_last, double temperature) {
+  check_dmol_sample(params_in, seed, num_mix, channels, channels_last, temperature);
+  c10::OptionalDeviceGuard guard;
+  if (params_in.is_cuda()) guard.reset_device(params_in.device());
+  const at::Tensor params = params_in.contiguous();
+  const int64_t ch = channels_last ? params.dim() - 1 : 1;
+  std::vector<int64_t> shape = params.sizes().vec();
+  shape[ch] = channels;
+  at::Tensor x = at::empty(shape, params.options().dtype(at::kFloat));
+  const int64_t batch = params.size(0), num_params = params.size(ch);
+  const int64_t positions = batch == 0 ? 0 : params.numel() / (batch * num_params);
+  DmolSampleParams p{};
+  p.params_dtype = kernel_dtype(params, "params");
+  p.params = params.data_ptr();
+  p.seed = seed.data_ptr<int64_t>();
+  p.batch = batch;
+  p.positions = positions;
+  p.channels = channels;
+  p.num_mix = num_mix;
+  p.params_batch_stride = positions * num_params;
+  p.params_position_stride = channels_last ? num_params : 1;
+  p.params_param_stride = channels_last ? 1 : positions;
+  p.x_batch_stride = positions * channels;
+  p.x_position_stride = channels_last ? channels : 1;
+  p.x_channel_stride = channels_last ? 1 : positions;
+  p.temperature = static_cast<float>(temperature);
+  p.x = x.data_ptr<float>();
+  if (batch == 0 || positions == 0) return x;
+#ifdef PYVAE_WITH_CUDA
+  if (params.is_cuda()) {
+    cuda::dmol_sample(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return x;
+  }
+#endif
+  cpu::dmol_sample(p);
+  return x;
+}
+
 }  // namespace
 }  // namespace pyvae
 
@@ -120,10 +175,23 @@ TORCH_LIBRARY_FRAGMENT(pyvae, m) {
   // contiguous in params' dtype: backward then only scales it. P, the formulas: pyvae/ops/dmol.py.
   m.def("dmol_forward(Tensor params, Tensor x, int num_mix, int num_classes, bool channels_last, "
         "bool per_position, bool want_grad, float grad_scale) -> (Tensor nll, Tensor[] grads)");
+  // A sample of the mixture at every position (float32, in [-1, 1], params' layout with `channels`
+  // channels where params has its P), keyed by `seed` (one int64 on params' device, read there):
+  // the component by Gumbel-max, then each channel's logistic sample given the earlier channels;
+  // `temperature` scales both noises. Position n (flat over batch and positions) draws its
+  // uniforms from the Philox blocks of counter n, streams 0, 1, ...: pyvae/ops/dmol.py.
+  m.def("dmol_sample(Tensor params, Tensor seed, int num_mix, int channels, bool channels_last, "
+        "float temperature) -> Tensor x");
 }
 
-TORCH_LIBRARY_IMPL(pyvae, CPU, m) { m.impl("dmol_forward", &pyvae::dmol_forward); }
+TORCH_LIBRARY_IMPL(pyvae, CPU, m) {
+  m.impl("dmol_forward", &pyvae::dmol_forward);
+  m.impl("dmol_sample", &pyvae::dmol_sample);
+}
 
 #ifdef PYVAE_WITH_CUDA
-TORCH_LIBRARY_IMPL(pyvae, CUDA, m) { m.impl("dmol_forward", &pyvae::dmol_forward); }
+TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
+  m.impl("dmol_forward", &pyvae::dmol_forward);
+  m.impl("dmol_sample", &pyvae::dmol_sample);
+}
 #endif

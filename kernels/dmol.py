@@ -16,7 +16,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._layout import launch_device
-from .contracts.dmol import LOG_MID_MASS_MIN, LOG_SCALE_MIN, check_dmol_forward, new_dmol_forward_outputs
+from .contracts.dmol import (LOG_MID_MASS_MIN, LOG_SCALE_MIN, UNIFORM_MIN, check_dmol_forward, check_dmol_sample,
+                             new_dmol_forward_outputs, new_dmol_sample_outputs)
 
 BLOCK = 128  # positions per program
 
@@ -210,3 +211,86 @@ def dmol_forward_triton(params: torch.Tensor, x: torch.Tensor, num_mix: int, num
     if not per_position:
         out = partial.sum(1) if positions else out.zero_()
     return out, grads
+
+
+# --------------------------------------------------------------------------- sampling
+@triton.jit
+def _uniform_word(seed, n, word):
+    """The sampler's uniform `word` of position n (int64 positions): word % 4 of Philox block n in
+    stream word // 4, clamped to [UNIFORM_MIN, 1 - UNIFORM_MIN] (dmol_sample_position)."""
+    w = tl.zeros_like(n) + word  # a tensor, whether word is a Python int (interpreter) or not
+    c0 = (n & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (n >> 32).to(tl.uint32)
+    c2 = (w // 4).to(tl.uint32)
+    c3 = tl.zeros_like(c0)
+    i0, i1, i2, i3 = tl.philox(seed, c0, c1, c2, c3)
+    lane = w % 4
+    bits = tl.where(lane == 0, i0, tl.where(lane == 1, i1, tl.where(lane == 2, i2, i3)))
+    u = tl.uint_to_uniform_float(bits)
+    return tl.minimum(tl.maximum(u, UNIFORM_MIN), 1.0 - UNIFORM_MIN)
+
+
+@triton.jit
+def _dmol_sample_kernel(params_ptr, seed_ptr, x_ptr, total, positions, M, temperature, p_bs, p_ns, p_js, x_bs, x_ns,
+                        x_cs, C: tl.constexpr, BLOCK: tl.constexpr):
+    """A sample at BLOCK positions (flat over batch and positions): DmolSampleParams."""
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < total
+    b = index // positions
+    n = index % positions
+    p_ptr = params_ptr + b * p_bs + n * p_ns
+    seed = tl.load(seed_ptr)
+    BLK = 3 * M if C == 3 else 2 * M
+    best = tl.full([BLOCK], -float("inf"), tl.float32)
+    choice = tl.zeros([BLOCK], tl.int64)
+    for i in range(M):
+        gumbel = -tl.log(-tl.log(_uniform_word(seed, index, i)))
+        score = tl.load(p_ptr + i * p_js, mask=mask, other=0.0).to(tl.float32) + temperature * gumbel
+        better = score > best
+        best = tl.where(better, score, best)
+        choice = tl.where(better, i, choice)
+    x_base = x_ptr + b * x_bs + n * x_ns
+    out0 = _channel_sample(p_ptr, p_js, seed, index, M, 0, BLK, choice, temperature, mask, 0.0)
+    tl.store(x_base, out0, mask=mask)
+    if C == 3:
+        coef = M + 2 * M + choice
+        t0 = _tanh(tl.load(p_ptr + coef * p_js, mask=mask, other=0.0).to(tl.float32))
+        t1 = _tanh(tl.load(p_ptr + (coef + BLK) * p_js, mask=mask, other=0.0).to(tl.float32))
+        t2 = _tanh(tl.load(p_ptr + (coef + 2 * BLK) * p_js, mask=mask, other=0.0).to(tl.float32))
+        out1 = _channel_sample(p_ptr, p_js, seed, index, M, 1, BLK, choice, temperature, mask, t0 * out0)
+        out2 = _channel_sample(p_ptr, p_js, seed, index, M, 2, BLK, choice, temperature, mask, t1 * out0 + t2 * out1)
+        tl.store(x_base + x_cs, out1, mask=mask)
+        tl.store(x_base + 2 * x_cs, out2, mask=mask)
+
+
+@triton.jit
+def _channel_sample(p_ptr, p_js, seed, index, M, channel, BLK, choice, temperature, mask, coupling):
+    """Channel `channel`'s value (its uniform is the position's word M + channel): mean +
+    temperature * scale * logit(u) + coupling, clamped to [-1, 1]."""
+    v = _uniform_word(seed, index, M + channel)
+    noise = tl.log(v) - tl.log(1.0 - v)
+    at = M + channel * BLK + choice
+    mean = tl.load(p_ptr + at * p_js, mask=mask, other=0.0).to(tl.float32)
+    log_scale = tl.maximum(tl.load(p_ptr + (at + M) * p_js, mask=mask, other=0.0).to(tl.float32), LOG_SCALE_MIN)
+    value = mean + temperature * tl.exp(log_scale) * noise + coupling
+    return tl.minimum(tl.maximum(value, -1.0), 1.0)
+
+
+@triton_op("pyvae::dmol_sample_triton", mutates_args=())
+def dmol_sample_triton(params: torch.Tensor, seed: torch.Tensor, num_mix: int, channels: int, channels_last: bool,
+                       temperature: float) -> torch.Tensor:
+    """Triton twin of ``torch.ops.pyvae.dmol_sample`` (same schema, checks and outputs)."""
+    check_dmol_sample(params, seed, num_mix, channels, channels_last, temperature)
+    x = new_dmol_sample_outputs(params, seed, num_mix, channels, channels_last, temperature)
+    params = params.contiguous()
+    ch = params.dim() - 1 if channels_last else 1
+    batch, num_params = params.shape[0], params.shape[ch]
+    positions = params.numel() // (batch * num_params) if batch else 0
+    total = batch * positions
+    if total:
+        with launch_device(params):
+            wrap_triton(_dmol_sample_kernel)[(triton.cdiv(total, BLOCK),)](
+                params, seed, x, total, positions, num_mix, temperature, positions * num_params,
+                num_params if channels_last else 1, 1 if channels_last else positions, positions * channels,
+                channels if channels_last else 1, 1 if channels_last else positions, C=channels, BLOCK=BLOCK)
+    return x

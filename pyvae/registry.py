@@ -125,7 +125,7 @@ FAMILIES: tuple[OpFamily, ...] = (
              helper_ops=("codebook_chunk_sums",),
              python_ops=("codebook_snapshot", "nearest_code_reference", "codebook_stats_reference"),
              tests=("tests/test_vq_layer.py",), tune="tune_vq_triton"),
-    OpFamily("dmol", ops=("dmol_forward",), functions=("DMOLFunction",)),
+    OpFamily("dmol", ops=("dmol_forward", "dmol_sample"), functions=("DMOLFunction",)),
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)

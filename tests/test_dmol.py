@@ -258,3 +258,55 @@ def test_no_tensor_of_the_data_grid_when_x_is_float(pair, gen):
     x = data_grid(k, 256)
     assert data_grid(x, 256) is x
     nll(params, x, num_mix=2, backend=backend)
+
+
+# ------------------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_same_seed_same_sample_on_every_backend(backend, channels, layout, gen):
+    params, _ = random_case(3, (7, 5), 4, channels, layout=layout, generator=gen)
+    kwargs = dict(num_mix=4, channels=channels, layout=layout)
+    got = pyvae.discretized_mix_logistic_sample(params, seed=11, backend=backend, **kwargs)
+    expected = pyvae.discretized_mix_logistic_sample(params.double(), seed=11, backend="torch", **kwargs)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert got.min() >= -1 and got.max() <= 1
+    # the float32 logs of the noise round differently across backends (a component choice between
+    # two scores that close could too: not in these cases)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got, pyvae.discretized_mix_logistic_sample(params, seed=11, backend=backend, **kwargs))
+    assert not torch.equal(got, pyvae.discretized_mix_logistic_sample(params, seed=12, backend=backend, **kwargs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_distribution_and_temperature(backend):
+    """Two grey components, the second 3 times as likely: the share of values near each component's
+    mean and the sample's mean; temperature 0 gives the likely component's mean everywhere."""
+    positions = 4000 if backend != "triton" else 1000
+    logits = torch.tensor([0.0, math.log(3.0)])
+    means, log_scales = torch.tensor([-0.5, 0.5]), torch.tensor([-3.0, -3.0])
+    params = torch.cat([logits, means, log_scales]).reshape(1, 6, 1).expand(1, 6, positions).contiguous()
+    x = pyvae.discretized_mix_logistic_sample(params, num_mix=2, channels=1, seed=3, backend=backend)[0, 0]
+    assert abs((x > 0).double().mean().item() - 0.75) < 0.05
+    assert abs(x.double().mean().item() - 0.25) < 0.05
+    cold = pyvae.discretized_mix_logistic_sample(params, num_mix=2, channels=1, seed=3, temperature=0.0,
+                                                 backend=backend)
+    assert torch.equal(cold, torch.full_like(cold, 0.5))
+
+
+def test_mixture_mean_and_quantize():
+    params = torch.tensor([0.0, 0.0, -0.5, 0.5, -3.0, -3.0]).reshape(1, 6, 1)
+    mean = pyvae.discretized_mix_logistic_mean(params, num_mix=2, channels=1)
+    torch.testing.assert_close(mean, torch.zeros(1, 1, 1))
+    from pyvae.ops.dmol import quantize
+    assert quantize(torch.tensor([-1.0, 1.0, 0.0, 2.0]), 256).tolist() == [0, 255, 128, 255]
+
+
+def test_sample_bad_arguments_are_named():
+    params = torch.randn(2, 30, 4)
+    with pytest.raises(ValueError, match="params must have 9 parameters per position in dim 1"):
+        pyvae.discretized_mix_logistic_sample(params, num_mix=3, channels=1)
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        pyvae.discretized_mix_logistic_sample(params, num_mix=3, channels=3, temperature=-1.0)
+    with pytest.raises(ValueError, match="seed must be in"):
+        pyvae.discretized_mix_logistic_sample(params, num_mix=3, channels=3, seed=-1)

@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "hd.h"
+#include "philox.h"
 #include "vmath.h"
 
 namespace pyvae {
@@ -90,6 +91,57 @@ PYVAE_HD float tanh_f(float z) {
   const float e = exp_neg(2.0f * fabsf(z));
   const float t = (1.0f - e) / (1.0f + e);
   return z < 0.0f ? -t : t;
+}
+
+// ---------------------------------------------------------------------------------------- sampling
+constexpr float kDmolUniformMin = 1e-5f;  // the sampler's uniforms lie in [this, 1 - this] (PixelCNN++)
+
+// The uniforms of one position of the sampler, one at a time: word w is word w % 4 of the Philox
+// block of counter `position` in stream w / 4 (pyvae/ops/dmol.py: sampler_uniforms).
+struct DmolUniforms {
+  uint64_t seed, position;
+  Philox4 block;
+  int64_t word = 0;
+  PYVAE_HD float next() {
+    if (word % 4 == 0) block = philox_group(seed, position, static_cast<uint32_t>(word / 4));
+    const float u = uint_to_uniform(block.v[word % 4]);
+    ++word;
+    return u < kDmolUniformMin ? kDmolUniformMin : u > 1.0f - kDmolUniformMin ? 1.0f - kDmolUniformMin : u;
+  }
+};
+
+// One position's sample (out[c] for its `channels` channels, in [-1, 1]): the component by
+// Gumbel-max over logits + temperature * gumbel, then each channel's logistic sample
+// mean + temperature * scale * logit(u) given the channels before it, clamped. `param(j)` reads the
+// position's parameter j; `block` is the parameters per channel (2M for one channel, 3M for three).
+template <typename Param>
+PYVAE_HD void dmol_sample_position(const Param& param, int64_t num_mix, int channels, int64_t block, uint64_t seed,
+                                   uint64_t position, float temperature, float* out) {
+  DmolUniforms u{seed, position, Philox4{}};
+  int64_t choice = 0;
+  float best = -INFINITY;
+  for (int64_t i = 0; i < num_mix; ++i) {
+    const float gumbel = -log_unit(-log_unit(u.next()));
+    const float score = param(i) + temperature * gumbel;
+    if (score > best) {  // the first of equal maxima, as torch.argmax
+      best = score;
+      choice = i;
+    }
+  }
+  for (int c = 0; c < channels; ++c) {
+    const float v = u.next();
+    const float noise = log_unit(v) - log1p_f(-v);
+    const int64_t at = num_mix + c * block + choice;
+    const float raw_log_scale = param(at + num_mix);
+    const float log_scale = raw_log_scale < kDmolLogScaleMin ? kDmolLogScaleMin : raw_log_scale;
+    float value = param(at) + temperature * exp_f(log_scale) * noise;
+    if (c >= 1) {
+      const int64_t coef = num_mix + 2 * num_mix + choice;  // channel 0's; channel c's is c blocks on
+      value += c == 1 ? tanh_f(param(coef)) * out[0]
+                      : tanh_f(param(coef + block)) * out[0] + tanh_f(param(coef + 2 * block)) * out[1];
+    }
+    out[c] = value < -1.0f ? -1.0f : value > 1.0f ? 1.0f : value;
+  }
 }
 
 }  // namespace pyvae

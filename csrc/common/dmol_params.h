@@ -27,6 +27,20 @@ struct DmolParams {
   float grad_scale;
 };
 
+// One call of the sampler: params as above; the sample x (float32) in params' layout with C
+// channels where params has its P parameters; the Philox key read from `seed` (one int64 on the
+// device: the kernels read it there, so no host synchronisation).
+struct DmolSampleParams {
+  DType params_dtype;
+  const void* params;
+  const int64_t* seed;
+  int64_t batch, positions, channels, num_mix;
+  int64_t params_batch_stride, params_position_stride, params_param_stride;
+  int64_t x_batch_stride, x_position_stride, x_channel_stride;
+  float temperature;
+  float* x;
+};
+
 // Positions per partial sum of a sample's NLL: the partial sums are added in order, so the result
 // does not depend on how the work is split.
 constexpr int64_t kDmolPositionBlock = 4096;

@@ -215,7 +215,30 @@ void dmol_impl(const DmolParams& p) {
   });
 }
 
+template <typename TP>
+void dmol_sample_impl(const DmolSampleParams& p) {
+  const TP* params = static_cast<const TP*>(p.params);
+  const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  const int64_t block = p.channels == 3 ? 3 * p.num_mix : 2 * p.num_mix;
+  at::parallel_for(0, p.batch * p.positions, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t b = index / p.positions, n = index % p.positions;
+      const TP* at = params + b * p.params_batch_stride + n * p.params_position_stride;
+      const auto param = [&](int64_t j) { return static_cast<float>(at[j * p.params_param_stride]); };
+      float out[3];
+      dmol_sample_position(param, p.num_mix, static_cast<int>(p.channels), block, seed, static_cast<uint64_t>(index),
+                           p.temperature, out);
+      float* x = p.x + b * p.x_batch_stride + n * p.x_position_stride;
+      for (int64_t c = 0; c < p.channels; ++c) x[c * p.x_channel_stride] = out[c];
+    }
+  });
+}
+
 }  // namespace
+
+void dmol_sample(const DmolSampleParams& p) {
+  with_dtype(p.params_dtype, [&](auto param_type) { dmol_sample_impl<decltype(param_type)>(p); });
+}
 
 void dmol(const DmolParams& p) {
   with_dtype(p.params_dtype, [&](auto param_type) {

@@ -3,4 +3,5 @@
 
 namespace pyvae::cpu {
 void dmol(const DmolParams& p);
+void dmol_sample(const DmolSampleParams& p);
 }  // namespace pyvae::cpu

@@ -130,7 +130,30 @@ void launch_for_x(const DmolParams& p, const DmolConsts& k, dim3 grid, cudaStrea
   }
 }
 
+template <typename TP>
+__global__ void __launch_bounds__(kThreads) dmol_sample_kernel(const DmolSampleParams p) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (index >= p.batch * p.positions) return;
+  const int64_t b = index / p.positions, n = index % p.positions;
+  const ParamRow<TP> param{static_cast<const TP*>(p.params) + b * p.params_batch_stride + n * p.params_position_stride,
+                           p.params_param_stride};
+  float out[3];
+  dmol_sample_position(param, p.num_mix, static_cast<int>(p.channels), p.channels == 3 ? 3 * p.num_mix : 2 * p.num_mix,
+                       static_cast<uint64_t>(*p.seed), static_cast<uint64_t>(index), p.temperature, out);
+  float* x = p.x + b * p.x_batch_stride + n * p.x_position_stride;
+  for (int c = 0; c < p.channels; ++c) x[c * p.x_channel_stride] = out[c];
+}
+
 }  // namespace
+
+void dmol_sample(const DmolSampleParams& p, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((p.batch * p.positions + kThreads - 1) / kThreads);
+  switch (p.params_dtype) {
+    case DType::kFloat32: return dmol_sample_kernel<float><<<blocks, kThreads, 0, stream>>>(p);
+    case DType::kFloat16: return dmol_sample_kernel<__half><<<blocks, kThreads, 0, stream>>>(p);
+    case DType::kBFloat16: return dmol_sample_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(p);
+  }
+}
 
 void dmol(const DmolParams& p, cudaStream_t stream) {
   const DmolConsts k{1.0f / static_cast<float>(p.num_classes - 1), 0.5f * static_cast<float>(p.num_classes - 1),

@@ -6,4 +6,5 @@
 
 namespace pyvae::cuda {
 void dmol(const DmolParams& p, cudaStream_t stream);
+void dmol_sample(const DmolSampleParams& p, cudaStream_t stream);
 }  // namespace pyvae::cuda

@@ -12,6 +12,7 @@ MAX_CLASSES = 65536  # 16-bit data
 LOG_SCALE_MIN = -7.0  # log-scales are clamped below here
 MID_MASS_MIN = 1e-5  # a bin's mass below this: the mid-bin density instead
 LOG_MID_MASS_MIN = -11.512925464970229  # log(MID_MASS_MIN)
+UNIFORM_MIN = 1e-5  # the sampler's uniforms lie in [UNIFORM_MIN, 1 - UNIFORM_MIN] (PixelCNN++)
 
 
 def num_params(num_mix: int, channels: int) -> int:
@@ -55,4 +56,31 @@ def new_dmol_forward_outputs(params: torch.Tensor, x: torch.Tensor, num_mix: int
     return out, [torch.empty_like(params, memory_format=torch.contiguous_format)] if want_grad else []
 
 
+def check_dmol_sample(params: torch.Tensor, seed: torch.Tensor, num_mix: int, channels: int, channels_last: bool,
+                      temperature: float, *, dtypes: Sequence[torch.dtype] = KERNEL_DTYPES) -> None:
+    if num_mix < 1:
+        raise ValueError(f"num_mix must be >= 1, got {num_mix}")
+    if channels != 1 and channels != 3:
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if params.dim() < 2:
+        raise ValueError(f"params must have at least 2 dims, got {sizes(params)}")
+    ch = params.dim() - 1 if channels_last else 1
+    if params.shape[ch] != num_params(num_mix, channels):
+        raise ValueError(f"params must have {num_params(num_mix, channels)} parameters in dim {ch}, got "
+                         f"{sizes(params)}")
+    check_dtype(params, "params", dtypes)
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError("seed must be a one-element int64 tensor")
+    if seed.device != params.device:
+        raise ValueError(f"seed must be on the device of params ({params.device}), got {seed.device}")
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+
+
+def new_dmol_sample_outputs(params: torch.Tensor, seed: torch.Tensor, num_mix: int, channels: int,
+                            channels_last: bool, temperature: float) -> torch.Tensor:
+    """The sample: float32, params' shape with ``channels`` where params has its parameters."""
+    shape = list(params.shape)
+    shape[params.dim() - 1 if channels_last else 1] = channels
+    return params.new_empty(shape, dtype=torch.float32)
 

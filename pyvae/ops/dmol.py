@@ -335,7 +335,7 @@ def bits_per_dim(nll: torch.Tensor, num_dims: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- sampling
-UNIFORM_MIN = 1e-5  # the sampler's uniforms are clamped to [UNIFORM_MIN, 1 - UNIFORM_MIN] (PixelCNN++)
+UNIFORM_MIN = contract.UNIFORM_MIN
 
 
 def sampler_uniforms(seed: torch.Tensor, positions: int, count: int) -> torch.Tensor:
@@ -411,7 +411,14 @@ def discretized_mix_logistic_sample(params: torch.Tensor, *, num_mix: int, chann
     key = philox.draw_seed(params.device) if seed is None else torch.tensor(seed, dtype=torch.int64,
                                                                              device=params.device)
     with torch.no_grad():
-        return dmol_sample_reference(params, key, num_mix, channels, layout == "channels_last", float(temperature))
+        return backends.plain_op(_OP, "dmol_sample", resolved)(params, key, num_mix, channels,
+                                                               layout == "channels_last", float(temperature))
+
+
+def _torch_sample(params, seed, num_mix, channels, channels_last, temperature):
+    """The torch backend of ``dmol_sample``."""
+    contract.check_dmol_sample(params, seed, num_mix, channels, channels_last, temperature, dtypes=REFERENCE_DTYPES)
+    return dmol_sample_reference(params, seed, num_mix, channels, channels_last, temperature)
 
 
 def discretized_mix_logistic_mean(params: torch.Tensor, *, num_mix: int, channels: int,
@@ -439,5 +446,5 @@ def quantize(x: torch.Tensor, num_classes: int = 256) -> torch.Tensor:
     return torch.round((x.clamp(-1.0, 1.0) + 1.0) * (0.5 * (num_classes - 1))).long()
 
 
-_FAMILY = backends.load_op_family(_OP, {"dmol_forward": _torch_forward},
+_FAMILY = backends.load_op_family(_OP, {"dmol_forward": _torch_forward, "dmol_sample": _torch_sample},
                                   derivatives={"dmol_forward": reference_derivative(_torch_forward, (0,))})

@@ -48,6 +48,8 @@ def sanitize(device: str, trim: bool) -> None:
                     with torch.no_grad():
                         pyvae.discretized_mix_logistic_nll(params, x, num_mix=3, num_classes=num_classes,
                                                            layout=layout, backend=device)
+                    pyvae.discretized_mix_logistic_sample(params.detach(), num_mix=3, channels=channels,
+                                                          layout=layout, backend=device)
 
 
 def triton_launches(ops, t) -> None:
@@ -62,6 +64,7 @@ def triton_launches(ops, t) -> None:
                     for want_grad in (False, True):
                         ops.dmol_forward(t(*shape_p, dtype=dtype), t(*shape_x), 10, 256, layout_last, per_position,
                                          want_grad, 1.0)
+                ops.dmol_sample(t(*shape_p, dtype=dtype), t((), dtype=torch.int64), 10, channels, layout_last, 1.0)
 
 
 # ------------------------------------------------------------------------------ bad calls
@@ -89,6 +92,21 @@ BAD_CALLS = [
      TypeError, "params must be float32, float16 or bfloat16, got Double"),
     ("dmol_forward", lambda: (arg(2, 30, 4), torch.zeros(2, 3, 4, dtype=torch.int64), 3, 256, False, False, False,
                               1.0), TypeError, "x must be float32, float16 or bfloat16, got Long"),
+    ("dmol_sample", lambda: (arg(2, 30, 4), torch.tensor(3), 0, 3, False, 1.0), ValueError, "num_mix must be >= 1"),
+    ("dmol_sample", lambda: (arg(2, 30, 4), torch.tensor(3), 3, 2, False, 1.0), ValueError,
+     "channels must be 1 or 3, got 2"),
+    ("dmol_sample", lambda: (arg(30), torch.tensor(3), 3, 3, False, 1.0), ValueError, "at least 2 dims"),
+    ("dmol_sample", lambda: (arg(2, 29, 4), torch.tensor(3), 3, 3, False, 1.0), ValueError,
+     "params must have 30 parameters in dim 1, got [2, 29, 4]"),
+    ("dmol_sample", lambda: (arg(2, 4, 30), torch.tensor(3), 3, 3, False, 1.0), ValueError, "30 parameters in dim 1"),
+    ("dmol_sample", lambda: (arg(2, 30, 4), torch.tensor(3).int(), 3, 3, False, 1.0), ValueError,
+     "seed must be a one-element int64 tensor"),
+    ("dmol_sample", lambda: (arg(2, 30, 4), OnCPU(torch.tensor(3)), 3, 3, False, 1.0), ValueError,
+     "seed must be on the device of params"),
+    ("dmol_sample", lambda: (arg(2, 30, 4), torch.tensor(3), 3, 3, False, -0.5), ValueError,
+     "temperature must be >= 0, got -0.5"),
+    ("dmol_sample", lambda: (arg(2, 30, 4, dtype=torch.float64), torch.tensor(3), 3, 3, False, 1.0), TypeError,
+     "params must be float32, float16 or bfloat16, got Double"),
 ]
 
 
