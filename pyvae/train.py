@@ -36,16 +36,18 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import __version__, backends
+from . import __version__, backends, models, registry
 from .data import DatasetError, ImageDataset, load_dataset, test_count
+from .metrics import evaluating, per_example
 
-MODELS = ("vae", "convvae", "cvae", "vqvae", "hvae")
-VAE_FAMILY = ("vae", "convvae", "cvae", "hvae")
+# --model NAME: the model class it trains (its attributes, not its name, say what the CLI does with it)
+MODELS: dict[str, type[models.BaseVAE]] = {"vae": models.VAE, "convvae": models.ConvVAE, "cvae": models.CVAE,
+                                           "vqvae": models.VQVAE, "hvae": models.HierarchicalVAE}
+VAE_FAMILY = tuple(name for name, cls in MODELS.items() if cls.continuous_latent)
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 2: adds "buffers", the model's buffers that its state_dict leaves out
 END_WAIT = datetime.timedelta(days=1)  # how long the other ranks wait for rank 0's evaluation and pictures
-ACTIVE_THRESHOLD = 0.01  # Var_x E[z_u | x] above which a latent unit counts as active (Burda et al. 2016)
 
 # The CLI's defaults per model, sized for the 8x8 digits (a default run takes seconds to a couple of
 # minutes on a 2-core CPU). Options not named here take the model class's own default.
@@ -231,10 +233,10 @@ def _show(value) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parses ``argv`` and fills the per-model defaults; raises UsageError for bad options."""
     args = build_parser().parse_args(argv)
-    for name, models in MODEL_OPTIONS.items():
-        if getattr(args, name) is not None and args.model not in models:
+    for name, takers in MODEL_OPTIONS.items():
+        if getattr(args, name) is not None and args.model not in takers:
             raise UsageError(f"--{name.replace('_', '-')} does not apply to --model {args.model} "
-                             f"(it is an option of {', '.join(models)})")
+                             f"(it is an option of {', '.join(takers)})")
     for name, value in {**COMMON_DEFAULTS, **DEFAULTS[args.model]}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -313,19 +315,16 @@ def start_processes(args: argparse.Namespace) -> Run:
 # ------------------------------------------------------------------------------------------ model
 def build_model(args: argparse.Namespace, data: ImageDataset) -> torch.nn.Module:
     """The model the options describe; UsageError for sizes the model rejects."""
-    from . import models
-
     kwargs: dict[str, Any] = dict(likelihood=args.likelihood, backend=args.backend)
     for name in ("beta", "gaussian_logvar", *MODEL_OPTIONS):
         value = getattr(args, name)
         if value is not None and args.model in MODEL_OPTIONS.get(name, MODELS):
             kwargs[name] = None if value == "none" else value
     shape = data.input_shape
-    cls = {"vae": models.VAE, "convvae": models.ConvVAE, "cvae": models.CVAE, "vqvae": models.VQVAE,
-           "hvae": models.HierarchicalVAE}[args.model]
-    if args.model == "cvae":
+    cls = MODELS[args.model]
+    if cls.conditional:
         if not data.has_labels:
-            raise UsageError(f"--model cvae needs class labels, and dataset {data.name} has none "
+            raise UsageError(f"--model {args.model} needs class labels, and dataset {data.name} has none "
                              "(store them in the .npz as 'y' or 'labels')")
         kwargs["num_classes"] = data.num_classes
     try:
@@ -337,7 +336,7 @@ def build_model(args: argparse.Namespace, data: ImageDataset) -> torch.nn.Module
 def _check_backend(args: argparse.Namespace, device: torch.device) -> dict[str, str]:
     """The backend each op family resolves to here; UsageError if --backend cannot serve the device."""
     try:
-        return {op: backends.resolve(args.backend, device, op) for op in ("reparam_kl", "likelihood", "vq")}
+        return {op: backends.resolve(args.backend, device, op) for op in registry.NAMES}
     except ValueError as exc:
         raise UsageError(f"--backend {args.backend}: {exc}") from None
 
@@ -471,25 +470,16 @@ def batches(n: int, batch_size: int, epoch: int, seed: int, world: int) -> list[
     return out
 
 
-@torch.no_grad()
-def _per_example(fn, x: torch.Tensor, y: Optional[torch.Tensor], chunk: int = 512) -> torch.Tensor:
-    parts = [fn(x[i:i + chunk], None if y is None else y[i:i + chunk]) for i in range(0, len(x), chunk)]
-    return torch.cat(parts) if parts else x.new_zeros(0)
-
-
-def heldout_losses(model, data: ImageDataset, run: Run, conditional: bool) -> dict[str, float]:
-    """Mean test negative ELBO (and, for a VQ-VAE, whose ELBO holds the constant h*w*log K, the
-    reconstruction NLL); each rank evaluates its share of the test set."""
-    vq = getattr(model, "num_codes", None) is not None
-    x, y = data.x_test.to(run.device), data.y_test.to(run.device) if conditional else None
+def heldout_losses(model: models.BaseVAE, data: ImageDataset, run: Run) -> dict[str, float]:
+    """Mean test negative ELBO (and, for a model whose ELBO holds a fixed KL, e.g. a VQ-VAE's
+    h*w*log K, the reconstruction NLL); each rank evaluates its share of the test set."""
+    x, y = data.x_test.to(run.device), data.y_test.to(run.device) if model.conditional else None
     share = slice(run.rank, None, run.world)
-    was = model.training
-    model.eval()
     x, y = x[share], None if y is None else y[share]
-    sums = [_per_example(lambda xb, yb: model.negative_elbo(xb, yb), x, y).double().sum()]
-    if vq:
-        sums.append(_per_example(lambda xb, yb: model(xb).recon_loss, x, y).double().sum())
-    model.train(was)
+    with evaluating(model):
+        sums = [per_example(model.negative_elbo, x, y).double().sum()]
+        if model.fixed_kl is not None:
+            sums.append(per_example(lambda xb, yb: model(xb, yb).recon_loss, x, y).double().sum())
     sums = torch.stack(sums + [torch.tensor(float(len(x)), dtype=torch.float64, device=run.device)])
     if run.distributed:
         dist.all_reduce(sums)
@@ -525,7 +515,7 @@ def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: torch.n
         train_model = torch.compile(train_model)
 
     x_all = data.x_train.to(run.device)
-    y_all = data.y_train.to(run.device) if args.model == "cvae" else None
+    y_all = data.y_train.to(run.device) if model.conditional else None
     model.train()
     while epoch < args.epochs:
         epoch_start = time.perf_counter()
@@ -559,7 +549,7 @@ def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: torch.n
             dist.all_reduce(step_loss)
         step_loss = step_loss.tolist()
         train_seconds = time.perf_counter() - epoch_start
-        test = heldout_losses(model, data, run, y_all is not None)
+        test = heldout_losses(model, data, run)
         epoch += 1
         if not all(math.isfinite(v) for v in [*step_loss, *test.values()]):
             last = step_loss[-1] if step_loss else "-"
@@ -624,57 +614,22 @@ def baseline_nll(data: ImageDataset, likelihood: str) -> tuple[torch.Tensor, dic
 
 
 @torch.no_grad()
-def evaluate(args: argparse.Namespace, run: Run, data: ImageDataset, model) -> dict:
-    """The test-set numbers of metrics.json (rank 0)."""
-    from . import metrics
-
-    model.eval()
+def evaluate(args: argparse.Namespace, run: Run, data: ImageDataset, model: models.BaseVAE) -> dict:
+    """The test-set numbers of metrics.json (rank 0): the model's own (its ``evaluation_metrics``),
+    with the baseline that ignores the latent after its test negative ELBO."""
     torch.manual_seed(args.seed)  # training is over: this only makes the metrics repeatable
     x = data.x_test.to(run.device)
-    y = data.y_test.to(run.device) if args.model == "cvae" else None
-    nelbo = _per_example(lambda xb, yb: model.negative_elbo(xb, yb), x, y)
+    y = data.y_test.to(run.device) if model.conditional else None
+    own = model.evaluation_metrics(x, y, x_train=data.x_train.to(run.device), iwae_k=args.iwae_k, seed=args.seed)
     base, base_info = baseline_nll(data, args.likelihood)
-    model_nll, base_nll = float(nelbo.double().mean()), float(base.double().mean())
-    result: dict[str, Any] = {
+    model_nll, base_nll = own["test_negative_elbo"], float(base.double().mean())
+    return {
         "test_negative_elbo": model_nll,
         "baseline": {**base_info, "test_nll": base_nll},
         # > 0: the model's negative ELBO is that fraction of |baseline| below the baseline's NLL
         "relative_improvement": (base_nll - model_nll) / abs(base_nll) if base_nll else None,
+        **own,
     }
-    if args.model == "hvae":
-        # each layer's KL depends on the draw of the layers above: the terms of negative_elbo's own draw
-        kl_layers = _per_example(lambda xb, yb: model.elbo_terms(xb, yb)[1].T, x, y).double()
-        result["test_kl"] = float(kl_layers.sum(1).mean())
-        result["test_kl_layers"] = kl_layers.mean(0).tolist()
-        result["test_recon_nll"] = model_nll - result["test_kl"]
-    elif args.model in VAE_FAMILY:
-        kl = _per_example(lambda xb, yb: _call(model, xb, yb).kl, x, y)
-        result["test_kl"] = float(kl.double().mean())
-        result["test_recon_nll"] = model_nll - result["test_kl"]
-    if args.model in VAE_FAMILY:
-        iwae = metrics.iwae_nll(model, x, k=args.iwae_k, y=y, seed=args.seed)
-        result[f"iwae_nll_k{args.iwae_k}"] = float(iwae.double().mean())
-        count, variances = metrics.active_units(model, x, ACTIVE_THRESHOLD, y=y, return_variances=True)
-        result["active_units"] = count
-        result["latent_dim"] = model.latent_dim
-        result["latent_variances"] = [round(v, 6) for v in variances.tolist()]
-        if args.model == "hvae":
-            result["latent_dims"] = list(model.latent_dims)
-            result["active_units_layers"] = [int((v > ACTIVE_THRESHOLD).sum())
-                                             for v in variances.split(model.latent_dims)]
-    else:
-        test_idx = _per_example(lambda xb, yb: model.encode_indices(xb), x, None)
-        train_idx = _per_example(lambda xb, yb: model.encode_indices(xb), data.x_train.to(run.device), None)
-        result["test_recon_nll"] = float(_per_example(lambda xb, yb: model(xb).recon_loss, x, None).double().mean())
-        result["num_codes"] = model.num_codes
-        result["latent_grid"] = list(model.latent_shape)
-        result["code_usage"] = metrics.code_usage(test_idx, model.num_codes)
-        result["codes_used"] = round(result["code_usage"] * model.num_codes)
-        result["perplexity"] = float(metrics.perplexity(test_idx, model.num_codes))
-        result["train_code_usage"] = metrics.code_usage(train_idx, model.num_codes)
-        result["train_perplexity"] = float(metrics.perplexity(train_idx, model.num_codes))
-        result["code_counts"] = torch.bincount(test_idx.flatten(), minlength=model.num_codes).tolist()
-    return result
 
 
 def write_metrics(path: str, metrics: dict) -> None:
@@ -726,20 +681,14 @@ def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model
         plt.close(fig)
         written.append(name)
 
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    if args.model == "cvae":
-        k = data.num_classes
-        labels = torch.arange(k, device=device).repeat_interleave(8)
-        samples, ncols, title = model.sample(len(labels), labels, generator=g), 8, "samples (one row per class)"
-    else:
-        samples, ncols, title = model.sample(64, generator=g), 8, "samples from the prior"
-    fig, ax = plt.subplots(figsize=(5, 5 * math.ceil(len(samples) / ncols) / ncols + 0.4))
-    _show_grid(ax, _grid(samples, ncols), title)
+    samples = model.prior_samples(8, generator=torch.Generator(device=device).manual_seed(args.seed))
+    fig, ax = plt.subplots(figsize=(5, 5 * math.ceil(len(samples.images) / samples.ncols) / samples.ncols + 0.4))
+    _show_grid(ax, _grid(samples.images, samples.ncols), samples.title)
     save(fig, "samples.png")
 
     n = min(32, len(data.x_test))
     x = data.x_test[:n].to(device)
-    y = data.y_test[:n].to(device) if args.model == "cvae" else None
+    y = data.y_test[:n].to(device) if model.conditional else None
     recon = model.reconstruct(x, y)
     rows = []
     for start in range(0, n, 8):  # alternating rows: 8 originals, then their reconstructions
@@ -758,12 +707,11 @@ def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model
     # an epoch's mean loss belongs to the middle of the epoch; the test value to its end
     ax.plot([e["epoch"] - 0.5 for e in epochs], [e["train_loss"] for e in epochs], color="tab:blue", marker=".",
             label="train loss, epoch mean")
-    if args.model in VAE_FAMILY:
+    if model.fixed_kl is None:
         test, test_label = [e["test_negative_elbo"] for e in epochs], "test negative ELBO"
-    else:  # the ELBO adds the constant h*w*log K to this, which would put it far above the rest
-        constant = metrics["test_negative_elbo"] - metrics["test_recon_nll"]
+    else:  # the ELBO adds the constant (h*w*log K) to this, which would put it far above the rest
         test = [e["test_recon_nll"] for e in epochs]
-        test_label = f"test reconstruction NLL (+ {constant:.1f} = negative ELBO)"
+        test_label = f"test reconstruction NLL (+ {model.fixed_kl:.1f} = negative ELBO)"
     ax.plot([e["epoch"] for e in epochs], test, color="tab:orange", marker=".", label=test_label)
     base = metrics["baseline"]["test_nll"]
     ax.axhline(base, color="gray", ls="--", lw=1, label=f"baseline (independent pixels) {base:.2f}")
@@ -779,29 +727,10 @@ def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model
     ax.grid(alpha=0.3)
     save(fig, "loss_curves.png")
 
-    if args.model in VAE_FAMILY:
-        variances = torch.tensor(metrics["latent_variances"])
-        width, title = model.latent_dim, "latent traversal: {} most active dimensions, -3..3 around 0"
-        if args.model == "hvae":  # the top layer, whose prior is N(0, I), the layers below at their prior means
-            width = model.latent_dims[-1]
-            variances = variances[-width:]
-            title = f"top-layer traversal: {{}} most active of its {width} dimensions, -3..3 around 0\n" \
-                    "(the layers below at their prior means)"
-        order = variances.argsort(descending=True).tolist()
-        dims = [d for d in order if variances[d] > ACTIVE_THRESHOLD][:8] or order[:2]  # active ones, else two
-        steps = torch.linspace(-3, 3, 9, device=device)
-        z = torch.zeros(len(dims), len(steps), width, device=device)
-        for row, d in enumerate(dims):
-            z[row, :, d] = steps
-        z = z.reshape(-1, width)
-        if args.model == "hvae":
-            images = model.decode_top(z)
-        else:
-            yz = torch.zeros(len(z), dtype=torch.int64, device=device) if args.model == "cvae" else None
-            images = model.decode(z, yz)
-        fig, ax = plt.subplots(figsize=(5, 0.6 * len(dims) + 0.5))
-        _show_grid(ax, _grid(images, len(steps)),
-                   title.format(len(dims)) + (" (class 0)" if args.model == "cvae" else ""))
+    if model.continuous_latent:
+        traversal = model.latent_traversal(torch.tensor(metrics["latent_variances"]))
+        fig, ax = plt.subplots(figsize=(5, 0.6 * len(traversal.images) / traversal.ncols + 0.5))
+        _show_grid(ax, _grid(traversal.images, traversal.ncols), traversal.title)
         save(fig, "latent_traversal.png")
     else:
         counts = metrics["code_counts"]
@@ -883,7 +812,7 @@ def check_dataset_size(args: argparse.Namespace, run: Run, data: ImageDataset) -
     if len(data.x_train) < run.world:
         raise UsageError(f"dataset {data.name}: its training split has {len(data.x_train)} image(s), fewer than "
                          f"the {run.world} processes, and every process needs at least one")
-    if args.model in VAE_FAMILY and len(data.x_test) < 2:
+    if MODELS[args.model].continuous_latent and len(data.x_test) < 2:
         smallest = next(n for n in itertools.count(2) if test_count(n) >= 2)
         raise UsageError(f"dataset {data.name}: its test split has {len(data.x_test)} image, and the evaluation of "
                          f"--model {args.model} needs at least 2 (active units are a variance over the test images): "
