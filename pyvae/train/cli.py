@@ -36,9 +36,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import __version__, backends, models, registry
-from .data import DatasetError, ImageDataset, load_dataset, test_count
-from .metrics import evaluating, per_example
+from .. import __version__, backends, models, registry
+from ..data import DatasetError, ImageDataset, load_dataset, test_count
+from ..metrics import evaluating, per_example
 
 # --model NAME: the model class it trains (its attributes, not its name, say what the CLI does with it)
 MODELS: dict[str, type[models.BaseVAE]] = {"vae": models.VAE, "convvae": models.ConvVAE, "cvae": models.CVAE,
@@ -580,7 +580,7 @@ def baseline_nll(data: ImageDataset, likelihood: str) -> tuple[torch.Tensor, dic
     pixels, each with the likelihood's distribution fitted to the training set by maximum likelihood
     (Bernoulli and continuous Bernoulli: on counts smoothed by half an observation, which keeps the
     probabilities off 0 and 1; Gaussian: with a variance floor)."""
-    from . import ops
+    from .. import ops
 
     x, t = data.x_train.double(), data.x_test
     n = x.shape[0]
@@ -600,7 +600,7 @@ def baseline_nll(data: ImageDataset, likelihood: str) -> tuple[torch.Tensor, dic
                      "fit": "p = per-pixel mean of the training set, (sum + 0.5) / (N + 1)"}
     # continuous Bernoulli: an exponential family in its logit, so maximum likelihood matches its
     # mean to the data mean; the mean is increasing in the logit, found by bisection.
-    from .models.base import continuous_bernoulli_mean
+    from ..models.base import continuous_bernoulli_mean
 
     lo, hi = torch.full_like(mean, -1e4), torch.full_like(mean, 1e4)
     for _ in range(80):
