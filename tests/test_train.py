@@ -589,7 +589,7 @@ def test_two_process_torchrun_keeps_the_ranks_identical(capsys, tmp_path):
 def test_twenty_torchrun_runs_in_a_row_all_succeed(tmp_path):
     # Issue 19: up to 1 run in 4 failed (here 2 in about 160): rank 1 was aborted at exit
     # ("terminate called without an active exception") when a gloo worker thread still had to release
-    # its last collective's tensors as the interpreter finalized (see pyvae.train._run).
+    # its last collective's tensors as the interpreter finalized (see pyvae.train.Run.leave_together).
     for i in range(20):
         r = torchrun(tmp_path, "--model", "vqvae", *TINY["vqvae"], "--epochs", "1", "--batch-size", "95", "--quiet",
                      "--out", tmp_path / f"run{i}")
