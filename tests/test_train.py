@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -540,6 +541,18 @@ def test_digits_dataset():
     np.testing.assert_array_equal(ds.y_train.numpy(), y_train)
     binary = pdata.load_dataset("digits", binarize=True)
     np.testing.assert_array_equal(binary.x_test.reshape(len(x_test), -1).numpy(), (x_test >= 0.5).astype(np.float32))
+
+
+def test_only_the_options_know_a_model_by_its_name():
+    # The loop, the evaluation and the pictures ask the model (conditional, continuous_latent,
+    # fixed_kl, evaluation_metrics, ...); only options.py's tables name models.
+    package = os.path.dirname(ptrain.__file__)
+    names = "|".join(map(re.escape, ptrain.MODELS))
+    by_name = re.compile(rf"args\.model\s*(==|!=|\bin\b|\bnot in\b)|[\"']({names})[\"']")
+    found = [f"{module}:{i}: {line.strip()}" for module in sorted(os.listdir(package))
+             if module.endswith(".py") and module != "options.py"
+             for i, line in enumerate(open(os.path.join(package, module)), 1) if by_name.search(line)]
+    assert found == []
 
 
 def test_batches_cover_the_data_and_split_between_ranks():
