@@ -339,12 +339,11 @@ def test_mixed_dtypes_promote():
 
 def _last_rows_eps(seed, cols, rows, last):
     """eps of the last `last` rows of a [rows, cols] input, from the Philox counters directly."""
-    from pyvae.ops import reparam_kl as rk
+    from pyvae.ops import philox
     groups = (cols + 3) // 4
     counter = torch.arange((rows - last) * groups, rows * groups, dtype=torch.int64)
-    words = rk._philox4x32_10(counter & rk._MASK32, counter >> 32, torch.zeros_like(counter), torch.zeros_like(counter),
-                              torch.tensor(seed & rk._MASK32), torch.tensor(seed >> 32))
-    u = [rk._uniform(w).double() for w in words]
+    words = philox.philox_group(torch.tensor(seed), counter, 0)
+    u = [philox.uniform(w).double() for w in words]
     out = []
     for u1, u2 in ((u[0], u[1]), (u[2], u[3])):
         r = torch.sqrt(-2 * torch.log(u1.clamp_min(1e-7)))

@@ -22,42 +22,16 @@ import torch
 from .. import backends
 from ..kernels.contracts import REFERENCE_DTYPES
 from ..kernels.contracts import reparam_kl as contract
+from .philox import MASK32, check_seed, draw_seed, philox4x32_10, uniform
 from ._common import (apply, check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows,
                       reference_derivative)
 
 __all__ = ["reparameterize_kl", "ReparamKLFunction", "reference_eps", "reparameterize_kl_reference", "draw_seed"]
 
 _OP = "reparam_kl"
-_MASK32 = 0xFFFFFFFF
-_SEED_LIMIT = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- the noise, in PyTorch
-def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of a * b for uint32 values held in int64, without int64 overflow."""
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    ahi, alo = a * b_hi, a * b_lo  # each < 2^48
-    hi = (ahi + (alo >> 16)) >> 16
-    lo = (alo + ((ahi & 0xFFFF) << 16)) & _MASK32
-    return hi, lo
-
-
-def _philox4x32_10(c0, c1, c2, c3, k0, k1):
-    for _ in range(10):
-        hi_b, lo_b = _mulhilo32(c2, 0xCD9E8D57)
-        hi_a, lo_a = _mulhilo32(c0, 0xD2511F53)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + 0x9E3779B9) & _MASK32
-        k1 = (k1 + 0xBB67AE85) & _MASK32
-    return c0, c1, c2, c3
-
-
-def _uniform(bits: torch.Tensor) -> torch.Tensor:
-    """Triton's uint_to_uniform_float: the uint32 read as int32, negatives folded by ~x, times a scale."""
-    folded = torch.where(bits >= 2**31, _MASK32 - bits, bits)
-    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
-
-
 def reference_eps(seed: int | torch.Tensor, shape: torch.Size | tuple[int, ...], n_samples: int = 1,
                   dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
     """The N(0, 1) noise every backend uses for ``seed``, shape ``(n_samples, *shape)``.
@@ -84,11 +58,11 @@ def philox_normal(seed: torch.Tensor, shape: list[int], n_samples: int, dtype: t
     device = seed.device
     counter = torch.arange(rows * groups, dtype=torch.int64, device=device)
     sample = torch.arange(n_samples, dtype=torch.int64, device=device).view(-1, 1)
-    c0 = (counter & _MASK32).expand(n_samples, -1)
+    c0 = (counter & MASK32).expand(n_samples, -1)
     c1 = (counter >> 32).expand(n_samples, -1)
     c2 = sample.expand_as(c0)
-    words = _philox4x32_10(c0, c1, c2, torch.zeros_like(c0), seed & _MASK32, (seed >> 32) & _MASK32)
-    u = [_uniform(w) for w in words]
+    words = philox4x32_10(c0, c1, c2, torch.zeros_like(c0), seed & MASK32, (seed >> 32) & MASK32)
+    u = [uniform(w) for w in words]
     normals = []
     for u1, u2 in ((u[0], u[1]), (u[2], u[3])):
         radius = torch.sqrt(-2.0 * torch.log(u1.clamp_min(1e-7).to(dtype)))
@@ -101,25 +75,6 @@ def philox_normal(seed: torch.Tensor, shape: list[int], n_samples: int, dtype: t
 @philox_normal.register_fake
 def _(seed, shape, n_samples, dtype):
     return seed.new_empty((n_samples, *shape), dtype=dtype)
-
-
-def draw_seed(device: torch.device | str) -> torch.Tensor:
-    """A fresh key from PyTorch's generator for ``device``, as a 0-d int64 tensor on that device.
-
-    Drawn by a device-side random op, so it never synchronises with the GPU, and a CUDA graph that
-    captured it draws a fresh key on every replay (as PyTorch's own random ops do). The reference
-    backend uses it; the CPU and CUDA ops draw inside the op, the Triton op the same way as here.
-    """
-    return torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64, device=device)
-
-
-def _check_seed(seed: int | None) -> None:
-    if seed is None:
-        return
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
-    if not 0 <= seed <= _SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
 
 
 # --------------------------------------------------------------------------- the reference
@@ -420,7 +375,7 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, prior_mu: torch
     if mu.dtype != logvar.dtype:
         common = torch.promote_types(mu.dtype, logvar.dtype)
         mu, logvar = mu.to(common), logvar.to(common)
-    _check_seed(seed)
+    check_seed(seed)
     if prior_mu is None and prior_logvar is None:
         # every argument passed: torch.compile (2.13) binds its context to the first argument of a
         # forward called with fewer arguments than it has parameters
