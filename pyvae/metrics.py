@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from .ops.vq import code_counts, perplexity_of_frequencies
 
-__all__ = ["active_units", "code_usage", "iwae_nll", "perplexity"]
+__all__ = ["ACTIVE_THRESHOLD", "active_units", "code_usage", "evaluating", "iwae_nll", "per_example", "perplexity"]
+
+ACTIVE_THRESHOLD = 0.01
+"""``Var_x E[z_u | x]`` above which a latent unit counts as active (Burda et al. 2016): the default
+threshold of :func:`active_units`."""
 
 
 @contextlib.contextmanager
-def _evaluating(model: nn.Module):
+def evaluating(model: nn.Module):
     """Eval mode and no autograd for the block; the model's mode is restored after."""
     was = model.training
     model.eval()
@@ -30,6 +34,16 @@ def _evaluating(model: nn.Module):
 def _chunks(x: torch.Tensor, y: Optional[torch.Tensor], size: int):
     for start in range(0, x.shape[0], size):
         yield x[start:start + size], None if y is None else y[start:start + size]
+
+
+@torch.no_grad()
+def per_example(fn: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], x: torch.Tensor,
+                y: Optional[torch.Tensor] = None, *, chunk: int = 512) -> torch.Tensor:
+    """``fn(x_chunk, y_chunk)``, a value per example ``[b, ...]``, over ``x`` (and the labels ``y``,
+    or None) in chunks of ``chunk`` examples to bound memory, concatenated to ``[B, ...]``; under
+    ``torch.no_grad()``, in the model's current mode. An empty ``x`` gives an empty tensor."""
+    parts = [fn(xc, yc) for xc, yc in _chunks(x, y, chunk)]
+    return torch.cat(parts) if parts else x.new_zeros(0)
 
 
 def _batch_size(batch_size, default: int) -> int:
@@ -65,14 +79,15 @@ def iwae_nll(model: nn.Module, x: torch.Tensor, k: int = 100, y: Optional[torch.
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     size = _batch_size(batch_size, max(1, 4096 // k))
     parts = []
-    with _evaluating(model):
+    with evaluating(model):
         for xc, yc in _chunks(x, y, size):
             log_w = model.log_importance_weights(xc, k, yc, seed=seed)
             parts.append(math.log(k) - torch.logsumexp(log_w, dim=0))
     return torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float32)
 
 
-def active_units(model: nn.Module, x: torch.Tensor, threshold: float = 0.01, y: Optional[torch.Tensor] = None, *,
+def active_units(model: nn.Module, x: torch.Tensor, threshold: float = ACTIVE_THRESHOLD,
+                 y: Optional[torch.Tensor] = None, *,
                  batch_size: Optional[int] = None,
                  return_variances: bool = False) -> Union[int, tuple[int, torch.Tensor]]:
     """The number of active latent units (Burda et al. 2016): dimensions ``u`` whose posterior mean
@@ -88,7 +103,7 @@ def active_units(model: nn.Module, x: torch.Tensor, threshold: float = 0.01, y: 
     if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold >= 0):
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
     size = _batch_size(batch_size, x.shape[0])
-    with _evaluating(model):
+    with evaluating(model):
         means = [model.encode(xc, yc) for xc, yc in _chunks(x, y, size)]
     mu = torch.cat(means)
     if mu.dim() != 2:

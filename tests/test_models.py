@@ -1,5 +1,6 @@
 """pyvae.models: the shared API of VAE, ConvVAE, CVAE and VQVAE, their objectives against eager
-torch.distributions, the beta schedule and free bits, save/load, torch.compile and bad input."""
+torch.distributions, the beta schedule and free bits, save/load, torch.compile, bad input, and what
+every model (HierarchicalVAE too) says about itself to a trainer."""
 import io
 import math
 
@@ -9,7 +10,7 @@ import torch.distributions as D
 
 import pyvae
 from pyvae import metrics
-from pyvae.models import CVAE, VAE, VQVAE, BaseVAE, ConvVAE, ModelOutput
+from pyvae.models import CVAE, VAE, VQVAE, BaseVAE, ConvVAE, HierarchicalVAE, ImageGrid, ModelOutput
 from pyvae.models.base import continuous_bernoulli_mean
 from pyvae.ops.reparam_kl import reference_eps
 
@@ -22,11 +23,12 @@ SMALL = {
     "vqvae": lambda **kw: VQVAE((1, 8, 8), num_codes=8, code_dim=4, channels=(4, 8), downsample=1, **kw),
 }
 GAUSSIAN_FAMILY = ["vae", "convvae", "cvae"]
+EVERY_MODEL = {**SMALL, "hvae": lambda **kw: HierarchicalVAE((1, 8, 8), latent_dims=(3, 2), hidden_dims=(16,), **kw)}
 
 
 def make(name, seed=0, **kw):
     torch.manual_seed(seed)
-    return SMALL[name](**kw)
+    return EVERY_MODEL[name](**kw)
 
 
 def batch(model, b=5, seed=1):
@@ -227,6 +229,81 @@ def test_method_shapes(name):
     score = model.anomaly_score(x, y)
     assert score.shape == (5,) and score.dtype == torch.float32 and not score.requires_grad
     torch.testing.assert_close(score, model.anomaly_score(x, y))  # seeded: repeatable
+
+
+# ----------------------------------------------------------------------------- what a trainer asks
+@pytest.mark.parametrize("name", list(EVERY_MODEL))
+def test_class_attributes_say_what_the_model_does(name):
+    # a trainer reads these instead of the model's name: each must say what the model does
+    model = make(name).eval()
+    x, y = batch(model)
+    assert model.conditional == (y is not None) == (type(model).conditional)
+    if model.conditional:
+        with pytest.raises(ValueError, match="y is required"):
+            model(x)
+    else:
+        with pytest.raises(ValueError, match="y must be None"):
+            model(x, torch.zeros(len(x), dtype=torch.int64))
+    out = model(x, y)
+    assert model.continuous_latent == (out.kl is not None) == (model.fixed_kl is None)
+    if model.continuous_latent:
+        assert model.encode(x, y).shape == (len(x), model.latent_dim)
+    else:  # the KL term of the negative ELBO is the same for every input
+        torch.testing.assert_close(model.negative_elbo(x, y) - model.fixed_kl, out.recon_loss)
+
+
+@pytest.mark.parametrize("name", list(EVERY_MODEL))
+def test_evaluation_metrics(name):
+    model = make(name)
+    x, y = batch(model, b=7)
+    x_train, _ = batch(model, b=9, seed=2)
+    torch.manual_seed(5)
+    m = model.evaluation_metrics(x, y, x_train=x_train, iwae_k=4, seed=3)
+    assert model.training and model.step.item() == 0  # evaluated in eval mode, its mode restored
+    assert next(iter(m)) == "test_negative_elbo"
+    assert m["test_negative_elbo"] == pytest.approx(model.eval().negative_elbo(x, y).double().mean().item(), rel=1e-6)
+    torch.manual_seed(5)
+    assert m == model.evaluation_metrics(x, y, x_train=x_train, iwae_k=4, seed=3)  # repeatable
+    if model.continuous_latent:
+        common = ["test_negative_elbo", "test_kl", "test_recon_nll", "iwae_nll_k4", "active_units", "latent_dim",
+                  "latent_variances"]
+        if name == "hvae":
+            assert list(m) == [*common[:2], "test_kl_layers", *common[2:], "latent_dims", "active_units_layers"]
+            assert sum(m["test_kl_layers"]) == pytest.approx(m["test_kl"]) and m["latent_dims"] == [3, 2]
+        else:
+            assert list(m) == common
+            assert m["test_kl"] == pytest.approx(model(x, y).kl.double().mean().item(), rel=1e-6)
+        assert m["test_recon_nll"] == pytest.approx(m["test_negative_elbo"] - m["test_kl"])
+        assert m["iwae_nll_k4"] == pytest.approx(metrics.iwae_nll(model, x, 4, y, seed=3).double().mean().item())
+        count, variances = metrics.active_units(model, x, y=y, return_variances=True)
+        assert m["active_units"] == count and m["latent_variances"] == pytest.approx(variances.tolist(), abs=1e-6)
+    else:
+        assert list(m) == ["test_negative_elbo", "test_recon_nll", "num_codes", "latent_grid", "code_usage",
+                           "codes_used", "perplexity", "train_code_usage", "train_perplexity", "code_counts"]
+        assert m["test_recon_nll"] == pytest.approx(m["test_negative_elbo"] - model.fixed_kl, rel=1e-6)
+        assert m["code_counts"] == torch.bincount(model.encode_indices(x).flatten(), minlength=8).tolist()
+        assert m["codes_used"] == sum(c > 0 for c in m["code_counts"]) and m["latent_grid"] == [4, 4]
+        assert "train_code_usage" not in model.evaluation_metrics(x, y)
+
+
+@pytest.mark.parametrize("name", list(EVERY_MODEL))
+def test_pictures_a_model_gives(name):
+    model = make(name).eval()
+    grid = model.prior_samples(4, generator=torch.Generator().manual_seed(0))
+    assert isinstance(grid, ImageGrid) and grid.ncols == 4
+    assert grid.images.shape == (4 * (model.num_classes or 4), *model.input_shape)
+    if model.conditional:  # a row per class
+        labels = torch.arange(model.num_classes).repeat_interleave(4)
+        torch.testing.assert_close(grid.images, model.sample(len(labels), labels,
+                                                             generator=torch.Generator().manual_seed(0)))
+    if model.continuous_latent:
+        variances = torch.zeros(model.latent_dim)
+        variances[-1] = 0.5  # one active unit, in the top layer of a hierarchy
+        traversal = model.latent_traversal(variances)
+        assert traversal.ncols == 9 and traversal.images.shape == (9, *model.input_shape)
+        assert "1 most active" in traversal.title
+    else:
+        assert not hasattr(model, "latent_traversal")
 
 
 def test_interpolation_paths():

@@ -54,6 +54,12 @@ def check_dtype(t: torch.Tensor, name: str, dtypes: Sequence[torch.dtype] = KERN
         raise TypeError(f"{name} must be {', '.join(names[:-1])} or {names[-1]}, got {dtype_name(t.dtype)}")
 
 
+def float32_values(dtypes: Sequence[torch.dtype]) -> tuple[torch.dtype, ...]:
+    """The dtypes of a value the kernels take in float32 (a loss's gradient, a scale): float32, and
+    float64 too where ``dtypes`` has it (the torch backend computes float64 inputs in float64)."""
+    return (torch.float32, torch.float64) if torch.float64 in dtypes else (torch.float32,)
+
+
 def broadcasts(small: torch.Tensor, big: torch.Tensor) -> bool:
     """Whether ``small`` broadcasts to ``big``'s shape (at::is_expandable_to)."""
     return small.dim() <= big.dim() and all(s in (1, b) for s, b in zip(reversed(small.shape), reversed(big.shape)))

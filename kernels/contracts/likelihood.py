@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..._constants import LOGVAR_GROUP_ROWS, LikelihoodFlag
-from . import KERNEL_DTYPES, broadcasts, check_dtype, dtype_name, sizes
+from . import KERNEL_DTYPES, broadcasts, check_dtype, dtype_name, float32_values, sizes
 
 LOSSES = ("bernoulli", "gaussian", "continuous_bernoulli")
 """The ``loss`` argument's values, in the order of the kernels' loss ids."""
@@ -78,7 +78,7 @@ def check_scale_grad_(grad: torch.Tensor, scale: torch.Tensor, *,
     check_dtype(grad, "grad", dtypes)
     if not grad.is_contiguous():
         raise ValueError("grad must be contiguous")
-    if scale.numel() != 1 or scale.dtype != torch.float32:
+    if scale.numel() != 1 or scale.dtype not in float32_values(dtypes):
         raise ValueError(f"scale must be a single float32 value, got {dtype_name(scale.dtype)} of shape "
                          f"{sizes(scale)}")
     if scale.device != grad.device:

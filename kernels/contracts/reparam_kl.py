@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import KERNEL_DTYPES, broadcasts, check_dtype, dtype_name, sizes
+from . import KERNEL_DTYPES, broadcasts, check_dtype, dtype_name, float32_values, sizes
 
 
 def check_mu_logvar(mu: torch.Tensor, logvar: torch.Tensor, dtypes: Sequence[torch.dtype]) -> None:
@@ -81,7 +81,7 @@ def check_reparam_kl_backward(mu: torch.Tensor, logvar: torch.Tensor, seed: torc
     if grad_kl is not None:
         if grad_kl.shape != mu.shape:
             raise ValueError(f"grad_kl must have the shape of mu (expanded if need be), got {sizes(grad_kl)}")
-        if grad_kl.dtype != torch.float32:
+        if grad_kl.dtype not in float32_values(dtypes):
             raise TypeError("grad_kl must be float32")
         if grad_kl.device != mu.device:
             raise ValueError(f"grad_kl must be on the device of mu ({mu.device}), got {grad_kl.device}")

@@ -1,13 +1,17 @@
 """What every pyvae model shares: the output type, input checks, the likelihood layer, the beta
-schedule, and the method set built on three hooks (encode, decode, log_importance_weights)."""
+schedule, the method set built on three hooks (encode, decode, log_importance_weights), and what a
+model says about itself to a trainer (the class attributes ``conditional`` and ``continuous_latent``,
+``fixed_kl``, ``evaluation_metrics``, ``prior_samples``; ``latent_traversal`` where the latent is
+continuous)."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ..metrics import ACTIVE_THRESHOLD, active_units, evaluating, iwae_nll, per_example
 from ..nn import BernoulliLikelihood, ContinuousBernoulliLikelihood, GaussianLikelihood
 
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
@@ -24,6 +28,14 @@ class ModelOutput(NamedTuple):
     indices: Optional[torch.Tensor] = None     # [B, h, w] int64 code indices (VQVAE)
     perplexity: Optional[torch.Tensor] = None  # scalar code perplexity of the batch (VQVAE)
     kl_layers: Optional[torch.Tensor] = None   # [L, B] float32 KL of each stochastic layer, bottom first (HierarchicalVAE)
+
+
+class ImageGrid(NamedTuple):
+    """Images to show as a grid: ``images`` ``[N, *input_shape]`` in data space, row after row of
+    ``ncols``, under ``title``."""
+    images: torch.Tensor
+    ncols: int
+    title: str
 
 
 def positive_ints(name: str, value, *, allow_int: bool = False, allow_empty: bool = False) -> tuple[int, ...]:
@@ -82,6 +94,36 @@ def continuous_bernoulli_mean(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(near, series, direct).to(logits.dtype)
 
 
+def gaussian_latent_metrics(model: "BaseVAE", x: torch.Tensor, y: Optional[torch.Tensor], *, iwae_k: int,
+                            seed: Optional[int]) -> tuple[dict[str, Any], torch.Tensor]:
+    """The numbers of a continuous latent on the examples ``x``: ``iwae_nll_k<iwae_k>`` (the mean
+    importance-weighted bound, :func:`pyvae.metrics.iwae_nll` with ``seed``), ``active_units``,
+    ``latent_dim`` and ``latent_variances`` (each unit's posterior-mean variance, rounded to 6
+    places); returned with the unrounded variances ``[latent_dim]``."""
+    iwae = iwae_nll(model, x, k=iwae_k, y=y, seed=seed)
+    count, variances = active_units(model, x, ACTIVE_THRESHOLD, y=y, return_variances=True)
+    return {f"iwae_nll_k{iwae_k}": float(iwae.double().mean()), "active_units": count,
+            "latent_dim": model.latent_dim, "latent_variances": [round(v, 6) for v in variances.tolist()]}, variances
+
+
+def traversal_latents(variances: torch.Tensor, values: torch.Tensor, *, threshold: float = ACTIVE_THRESHOLD,
+                      most: int = 8) -> torch.Tensor:
+    """Latents ``[rows * len(values), len(variances)]`` that vary one unit at a time: a row per unit
+    among the ``most`` with the largest ``variances`` above ``threshold`` (the two largest when none
+    is), that unit taking ``values`` in turn and every other unit 0. On the device of ``values``."""
+    order = variances.argsort(descending=True).tolist()
+    units = [u for u in order if variances[u] > threshold][:most] or order[:2]
+    z = values.new_zeros(len(units), len(values), len(variances))
+    for row, u in enumerate(units):
+        z[row, :, u] = values
+    return z.reshape(-1, len(variances))
+
+
+def traversal_values(device: torch.device) -> torch.Tensor:
+    """The values a latent traversal gives a unit: -3 to 3 in 9 steps (the prior's +-3 sigma)."""
+    return torch.linspace(-3, 3, 9, device=device)
+
+
 class BaseVAE(nn.Module):
     """The shared API of pyvae's models (see :mod:`pyvae.models`).
 
@@ -100,6 +142,14 @@ class BaseVAE(nn.Module):
 
     input_shape: tuple[int, ...]
     num_classes: Optional[int] = None
+
+    conditional: ClassVar[bool] = False
+    """Whether the model is conditioned on class labels: its constructor then takes ``num_classes``
+    and its methods ``y`` (int64 labels ``[B]``), which they require."""
+    continuous_latent: ClassVar[bool] = False
+    """Whether the latent is continuous (Gaussian, with a KL per example): ``encode`` then gives
+    posterior means ``[B, latent_dim]``, on which active units and ``latent_traversal`` are defined
+    (their evaluation needs at least 2 examples: active units are a variance over them)."""
 
     def __init__(self, input_shape, *, likelihood: str = "bernoulli", gaussian_logvar="learned",
                  beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0, backend: str = "auto",
@@ -213,6 +263,37 @@ class BaseVAE(nn.Module):
         """``[k, B]`` float32 log importance weights ``log p(x, z_i) - log q(z_i | x)`` for ``k``
         posterior draws per example: what :func:`pyvae.metrics.iwae_nll` averages."""
         raise NotImplementedError(f"{type(self).__name__} provides no importance weights")
+
+    @property
+    def fixed_kl(self) -> Optional[float]:
+        """The KL term of the ELBO when it is the same for every input (a VQ-VAE's ``h * w * log K``),
+        else None. Where it is fixed, the reconstruction NLL is the informative part of the ELBO."""
+        return None
+
+    @torch.no_grad()
+    def evaluation_metrics(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                           x_train: Optional[torch.Tensor] = None, iwae_k: int = 100,
+                           seed: Optional[int] = 0) -> dict[str, Any]:
+        """The numbers that describe the model on held-out examples ``x`` (with their labels ``y``
+        for a conditional model), by name, as ``pyvae train`` writes them to metrics.json: first
+        ``test_negative_elbo`` (the mean of :meth:`negative_elbo`), then each model's own (a KL,
+        importance-weighted bound and active units, or code usage). ``x_train``: the training
+        examples, for numbers that compare the two (a VQ-VAE's code usage in training); ``iwae_k``
+        and ``seed``: the importance-weighted bound's samples and noise. In eval mode (the model's
+        mode is restored after), in chunks of 512 examples."""
+        with evaluating(self):
+            nelbo = per_example(self.negative_elbo, x, y)
+        return {"test_negative_elbo": float(nelbo.double().mean())}
+
+    @torch.no_grad()
+    def prior_samples(self, per_row: int = 8, *, generator: Optional[torch.Generator] = None) -> ImageGrid:
+        """Samples to show in rows of ``per_row``: ``per_row`` rows of draws from the prior, or, for a
+        conditional model, a row per class."""
+        if self.conditional:
+            labels = torch.arange(self.num_classes, device=self.step.device).repeat_interleave(per_row)
+            return ImageGrid(self.sample(len(labels), labels, generator=generator), per_row,
+                             "samples (one row per class)")
+        return ImageGrid(self.sample(per_row * per_row, generator=generator), per_row, "samples from the prior")
 
     def reconstruct(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``decode(encode(x, y), y)``: the reconstruction from the posterior mean, in data space."""

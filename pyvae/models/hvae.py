@@ -3,15 +3,17 @@ each with a prior produced by the layers above it."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ..metrics import ACTIVE_THRESHOLD, evaluating, per_example
 from ..nn import GaussianLatent
 from ..ops.likelihood import gaussian_nll
 from ..ops.reparam_kl import reparameterize_kl
-from .base import BaseVAE, ModelOutput, positive_int
+from .base import (BaseVAE, ImageGrid, ModelOutput, gaussian_latent_metrics, positive_int, traversal_latents,
+                   traversal_values)
 from .vae import check_hidden_dims, mlp
 
 _SEED_MODULUS = 2**63  # a layer's seed is seed + layer index, kept in the op's range [0, 2**63 - 1]
@@ -80,6 +82,8 @@ class HierarchicalVAE(BaseVAE):
     per latent dimension (see :class:`pyvae.nn.GaussianLatent`). ``likelihood``, ``beta``,
     ``kl_warmup_steps``, ``backend`` and ``gaussian_logvar`` as in :class:`pyvae.models.VAE`.
     """
+
+    continuous_latent = True
 
     def __init__(self, input_shape, *, latent_dims: Sequence[int] = (16, 8, 4), hidden_dims: Sequence[int] = (256, 128),
                  likelihood: str = "bernoulli", beta: float = 1.0, kl_warmup_steps: int = 0,
@@ -274,6 +278,40 @@ class HierarchicalVAE(BaseVAE):
             raise ValueError(f"z_top must have shape [N, latent_dims[-1] = {top}], got "
                              f"{tuple(z_top.shape) if isinstance(z_top, torch.Tensor) else type(z_top).__name__}")
         return self._to_data(self._top_down(lambda i, s, prior: z_top if prior is None else prior[0]))
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluation_metrics(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                           x_train: Optional[torch.Tensor] = None, iwae_k: int = 100,
+                           seed: Optional[int] = 0) -> dict[str, Any]:
+        """:meth:`BaseVAE.evaluation_metrics`: ``test_negative_elbo``, ``test_kl`` and
+        ``test_kl_layers`` (the mean total and per-layer KLs, bottom first, of the draw that
+        :meth:`negative_elbo` makes: each layer's KL depends on the draw above it),
+        ``test_recon_nll`` (the negative ELBO less the KL), the latent's numbers over all layers
+        (:func:`pyvae.models.base.gaussian_latent_metrics`), ``latent_dims`` and
+        ``active_units_layers`` (active units per layer)."""
+        result = super().evaluation_metrics(x, y, x_train=x_train, iwae_k=iwae_k, seed=seed)
+        with evaluating(self):
+            kl_layers = per_example(lambda xb, yb: self.elbo_terms(xb, yb)[1].T, x, y).double()
+        result["test_kl"] = float(kl_layers.sum(1).mean())
+        result["test_kl_layers"] = kl_layers.mean(0).tolist()
+        result["test_recon_nll"] = result["test_negative_elbo"] - result["test_kl"]
+        latent, variances = gaussian_latent_metrics(self, x, y, iwae_k=iwae_k, seed=seed)
+        return {**result, **latent, "latent_dims": list(self.latent_dims),
+                "active_units_layers": [int((v > ACTIVE_THRESHOLD).sum()) for v in variances.split(self.latent_dims)]}
+
+    @torch.no_grad()
+    def latent_traversal(self, variances: torch.Tensor, *, threshold: float = ACTIVE_THRESHOLD) -> ImageGrid:
+        """The top layer's traversal, the layer whose prior is N(0, I): a row per most active unit
+        of it (:func:`pyvae.models.base.traversal_latents` of the top layer's part of the
+        posterior-mean ``variances`` ``[sum(latent_dims)]``), that unit from -3 to 3 and the others
+        at 0, decoded by :meth:`decode_top` (the layers below at their prior means)."""
+        width = self.latent_dims[-1]
+        values = traversal_values(self.step.device)
+        z = traversal_latents(variances[-width:], values, threshold=threshold)
+        title = (f"top-layer traversal: {len(z) // len(values)} most active of its {width} dimensions, -3..3 "
+                 "around 0\n(the layers below at their prior means)")
+        return ImageGrid(self.decode_top(z), len(values), title)
 
     def extra_repr(self) -> str:
         return f"latent_dims={self.latent_dims}, free_bits={self.free_bits}, beta={self.beta}"

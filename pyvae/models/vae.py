@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..metrics import ACTIVE_THRESHOLD, evaluating, per_example
 from ..nn import GaussianLatent
 from ..ops.likelihood import gaussian_nll
 from ..ops.reparam_kl import reparameterize_kl
 from ._conv import check_channels, conv_decoder, conv_encoder
-from .base import BaseVAE, ModelOutput, positive_int, positive_ints
+from .base import (BaseVAE, ImageGrid, ModelOutput, gaussian_latent_metrics, positive_int, positive_ints,
+                   traversal_latents, traversal_values)
 
 
 def mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -40,6 +42,7 @@ class GaussianVAE(BaseVAE):
     """
 
     latent: GaussianLatent
+    continuous_latent = True
 
     def _features(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -116,6 +119,32 @@ class GaussianVAE(BaseVAE):
         log_p = -gaussian_nll(torch.zeros_like(z), z, None, full=False, reduction="per_sample", backend=self.backend)
         return (log_px + log_p - log_q).view(k, b)
 
+    @torch.no_grad()
+    def evaluation_metrics(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                           x_train: Optional[torch.Tensor] = None, iwae_k: int = 100,
+                           seed: Optional[int] = 0) -> dict[str, Any]:
+        """:meth:`BaseVAE.evaluation_metrics`: ``test_negative_elbo``, ``test_kl`` (the mean
+        ``KL(q(z|x) || p(z))``), ``test_recon_nll`` (the negative ELBO less that KL), then the
+        latent's numbers (:func:`pyvae.models.base.gaussian_latent_metrics`: the importance-weighted
+        bound, active units, ``latent_dim``, ``latent_variances``)."""
+        result = super().evaluation_metrics(x, y, x_train=x_train, iwae_k=iwae_k, seed=seed)
+        with evaluating(self):
+            kl = per_example(lambda xb, yb: self(xb, yb).kl, x, y)
+        result["test_kl"] = float(kl.double().mean())
+        result["test_recon_nll"] = result["test_negative_elbo"] - result["test_kl"]
+        return {**result, **gaussian_latent_metrics(self, x, y, iwae_k=iwae_k, seed=seed)[0]}
+
+    @torch.no_grad()
+    def latent_traversal(self, variances: torch.Tensor, *, threshold: float = ACTIVE_THRESHOLD) -> ImageGrid:
+        """A row per most active unit (:func:`pyvae.models.base.traversal_latents` of the units'
+        posterior-mean ``variances`` ``[latent_dim]``), that unit from -3 to 3 and the others at 0,
+        decoded (a conditional model as class 0)."""
+        values = traversal_values(self.step.device)
+        z = traversal_latents(variances, values, threshold=threshold)
+        y = torch.zeros(len(z), dtype=torch.int64, device=z.device) if self.conditional else None
+        title = f"latent traversal: {len(z) // len(values)} most active dimensions, -3..3 around 0"
+        return ImageGrid(self.decode(z, y), len(values), title + (" (class 0)" if self.conditional else ""))
+
 
 class _MLPVAE(GaussianVAE):
     """MLP encoder and decoder on flattened inputs; with ``num_classes``, a one-hot label is
@@ -175,6 +204,8 @@ class CVAE(_MLPVAE):
     concatenated to the encoder's input and to z at the decoder's input, so both ``q(z|x, y)`` and
     ``p(x|z, y)`` see it. Every method takes ``y``: int64 labels ``[B]`` in ``[0, num_classes)``
     (required; ``sample`` and ``interpolate`` also take one int for all)."""
+
+    conditional = True
 
     def __init__(self, input_shape, num_classes: int, *, latent_dim: int = 16, hidden_dims: Sequence[int] = (256, 128),
                  likelihood: str = "bernoulli", beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..metrics import code_usage, evaluating, per_example, perplexity
 from ..nn import VectorQuantizer
 from ..ops.vq import VQResult
 from ._conv import check_channels, conv_decoder, conv_encoder
@@ -163,8 +164,37 @@ class VQVAE(BaseVAE):
         posterior from a uniform prior over codes). Deterministic; ``seed`` is accepted for the
         common signature."""
         _, _, zq = self._encode(x, y)
-        kl = math.prod(self.latent_shape) * math.log(self.num_codes)
-        return self._recon_nll(self.decoder(zq), x) + kl
+        return self._recon_nll(self.decoder(zq), x) + self.fixed_kl
+
+    @property
+    def fixed_kl(self) -> float:
+        """``h * w * log(num_codes)``: the KL of the deterministic posterior from a uniform prior
+        over the codes, the same for every input."""
+        return math.prod(self.latent_shape) * math.log(self.num_codes)
+
+    @torch.no_grad()
+    def evaluation_metrics(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                           x_train: Optional[torch.Tensor] = None, iwae_k: int = 100,
+                           seed: Optional[int] = 0) -> dict[str, Any]:
+        """:meth:`BaseVAE.evaluation_metrics`: ``test_negative_elbo``, ``test_recon_nll`` (the
+        negative ELBO less :attr:`fixed_kl`, from ``forward``), ``num_codes``, ``latent_grid``
+        (h, w), and on ``x`` ``code_usage`` (the fraction of codes used), ``codes_used``,
+        ``perplexity`` and ``code_counts`` (uses per code); with ``x_train``, ``train_code_usage`` and
+        ``train_perplexity``. ``iwae_k`` and ``seed`` are accepted for the common signature (the
+        importance-weighted bound of a deterministic posterior is the ELBO)."""
+        result = super().evaluation_metrics(x, y, x_train=x_train, iwae_k=iwae_k, seed=seed)
+        with evaluating(self):
+            test_idx = per_example(self.encode_indices, x, y)
+            train_idx = None if x_train is None else per_example(self.encode_indices, x_train)
+            recon = per_example(lambda xb, yb: self(xb, yb).recon_loss, x, y)
+        k = self.num_codes
+        result.update(test_recon_nll=float(recon.double().mean()), num_codes=k, latent_grid=list(self.latent_shape),
+                      code_usage=code_usage(test_idx, k))
+        result.update(codes_used=round(result["code_usage"] * k), perplexity=float(perplexity(test_idx, k)))
+        if train_idx is not None:
+            result.update(train_code_usage=code_usage(train_idx, k), train_perplexity=float(perplexity(train_idx, k)))
+        result["code_counts"] = torch.bincount(test_idx.flatten(), minlength=k).tolist()
+        return result
 
     def log_importance_weights(self, x: torch.Tensor, k: int, y: Optional[torch.Tensor] = None, *,
                                seed: Optional[int] = None) -> torch.Tensor:

@@ -167,7 +167,8 @@ def _sum_row_groups(t: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _torch_scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    contract.check_scale_grad_(grad, scale, dtypes=REFERENCE_DTYPES)
+    if not torch.compiler.is_compiling():  # (is_contiguous cannot be traced in a compiled backward)
+        contract.check_scale_grad_(grad, scale, dtypes=REFERENCE_DTYPES)
     grad.mul_(scale)
 
 
