@@ -16,10 +16,14 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._layout import launch_device
-from .contracts.dmol import (LOG_MID_MASS_MIN, LOG_SCALE_MIN, UNIFORM_MIN, check_dmol_forward, check_dmol_sample,
-                             new_dmol_forward_outputs, new_dmol_sample_outputs)
+from .contracts import dmol as contract
+from .contracts.dmol import check_dmol_forward, check_dmol_sample, new_dmol_forward_outputs, new_dmol_sample_outputs
 
 BLOCK = 128  # positions per program
+# the contract's numbers, as the constexprs a jitted function may read
+LOG_SCALE_MIN = tl.constexpr(contract.LOG_SCALE_MIN)
+LOG_MID_MASS_MIN = tl.constexpr(contract.LOG_MID_MASS_MIN)
+UNIFORM_MIN = tl.constexpr(contract.UNIFORM_MIN)
 
 
 @triton.jit
