@@ -114,9 +114,10 @@ struct DmolUniforms {
 // Gumbel-max over logits + temperature * gumbel, then each channel's logistic sample
 // mean + temperature * scale * logit(u) given the channels before it, clamped. `param(j)` reads the
 // position's parameter j; `block` is the parameters per channel (2M for one channel, 3M for three).
-template <typename Param>
-PYVAE_HD void dmol_sample_position(const Param& param, int64_t num_mix, int channels, int64_t block, uint64_t seed,
-                                   uint64_t position, float temperature, float* out) {
+// kChannels (1 or 3) at compile time, so that a GPU thread keeps out[] in registers.
+template <int kChannels, typename Param>
+PYVAE_HD void dmol_sample_position(const Param& param, int64_t num_mix, int64_t block, uint64_t seed,
+                                   uint64_t position, float temperature, float (&out)[kChannels]) {
   DmolUniforms u{seed, position, Philox4{}};
   int64_t choice = 0;
   float best = -INFINITY;
@@ -128,17 +129,20 @@ PYVAE_HD void dmol_sample_position(const Param& param, int64_t num_mix, int chan
       choice = i;
     }
   }
-  for (int c = 0; c < channels; ++c) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int c = 0; c < kChannels; ++c) {
     const float v = u.next();
     const float noise = log_unit(v) - log1p_f(-v);
     const int64_t at = num_mix + c * block + choice;
     const float raw_log_scale = param(at + num_mix);
     const float log_scale = raw_log_scale < kDmolLogScaleMin ? kDmolLogScaleMin : raw_log_scale;
     float value = param(at) + temperature * exp_f(log_scale) * noise;
-    if (c >= 1) {
+    if constexpr (kChannels == 3) {
       const int64_t coef = num_mix + 2 * num_mix + choice;  // channel 0's; channel c's is c blocks on
-      value += c == 1 ? tanh_f(param(coef)) * out[0]
-                      : tanh_f(param(coef + block)) * out[0] + tanh_f(param(coef + 2 * block)) * out[1];
+      if (c == 1) value += tanh_f(param(coef)) * out[0];
+      if (c == 2) value += tanh_f(param(coef + block)) * out[0] + tanh_f(param(coef + 2 * block)) * out[c - 1];
     }
     out[c] = value < -1.0f ? -1.0f : value > 1.0f ? 1.0f : value;
   }

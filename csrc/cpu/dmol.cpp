@@ -225,11 +225,16 @@ void dmol_sample_impl(const DmolSampleParams& p) {
       const int64_t b = index / p.positions, n = index % p.positions;
       const TP* at = params + b * p.params_batch_stride + n * p.params_position_stride;
       const auto param = [&](int64_t j) { return static_cast<float>(at[j * p.params_param_stride]); };
-      float out[3];
-      dmol_sample_position(param, p.num_mix, static_cast<int>(p.channels), block, seed, static_cast<uint64_t>(index),
-                           p.temperature, out);
       float* x = p.x + b * p.x_batch_stride + n * p.x_position_stride;
-      for (int64_t c = 0; c < p.channels; ++c) x[c * p.x_channel_stride] = out[c];
+      if (p.channels == 3) {
+        float out[3];
+        dmol_sample_position<3>(param, p.num_mix, block, seed, static_cast<uint64_t>(index), p.temperature, out);
+        for (int c = 0; c < 3; ++c) x[c * p.x_channel_stride] = out[c];
+      } else {
+        float out[1];
+        dmol_sample_position<1>(param, p.num_mix, block, seed, static_cast<uint64_t>(index), p.temperature, out);
+        x[0] = out[0];
+      }
     }
   });
 }

@@ -42,14 +42,15 @@ __device__ __forceinline__ float coupled_mean(const ParamRow<TP>& prm, const Dmo
   return mean;
 }
 
-template <typename TP, typename TX>
+// C (1 or 3) at compile time: the per-channel arrays stay in registers.
+template <typename TP, typename TX, int C>
 __device__ float dmol_position(const DmolParams& p, const DmolConsts& k, int64_t b, int64_t n) {
   const int64_t M = p.num_mix;
-  const int C = static_cast<int>(p.channels);
   const int64_t at = b * p.params_batch_stride + n * p.params_position_stride;
   const ParamRow<TP> prm{static_cast<const TP*>(p.params) + at, p.params_param_stride};
   const TX* xs = static_cast<const TX*>(p.x) + b * p.x_batch_stride + n * p.x_position_stride;
-  float xv[3], klass[3];
+  float xv[3] = {0.0f, 0.0f, 0.0f}, klass[3];
+#pragma unroll
   for (int c = 0; c < C; ++c) {
     xv[c] = to_f32(xs[c * p.x_channel_stride]);
     klass[c] = dmol_class(xv[c], k.half_classes);
@@ -62,6 +63,7 @@ __device__ float dmol_position(const DmolParams& p, const DmolConsts& k, int64_t
   float joint_top = -INFINITY, joint_total = 0.0f;  // online log-sum-exp of the joint log-probabilities
   for (int64_t i = 0; i < M; ++i) {
     float joint = prm(i) - log_norm;
+#pragma unroll
     for (int c = 0; c < C; ++c)
       joint += dmol_bin_terms(xv[c] - coupled_mean(prm, k, M, c, i, xv, t), prm(M + c * k.block + M + i), klass[c],
                               k.last_class, k.half_bin, k.log_half_classes).log_prob;
@@ -77,8 +79,9 @@ __device__ float dmol_position(const DmolParams& p, const DmolConsts& k, int64_t
   TP* g = static_cast<TP*>(p.grad) + at;
   const int64_t gs = p.params_param_stride;
   for (int64_t i = 0; i < M; ++i) {
-    DmolBinTerms terms[3];
+    DmolBinTerms terms[C];
     float joint = prm(i) - log_norm, d_mean_g = 0.0f;
+#pragma unroll
     for (int c = 0; c < C; ++c) {
       terms[c] = dmol_bin_terms(xv[c] - coupled_mean(prm, k, M, c, i, xv, t), prm(M + c * k.block + M + i), klass[c],
                                 k.last_class, k.half_bin, k.log_half_classes);
@@ -86,6 +89,7 @@ __device__ float dmol_position(const DmolParams& p, const DmolConsts& k, int64_t
     }
     const float weight = exp_f(joint + nll) * p.grad_scale;  // the posterior of component i, scaled
     g[i * gs] = from_f32<TP>(exp_f(prm(i) - log_norm) * p.grad_scale - weight);
+#pragma unroll
     for (int c = 0; c < C; ++c) {
       const float d_mean = weight * terms[c].d_centered;
       g[(M + c * k.block + i) * gs] = from_f32<TP>(d_mean);
@@ -103,13 +107,13 @@ __device__ float dmol_position(const DmolParams& p, const DmolConsts& k, int64_t
   return nll;
 }
 
-template <typename TP, typename TX>
+template <typename TP, typename TX, int C>
 __global__ void __launch_bounds__(kThreads) dmol_kernel(const DmolParams p, const DmolConsts k) {
   const int64_t b = blockIdx.y, first = static_cast<int64_t>(blockIdx.x) * kDmolPositionBlock;
   const int64_t last = min(p.positions, first + kDmolPositionBlock);
   float partial = 0.0f;
   for (int64_t n = first + threadIdx.x; n < last; n += kThreads) {
-    const float nll = dmol_position<TP, TX>(p, k, b, n);
+    const float nll = dmol_position<TP, TX, C>(p, k, b, n);
     if (p.per_position) {
       p.nll[b * p.positions + n] = nll;
     } else {
@@ -121,37 +125,51 @@ __global__ void __launch_bounds__(kThreads) dmol_kernel(const DmolParams p, cons
   if (threadIdx.x == 0) p.nll[b * gridDim.x + blockIdx.x] = sum;
 }
 
-template <typename TP>
+template <typename TP, int C>
 void launch_for_x(const DmolParams& p, const DmolConsts& k, dim3 grid, cudaStream_t stream) {
   switch (p.x_dtype) {
-    case DType::kFloat32: return dmol_kernel<TP, float><<<grid, kThreads, 0, stream>>>(p, k);
-    case DType::kFloat16: return dmol_kernel<TP, __half><<<grid, kThreads, 0, stream>>>(p, k);
-    case DType::kBFloat16: return dmol_kernel<TP, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, k);
+    case DType::kFloat32: return dmol_kernel<TP, float, C><<<grid, kThreads, 0, stream>>>(p, k);
+    case DType::kFloat16: return dmol_kernel<TP, __half, C><<<grid, kThreads, 0, stream>>>(p, k);
+    case DType::kBFloat16: return dmol_kernel<TP, __nv_bfloat16, C><<<grid, kThreads, 0, stream>>>(p, k);
   }
 }
 
 template <typename TP>
+void launch_for_channels(const DmolParams& p, const DmolConsts& k, dim3 grid, cudaStream_t stream) {
+  if (p.channels == 3) return launch_for_x<TP, 3>(p, k, grid, stream);
+  return launch_for_x<TP, 1>(p, k, grid, stream);
+}
+
+template <typename TP, int C>
 __global__ void __launch_bounds__(kThreads) dmol_sample_kernel(const DmolSampleParams p) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (index >= p.batch * p.positions) return;
   const int64_t b = index / p.positions, n = index % p.positions;
   const ParamRow<TP> param{static_cast<const TP*>(p.params) + b * p.params_batch_stride + n * p.params_position_stride,
                            p.params_param_stride};
-  float out[3];
-  dmol_sample_position(param, p.num_mix, static_cast<int>(p.channels), p.channels == 3 ? 3 * p.num_mix : 2 * p.num_mix,
-                       static_cast<uint64_t>(*p.seed), static_cast<uint64_t>(index), p.temperature, out);
+  float out[C];
+  dmol_sample_position<C>(param, p.num_mix, C == 3 ? 3 * p.num_mix : 2 * p.num_mix, static_cast<uint64_t>(*p.seed),
+                          static_cast<uint64_t>(index), p.temperature, out);
   float* x = p.x + b * p.x_batch_stride + n * p.x_position_stride;
-  for (int c = 0; c < p.channels; ++c) x[c * p.x_channel_stride] = out[c];
+#pragma unroll
+  for (int c = 0; c < C; ++c) x[c * p.x_channel_stride] = out[c];
 }
 
 }  // namespace
 
 void dmol_sample(const DmolSampleParams& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((p.batch * p.positions + kThreads - 1) / kThreads);
+  const bool rgb = p.channels == 3;
   switch (p.params_dtype) {
-    case DType::kFloat32: return dmol_sample_kernel<float><<<blocks, kThreads, 0, stream>>>(p);
-    case DType::kFloat16: return dmol_sample_kernel<__half><<<blocks, kThreads, 0, stream>>>(p);
-    case DType::kBFloat16: return dmol_sample_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(p);
+    case DType::kFloat32:
+      return rgb ? dmol_sample_kernel<float, 3><<<blocks, kThreads, 0, stream>>>(p)
+                 : dmol_sample_kernel<float, 1><<<blocks, kThreads, 0, stream>>>(p);
+    case DType::kFloat16:
+      return rgb ? dmol_sample_kernel<__half, 3><<<blocks, kThreads, 0, stream>>>(p)
+                 : dmol_sample_kernel<__half, 1><<<blocks, kThreads, 0, stream>>>(p);
+    case DType::kBFloat16:
+      return rgb ? dmol_sample_kernel<__nv_bfloat16, 3><<<blocks, kThreads, 0, stream>>>(p)
+                 : dmol_sample_kernel<__nv_bfloat16, 1><<<blocks, kThreads, 0, stream>>>(p);
   }
 }
 
@@ -162,9 +180,9 @@ void dmol(const DmolParams& p, cudaStream_t stream) {
                      p.channels == 3 ? 3 * p.num_mix : 2 * p.num_mix};
   const dim3 grid(static_cast<unsigned>(dmol_position_blocks(p.positions)), static_cast<unsigned>(p.batch));
   switch (p.params_dtype) {
-    case DType::kFloat32: return launch_for_x<float>(p, k, grid, stream);
-    case DType::kFloat16: return launch_for_x<__half>(p, k, grid, stream);
-    case DType::kBFloat16: return launch_for_x<__nv_bfloat16>(p, k, grid, stream);
+    case DType::kFloat32: return launch_for_channels<float>(p, k, grid, stream);
+    case DType::kFloat16: return launch_for_channels<__half>(p, k, grid, stream);
+    case DType::kBFloat16: return launch_for_channels<__nv_bfloat16>(p, k, grid, stream);
   }
 }
 
