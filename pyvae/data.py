@@ -1,6 +1,7 @@
 """Image datasets for ``pyvae train``: scikit-learn's bundled handwritten digits (no download) and
 users' own ``.npz`` / ``.npy`` arrays, as float32 ``[N, C, H, W]`` tensors in [0, 1] with a fixed
-train/test split."""
+train/test split, and the number of levels the pixel values take where they lie on a grid
+(``num_levels``: what a discretized likelihood needs)."""
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """Images as float32 ``[N, C, H, W]`` in [0, 1], int64 labels (or None), split into train/test."""
+    """Images as float32 ``[N, C, H, W]`` in [0, 1], int64 labels (or None), split into train/test.
+    ``num_levels``: L when every pixel value is on the grid ``k / (L - 1)`` (the digits: 17, uint8
+    images: 256, binary images: 2), None for continuous values."""
 
     name: str
     x_train: torch.Tensor
@@ -33,6 +36,7 @@ class ImageDataset:
     y_train: torch.Tensor | None = None
     y_test: torch.Tensor | None = None
     num_classes: int | None = None
+    num_levels: int | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -44,17 +48,45 @@ class ImageDataset:
 
 
 def load_dataset(spec: str, *, binarize: bool = False) -> ImageDataset:
-    """``"digits"`` (scikit-learn's 1797 8x8 digits, pixel values 0..16 scaled to [0, 1]) or the
-    path of an ``.npz`` / ``.npy`` file (see :func:`load_array_file`). ``binarize``: pixels become
-    0 or 1 (>= 0.5 -> 1), for a Bernoulli likelihood that is a true likelihood of its data."""
+    """``"digits"`` (scikit-learn's 1797 8x8 digits, pixel values 0..16 scaled to [0, 1]: 17 levels)
+    or the path of an ``.npz`` / ``.npy`` file (see :func:`load_array_file`; its levels from
+    :func:`grid_levels`). ``binarize``: pixels become 0 or 1 (>= 0.5 -> 1; 2 levels), for a
+    Bernoulli likelihood that is a true likelihood of its data."""
     if spec == "digits":
         images, labels, name = _digits()
+        levels = DIGITS_LEVELS
     else:
         images, labels = load_array_file(spec)
         name = os.path.abspath(spec)
+        levels = grid_levels(images)
     if binarize:
         images = (images >= 0.5).astype(np.float32)
-    return split(images, labels, name)
+        levels = 2
+    return split(images, labels, name, levels)
+
+
+DIGITS_LEVELS = 17  # the digits' pixels count 0..16 ink in a 4x4 block
+MAX_LEVELS = 65536  # 16-bit data: the most levels a dataset is taken to be on a grid of
+
+
+def grid_levels(images: np.ndarray) -> int | None:
+    """The levels L such that every value of ``images`` (in [0, 1]) is ``k / (L - 1)`` for an
+    integer k, within a hundredth of a level (float32 rounding), else None: the smallest of the
+    spacing of its distinct values (``1 / min gap``), 2, 256 and 65536 that fits. uint8 images
+    (divided by 255 on loading) give 256 unless their levels are a coarser grid; bool ones 2."""
+    values = np.unique(images).astype(np.float64)
+    if len(values) > MAX_LEVELS:
+        return None
+    candidates = {2, 256, MAX_LEVELS}
+    if len(values) > 1:
+        spacing = round(1.0 / np.diff(values).min())
+        if 1 <= spacing < MAX_LEVELS:
+            candidates.add(spacing + 1)
+    for levels in sorted(candidates):
+        scaled = values * (levels - 1)
+        if np.abs(scaled - np.round(scaled)).max() < 0.01:
+            return levels
+    return None
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, str]:
@@ -161,7 +193,7 @@ def test_count(n: int) -> int:
     return min(n - 1, max(1, round(n * TEST_FRACTION)))
 
 
-def split(images: np.ndarray, labels: np.ndarray | None, name: str) -> ImageDataset:
+def split(images: np.ndarray, labels: np.ndarray | None, name: str, num_levels: int | None = None) -> ImageDataset:
     """A fixed (``SPLIT_SEED``) random split, ``TEST_FRACTION`` of the images (at least 1) for test."""
     n = len(images)
     order = np.random.default_rng(SPLIT_SEED).permutation(n)
@@ -169,6 +201,6 @@ def split(images: np.ndarray, labels: np.ndarray | None, name: str) -> ImageData
     test, train = order[:n_test], order[n_test:]
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     if labels is None:
-        return ImageDataset(name, x[train], x[test])
+        return ImageDataset(name, x[train], x[test], num_levels=num_levels)
     y = torch.from_numpy(labels)
-    return ImageDataset(name, x[train], x[test], y[train], y[test], int(labels.max()) + 1)
+    return ImageDataset(name, x[train], x[test], y[train], y[test], int(labels.max()) + 1, num_levels)

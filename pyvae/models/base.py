@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from ..metrics import ACTIVE_THRESHOLD, active_units, evaluating, iwae_nll, per_example
-from ..nn import BernoulliLikelihood, ContinuousBernoulliLikelihood, GaussianLikelihood
+from ..nn import BernoulliLikelihood, ContinuousBernoulliLikelihood, DiscretizedMixLogistic, GaussianLikelihood
+from ..ops.dmol import bits_per_dim
 
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian", "dmol")
 
 
 class ModelOutput(NamedTuple):
@@ -64,9 +65,11 @@ def positive_int(name: str, value) -> int:
 
 
 def make_likelihood(likelihood: str, gaussian_logvar: Union[str, float, None], input_shape: tuple[int, ...],
-                    backend: str) -> nn.Module:
+                    backend: str, num_mix: int = 10, num_levels: int = 256) -> nn.Module:
     """The likelihood layer with per-example reduction; a learned Gaussian variance is one per
-    channel for image shapes ``(C, H, W)`` and one overall otherwise."""
+    channel for image shapes ``(C, H, W)`` and one overall otherwise; ``"dmol"``, the discretized
+    mixture of ``num_mix`` logistics on ``num_levels`` levels, needs ``input_shape`` ``(C,
+    *positions)`` with C = 1 or 3."""
     if likelihood == "bernoulli":
         return BernoulliLikelihood(reduction="per_sample", backend=backend)
     if likelihood == "continuous_bernoulli":
@@ -74,6 +77,11 @@ def make_likelihood(likelihood: str, gaussian_logvar: Union[str, float, None], i
     if likelihood == "gaussian":
         logvar_shape = (input_shape[0], 1, 1) if len(input_shape) == 3 else ()
         return GaussianLikelihood(gaussian_logvar, logvar_shape, reduction="per_sample", backend=backend)
+    if likelihood == "dmol":
+        if len(input_shape) < 2 or input_shape[0] not in (1, 3):
+            raise ValueError(f"likelihood='dmol' needs input_shape (C, *positions) with C = 1 or 3 channels, got "
+                             f"{input_shape}")
+        return DiscretizedMixLogistic(num_mix, input_shape[0], num_levels, reduction="per_sample", backend=backend)
     raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
 
 
@@ -134,6 +142,14 @@ class BaseVAE(nn.Module):
 
     ``image=True`` (for subclasses) requires ``input_shape`` to be ``(C, H, W)``.
 
+    ``likelihood="dmol"``: the decoder outputs the parameters of a discretized mixture of
+    ``num_mix`` logistics (:class:`pyvae.nn.DiscretizedMixLogistic`) per pixel, ``param_shape =
+    (num_mix * (1 + 3 C) or 3 num_mix for C = 1, *input_shape[1:])``, for data on ``num_levels``
+    levels ``k / (num_levels - 1)`` (8-bit images: 256; the digits: 17); ``sample`` then draws
+    pixels from it (its fused sampler), ``decode`` gives the mixture's mean, and
+    ``evaluation_metrics`` adds bits per dimension. ``param_shape`` is ``input_shape`` for the
+    other likelihoods.
+
     Beta schedule: ``beta_t = beta * min(step / kl_warmup_steps, 1)`` (``beta`` when
     ``kl_warmup_steps=0``), where ``step`` is a buffer counting training-mode ``forward`` calls
     (saved in the ``state_dict``, so a resumed run continues the ramp). It is computed on the device
@@ -153,7 +169,7 @@ class BaseVAE(nn.Module):
 
     def __init__(self, input_shape, *, likelihood: str = "bernoulli", gaussian_logvar="learned",
                  beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0, backend: str = "auto",
-                 image: bool = False) -> None:
+                 image: bool = False, num_mix: int = 10, num_levels: int = 256) -> None:
         super().__init__()
         self.input_shape = as_shape("input_shape", input_shape)
         if image and len(self.input_shape) != 3:
@@ -165,7 +181,11 @@ class BaseVAE(nn.Module):
         if not (isinstance(free_bits, (int, float)) and not isinstance(free_bits, bool) and free_bits >= 0):
             raise ValueError(f"free_bits must be a number >= 0 (nats per latent dimension), got {free_bits!r}")
         self.likelihood = likelihood
-        self.recon_likelihood = make_likelihood(likelihood, gaussian_logvar, self.input_shape, backend)
+        self.recon_likelihood = make_likelihood(likelihood, gaussian_logvar, self.input_shape, backend, num_mix,
+                                                num_levels)
+        # what the decoder outputs per example: the likelihood's parameters
+        self.param_shape = (self.recon_likelihood.param_shape(self.input_shape) if likelihood == "dmol"
+                            else self.input_shape)
         self.beta = float(beta)
         self.kl_warmup_steps = kl_warmup_steps
         self.free_bits = float(free_bits)
@@ -236,7 +256,20 @@ class BaseVAE(nn.Module):
             return torch.sigmoid(params)
         if self.likelihood == "continuous_bernoulli":
             return continuous_bernoulli_mean(params)
+        if self.likelihood == "dmol":
+            return self.recon_likelihood.mean(params)
         return params
+
+    def _draw(self, params: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """What :meth:`sample` shows for decoder output ``params``: a draw from the discretized
+        likelihood (its fused sampler, the seed from ``generator`` or PyTorch's), else the
+        data-space mean."""
+        if self.likelihood != "dmol":
+            return self._to_data(params)
+        seed = None
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        return self.recon_likelihood.sample(params, seed=seed)
 
     def _recon(self, params: torch.Tensor) -> torch.Tensor:
         """``forward``'s reconstruction: detached, so that autograd keeps no data-space copy of the
@@ -276,14 +309,24 @@ class BaseVAE(nn.Module):
                            seed: Optional[int] = 0) -> dict[str, Any]:
         """The numbers that describe the model on held-out examples ``x`` (with their labels ``y``
         for a conditional model), by name, as ``pyvae train`` writes them to metrics.json: first
-        ``test_negative_elbo`` (the mean of :meth:`negative_elbo`), then each model's own (a KL,
+        ``test_negative_elbo`` (the mean of :meth:`negative_elbo`; for a discretized likelihood also
+        ``test_bits_per_dim``, the same in bits per dimension), then each model's own (a KL,
         importance-weighted bound and active units, or code usage). ``x_train``: the training
         examples, for numbers that compare the two (a VQ-VAE's code usage in training); ``iwae_k``
         and ``seed``: the importance-weighted bound's samples and noise. In eval mode (the model's
         mode is restored after), in chunks of 512 examples."""
         with evaluating(self):
             nelbo = per_example(self.negative_elbo, x, y)
-        return {"test_negative_elbo": float(nelbo.double().mean())}
+        result = {"test_negative_elbo": float(nelbo.double().mean())}
+        if self.discrete_data:
+            result["test_bits_per_dim"] = float(bits_per_dim(nelbo.double().mean(), math.prod(self.input_shape)))
+        return result
+
+    @property
+    def discrete_data(self) -> bool:
+        """Whether the likelihood is a probability mass on a grid of levels (``"dmol"``), so that the
+        negative ELBO is a code length and bits per dimension compare across models."""
+        return self.likelihood == "dmol"
 
     @torch.no_grad()
     def prior_samples(self, per_row: int = 8, *, generator: Optional[torch.Generator] = None) -> ImageGrid:

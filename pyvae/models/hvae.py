@@ -14,7 +14,7 @@ from ..ops.likelihood import gaussian_nll
 from ..ops.reparam_kl import reparameterize_kl
 from .base import (BaseVAE, ImageGrid, ModelOutput, gaussian_latent_metrics, positive_int, traversal_latents,
                    traversal_values)
-from .vae import check_hidden_dims, mlp
+from .vae import check_activation, check_hidden_dims, mlp
 
 _SEED_MODULUS = 2**63  # a layer's seed is seed + layer index, kept in the op's range [0, 2**63 - 1]
 
@@ -60,11 +60,11 @@ class HierarchicalVAE(BaseVAE):
     ``[B, *input_shape]`` (flattened inside).
 
     Bottom-up (deterministic): ``d_1 = encoder(x)``, the MLP ``prod(input_shape) -> hidden_dims[0]
-    -> ... -> hidden_dims[-1] = H`` (Linear + ReLU), and ``d_i = ReLU(Linear(d_{i-1}))`` of width H
+    -> ... -> hidden_dims[-1] = H`` (Linear + activation), and ``d_i = act(Linear(d_{i-1}))`` of width H
     for ``i = 2..L``.
 
     Top-down: layer L's posterior ``q(z_L | x)`` is a :class:`pyvae.nn.GaussianLatent` on ``d_L``
-    with the prior N(0, I). Below it, the top-down state ``s_i = ReLU(Linear([z_{i+1}, s_{i+1}]))``
+    with the prior N(0, I). Below it, the top-down state ``s_i = act(Linear([z_{i+1}, s_{i+1}]))``
     (width H; ``s_{L-1}`` from ``z_L`` alone) gives layer i's prior ``N(mu_p, exp(logvar_p))``
     (a Linear of ``s_i``) and, with the bottom-up features, its posterior: a GaussianLatent on
     ``[d_i, s_i]`` called with ``prior=(mu_p, logvar_p)``, so the fused op samples ``z_i`` and
@@ -80,7 +80,8 @@ class HierarchicalVAE(BaseVAE):
 
     ``free_bits``: one floor for every layer, or a sequence of one per layer (bottom first), nats
     per latent dimension (see :class:`pyvae.nn.GaussianLatent`). ``likelihood``, ``beta``,
-    ``kl_warmup_steps``, ``backend`` and ``gaussian_logvar`` as in :class:`pyvae.models.VAE`.
+    ``kl_warmup_steps``, ``backend``, ``gaussian_logvar``, ``num_mix``, ``num_levels`` and
+    ``activation`` (of every MLP) as in :class:`pyvae.models.VAE`.
     """
 
     continuous_latent = True
@@ -88,30 +89,31 @@ class HierarchicalVAE(BaseVAE):
     def __init__(self, input_shape, *, latent_dims: Sequence[int] = (16, 8, 4), hidden_dims: Sequence[int] = (256, 128),
                  likelihood: str = "bernoulli", beta: float = 1.0, kl_warmup_steps: int = 0,
                  free_bits: Union[float, Sequence[float]] = 0.0, backend: str = "auto",
-                 gaussian_logvar="learned") -> None:
+                 gaussian_logvar="learned", num_mix: int = 10, num_levels: int = 256, activation: str = "relu") -> None:
+        check_activation(activation)
         dims = _latent_dims(latent_dims)
         floors = _free_bits(free_bits, len(dims))
         hidden = check_hidden_dims(hidden_dims)
         if not hidden:
             raise ValueError("hidden_dims must hold at least one width (its last is the width H of the ladder)")
         super().__init__(input_shape, likelihood=likelihood, gaussian_logvar=gaussian_logvar, beta=beta,
-                         kl_warmup_steps=kl_warmup_steps, backend=backend)
+                         kl_warmup_steps=kl_warmup_steps, backend=backend, num_mix=num_mix, num_levels=num_levels)
         self.latent_dims, self.hidden_dims, self.free_bits = dims, hidden, floors
         self.num_layers = len(dims)
         self.latent_dim = sum(dims)
         features, width = math.prod(self.input_shape), hidden[-1]
-        self.encoder = mlp((features, *hidden))
-        self.bottom_up = nn.ModuleList(mlp((width, width)) for _ in dims[1:])
+        self.encoder = mlp((features, *hidden), activation)
+        self.bottom_up = nn.ModuleList(mlp((width, width), activation) for _ in dims[1:])
         # (indices from 0, bottom first) top_down[i] maps [z_{i+1}, s_{i+1}] to s_i; priors[i] maps s_i to
         # (mu_p, logvar_p) of layer i
-        self.top_down = nn.ModuleList(mlp((dims[i + 1] + (width if i + 1 < len(dims) - 1 else 0), width))
+        self.top_down = nn.ModuleList(mlp((dims[i + 1] + (width if i + 1 < len(dims) - 1 else 0), width), activation)
                                       for i in range(len(dims) - 1))
         self.priors = nn.ModuleList(nn.Linear(width, 2 * z) for z in dims[:-1])
         self.latents = nn.ModuleList(
             GaussianLatent(width if i == len(dims) - 1 else 2 * width, z, backend=backend, free_bits=fb)
             for i, (z, fb) in enumerate(zip(dims, floors)))
         widths = (dims[0] + width, *reversed(hidden))
-        self.decoder = nn.Sequential(mlp(widths), nn.Linear(widths[-1], features))
+        self.decoder = nn.Sequential(mlp(widths, activation), nn.Linear(widths[-1], math.prod(self.param_shape)))
 
     # ------------------------------------------------------------------ the two passes
     def _bottom_up(self, x: torch.Tensor, repeat: int = 1) -> list[torch.Tensor]:
@@ -127,7 +129,7 @@ class HierarchicalVAE(BaseVAE):
     def _top_down(self, pick: Callable[[int, Optional[torch.Tensor], Prior], torch.Tensor]) -> torch.Tensor:
         """Walks the layers from the top: ``pick(i, s_i, prior_i) -> z_i`` chooses layer i's latent
         given its top-down state (None at the top) and prior ``(mu_p, logvar_p)`` (None at the top:
-        N(0, I)). Returns the decoder's output, the likelihood's parameters ``[N, *input_shape]``."""
+        N(0, I)). Returns the decoder's output, the likelihood's parameters ``[N, *param_shape]``."""
         s = None
         for i in reversed(range(self.num_layers)):
             prior = None if s is None else self.priors[i](s).chunk(2, dim=-1)
@@ -135,7 +137,7 @@ class HierarchicalVAE(BaseVAE):
             if i > 0:
                 s = self.top_down[i - 1](z if s is None else torch.cat([z, s], dim=-1))
         h = torch.cat([z, s], dim=-1)
-        return self.decoder(h).view(h.shape[0], *self.input_shape)
+        return self.decoder(h).view(h.shape[0], *self.param_shape)
 
     def _posterior_input(self, d: list[torch.Tensor], i: int, s: Optional[torch.Tensor]) -> torch.Tensor:
         return d[i] if s is None else torch.cat([d[i], s], dim=-1)
@@ -251,9 +253,10 @@ class HierarchicalVAE(BaseVAE):
     @torch.no_grad()
     def sample(self, n: int, y=None, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """``n`` ancestral draws, ``z_L ~ N(0, I)``, then ``z_i ~ p(z_i | z_>i)`` down to ``z_1``,
-        decoded to data space ``[n, *input_shape]``. With ``generator``, the layers' noise comes from
-        ``L`` seeds drawn from it (``torch.randint(0, 2**62, (L,))``, bottom layer first); without,
-        from PyTorch's generator."""
+        decoded to data space ``[n, *input_shape]`` (the likelihood's mean, or with ``likelihood="dmol"``
+        a draw from it). With ``generator``, the layers' noise comes from ``L`` seeds drawn from it
+        (``torch.randint(0, 2**62, (L,))``, bottom layer first, then the pixels' seed); without, from
+        PyTorch's generator."""
         positive_int("n", n)
         ref = self.priors[0].weight
         self._check_y(y, n, ref.device)
@@ -267,7 +270,7 @@ class HierarchicalVAE(BaseVAE):
                 prior = (zeros, zeros)
             return reparameterize_kl(prior[0], prior[1], seed=seeds[i], backend=self.backend)[0]
 
-        return self._to_data(self._top_down(pick))
+        return self._draw(self._top_down(pick), generator)
 
     def decode_top(self, z_top: torch.Tensor) -> torch.Tensor:
         """Data-space means ``[N, *input_shape]`` decoded from top-layer latents ``[N,

@@ -16,12 +16,21 @@ from .base import (BaseVAE, ImageGrid, ModelOutput, gaussian_latent_metrics, pos
                    traversal_latents, traversal_values)
 
 
-def mlp(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear + ReLU between consecutive sizes (the MLP blocks of the VAE family)."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
+    """Linear + activation between consecutive sizes (the MLP blocks of the VAE family)."""
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
     return nn.Sequential(*layers)
+
+
+def check_activation(activation: str) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    return activation
 
 
 def check_hidden_dims(hidden_dims) -> tuple[int, ...]:
@@ -83,13 +92,14 @@ class GaussianVAE(BaseVAE):
 
     @torch.no_grad()
     def sample(self, n: int, y=None, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """``n`` draws decoded from the prior, ``z ~ N(0, I)``, in data space ``[n, *input_shape]``.
-        ``y``: labels ``[n]`` or one int for all (conditional models)."""
+        """``n`` draws decoded from the prior, ``z ~ N(0, I)``, in data space ``[n, *input_shape]``:
+        the likelihood's mean, or with ``likelihood="dmol"`` a draw from it (see
+        :class:`pyvae.models.BaseVAE`). ``y``: labels ``[n]`` or one int for all (conditional models)."""
         positive_int("n", n)
         ref = self.latent.proj.weight
         y = self._labels(y, n, ref.device)
         z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
-        return self.decode(z, y)
+        return self._draw(self._params(z, y), generator)
 
     @torch.no_grad()
     def negative_elbo(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, seed: Optional[int] = 0) -> torch.Tensor:
@@ -151,19 +161,22 @@ class _MLPVAE(GaussianVAE):
     concatenated to the encoder's input and to z at the decoder's input."""
 
     def __init__(self, input_shape, num_classes: Optional[int], latent_dim: int, hidden_dims, likelihood: str,
-                 beta: float, kl_warmup_steps: int, free_bits: float, backend: str, gaussian_logvar) -> None:
+                 beta: float, kl_warmup_steps: int, free_bits: float, backend: str, gaussian_logvar, num_mix: int,
+                 num_levels: int, activation: str) -> None:
+        check_activation(activation)
         super().__init__(input_shape, likelihood=likelihood, gaussian_logvar=gaussian_logvar, beta=beta,
-                         kl_warmup_steps=kl_warmup_steps, free_bits=free_bits, backend=backend)
+                         kl_warmup_steps=kl_warmup_steps, free_bits=free_bits, backend=backend, num_mix=num_mix,
+                         num_levels=num_levels)
         self.num_classes = num_classes
         self.latent_dim = positive_int("latent_dim", latent_dim)
         self.hidden_dims = check_hidden_dims(hidden_dims)
         cond = num_classes or 0
         features = math.prod(self.input_shape)
-        self.encoder = mlp((features + cond, *self.hidden_dims))
+        self.encoder = mlp((features + cond, *self.hidden_dims), activation)
         self.latent = GaussianLatent(self.hidden_dims[-1] if self.hidden_dims else features + cond, latent_dim,
                                      backend=backend, free_bits=free_bits)
         widths = (latent_dim + cond, *reversed(self.hidden_dims))
-        self.decoder = nn.Sequential(mlp(widths), nn.Linear(widths[-1], features))
+        self.decoder = nn.Sequential(mlp(widths, activation), nn.Linear(widths[-1], math.prod(self.param_shape)))
 
     def _one_hot(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # A comparison, not F.one_hot, whose range check reads the labels back to the host.
@@ -178,25 +191,28 @@ class _MLPVAE(GaussianVAE):
     def _params(self, z, y):
         if self.num_classes is not None:
             z = torch.cat([z, self._one_hot(y, z.dtype)], dim=1)
-        return self.decoder(z).view(z.shape[0], *self.input_shape)
+        return self.decoder(z).view(z.shape[0], *self.param_shape)
 
 
 class VAE(_MLPVAE):
     """A VAE with MLP encoder and decoder on inputs ``[B, *input_shape]`` (flattened inside).
 
-    Encoder ``prod(input_shape) -> hidden_dims[0] -> ... -> hidden_dims[-1]`` (Linear + ReLU), then
+    Encoder ``prod(input_shape) -> hidden_dims[0] -> ... -> hidden_dims[-1]`` (Linear + ``activation``:
+    ``"relu"``, ``"elu"``, ``"gelu"`` or ``"silu"``), then
     a :class:`pyvae.nn.GaussianLatent` to ``latent_dim``; decoder the mirror, ending in a Linear to
     the likelihood's parameters. ``likelihood``: ``"bernoulli"``, ``"continuous_bernoulli"`` or
     ``"gaussian"`` (variance from ``gaussian_logvar``: ``"learned"`` (one scalar; per channel for
-    ``(C, H, W)`` shapes), ``"optimal"`` or a fixed float). ``beta``, ``kl_warmup_steps`` and
+    ``(C, H, W)`` shapes), ``"optimal"`` or a fixed float) or ``"dmol"`` (a discretized mixture of
+    ``num_mix`` logistics per pixel for data on ``num_levels`` levels). ``beta``, ``kl_warmup_steps`` and
     ``free_bits`` shape the objective (see :class:`pyvae.models.BaseVAE`); ``backend`` goes to the ops.
     """
 
     def __init__(self, input_shape, *, latent_dim: int = 16, hidden_dims: Sequence[int] = (256, 128),
                  likelihood: str = "bernoulli", beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0,
-                 backend: str = "auto", gaussian_logvar="learned") -> None:
+                 backend: str = "auto", gaussian_logvar="learned", num_mix: int = 10, num_levels: int = 256,
+                 activation: str = "relu") -> None:
         super().__init__(input_shape, None, latent_dim, hidden_dims, likelihood, beta, kl_warmup_steps, free_bits,
-                         backend, gaussian_logvar)
+                         backend, gaussian_logvar, num_mix, num_levels, activation)
 
 
 class CVAE(_MLPVAE):
@@ -209,10 +225,11 @@ class CVAE(_MLPVAE):
 
     def __init__(self, input_shape, num_classes: int, *, latent_dim: int = 16, hidden_dims: Sequence[int] = (256, 128),
                  likelihood: str = "bernoulli", beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0,
-                 backend: str = "auto", gaussian_logvar="learned") -> None:
+                 backend: str = "auto", gaussian_logvar="learned", num_mix: int = 10, num_levels: int = 256,
+                 activation: str = "relu") -> None:
         positive_int("num_classes", num_classes)
         super().__init__(input_shape, num_classes, latent_dim, hidden_dims, likelihood, beta, kl_warmup_steps,
-                         free_bits, backend, gaussian_logvar)
+                         free_bits, backend, gaussian_logvar, num_mix, num_levels, activation)
 
 
 class ConvVAE(GaussianVAE):
@@ -227,9 +244,10 @@ class ConvVAE(GaussianVAE):
 
     def __init__(self, input_shape, *, latent_dim: int = 16, channels: Sequence[int] = (32, 64), hidden_dim: int = 256,
                  likelihood: str = "bernoulli", beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0,
-                 backend: str = "auto", gaussian_logvar="learned") -> None:
+                 backend: str = "auto", gaussian_logvar="learned", num_mix: int = 10, num_levels: int = 256) -> None:
         super().__init__(input_shape, likelihood=likelihood, gaussian_logvar=gaussian_logvar, beta=beta,
-                         kl_warmup_steps=kl_warmup_steps, free_bits=free_bits, backend=backend, image=True)
+                         kl_warmup_steps=kl_warmup_steps, free_bits=free_bits, backend=backend, image=True,
+                         num_mix=num_mix, num_levels=num_levels)
         self.latent_dim = positive_int("latent_dim", latent_dim)
         self.channels = check_channels(channels)
         self.hidden_dim = positive_int("hidden_dim", hidden_dim)
@@ -242,7 +260,7 @@ class ConvVAE(GaussianVAE):
         self.latent = GaussianLatent(hidden_dim, latent_dim, backend=backend, free_bits=free_bits)
         self.decoder_input = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, flat),
                                            nn.ReLU())
-        self.decoder = conv_decoder(c, self.channels, strides, sizes)
+        self.decoder = conv_decoder(self.param_shape[0], self.channels, strides, sizes)
 
     def _features(self, x, y):
         return self.encoder(x)

@@ -52,9 +52,9 @@ class VQVAE(BaseVAE):
     def __init__(self, input_shape, *, num_codes: int = 128, code_dim: int = 16, channels: Sequence[int] = (32, 64),
                  downsample: int = 2, ema_decay: Optional[float] = 0.99, beta: float = 0.25,
                  dead_code_threshold: Optional[float] = None, likelihood: str = "bernoulli", backend: str = "auto",
-                 gaussian_logvar="learned", **vq_options) -> None:
+                 gaussian_logvar="learned", num_mix: int = 10, num_levels: int = 256, **vq_options) -> None:
         super().__init__(input_shape, likelihood=likelihood, gaussian_logvar=gaussian_logvar, beta=beta,
-                         backend=backend, image=True)
+                         backend=backend, image=True, num_mix=num_mix, num_levels=num_levels)
         self.num_codes = positive_int("num_codes", num_codes)
         self.code_dim = positive_int("code_dim", code_dim)
         self.channels = check_channels(channels)
@@ -69,7 +69,7 @@ class VQVAE(BaseVAE):
         top = self.channels[-1]
         self.encoder = nn.Sequential(convs, nn.Conv2d(top, top, 3, padding=1), nn.ReLU(), nn.Conv2d(top, code_dim, 1))
         self.decoder = nn.Sequential(nn.Conv2d(code_dim, top, 3, padding=1), nn.ReLU(),
-                                     conv_decoder(c, self.channels, strides, sizes))
+                                     conv_decoder(self.param_shape[0], self.channels, strides, sizes))
         if dead_code_threshold is None:
             dead_code_threshold = 0.0 if ema_decay is None else 1.0
         self.vq = VectorQuantizer(num_codes, code_dim, beta=beta, ema_decay=ema_decay, backend=backend,

@@ -16,17 +16,18 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import __version__
+from .average import WeightAverage
 from .distributed import Run
 from .errors import UsageError
 from .options import plain_args, show_value
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 2  # 2: adds "buffers", the model's buffers that its state_dict leaves out
+CHECKPOINT_FORMAT = 3  # 2: adds "buffers", the model's buffers that its state_dict leaves out; 3: "average"
 # Options that may change when a run is resumed; every other one must match the checkpoint's.
 RESUMABLE_CHANGES = ("epochs", "out", "device", "backend", "compile", "threads", "quiet", "resume", "overwrite",
                      "iwae_k", "debug_rank_state", "debug_stop_at_step")
 # What a checkpoint holds; a file without one of these cannot be resumed.
-CHECKPOINT_KEYS = ("format", "model", "buffers", "optimizer", "epoch", "step", "rng", "args", "history")
+CHECKPOINT_KEYS = ("format", "model", "buffers", "optimizer", "epoch", "step", "rng", "args", "history", "average")
 
 
 def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
@@ -48,11 +49,15 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
 
 
 def save_checkpoint(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    epoch: int, step: int, history: dict) -> None:
-    """Writes ``<out>/checkpoint.pt``: the state after ``epoch`` epochs and ``step`` steps."""
+                    epoch: int, step: int, history: dict, average: Optional[WeightAverage] = None) -> None:
+    """Writes ``<out>/checkpoint.pt``: the state after ``epoch`` epochs and ``step`` steps. Its
+    ``"model"`` holds the last weights (what training continues from); with ``--weight-ema``,
+    ``"average"`` holds the averaged parameters, the weights the run was evaluated with, in the order
+    of ``model.parameters()`` (:meth:`WeightAverage.state_dict`); None without."""
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "buffers": unsaved_buffers(model),
              "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "rng": rng_state(run.device),
-             "args": compatible_args(args), "history": history, "pyvae_version": __version__}
+             "args": compatible_args(args), "history": history, "pyvae_version": __version__,
+             "average": None if average is None else average.state_dict()}
     atomic_write(os.path.join(run.out, CHECKPOINT), lambda f: torch.save(state, f))
 
 
@@ -101,13 +106,19 @@ def load_checkpoint(args: argparse.Namespace, device: torch.device) -> dict:
     return state
 
 
-def restore(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run) -> tuple[int, int, dict]:
-    """Puts a checkpoint's state (see :func:`load_checkpoint`) into the model, the optimizer and the
-    random generators; returns (epoch, step, history). UsageError if it does not fit them."""
+def restore(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run,
+            average: Optional[WeightAverage] = None) -> tuple[int, int, dict]:
+    """Puts a checkpoint's state (see :func:`load_checkpoint`) into the model, the optimizer, the
+    weight average and the random generators; returns (epoch, step, history). UsageError if it does
+    not fit them."""
     try:
         model.load_state_dict(state["model"])
         load_unsaved_buffers(model, state["buffers"])
         optimizer.load_state_dict(state["optimizer"])
+        if (average is None) != (state["average"] is None):
+            raise ValueError("it was written with another --weight-ema")
+        if average is not None:
+            average.load_state_dict(state["average"])
         set_rng_state(state["rng"], run.device)
         history = state["history"]
         if not {"step_loss", "epochs", "train_seconds"} <= set(history):
@@ -155,11 +166,20 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def write_rank_state(run: Run, model: torch.nn.Module) -> None:
-    """``<out>/rank_state/rank<r>.json``: a hash of each entry of the model's state_dict, for the
-    test that checks that the ranks end with the same model (``--debug-rank-state``)."""
-    hashes = {k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-              for k, v in model.state_dict().items()}
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_rank_state(run: Run, model: torch.nn.Module, average: Optional[WeightAverage] = None) -> None:
+    """``<out>/rank_state/rank<r>.json``: a hash of each entry of the model's state_dict (and, as
+    ``"average"``, of the weight average), for the test that checks that the ranks end with the same
+    model (``--debug-rank-state``)."""
+    hashes = {k: _digest([v]) for k, v in model.state_dict().items()}
+    if average is not None:
+        hashes["average"] = _digest(average.params)
     os.makedirs(os.path.join(run.out, "rank_state"), exist_ok=True)
     atomic_write(os.path.join(run.out, "rank_state", f"rank{run.rank}.json"),
                  lambda f: f.write(json.dumps(hashes).encode()))

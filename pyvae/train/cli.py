@@ -28,6 +28,7 @@ import torch
 
 from .. import backends, registry
 from ..data import DatasetError, ImageDataset, load_dataset, test_count
+from .average import maybe_applied
 from .checkpoint import CHECKPOINT, resume_state, write_rank_state
 from .distributed import Run, start_processes, stop_processes
 from .errors import TrainingError, UsageError
@@ -76,10 +77,11 @@ def train_and_report(args: argparse.Namespace, run: Run, started: float,
     if run.main:
         prepare_out(args.out)
     run.barrier()  # the directory exists before any rank writes into it
-    history = train(args, run, data, model, state, log)
+    history, average = train(args, run, data, model, state, log)
     if args.debug_rank_state:
-        write_rank_state(run, model)
-    metrics = report(args, run, data, model, history, resolved, started) if run.main else None
+        write_rank_state(run, model, average)
+    with maybe_applied(average, model):
+        metrics = report(args, run, data, model, history, resolved, started) if run.main else None
     run.leave_together()  # after rank 0's evaluation and pictures
     return metrics
 
@@ -118,6 +120,8 @@ def summary(m: dict) -> str:
     change = m["relative_improvement"]
     line = (f"test negative ELBO {m['test_negative_elbo']:.3f} nats, {100 * abs(change):.1f}% "
             f"{'below' if change >= 0 else 'above'} the independent-pixel baseline's {m['baseline']['test_nll']:.3f}")
+    if "test_bits_per_dim" in m:
+        line += f" ({m['test_bits_per_dim']:.3f} vs {m['baseline']['test_bits_per_dim']:.3f} bits/dim)"
     if "active_units" in m:
         line += f"; iwae_nll {m[next(k for k in m if k.startswith('iwae_nll'))]:.3f}; " \
                 f"active units {m['active_units']}/{m['latent_dim']}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -16,6 +17,7 @@ import torch
 from .. import __version__, models
 from ..data import ImageDataset
 from ..metrics import evaluating, per_example
+from ..ops.dmol import bits_per_dim
 from .checkpoint import CHECKPOINT, atomic_write
 from .distributed import Run
 from .options import plain_args
@@ -43,9 +45,12 @@ def baseline_nll(data: ImageDataset, likelihood: str) -> tuple[torch.Tensor, dic
     """Test NLL per example ``[N_test]`` of the best model that ignores the latent: independent
     pixels, each with the likelihood's distribution fitted to the training set by maximum likelihood
     (Bernoulli and continuous Bernoulli: on counts smoothed by half an observation, which keeps the
-    probabilities off 0 and 1; Gaussian: with a variance floor)."""
+    probabilities off 0 and 1; Gaussian: with a variance floor; for the discretized likelihood
+    ``"dmol"``, a categorical distribution over the data's levels, see :func:`categorical_baseline`)."""
     from .. import ops
 
+    if likelihood == "dmol":
+        return categorical_baseline(data)
     x, t = data.x_train.double(), data.x_test
     n = x.shape[0]
     mean = (x.sum(0) + 0.5) / (n + 1)
@@ -78,6 +83,23 @@ def baseline_nll(data: ImageDataset, likelihood: str) -> tuple[torch.Tensor, dic
 
 
 @torch.no_grad()
+def categorical_baseline(data: ImageDataset) -> tuple[torch.Tensor, dict]:
+    """Test NLL per example ``[N_test]`` of independent pixels, each value (every channel of every
+    pixel) a categorical over the data's ``num_levels`` levels fitted to the training set with
+    add-one smoothing, ``p_k = (count_k + 1) / (N + L)``: the discrete counterpart of the other
+    baselines, in the same units as a discretized likelihood's negative ELBO."""
+    levels = data.num_levels
+    k_train = torch.round(data.x_train.double().flatten(1) * (levels - 1)).long()  # [N, D]
+    k_test = torch.round(data.x_test.double().flatten(1) * (levels - 1)).long()
+    counts = torch.zeros(k_train.shape[1], levels, dtype=torch.float64)
+    counts.scatter_add_(1, k_train.T, torch.ones_like(k_train.T, dtype=torch.float64))
+    log_p = ((counts + 1) / (len(k_train) + levels)).log()  # [D, L]
+    nll = -log_p.gather(1, k_test.T).sum(0)
+    return nll, {"distribution": "categorical", "levels": levels,
+                 "fit": "per-pixel frequencies of each level in the training set, (count + 1) / (N + levels)"}
+
+
+@torch.no_grad()
 def evaluate(args: argparse.Namespace, run: Run, data: ImageDataset, model: models.BaseVAE) -> dict:
     """The test-set numbers of metrics.json (rank 0): the model's own (its ``evaluation_metrics``),
     with the baseline that ignores the latent after its test negative ELBO."""
@@ -87,9 +109,13 @@ def evaluate(args: argparse.Namespace, run: Run, data: ImageDataset, model: mode
     own = model.evaluation_metrics(x, y, x_train=data.x_train.to(run.device), iwae_k=args.iwae_k, seed=args.seed)
     base, base_info = baseline_nll(data, args.likelihood)
     model_nll, base_nll = own["test_negative_elbo"], float(base.double().mean())
+    base_info["test_nll"] = base_nll
+    if "test_bits_per_dim" in own:
+        base_info["test_bits_per_dim"] = float(bits_per_dim(torch.tensor(base_nll, dtype=torch.float64),
+                                                            math.prod(data.input_shape)))
     return {
         "test_negative_elbo": model_nll,
-        "baseline": {**base_info, "test_nll": base_nll},
+        "baseline": base_info,
         # > 0: the model's negative ELBO is that fraction of |baseline| below the baseline's NLL
         "relative_improvement": (base_nll - model_nll) / abs(base_nll) if base_nll else None,
         **own,

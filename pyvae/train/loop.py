@@ -1,6 +1,7 @@
 """The training loop of ``pyvae train``: Adam(W) over shuffled mini-batches (:func:`batches`, the
 same plan on every rank, each training on its shard) with a tqdm bar, the held-out loss and a
-checkpoint after every epoch, DistributedDataParallel across ranks and optionally torch.compile."""
+checkpoint after every epoch, DistributedDataParallel across ranks, optionally torch.compile and a
+weight average (``--weight-ema``, :mod:`pyvae.train.average`)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,7 @@ import torch
 
 from .. import models
 from ..data import ImageDataset
+from .average import WeightAverage, maybe_applied
 from .checkpoint import restore, save_checkpoint
 from .distributed import Run
 from .errors import TrainingError
@@ -59,15 +61,17 @@ def training_module(args: argparse.Namespace, run: Run, model: torch.nn.Module) 
 
 
 def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: models.BaseVAE, state: Optional[dict],
-          log: Callable[[str], None]) -> dict:
-    """Trains up to ``args.epochs``; a checkpoint after every epoch. Returns the final history."""
+          log: Callable[[str], None]) -> tuple[dict, Optional[WeightAverage]]:
+    """Trains up to ``args.epochs``; a checkpoint after every epoch. Returns the final history and,
+    with ``--weight-ema``, the weight average (the held-out losses are the average's)."""
     from tqdm import tqdm
 
     optimizer = make_optimizer(args, model)
+    average = WeightAverage(model, args.weight_ema) if args.weight_ema else None
     history: dict[str, Any] = {"step_loss": [], "epochs": [], "train_seconds": 0.0}
     epoch = step = 0
     if state is not None:
-        epoch, step, history = restore(state, model, optimizer, run)
+        epoch, step, history = restore(state, model, optimizer, run, average)
     train_model = training_module(args, run, model)
     x_all = data.x_train.to(run.device)
     y_all = data.y_train.to(run.device) if model.conditional else None
@@ -92,6 +96,8 @@ def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: models.
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update(model)
             losses.append(loss.detach() / run.world)
             step += 1
             if step == args.debug_stop_at_step:
@@ -102,7 +108,8 @@ def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: models.
         step_loss = torch.stack(losses).double() if losses else torch.zeros(0, dtype=torch.float64)
         step_loss = run.sum(step_loss).tolist()
         train_seconds = time.perf_counter() - epoch_start
-        test = heldout_losses(model, data, run)
+        with maybe_applied(average, model):
+            test = heldout_losses(model, data, run)
         epoch += 1
         if not all(math.isfinite(v) for v in [*step_loss, *test.values()]):
             last = step_loss[-1] if step_loss else "-"
@@ -113,10 +120,10 @@ def train(args: argparse.Namespace, run: Run, data: ImageDataset, model: models.
                                   **test, "seconds": train_seconds})
         history["train_seconds"] += train_seconds
         if run.main:
-            save_checkpoint(args, run, model, optimizer, epoch, step, history)
+            save_checkpoint(args, run, model, optimizer, epoch, step, history, average)
             if not args.quiet:
                 recon = f"  test recon NLL {test['test_recon_nll']:.3f}" if "test_recon_nll" in test else ""
                 log(f"epoch {epoch}/{args.epochs}  train loss {history['epochs'][-1]['train_loss']:.3f}  "
                     f"test negative ELBO {test['test_negative_elbo']:.3f}{recon} nats  ({train_seconds:.1f} s)")
     history["steps"] = step
-    return history
+    return history, average

@@ -17,26 +17,33 @@ from .errors import UsageError
 MODELS: dict[str, type[models.BaseVAE]] = {"vae": models.VAE, "convvae": models.ConvVAE, "cvae": models.CVAE,
                                            "vqvae": models.VQVAE, "hvae": models.HierarchicalVAE}
 VAE_FAMILY = tuple(name for name, cls in MODELS.items() if cls.continuous_latent)
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
+LIKELIHOODS = ("dmol", "bernoulli", "continuous_bernoulli", "gaussian")
 
 # The CLI's defaults per model, sized for the 8x8 digits (a default run takes seconds to a couple of
-# minutes on a 2-core CPU). Options not named here take the model class's own default.
+# minutes on a 2-core CPU). Options not named here take the model class's own default. The MLP
+# models' ELU activations, width of latent, learning rate and weight average were chosen on a
+# validation split of the digits' training images (bench/results/cpu/train/README.md).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "vae": dict(epochs=100, batch_size=64, lr=1e-3, latent_dim=16, hidden_dims=(256, 128)),
-    "convvae": dict(epochs=100, batch_size=64, lr=1e-3, latent_dim=16, channels=(32, 64), hidden_dim=256),
-    "cvae": dict(epochs=100, batch_size=64, lr=1e-3, latent_dim=16, hidden_dims=(256, 128)),
+    "vae": dict(epochs=100, batch_size=64, lr=2e-3, latent_dim=32, hidden_dims=(256, 128), activation="elu",
+                weight_ema=0.995),
+    "convvae": dict(epochs=100, batch_size=64, lr=1e-3, latent_dim=16, channels=(32, 64), hidden_dim=256,
+                    weight_ema=0.0),
+    "cvae": dict(epochs=100, batch_size=64, lr=2e-3, latent_dim=32, hidden_dims=(256, 128), activation="elu",
+                 weight_ema=0.995),
     "vqvae": dict(epochs=30, batch_size=64, lr=2e-3, num_codes=64, code_dim=16, channels=(32, 64), downsample=1,
-                  ema_decay=0.99),
-    "hvae": dict(epochs=100, batch_size=64, lr=1e-3, latent_dims=(16, 8, 4), hidden_dims=(256, 128),
-                 kl_warmup_steps=250),
+                  ema_decay=0.99, weight_ema=0.0),
+    "hvae": dict(epochs=100, batch_size=64, lr=2e-3, latent_dims=(16, 8, 4), hidden_dims=(256, 128),
+                 kl_warmup_steps=1000, activation="elu", weight_ema=0.995),
 }
-COMMON_DEFAULTS = dict(dataset="digits", likelihood="bernoulli", weight_decay=0.0, backend="auto", seed=0,
-                       iwae_k=100)
+COMMON_DEFAULTS = dict(dataset="digits", weight_decay=0.0, backend="auto", seed=0, iwae_k=100)
+# --likelihood dmol: mixture components per pixel unless --num-mix says otherwise
+DMOL_NUM_MIX = 5
 
 # Options that only some models take: giving one to another model is an error, not silently ignored.
 MODEL_OPTIONS = {
     "latent_dim": ("vae", "convvae", "cvae"), "kl_warmup_steps": VAE_FAMILY, "free_bits": VAE_FAMILY,
     "latent_dims": ("hvae",), "hidden_dims": ("vae", "cvae", "hvae"), "hidden_dim": ("convvae",),
+    "activation": ("vae", "cvae", "hvae"),
     "channels": ("convvae", "vqvae"),
     "num_codes": ("vqvae",), "code_dim": ("vqvae",), "downsample": ("vqvae",), "ema_decay": ("vqvae",),
     "dead_code_threshold": ("vqvae",),
@@ -99,6 +106,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _decay(text: str) -> float:
+    value = _nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def _ema_decay(text: str):
     if text.lower() == "none":
         return "none"  # not None, which stands for "not given" until the defaults are filled in
@@ -135,7 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help=f"global mini-batch size (split between ranks) {d}")
     p.add_argument("--lr", type=_positive_float, help=f"learning rate of Adam(W) {d}")
     p.add_argument("--weight-decay", type=_nonnegative_float, help="AdamW weight decay. Default: 0 (plain Adam)")
-    p.add_argument("--likelihood", choices=LIKELIHOODS, help="reconstruction likelihood. Default: bernoulli")
+    p.add_argument("--weight-ema", type=_decay, help="evaluate with an exponential moving average of the weights of "
+                   f"this decay, updated every step (0 = the last weights) {d}")
+    p.add_argument("--likelihood", choices=LIKELIHOODS, help="reconstruction likelihood: dmol is a discretized "
+                   "mixture of logistics on the data's levels. Default: dmol for data on a grid of more than 2 levels "
+                   "(the digits' 17, uint8 images' 256), bernoulli otherwise (binary, --binarize or continuous data)")
+    p.add_argument("--num-mix", type=_positive_int, help=f"with --likelihood dmol: mixture components per pixel. "
+                   f"Default: {DMOL_NUM_MIX}")
     p.add_argument("--gaussian-logvar", type=_gaussian_logvar,
                    help="with --likelihood gaussian: 'learned' (per channel), 'optimal' or a fixed log-variance")
     p.add_argument("--beta", type=_nonnegative_float,
@@ -146,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"at least 2 (hvae) {d}")
     g.add_argument("--hidden-dims", type=_int_tuple, help=f"MLP widths, e.g. 256,128 (vae, cvae, hvae) {d}")
     g.add_argument("--hidden-dim", type=_positive_int, help=f"width of the dense layer (convvae) {d}")
+    g.add_argument("--activation", choices=("relu", "elu", "gelu", "silu"), help=f"of the MLPs (vae, cvae, hvae) {d}")
     g.add_argument("--kl-warmup-steps", type=_nonnegative_int,
-                   help="steps over which beta ramps up from 0. Default: 0 (hvae: 250)")
+                   help="steps over which beta ramps up from 0. Default: 0 (hvae: 1000)")
     g.add_argument("--free-bits", type=_free_bits, help="KL floor per latent dimension in nats; for hvae one "
                    "number for every layer or a comma list, one per layer, bottom first. Default: 0")
     g = p.add_argument_group("convolutional models (convvae, vqvae)")
@@ -208,6 +229,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              f"layer, is for {', '.join(takers)})")
     if args.gaussian_logvar is not None and args.likelihood != "gaussian":
         raise UsageError("--gaussian-logvar applies to --likelihood gaussian only")
+    if args.num_mix is not None and args.likelihood not in (None, "dmol"):
+        raise UsageError("--num-mix applies to --likelihood dmol only")
     if args.dataset != "digits":
         args.dataset = os.path.abspath(args.dataset)  # a resumed run may start from another directory
     if args.out is None:
@@ -217,9 +240,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def choose_likelihood(args: argparse.Namespace, data: ImageDataset) -> None:
+    """Fills in ``args.likelihood`` from the data when it was not given (``dmol`` for data on a grid
+    of more than 2 levels, ``bernoulli`` otherwise) and ``args.num_mix``; UsageError for a
+    discretized likelihood of continuous data, or --num-mix without it."""
+    if args.likelihood is None:
+        args.likelihood = "dmol" if data.num_levels is not None and data.num_levels > 2 else "bernoulli"
+    if args.likelihood != "dmol":
+        if args.num_mix is not None:
+            raise UsageError(f"--num-mix applies to --likelihood dmol only (this run's likelihood is "
+                             f"{args.likelihood})")
+        return
+    if data.num_levels is None:
+        raise UsageError(f"--likelihood dmol needs pixel values on a grid of levels k/(L-1) (uint8 or bool images, "
+                         f"the digits, floats on the 8- or 16-bit grid); dataset {data.name} holds other values")
+    if args.num_mix is None:
+        args.num_mix = DMOL_NUM_MIX
+
+
 def build_model(args: argparse.Namespace, data: ImageDataset) -> models.BaseVAE:
-    """The model the options describe; UsageError for sizes the model rejects."""
+    """The model the options describe (the likelihood chosen first: :func:`choose_likelihood`);
+    UsageError for sizes the model rejects."""
+    choose_likelihood(args, data)
     kwargs: dict[str, Any] = dict(likelihood=args.likelihood, backend=args.backend)
+    if args.likelihood == "dmol":
+        kwargs.update(num_mix=args.num_mix, num_levels=data.num_levels)
     for name in ("beta", "gaussian_logvar", *MODEL_OPTIONS):
         value = getattr(args, name)
         if value is not None and args.model in MODEL_OPTIONS.get(name, MODELS):
