@@ -14,6 +14,7 @@ from pyvae.models import CVAE, VAE, VQVAE, ConvVAE, HierarchicalVAE
 from pyvae.nn import DiscretizedMixLogistic
 from pyvae.train.average import WeightAverage
 from pyvae.train.evaluate import categorical_baseline
+from pyvae.train.options import DMOL_NUM_MIX
 
 from test_train import TINY, cli, digits_split
 
@@ -160,7 +161,7 @@ def test_the_digits_train_with_the_discretized_likelihood_by_default(capsys, tmp
                        "--out", tmp_path)
     assert rc == 0, err
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["args"]["likelihood"] == "dmol" and m["args"]["num_mix"] == 5
+    assert m["args"]["likelihood"] == "dmol" and m["args"]["num_mix"] == DMOL_NUM_MIX["vae"]
     assert m["baseline"]["distribution"] == "categorical"
     dims = 64 * math.log(2)
     assert m["test_bits_per_dim"] == pytest.approx(m["test_negative_elbo"] / dims)

@@ -336,7 +336,8 @@ class BaseVAE(nn.Module):
             labels = torch.arange(self.num_classes, device=self.step.device).repeat_interleave(per_row)
             return ImageGrid(self.sample(len(labels), labels, generator=generator), per_row,
                              "samples (one row per class)")
-        return ImageGrid(self.sample(per_row * per_row, generator=generator), per_row, "samples from the prior")
+        title = "samples from the prior" + (" (every pixel drawn from p(x|z))" if self.discrete_data else "")
+        return ImageGrid(self.sample(per_row * per_row, generator=generator), per_row, title)
 
     def reconstruct(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``decode(encode(x, y), y)``: the reconstruction from the posterior mean, in data space."""
