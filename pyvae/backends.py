@@ -277,13 +277,15 @@ def _below_autograd(fn: Callable) -> Callable:
 def _op_function(op: str, name: str, backend: str) -> Callable:
     """The op of ``backend`` called through a ``torch.autograd.Function`` with the op's registered
     derivative. A list output of the op (``Tensor[]``) becomes separate outputs of the Function, and
-    is rebuilt for the derivative and for the caller, who see the op's own output structure."""
+    is rebuilt for the derivative and for the caller, who see the op's own output structure (an op
+    of one Tensor, returned bare, is one output of the Function)."""
     callable_op = registry.family(op).op(name, backend)
     setup_context, make_backward = _DERIVATIVES[(op, name)]
     backward = make_backward(backend)
     overload = callable_op._opoverload if isinstance(callable_op, torch.library.CustomOpDef) else callable_op.default
     returns = overload._schema.returns
     is_list = [str(r.type).startswith("List") for r in returns]
+    bare = len(returns) == 1 and not is_list[0]  # the op returns its one Tensor, not a tuple
 
     def nest(flat: tuple) -> tuple:
         flat, nested = list(flat), []
@@ -299,19 +301,22 @@ def _op_function(op: str, name: str, backend: str) -> Callable:
         @staticmethod
         def forward(*args):
             flat = []
-            for out, listed in zip(callable_op(*args), is_list):
+            outputs = callable_op(*args)
+            for out, listed in zip((outputs,) if bare else outputs, is_list):
                 flat.extend(out) if listed else flat.append(out)
             return tuple(flat)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            setup_context(ctx, inputs, nest(output))
+            setup_context(ctx, inputs, nest(output)[0] if bare else nest(output))
 
         @staticmethod
         def backward(ctx, *grads):
             return backward(ctx, *nest(grads))
 
     OpFunction.__name__ = OpFunction.__qualname__ = f"{name}_{backend}_function"
+    if bare:
+        return lambda *args: nest(OpFunction.apply(*args))[0]
     return lambda *args: nest(OpFunction.apply(*args))
 
 

@@ -126,6 +126,7 @@ FAMILIES: tuple[OpFamily, ...] = (
              python_ops=("codebook_snapshot", "nearest_code_reference", "codebook_stats_reference"),
              tests=("tests/test_vq_layer.py",), tune="tune_vq_triton"),
     OpFamily("dmol", ops=("dmol_forward", "dmol_sample"), functions=("DMOLFunction",)),
+    OpFamily("fsq", ops=("fsq_forward", "fsq_backward"), functions=("FSQFunction",)),
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)

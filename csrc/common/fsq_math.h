@@ -1,0 +1,81 @@
+// Per-element formulas of finite scalar quantization (pyvae/ops/fsq.py has the definition and the
+// float64 reference), shared by the CPU and CUDA kernels: the bounded value's level, its code, the
+// level's share of the index, and the straight-through derivative. Each dimension's constants are
+// FsqDim's (fsq_params.h). Written branch-free over floats so that g++ vectorises the CPU loops.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#include "hd.h"
+#include "vmath.h"
+
+namespace pyvae {
+
+// tanh(v) and its derivative 1 - tanh(v)^2, from one e = exp(-2|v|): tanh|v| = (1 - e) / (1 + e) and
+// 1 - tanh^2 = 4e / (1 + e)^2, the latter without the cancellation of 1 - t^2 where |t| nears 1.
+// NaN gives NaN for both; +-inf gives +-1 and 0.
+struct FsqTanh {
+  float value, slope;
+};
+
+PYVAE_HD FsqTanh fsq_tanh(float v) {
+  const float e = exp_neg(2.0f * fabsf(v));
+  const float r = 1.0f / (1.0f + e);
+  const float t = (1.0f - e) * r;
+  return FsqTanh{v < 0.0f ? -t : t, 4.0f * e * r * r};
+}
+
+// Round half to even (torch.round) for every float: vmath's round_nearest covers |v| < 2^22 only,
+// and a level may be as large as 2^31. Adding 2^23 (with v's sign) leaves no fraction bits; from
+// 2^23 up every float is an integer already. NaN stays NaN.
+PYVAE_HD float fsq_round(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  constexpr float kNoFraction = 8388608.0f;  // 2^23
+  const float magic = v < 0.0f ? -kNoFraction : kNoFraction;
+  const float rounded = (v + magic) - magic;
+  return fabsf(v) < kNoFraction ? rounded : v;
+#endif
+}
+
+// floor(v), through fsq_round (floorf is a libm call on the baseline x86-64 ISA, which stops g++
+// vectorising). NaN stays NaN.
+PYVAE_HD float fsq_floor(float v) {
+#if defined(__CUDA_ARCH__)
+  return floorf(v);
+#else
+  const float rounded = fsq_round(v);
+  return rounded > v ? rounded - 1.0f : rounded;
+#endif
+}
+
+// The level (an integer, as a float; NaN for NaN) of t = tanh(z + shift) under the plain bound:
+// round(t * half_l - offset) + L // 2 (the peer's round(bounded), shifted to start at 0) ...
+PYVAE_HD float fsq_plain_level(float t, float scale, float offset, float center) {
+  return fsq_round(t * scale - offset) + center;
+}
+
+// ... and under the symmetric bound: floor((L - 1) (t + 1) / 2 + 0.5), in the peer's order of
+// operations.
+PYVAE_HD float fsq_symmetric_level(float t, float scale) { return fsq_floor(scale * (t + 1.0f) * 0.5f + 0.5f); }
+
+// A level's code, (level - center) / center: one correctly rounded division of the exact value, so
+// every backend writes the same float (the peer's round(bounded) / (L // 2) for the plain bound).
+PYVAE_HD float fsq_code(float level, float center) { return (level - center) / center; }
+
+// A level as an int32 for the index: 0 for NaN (whose row's index is kFsqNanIndex), and clamped to
+// the int32 range so that the conversion is defined for any float (levels on the grid are exact).
+PYVAE_HD int32_t fsq_level_int(float level) {
+  const float defined = level == level ? level : 0.0f;
+  const float low = defined < -2147483648.0f ? -2147483648.0f : defined;
+  return static_cast<int32_t>(low > 2147483520.0f ? 2147483520.0f : low);  // the largest float below 2^31
+}
+
+// The straight-through derivative d code / dz: the bound's slope (the rounding passes the gradient
+// through unchanged), times grad_scale = half_l / (L // 2) (plain) or 1 (symmetric).
+PYVAE_HD float fsq_grad(float grad_code, float z, float shift, float grad_scale) {
+  return grad_code * (fsq_tanh(z + shift).slope * grad_scale);
+}
+
+}  // namespace pyvae

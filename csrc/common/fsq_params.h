@@ -1,0 +1,75 @@
+// Plain-data description of one finite-scalar-quantization call, filled in by csrc/fsq_ops.cpp and
+// read by the CPU and CUDA kernels. z, grad_codes: [rows, dims] with unit column stride and the given
+// row strides; codes and grad_z contiguous [rows, dims]; indices [rows].
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#include "dtype.h"
+
+namespace pyvae {
+
+// Levels >= 2 whose product is below 2^31 (int32 indices): at most 30 of them.
+constexpr int kFsqMaxDims = 30;
+constexpr double kFsqEps = 1e-3;     // the plain bound's margin (pyvae/kernels/contracts/fsq.py: EPS)
+constexpr int32_t kFsqNanIndex = -1;  // the index of a row with a NaN in z
+
+// One dimension's constants (kernels/contracts/fsq.py: DimConstants, the same formulas):
+//   plain bound:      level = round(tanh(z + shift) * scale - offset) + center
+//   symmetric bound:  level = floor(scale * (tanh(z + shift) + 1) / 2 + 0.5)
+//   both:             code = (level - center) / center, d code / dz = (1 - tanh(z + shift)^2) * grad_scale
+struct FsqDim {
+  float shift, scale, offset, center, grad_scale;
+  uint32_t basis;  // prod(levels[:j]) < 2^31
+};
+
+struct FsqLevels {
+  int64_t dims;
+  bool symmetric;  // preserve_symmetry: the symmetric bound
+  FsqDim dim[kFsqMaxDims];
+};
+
+// The constants of `levels` (checked: dims <= kFsqMaxDims, each >= 2, product < 2^31), computed in
+// double and rounded once to float, as the Python side (Triton, the reference) computes them.
+inline FsqLevels fsq_levels(const int64_t* levels, int64_t dims, bool symmetric) {
+  FsqLevels out{};
+  out.dims = dims;
+  out.symmetric = symmetric;
+  int64_t basis = 1;
+  for (int64_t j = 0; j < dims; ++j) {
+    const int64_t level = levels[j];
+    FsqDim& d = out.dim[j];
+    if (symmetric) {
+      d = FsqDim{0.0f, static_cast<float>(level - 1), 0.0f, static_cast<float>((level - 1) / 2.0), 1.0f, 0};
+    } else {
+      const double half_l = static_cast<double>(level - 1) * (1.0 + kFsqEps) / 2.0;
+      const double offset = level % 2 == 0 ? 0.5 : 0.0;
+      const double half_width = static_cast<double>(level / 2);
+      d = FsqDim{static_cast<float>(atanh(offset / half_l)), static_cast<float>(half_l), static_cast<float>(offset),
+                 static_cast<float>(half_width), static_cast<float>(half_l / half_width), 0};
+    }
+    d.basis = static_cast<uint32_t>(basis);
+    basis *= level;
+  }
+  return out;
+}
+
+struct FsqForwardParams {
+  DType dtype;
+  const void* z;
+  int64_t rows, z_row_stride;
+  void* codes;       // [rows, dims], z's dtype
+  int32_t* indices;  // [rows], or nullptr: not asked for
+  FsqLevels levels;
+};
+
+struct FsqBackwardParams {
+  DType dtype;  // of z, grad_codes and grad_z
+  const void* z;
+  const void* grad_codes;
+  int64_t rows, z_row_stride, grad_codes_row_stride;
+  void* grad_z;  // [rows, dims]
+  FsqLevels levels;
+};
+
+}  // namespace pyvae

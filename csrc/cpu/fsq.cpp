@@ -1,0 +1,183 @@
+// CPU kernels of finite scalar quantization. z is walked in tiles of whole rows (up to kTile
+// elements, [row][dim] as in memory) spread over torch's intra-op threads. Each dimension's
+// constants are laid out once per thread in the same [row][dim] pattern (TileConstants), so that the
+// element math of a tile is one straight loop over its elements that g++ vectorises, whatever the
+// number of levels; the indices are then summed row by row from the tile's levels.
+#include "fsq.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "../common/fsq_math.h"
+#include "chunk.h"
+
+namespace pyvae::cpu {
+namespace {
+
+constexpr int64_t kTile = 512;  // elements per tile: at least 17 whole rows (dims <= kFsqMaxDims)
+static_assert(kTile >= kFsqMaxDims, "a tile holds at least one row");
+
+// Each dimension's constants repeated over the rows of a tile.
+struct TileConstants {
+  alignas(64) float shift[kTile];
+  alignas(64) float scale[kTile];
+  alignas(64) float offset[kTile];
+  alignas(64) float center[kTile];
+  alignas(64) float grad_scale[kTile];
+  alignas(64) uint32_t basis[kTile];
+  int64_t rows;  // rows per tile
+
+  explicit TileConstants(const FsqLevels& levels) : rows(kTile / levels.dims) {
+    for (int64_t e = 0; e < rows * levels.dims; ++e) {
+      const FsqDim& d = levels.dim[e % levels.dims];
+      shift[e] = d.shift;
+      scale[e] = d.scale;
+      offset[e] = d.offset;
+      center[e] = d.center;
+      grad_scale[e] = d.grad_scale;
+      basis[e] = d.basis;
+    }
+  }
+};
+
+// `rows` rows of `dims` values at base (row stride row_stride, unit column stride) as floats,
+// [row][dim]: the memory itself for contiguous float32 rows, else converted into `buffer`.
+template <typename T>
+const float* load_rows(const T* base, int64_t rows, int64_t dims, int64_t row_stride, float* __restrict buffer) {
+  if (row_stride == dims || rows == 1) return as_float(base, rows * dims, buffer);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < dims; ++j) buffer[r * dims + j] = static_cast<float>(base[r * row_stride + j]);
+  }
+  return buffer;
+}
+
+// The codes of a tile's n elements and, for the indices, each level times its dimension's basis
+// (uint32: wraps, defined, where levels off the grid overflow it) and a mask of the NaN levels
+// (all ones). The two bounds are two loops (a run-time choice inside the loop would stop g++
+// vectorising it).
+PYVAE_MULTIVERSION void codes_and_weights(const float* __restrict z, const TileConstants& c, bool symmetric,
+                                          int64_t n, float* __restrict code, uint32_t* __restrict weighted,
+                                          uint32_t* __restrict nan_mask) {
+  const float* __restrict shift = c.shift;
+  const float* __restrict scale = c.scale;
+  const float* __restrict offset = c.offset;
+  const float* __restrict center = c.center;
+  const uint32_t* __restrict basis = c.basis;
+  if (symmetric) {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) {
+      const float level = fsq_symmetric_level(fsq_tanh(z[e] + shift[e]).value, scale[e]);
+      code[e] = fsq_code(level, center[e]);
+      weighted[e] = static_cast<uint32_t>(fsq_level_int(level)) * basis[e];
+      nan_mask[e] = level != level ? ~0u : 0u;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) {
+      const float level = fsq_plain_level(fsq_tanh(z[e] + shift[e]).value, scale[e], offset[e], center[e]);
+      code[e] = fsq_code(level, center[e]);
+      weighted[e] = static_cast<uint32_t>(fsq_level_int(level)) * basis[e];
+      nan_mask[e] = level != level ? ~0u : 0u;
+    }
+  }
+}
+
+// Each row's index: the sum of its weighted levels, or all ones (kFsqNanIndex) where a level is
+// NaN. kDims at compile time where it is small, so that g++ vectorises the loop over rows (the
+// row's values an interleaved group); any other count: kDims = 0 and `dims` at run time.
+template <int kDims>
+PYVAE_MULTIVERSION void row_indices(const uint32_t* __restrict weighted, const uint32_t* __restrict nan_mask,
+                                    int64_t rows, int64_t dims, int32_t* __restrict out) {
+  const int64_t d = kDims > 0 ? kDims : dims;
+  static_assert(kFsqNanIndex == -1, "a NaN row's index is all ones");
+#pragma omp simd
+  for (int64_t r = 0; r < rows; ++r) {
+    uint32_t index = 0, nan = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      index += weighted[r * d + j];
+      nan |= nan_mask[r * d + j];
+    }
+    out[r] = static_cast<int32_t>(index | nan);
+  }
+}
+
+void indices(const uint32_t* weighted, const uint32_t* nan_mask, int64_t rows, int64_t dims, int32_t* out) {
+  switch (dims) {
+    case 3: return row_indices<3>(weighted, nan_mask, rows, dims, out);
+    case 4: return row_indices<4>(weighted, nan_mask, rows, dims, out);
+    case 5: return row_indices<5>(weighted, nan_mask, rows, dims, out);
+    case 6: return row_indices<6>(weighted, nan_mask, rows, dims, out);
+    case 8: return row_indices<8>(weighted, nan_mask, rows, dims, out);
+    default: return row_indices<0>(weighted, nan_mask, rows, dims, out);
+  }
+}
+
+PYVAE_MULTIVERSION void grads(const float* __restrict z, const float* __restrict grad_codes,
+                              const float* __restrict shift, const float* __restrict grad_scale, int64_t n,
+                              float* __restrict grad_z) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) grad_z[e] = fsq_grad(grad_codes[e], z[e], shift[e], grad_scale[e]);
+}
+
+// Tiles per task: about 32k elements, so that small calls stay on one thread.
+int64_t grain(int64_t rows_per_tile, int64_t dims) {
+  return std::max<int64_t>(1, 32768 / (rows_per_tile * dims));
+}
+
+template <typename T>
+void forward_impl(const FsqForwardParams& p) {
+  const FsqLevels& levels = p.levels;
+  const int64_t dims = levels.dims, rows_per_tile = kTile / dims;
+  const int64_t tiles = (p.rows + rows_per_tile - 1) / rows_per_tile;
+  at::parallel_for(0, tiles, grain(rows_per_tile, dims), [&](int64_t begin, int64_t end) {
+    const TileConstants c(levels);
+    alignas(64) float z_buffer[kTile], code_buffer[kTile];
+    alignas(64) uint32_t weighted[kTile], nan_mask[kTile];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t row0 = tile * rows_per_tile, rows = std::min(rows_per_tile, p.rows - row0), n = rows * dims;
+      const float* z = load_rows(static_cast<const T*>(p.z) + row0 * p.z_row_stride, rows, dims, p.z_row_stride,
+                                 z_buffer);
+      T* codes = static_cast<T*>(p.codes) + row0 * dims;
+      float* code = float_target(codes, code_buffer);
+      codes_and_weights(z, c, levels.symmetric, n, code, weighted, nan_mask);
+      store_chunk(code, n, codes);
+      if (p.indices != nullptr) indices(weighted, nan_mask, rows, dims, p.indices + row0);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const FsqBackwardParams& p) {
+  const FsqLevels& levels = p.levels;
+  const int64_t dims = levels.dims, rows_per_tile = kTile / dims;
+  const int64_t tiles = (p.rows + rows_per_tile - 1) / rows_per_tile;
+  at::parallel_for(0, tiles, grain(rows_per_tile, dims), [&](int64_t begin, int64_t end) {
+    const TileConstants c(levels);
+    alignas(64) float z_buffer[kTile], grad_buffer[kTile], out_buffer[kTile];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t row0 = tile * rows_per_tile, rows = std::min(rows_per_tile, p.rows - row0), n = rows * dims;
+      const float* z = load_rows(static_cast<const T*>(p.z) + row0 * p.z_row_stride, rows, dims, p.z_row_stride,
+                                 z_buffer);
+      const float* grad_codes =
+          load_rows(static_cast<const T*>(p.grad_codes) + row0 * p.grad_codes_row_stride, rows, dims,
+                    p.grad_codes_row_stride, grad_buffer);
+      T* grad_z = static_cast<T*>(p.grad_z) + row0 * dims;
+      float* out = float_target(grad_z, out_buffer);
+      grads(z, grad_codes, c.shift, c.grad_scale, n, out);
+      store_chunk(out, n, grad_z);
+    }
+  });
+}
+
+}  // namespace
+
+void fsq_forward(const FsqForwardParams& p) {
+  with_dtype(p.dtype, [&](auto type) { forward_impl<decltype(type)>(p); });
+}
+
+void fsq_backward(const FsqBackwardParams& p) {
+  with_dtype(p.dtype, [&](auto type) { backward_impl<decltype(type)>(p); });
+}
+
+}  // namespace pyvae::cpu
