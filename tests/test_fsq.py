@@ -18,12 +18,14 @@ import pyvae
 from pyvae.kernels.contracts.fsq import dim_constants
 from pyvae.ops.fsq import NAN_INDEX, fsq_backward_reference, fsq_reference
 
-from cases import NATIVE_PAIRS, compile_pairs, no_sync_pairs, pair_id, run_with_cpu_isa, skip_unless_available
+from cases import (NATIVE_PAIRS, PAIRS, compile_pairs, interpreted, no_sync_pairs, pair_id, run_with_cpu_isa,
+                   skip_unless_available)
 from families.fsq import LEVEL_SETS, away_from_boundaries, boundary_distance
 from probes import held_bytes, no_host_sync
 import transforms
 
 BACKENDS = pyvae.backends.available("cpu", "fsq")
+FSQ_PAIRS = [p for p in PAIRS if p[1] in pyvae.backends.available(p[0], "fsq")]
 # the issue's four: the FSQ paper's 2^10 and 2^16 codebooks, odd levels, and the symmetric bound
 PEER_CASES = LEVEL_SETS[:4]
 
@@ -59,8 +61,9 @@ def test_codes_and_indices_are_the_implicit_codebook(levels, symmetric):
     """Each index's row of the peer's implicit codebook is the row's codes; every level is reached."""
     peer = peer_module(levels, symmetric)
     z = torch.linspace(-6, 6, 4001).unsqueeze(-1).expand(-1, len(levels))
-    for backend in BACKENDS:
-        codes, indices = fsq(z, levels, backend, preserve_symmetry=symmetric)
+    for device, backend in FSQ_PAIRS:
+        codes, indices = fsq(z.to(device), levels, backend, preserve_symmetry=symmetric)
+        codes, indices = codes.cpu(), indices.cpu()
         torch.testing.assert_close(peer.implicit_codebook[indices.long()], codes, rtol=0, atol=1.2e-7)
         for j, level in enumerate(levels):
             assert codes[:, j].unique().numel() == level, (backend, j)
@@ -68,38 +71,43 @@ def test_codes_and_indices_are_the_implicit_codebook(levels, symmetric):
 
 
 # ------------------------------------------------------------------------------ every backend
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pair", FSQ_PAIRS, ids=pair_id)
 @pytest.mark.parametrize("levels,symmetric", PEER_CASES, ids=str)
-def test_backends_match_the_peer_module(backend, levels, symmetric, gen):
+def test_backends_match_the_peer_module(pair, levels, symmetric, gen):
     """Codes, indices and the straight-through gradient against FSQ's own forward and autograd."""
+    device, backend = pair
     peer = peer_module(levels, symmetric)
-    z = away_from_boundaries((2, 1500 if backend != "triton" else 300, len(levels)), levels, symmetric,
+    z = away_from_boundaries((2, 300 if interpreted(pair) else 1500, len(levels)), levels, symmetric,
                              scale=2.0, generator=gen).requires_grad_()
     upstream = torch.randn(z.shape, generator=gen)
     peer_codes = peer.quantize(z)
     (peer_grad,) = torch.autograd.grad(peer_codes, z, upstream)
-    codes, indices = fsq(z, levels, backend, preserve_symmetry=symmetric)
-    (grad,) = torch.autograd.grad(codes, z, upstream)
-    torch.testing.assert_close(codes, peer_codes.detach(), rtol=0, atol=1.2e-7)
-    assert torch.equal(indices, peer.codes_to_indices(peer_codes.detach()))
-    torch.testing.assert_close(grad, peer_grad, rtol=1e-5, atol=1e-6)
+    z_here = z.detach().to(device).requires_grad_()
+    codes, indices = fsq(z_here, levels, backend, preserve_symmetry=symmetric)
+    (grad,) = torch.autograd.grad(codes, z_here, upstream.to(device))
+    torch.testing.assert_close(codes.cpu(), peer_codes.detach(), rtol=0, atol=1.2e-7)
+    assert torch.equal(indices.cpu(), peer.codes_to_indices(peer_codes.detach()))
+    torch.testing.assert_close(grad.cpu(), peer_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pair", FSQ_PAIRS, ids=pair_id)
 @pytest.mark.parametrize("levels,symmetric", LEVEL_SETS, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_backends_match_the_float64_reference(backend, levels, symmetric, dtype, gen):
-    z = away_from_boundaries((300, len(levels)), levels, symmetric, dtype=dtype, generator=gen).requires_grad_()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_backends_match_the_float64_reference(pair, levels, symmetric, dtype, gen):
+    device, backend = pair
+    z = away_from_boundaries((300, len(levels)), levels, symmetric, dtype=dtype, generator=gen)
     upstream = torch.randn(z.shape, generator=gen).to(dtype)
-    codes, indices = fsq(z, levels, backend, preserve_symmetry=symmetric)
-    (grad,) = torch.autograd.grad(codes, z, upstream)
-    z64 = z.detach().double()
+    z_here = z.to(device).requires_grad_()
+    codes, indices = fsq(z_here, levels, backend, preserve_symmetry=symmetric)
+    (grad,) = torch.autograd.grad(codes, z_here, upstream.to(device))
+    codes, indices, grad = codes.cpu(), indices.cpu(), grad.cpu()
+    z64 = z.double()
     expected_codes, expected_indices = fsq_reference(z64, levels, symmetric)
     assert codes.dtype == dtype and grad.dtype == dtype
     # float32 codes are the float64 ones rounded; 16-bit ones rounded once more (to nearest even, but
     # Triton's interpreter truncates to bfloat16: an ulp below, there; on a GPU Triton rounds)
     expected_rounded = expected_codes.float().to(dtype).float()
-    if backend == "triton" and dtype == torch.bfloat16:
+    if interpreted(pair) and dtype == torch.bfloat16:
         torch.testing.assert_close(codes.float(), expected_rounded, rtol=2**-7, atol=0)
     else:
         assert torch.equal(codes.float(), expected_rounded)
@@ -109,35 +117,37 @@ def test_backends_match_the_float64_reference(backend, levels, symmetric, dtype,
     torch.testing.assert_close(grad.double(), expected_grad, rtol=tol, atol=tol * float(expected_grad.abs().max()))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_inputs_match_the_peer_module(backend, dtype, gen):
+@pytest.mark.parametrize("pair", FSQ_PAIRS, ids=pair_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_inputs_match_the_peer_module(pair, dtype, gen):
     """The peer computes 16-bit z in float32 and casts the codes back (force_quantization_f32)."""
-    levels = (8, 5, 5, 5)
+    device, backend = pair
+    levels = (8, 5, 5, 5)  # codes k / 4 and k / 2: exact in every dtype (the interpreter's bfloat16 too)
     peer = peer_module(levels, False)
     z = away_from_boundaries((1, 400, 4), levels, False, dtype=dtype, generator=gen)
     peer_codes, peer_indices = peer(z)
-    codes, indices = fsq(z, levels, backend)
+    codes, indices = fsq(z.to(device), levels, backend)
     assert codes.dtype == peer_codes.dtype == dtype
-    assert torch.equal(codes, peer_codes) and torch.equal(indices, peer_indices)
+    assert torch.equal(codes.cpu(), peer_codes) and torch.equal(indices.cpu(), peer_indices)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_any_strides_and_leading_dims(backend, gen):
+@pytest.mark.parametrize("pair", FSQ_PAIRS, ids=pair_id)
+def test_any_strides_and_leading_dims(pair, gen):
     """Channels-first feature maps moved to channels-last (a transposed view), every other value of a
     wider tensor, rows of a wider tensor, a stride-0 batch: the contiguous result, and its gradient."""
+    device, backend = pair
     levels = (8, 5, 5, 5)
-    base = away_from_boundaries((2, 3, 5, 4), levels, False, generator=gen)
+    base = away_from_boundaries((2, 3, 5, 4), levels, False, generator=gen).to(device)
     channels_first = base.movedim(-1, 1).contiguous()
     views = {"movedim": channels_first.movedim(1, -1),
              "strided": torch.stack([base, torch.zeros_like(base)], -1)[..., 0],
-             "row_padded": torch.cat([base, torch.zeros(2, 3, 5, 3)], -1)[..., :4],
+             "row_padded": torch.cat([base, torch.zeros(2, 3, 5, 3, device=device)], -1)[..., :4],
              "expanded": base[:1].expand(2, 3, 5, 4)}
     for name, view in views.items():
         assert not view.is_contiguous()
         dense = view.contiguous().requires_grad_()
         leaf = view.detach().requires_grad_()
-        upstream = torch.randn(view.shape, generator=gen)
+        upstream = torch.randn(view.shape, generator=gen).to(device)
         expected, expected_indices = fsq(dense, levels, backend)
         got, indices = fsq(leaf, levels, backend)
         assert torch.equal(got, expected) and torch.equal(indices, expected_indices), name
@@ -147,16 +157,16 @@ def test_any_strides_and_leading_dims(backend, gen):
         assert torch.equal(g, e), name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(0, 4), (3, 0, 4), (0,)], ids=str)
-def test_empty_z(backend, shape):
+@pytest.mark.parametrize("pair", FSQ_PAIRS, ids=pair_id)
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0, 4), (0, 1)], ids=str)
+def test_empty_z(pair, shape):
+    device, backend = pair
     levels = (8, 5, 5, 5) if shape[-1] == 4 else (5,)
-    z = torch.randn(*shape[:-1], len(levels)).requires_grad_() if shape != (0,) else torch.randn(0, 1)
+    z = torch.randn(shape, device=device).requires_grad_()
     codes, indices = fsq(z, levels, backend)
     assert codes.shape == z.shape and indices.shape == z.shape[:-1] and indices.dtype == torch.int32
-    if z.requires_grad:
-        (grad,) = torch.autograd.grad(codes, z, torch.ones_like(codes))
-        assert grad.shape == z.shape
+    (grad,) = torch.autograd.grad(codes, z, torch.ones_like(codes))
+    assert grad.shape == z.shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -168,22 +178,23 @@ def test_one_dimensional_z_is_one_row(backend, gen):
     torch.testing.assert_close(codes.double(), expected_codes)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_many_rows_across_threads_and_tiles(backend, gen):
-    """More rows than the CPU kernel's tiles and than one Triton program, with a ragged end."""
+@pytest.mark.parametrize("pair", FSQ_PAIRS, ids=pair_id)
+def test_many_rows_across_threads_and_tiles(pair, gen):
+    """More rows than the CPU kernel's tiles, than one Triton program and one CUDA block, ragged."""
+    device, backend = pair
     levels = (8, 8, 8, 6, 5)
-    rows = 20011 if backend != "triton" else 2000
+    rows = 2000 if interpreted(pair) else 20011
     z = away_from_boundaries((rows, 5), levels, False, generator=gen)
-    codes, indices = fsq(z, levels, backend)
+    codes, indices = fsq(z.to(device), levels, backend)
     expected_codes, expected_indices = fsq_reference(z.double(), levels)
-    assert torch.equal(codes, expected_codes.float()) and torch.equal(indices, expected_indices)
+    assert torch.equal(codes.cpu(), expected_codes.float()) and torch.equal(indices.cpu(), expected_indices)
 
 
 # ------------------------------------------------------------------------------ NaN and infinities
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pair", FSQ_PAIRS, ids=pair_id)
 @pytest.mark.parametrize("levels,symmetric", [PEER_CASES[0], PEER_CASES[3]], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nan_and_infinities(backend, levels, symmetric, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_and_infinities(pair, levels, symmetric, dtype):
     """A NaN value: a NaN code and the index -1 for its row (the row's other codes as they are);
     +-inf: the outer levels, with gradient 0. The same on every backend."""
     d = len(levels)
@@ -193,17 +204,20 @@ def test_nan_and_infinities(backend, levels, symmetric, dtype):
     z[2, :] = -math.inf
     z[3, 0] = math.nan
     z[3, -1] = -math.inf
-    z.requires_grad_()
+    device, backend = pair
+    z = z.to(device).requires_grad_()
     codes, indices = fsq(z, levels, backend, preserve_symmetry=symmetric)
     assert codes[0, 1].isnan() and codes[3, 0].isnan() and codes.isnan().sum() == 2
     assert indices[0] == NAN_INDEX and indices[3] == NAN_INDEX
-    top = torch.tensor([(level - 1 - c.center) / c.center for level, c in zip(levels, dim_constants(levels, symmetric))])
-    assert torch.equal(codes[1].float(), top) and (codes[2] == -1).all() and codes[3, -1] == -1  # 0.75 for L = 8
+    top = torch.tensor([(level - 1 - c.center) / c.center
+                        for level, c in zip(levels, dim_constants(levels, symmetric))])
+    assert torch.equal(codes[1].float().cpu(), top) and (codes[2] == -1).all() and codes[3, -1] == -1  # 0.75 for L = 8
     assert indices[1] == math.prod(levels) - 1 and indices[2] == 0
-    expected_codes, expected_indices = fsq_reference(z.detach().double(), levels, symmetric)
-    rtol = 2**-7 if backend == "triton" and dtype == torch.bfloat16 else 0  # the interpreter truncates to bfloat16
-    torch.testing.assert_close(codes.double(), expected_codes.to(dtype).double(), equal_nan=True, rtol=rtol, atol=0)
-    assert torch.equal(indices, expected_indices)
+    expected_codes, expected_indices = fsq_reference(z.detach().double().cpu(), levels, symmetric)
+    rtol = 2**-7 if interpreted(pair) and dtype == torch.bfloat16 else 0  # the interpreter truncates to bfloat16
+    torch.testing.assert_close(codes.double().cpu(), expected_codes.to(dtype).double(), equal_nan=True, rtol=rtol,
+                               atol=0)
+    assert torch.equal(indices.cpu(), expected_indices)
     (grad,) = torch.autograd.grad(codes, z, torch.ones_like(codes))
     assert grad[0, 1].isnan() and (grad[1:3] == 0).all()
 
