@@ -18,11 +18,23 @@ struct FsqTanh {
   float value, slope;
 };
 
+// e^-x for x in [0, 88], no NaN: exp_neg's steps without its NaN case, which g++ would carry
+// through the divisions that use the result as a second copy of them. Flushed to 0 below FLT_MIN.
+PYVAE_HD float fsq_exp_neg(float x) {
+  const float k = round_nearest(x * kLog2e);
+  const float y = exp_reduced(k * kLn2High - x + k * kLn2Low);
+  return x < 87.33654f ? y * pow2i(-static_cast<int32_t>(k > 126.0f ? 126.0f : k)) : 0.0f;
+}
+
 PYVAE_HD FsqTanh fsq_tanh(float v) {
-  const float e = exp_neg(2.0f * fabsf(v));
+  // |v| capped at 44 (tanh is +-1 in float long before, and e = exp(-88) flushes to 0), NaN too:
+  // restored at the end
+  const float a = fabsf(v) < 44.0f ? fabsf(v) : 44.0f;
+  const float e = fsq_exp_neg(2.0f * a);
   const float r = 1.0f / (1.0f + e);
   const float t = (1.0f - e) * r;
-  return FsqTanh{v < 0.0f ? -t : t, 4.0f * e * r * r};
+  const bool nan = v != v;
+  return FsqTanh{nan ? v : v < 0.0f ? -t : t, nan ? v : 4.0f * e * r * r};
 }
 
 // Round half to even (torch.round) for every float: vmath's round_nearest covers |v| < 2^22 only,
