@@ -20,14 +20,33 @@ constexpr int32_t kFsqNanIndex = -1;  // the index of a row with a NaN in z
 //   both:             code = (level - center) / center, d code / dz = (1 - tanh(z + shift)^2) * grad_scale
 struct FsqDim {
   float shift, scale, offset, center, grad_scale;
-  uint32_t basis;  // prod(levels[:j]) < 2^31
+  float inv_center;  // 1 / center, rounded
+  uint32_t basis;    // prod(levels[:j]) < 2^31
 };
 
 struct FsqLevels {
   int64_t dims;
   bool symmetric;  // preserve_symmetry: the symmetric bound
+  // every code of every dimension is (level - center) * inv_center exactly, the correctly rounded
+  // quotient (checked for up to kFsqReciprocalCheck levels a dimension): the CPU kernel multiplies
+  bool exact_reciprocal;
   FsqDim dim[kFsqMaxDims];
 };
+
+constexpr int64_t kFsqReciprocalCheck = 256;
+
+// Whether (level - center) * inv_center equals (level - center) / center for each of the L levels
+// (both rounded once: the same float arithmetic as the kernel's). True for L up to 11 and 16 to 19
+// under the plain bound, up to 7 and 9 to 11 under the symmetric one; false for L = 12 (center 6),
+// symmetric 8 (center 3.5) and many larger L.
+inline bool fsq_reciprocal_is_exact(int64_t levels, const FsqDim& d) {
+  if (levels > kFsqReciprocalCheck) return false;
+  for (int64_t level = 0; level < levels; ++level) {
+    const float numerator = static_cast<float>(level) - d.center;  // exact: small integers and halves
+    if (numerator * d.inv_center != numerator / d.center) return false;
+  }
+  return true;
+}
 
 // The constants of `levels` (checked: dims <= kFsqMaxDims, each >= 2, product < 2^31), computed in
 // double and rounded once to float, as the Python side (Triton, the reference) computes them.
@@ -35,20 +54,23 @@ inline FsqLevels fsq_levels(const int64_t* levels, int64_t dims, bool symmetric)
   FsqLevels out{};
   out.dims = dims;
   out.symmetric = symmetric;
+  out.exact_reciprocal = true;
   int64_t basis = 1;
   for (int64_t j = 0; j < dims; ++j) {
     const int64_t level = levels[j];
     FsqDim& d = out.dim[j];
     if (symmetric) {
-      d = FsqDim{0.0f, static_cast<float>(level - 1), 0.0f, static_cast<float>((level - 1) / 2.0), 1.0f, 0};
+      d = FsqDim{0.0f, static_cast<float>(level - 1), 0.0f, static_cast<float>((level - 1) / 2.0), 1.0f, 0.0f, 0};
     } else {
       const double half_l = static_cast<double>(level - 1) * (1.0 + kFsqEps) / 2.0;
       const double offset = level % 2 == 0 ? 0.5 : 0.0;
       const double half_width = static_cast<double>(level / 2);
       d = FsqDim{static_cast<float>(atanh(offset / half_l)), static_cast<float>(half_l), static_cast<float>(offset),
-                 static_cast<float>(half_width), static_cast<float>(half_l / half_width), 0};
+                 static_cast<float>(half_width), static_cast<float>(half_l / half_width), 0.0f, 0};
     }
+    d.inv_center = static_cast<float>(1.0 / static_cast<double>(d.center));
     d.basis = static_cast<uint32_t>(basis);
+    out.exact_reciprocal = out.exact_reciprocal && fsq_reciprocal_is_exact(level, d);
     basis *= level;
   }
   return out;

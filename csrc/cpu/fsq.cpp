@@ -18,25 +18,37 @@ namespace {
 constexpr int64_t kTile = 512;  // elements per tile: at least 17 whole rows (dims <= kFsqMaxDims)
 static_assert(kTile >= kFsqMaxDims, "a tile holds at least one row");
 
-// Each dimension's constants repeated over the rows of a tile.
+// Each dimension's constants repeated over the rows of a tile (as many rows as the call has, up to
+// a tile's).
 struct TileConstants {
   alignas(64) float shift[kTile];
   alignas(64) float scale[kTile];
   alignas(64) float offset[kTile];
   alignas(64) float center[kTile];
+  alignas(64) float inv_center[kTile];
   alignas(64) float grad_scale[kTile];
   alignas(64) uint32_t basis[kTile];
-  int64_t rows;  // rows per tile
 
-  explicit TileConstants(const FsqLevels& levels) : rows(kTile / levels.dims) {
-    for (int64_t e = 0; e < rows * levels.dims; ++e) {
-      const FsqDim& d = levels.dim[e % levels.dims];
-      shift[e] = d.shift;
-      scale[e] = d.scale;
-      offset[e] = d.offset;
-      center[e] = d.center;
-      grad_scale[e] = d.grad_scale;
-      basis[e] = d.basis;
+  TileConstants(const FsqLevels& levels, int64_t rows) {
+    const int64_t dims = levels.dims;
+    for (int64_t j = 0; j < dims; ++j) {
+      const FsqDim& d = levels.dim[j];
+      shift[j] = d.shift;
+      scale[j] = d.scale;
+      offset[j] = d.offset;
+      center[j] = d.center;
+      inv_center[j] = d.inv_center;
+      grad_scale[j] = d.grad_scale;
+      basis[j] = d.basis;
+    }
+    for (int64_t e = dims; e < rows * dims; ++e) {  // the first row, repeated
+      shift[e] = shift[e - dims];
+      scale[e] = scale[e - dims];
+      offset[e] = offset[e - dims];
+      center[e] = center[e - dims];
+      inv_center[e] = inv_center[e - dims];
+      grad_scale[e] = grad_scale[e - dims];
+      basis[e] = basis[e - dims];
     }
   }
 };
@@ -54,33 +66,40 @@ const float* load_rows(const T* base, int64_t rows, int64_t dims, int64_t row_st
 
 // The codes of a tile's n elements and, for the indices, each level times its dimension's basis
 // (uint32: wraps, defined, where levels off the grid overflow it) and a mask of the NaN levels
-// (all ones). The two bounds are two loops (a run-time choice inside the loop would stop g++
-// vectorising it).
-PYVAE_MULTIVERSION void codes_and_weights(const float* __restrict z, const TileConstants& c, bool symmetric,
-                                          int64_t n, float* __restrict code, uint32_t* __restrict weighted,
-                                          uint32_t* __restrict nan_mask) {
+// (all ones). The bound and the code's division (by the reciprocal where fsq_levels found that
+// exact) are template constants: as run-time choices inside the loop they would stop g++
+// vectorising it (and a vector division is its slowest instruction).
+template <bool kSymmetric, bool kReciprocal>
+inline __attribute__((always_inline)) void codes_and_weights_loop(const float* __restrict z, const TileConstants& c,
+                                                                  int64_t n, float* __restrict code,
+                                                                  uint32_t* __restrict weighted,
+                                                                  uint32_t* __restrict nan_mask) {
   const float* __restrict shift = c.shift;
   const float* __restrict scale = c.scale;
   const float* __restrict offset = c.offset;
   const float* __restrict center = c.center;
+  const float* __restrict inv_center = c.inv_center;
   const uint32_t* __restrict basis = c.basis;
-  if (symmetric) {
 #pragma omp simd
-    for (int64_t e = 0; e < n; ++e) {
-      const float level = fsq_symmetric_level(fsq_tanh(z[e] + shift[e]).value, scale[e]);
-      code[e] = fsq_code(level, center[e]);
-      weighted[e] = static_cast<uint32_t>(fsq_level_int(level)) * basis[e];
-      nan_mask[e] = level != level ? ~0u : 0u;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t e = 0; e < n; ++e) {
-      const float level = fsq_plain_level(fsq_tanh(z[e] + shift[e]).value, scale[e], offset[e], center[e]);
-      code[e] = fsq_code(level, center[e]);
-      weighted[e] = static_cast<uint32_t>(fsq_level_int(level)) * basis[e];
-      nan_mask[e] = level != level ? ~0u : 0u;
-    }
+  for (int64_t e = 0; e < n; ++e) {
+    const float t = fsq_tanh(z[e] + shift[e]).value;
+    const float level =
+        kSymmetric ? fsq_symmetric_level(t, scale[e]) : fsq_plain_level(t, scale[e], offset[e], center[e]);
+    code[e] = kReciprocal ? (level - center[e]) * inv_center[e] : fsq_code(level, center[e]);
+    weighted[e] = static_cast<uint32_t>(fsq_level_int(level)) * basis[e];
+    nan_mask[e] = level != level ? ~0u : 0u;
   }
+}
+
+PYVAE_MULTIVERSION void codes_and_weights(const float* __restrict z, const TileConstants& c, const FsqLevels& levels,
+                                          int64_t n, float* __restrict code, uint32_t* __restrict weighted,
+                                          uint32_t* __restrict nan_mask) {
+  if (levels.symmetric) {
+    if (levels.exact_reciprocal) return codes_and_weights_loop<true, true>(z, c, n, code, weighted, nan_mask);
+    return codes_and_weights_loop<true, false>(z, c, n, code, weighted, nan_mask);
+  }
+  if (levels.exact_reciprocal) return codes_and_weights_loop<false, true>(z, c, n, code, weighted, nan_mask);
+  codes_and_weights_loop<false, false>(z, c, n, code, weighted, nan_mask);
 }
 
 // Each row's index: the sum of its weighted levels, or all ones (kFsqNanIndex) where a level is
@@ -131,7 +150,7 @@ void forward_impl(const FsqForwardParams& p) {
   const int64_t dims = levels.dims, rows_per_tile = kTile / dims;
   const int64_t tiles = (p.rows + rows_per_tile - 1) / rows_per_tile;
   at::parallel_for(0, tiles, grain(rows_per_tile, dims), [&](int64_t begin, int64_t end) {
-    const TileConstants c(levels);
+    const TileConstants c(levels, std::min(rows_per_tile, p.rows));
     alignas(64) float z_buffer[kTile], code_buffer[kTile];
     alignas(64) uint32_t weighted[kTile], nan_mask[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -140,7 +159,7 @@ void forward_impl(const FsqForwardParams& p) {
                                  z_buffer);
       T* codes = static_cast<T*>(p.codes) + row0 * dims;
       float* code = float_target(codes, code_buffer);
-      codes_and_weights(z, c, levels.symmetric, n, code, weighted, nan_mask);
+      codes_and_weights(z, c, levels, n, code, weighted, nan_mask);
       store_chunk(code, n, codes);
       if (p.indices != nullptr) indices(weighted, nan_mask, rows, dims, p.indices + row0);
     }
@@ -153,7 +172,7 @@ void backward_impl(const FsqBackwardParams& p) {
   const int64_t dims = levels.dims, rows_per_tile = kTile / dims;
   const int64_t tiles = (p.rows + rows_per_tile - 1) / rows_per_tile;
   at::parallel_for(0, tiles, grain(rows_per_tile, dims), [&](int64_t begin, int64_t end) {
-    const TileConstants c(levels);
+    const TileConstants c(levels, std::min(rows_per_tile, p.rows));
     alignas(64) float z_buffer[kTile], grad_buffer[kTile], out_buffer[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t row0 = tile * rows_per_tile, rows = std::min(rows_per_tile, p.rows - row0), n = rows * dims;

@@ -40,6 +40,7 @@ backend; no index is -1 otherwise). ``+-inf`` are the outer levels (gradient 0).
 """
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Sequence
 
@@ -168,6 +169,8 @@ def _forward_op_backward(backend: str):
 # --------------------------------------------------------------------------- API
 def _checked_levels(levels, preserve_symmetry: bool) -> tuple[int, ...]:
     """``levels`` as a tuple of ints; TypeError / ValueError naming them otherwise (contract.check_levels)."""
+    if type(levels) in (tuple, list) and all(type(level) is int for level in levels):
+        return _checked_int_levels(tuple(levels), preserve_symmetry)  # the usual call, its checks cached
     if isinstance(levels, (str, bytes, torch.Tensor)) or not isinstance(levels, Sequence):
         raise TypeError(f"levels must be a sequence of ints (e.g. [8, 5, 5, 5]), got {type(levels).__name__}")
     if any(isinstance(level, bool) for level in levels):
@@ -178,6 +181,12 @@ def _checked_levels(levels, preserve_symmetry: bool) -> tuple[int, ...]:
         raise TypeError(f"levels must be a sequence of ints (e.g. [8, 5, 5, 5]), got {list(levels)!r}") from None
     contract.check_levels(checked, preserve_symmetry)
     return checked
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_int_levels(levels: tuple[int, ...], preserve_symmetry: bool) -> tuple[int, ...]:
+    contract.check_levels(levels, preserve_symmetry)  # raises: nothing is cached
+    return levels
 
 
 def finite_scalar_quantize(z: torch.Tensor, levels: Sequence[int], *, preserve_symmetry: bool = False,
