@@ -22,6 +22,7 @@ struct FsqDim {
   float shift, scale, offset, center, grad_scale;
   float inv_center;  // 1 / center, rounded
   uint32_t basis;    // prod(levels[:j]) < 2^31
+  int32_t levels;    // L
 };
 
 struct FsqLevels {
@@ -60,20 +61,37 @@ inline FsqLevels fsq_levels(const int64_t* levels, int64_t dims, bool symmetric)
     const int64_t level = levels[j];
     FsqDim& d = out.dim[j];
     if (symmetric) {
-      d = FsqDim{0.0f, static_cast<float>(level - 1), 0.0f, static_cast<float>((level - 1) / 2.0), 1.0f, 0.0f, 0};
+      d = FsqDim{0.0f, static_cast<float>(level - 1), 0.0f, static_cast<float>((level - 1) / 2.0), 1.0f, 0.0f, 0, 0};
     } else {
       const double half_l = static_cast<double>(level - 1) * (1.0 + kFsqEps) / 2.0;
       const double offset = level % 2 == 0 ? 0.5 : 0.0;
       const double half_width = static_cast<double>(level / 2);
       d = FsqDim{static_cast<float>(atanh(offset / half_l)), static_cast<float>(half_l), static_cast<float>(offset),
-                 static_cast<float>(half_width), static_cast<float>(half_l / half_width), 0.0f, 0};
+                 static_cast<float>(half_width), static_cast<float>(half_l / half_width), 0.0f, 0, 0};
     }
     d.inv_center = static_cast<float>(1.0 / static_cast<double>(d.center));
     d.basis = static_cast<uint32_t>(basis);
+    d.levels = static_cast<int32_t>(level);
     out.exact_reciprocal = out.exact_reciprocal && fsq_reciprocal_is_exact(level, d);
     basis *= level;
   }
   return out;
+}
+
+// Where the level steps up: the z (in double, to be rounded to float) from which a value of a
+// dimension of `levels` levels has at least level i (0 < i < levels). The level is a non-decreasing
+// function of z, so it is the number of these thresholds at or below z: the CPU kernel counts them
+// for up to kFsqMaxThresholdLevels levels instead of evaluating tanh (the same level but where z lies
+// within an ulp or so of a step, as between any two tanh). Plain bound: round(bounded) steps at
+// bounded = i - L // 2 - 1/2, tanh(z + shift) = (i - L // 2 - 1/2 + offset) / half_l; symmetric bound:
+// the floor steps at (L - 1)(tanh(z) + 1) / 2 + 1/2 = i.
+constexpr int64_t kFsqMaxThresholdLevels = 16;
+
+inline double fsq_threshold(int64_t levels, bool symmetric, int64_t i) {
+  if (symmetric) return atanh((2.0 * static_cast<double>(i) - 1.0) / static_cast<double>(levels - 1) - 1.0);
+  const double half_l = static_cast<double>(levels - 1) * (1.0 + kFsqEps) / 2.0;
+  const double offset = levels % 2 == 0 ? 0.5 : 0.0;
+  return atanh((static_cast<double>(i - levels / 2) - 0.5 + offset) / half_l) - atanh(offset / half_l);
 }
 
 struct FsqForwardParams {

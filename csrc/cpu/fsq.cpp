@@ -2,12 +2,17 @@
 // elements, [row][dim] as in memory) spread over torch's intra-op threads. Each dimension's
 // constants are laid out once per thread in the same [row][dim] pattern (TileConstants), so that the
 // element math of a tile is one straight loop over its elements that g++ vectorises, whatever the
-// number of levels; the indices are then summed row by row from the tile's levels.
+// number of levels; the indices are then summed row by row from the tile's levels. With at most
+// kFsqMaxThresholdLevels levels a dimension (the usual FSQ: 8, 5, 5, 5), the forward counts the
+// thresholds at or below z (fsq_params.h: fsq_threshold) instead of evaluating tanh: a compare and
+// an add per level, where tanh is an exponential and a reciprocal.
 #include "fsq.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 
 #include "../common/fsq_math.h"
 #include "chunk.h"
@@ -15,7 +20,7 @@
 namespace pyvae::cpu {
 namespace {
 
-constexpr int64_t kTile = 512;  // elements per tile: at least 17 whole rows (dims <= kFsqMaxDims)
+constexpr int64_t kTile = 256;  // elements per tile: at least 8 whole rows (dims <= kFsqMaxDims)
 static_assert(kTile >= kFsqMaxDims, "a tile holds at least one row");
 
 // Each dimension's constants repeated over the rows of a tile (as many rows as the call has, up to
@@ -53,6 +58,32 @@ struct TileConstants {
   }
 };
 
+// Where each element's level steps up, [step][row][dim]: its dimension's thresholds, then NaN past its
+// L - 1 (no z, +inf included, is at or above a NaN). For a call whose levels are all
+// kFsqMaxThresholdLevels or fewer.
+struct TileThresholds {
+  alignas(64) float at[kFsqMaxThresholdLevels - 1][kTile];
+  int64_t steps;  // the most thresholds of a dimension: the largest L - 1
+
+  TileThresholds(const FsqLevels& levels, int64_t rows) : steps(0) {
+    const int64_t dims = levels.dims;
+    for (int64_t j = 0; j < dims; ++j) steps = std::max<int64_t>(steps, levels.dim[j].levels - 1);
+    for (int64_t i = 0; i < steps; ++i) {
+      for (int64_t j = 0; j < dims; ++j) {
+        const int64_t count = levels.dim[j].levels;
+        at[i][j] = i + 1 < count ? static_cast<float>(fsq_threshold(count, levels.symmetric, i + 1)) : NAN;
+      }
+      for (int64_t e = dims; e < rows * dims; ++e) at[i][e] = at[i][e - dims];
+    }
+  }
+};
+
+bool by_thresholds(const FsqLevels& levels) {
+  for (int64_t j = 0; j < levels.dims; ++j)
+    if (levels.dim[j].levels > kFsqMaxThresholdLevels) return false;
+  return true;
+}
+
 // `rows` rows of `dims` values at base (row stride row_stride, unit column stride) as floats,
 // [row][dim]: the memory itself for contiguous float32 rows, else converted into `buffer`.
 template <typename T>
@@ -64,42 +95,68 @@ const float* load_rows(const T* base, int64_t rows, int64_t dims, int64_t row_st
   return buffer;
 }
 
-// The codes of a tile's n elements and, for the indices, each level times its dimension's basis
-// (uint32: wraps, defined, where levels off the grid overflow it) and a mask of the NaN levels
-// (all ones). The bound and the code's division (by the reciprocal where fsq_levels found that
-// exact) are template constants: as run-time choices inside the loop they would stop g++
+// A level's code and, for the indices, the level times its dimension's basis (uint32: wraps, defined,
+// where levels off the grid overflow it) and a mask of the NaN levels (all ones). The code's
+// division is by the reciprocal where fsq_levels found that exact.
+template <bool kReciprocal>
+inline __attribute__((always_inline)) void store_level(float level, int64_t e, const TileConstants& c,
+                                                       float* __restrict code, uint32_t* __restrict weighted,
+                                                       uint32_t* __restrict nan_mask) {
+  code[e] = kReciprocal ? (level - c.center[e]) * c.inv_center[e] : fsq_code(level, c.center[e]);
+  weighted[e] = static_cast<uint32_t>(fsq_level_int(level)) * c.basis[e];
+  nan_mask[e] = level != level ? ~0u : 0u;
+}
+
+// The codes, weighted levels and NaN masks of a tile's n elements by the bound's formula. The bound
+// and the division are template constants: as run-time choices inside the loop they would stop g++
 // vectorising it (and a vector division is its slowest instruction).
 template <bool kSymmetric, bool kReciprocal>
-inline __attribute__((always_inline)) void codes_and_weights_loop(const float* __restrict z, const TileConstants& c,
-                                                                  int64_t n, float* __restrict code,
-                                                                  uint32_t* __restrict weighted,
-                                                                  uint32_t* __restrict nan_mask) {
-  const float* __restrict shift = c.shift;
-  const float* __restrict scale = c.scale;
-  const float* __restrict offset = c.offset;
-  const float* __restrict center = c.center;
-  const float* __restrict inv_center = c.inv_center;
-  const uint32_t* __restrict basis = c.basis;
+inline __attribute__((always_inline)) void codes_by_tanh(const float* __restrict z, const TileConstants& c, int64_t n,
+                                                         float* __restrict code, uint32_t* __restrict weighted,
+                                                         uint32_t* __restrict nan_mask) {
 #pragma omp simd
   for (int64_t e = 0; e < n; ++e) {
-    const float t = fsq_tanh(z[e] + shift[e]).value;
-    const float level =
-        kSymmetric ? fsq_symmetric_level(t, scale[e]) : fsq_plain_level(t, scale[e], offset[e], center[e]);
-    code[e] = kReciprocal ? (level - center[e]) * inv_center[e] : fsq_code(level, center[e]);
-    weighted[e] = static_cast<uint32_t>(fsq_level_int(level)) * basis[e];
-    nan_mask[e] = level != level ? ~0u : 0u;
+    const float t = fsq_tanh(z[e] + c.shift[e]).value;
+    const float level = kSymmetric ? fsq_symmetric_level(t, c.scale[e])
+                                   : fsq_plain_level(t, c.scale[e], c.offset[e], c.center[e]);
+    store_level<kReciprocal>(level, e, c, code, weighted, nan_mask);
   }
 }
 
-PYVAE_MULTIVERSION void codes_and_weights(const float* __restrict z, const TileConstants& c, const FsqLevels& levels,
-                                          int64_t n, float* __restrict code, uint32_t* __restrict weighted,
-                                          uint32_t* __restrict nan_mask) {
-  if (levels.symmetric) {
-    if (levels.exact_reciprocal) return codes_and_weights_loop<true, true>(z, c, n, code, weighted, nan_mask);
-    return codes_and_weights_loop<true, false>(z, c, n, code, weighted, nan_mask);
+// The same by counting thresholds, one pass over the tile per step (a loop over the steps inside
+// the loop over the elements stops g++ vectorising it). NaN: a NaN level.
+template <bool kReciprocal>
+inline __attribute__((always_inline)) void codes_by_thresholds(const float* __restrict z, const TileConstants& c,
+                                                               const TileThresholds& th, int64_t n,
+                                                               float* __restrict code, uint32_t* __restrict weighted,
+                                                               uint32_t* __restrict nan_mask) {
+  alignas(64) float level[kTile];
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) level[e] = z[e] >= th.at[0][e] ? 1.0f : 0.0f;  // every L >= 2: a step
+  for (int64_t i = 1; i < th.steps; ++i) {
+    const float* __restrict at = th.at[i];
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) level[e] += z[e] >= at[e] ? 1.0f : 0.0f;
   }
-  if (levels.exact_reciprocal) return codes_and_weights_loop<false, true>(z, c, n, code, weighted, nan_mask);
-  codes_and_weights_loop<false, false>(z, c, n, code, weighted, nan_mask);
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e)
+    store_level<kReciprocal>(z[e] != z[e] ? z[e] : level[e], e, c, code, weighted, nan_mask);
+}
+
+PYVAE_MULTIVERSION void codes_and_weights(const float* __restrict z, const TileConstants& c,
+                                          const TileThresholds* th, const FsqLevels& levels, int64_t n,
+                                          float* __restrict code, uint32_t* __restrict weighted,
+                                          uint32_t* __restrict nan_mask) {
+  if (th != nullptr) {
+    if (levels.exact_reciprocal) return codes_by_thresholds<true>(z, c, *th, n, code, weighted, nan_mask);
+    return codes_by_thresholds<false>(z, c, *th, n, code, weighted, nan_mask);
+  }
+  if (levels.symmetric) {
+    if (levels.exact_reciprocal) return codes_by_tanh<true, true>(z, c, n, code, weighted, nan_mask);
+    return codes_by_tanh<true, false>(z, c, n, code, weighted, nan_mask);
+  }
+  if (levels.exact_reciprocal) return codes_by_tanh<false, true>(z, c, n, code, weighted, nan_mask);
+  codes_by_tanh<false, false>(z, c, n, code, weighted, nan_mask);
 }
 
 // Each row's index: the sum of its weighted levels, or all ones (kFsqNanIndex) where a level is
@@ -150,7 +207,10 @@ void forward_impl(const FsqForwardParams& p) {
   const int64_t dims = levels.dims, rows_per_tile = kTile / dims;
   const int64_t tiles = (p.rows + rows_per_tile - 1) / rows_per_tile;
   at::parallel_for(0, tiles, grain(rows_per_tile, dims), [&](int64_t begin, int64_t end) {
-    const TileConstants c(levels, std::min(rows_per_tile, p.rows));
+    const int64_t rows_here = std::min(rows_per_tile, p.rows);
+    const TileConstants c(levels, rows_here);
+    std::optional<TileThresholds> th;
+    if (by_thresholds(levels)) th.emplace(levels, rows_here);
     alignas(64) float z_buffer[kTile], code_buffer[kTile];
     alignas(64) uint32_t weighted[kTile], nan_mask[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -159,7 +219,7 @@ void forward_impl(const FsqForwardParams& p) {
                                  z_buffer);
       T* codes = static_cast<T*>(p.codes) + row0 * dims;
       float* code = float_target(codes, code_buffer);
-      codes_and_weights(z, c, levels, n, code, weighted, nan_mask);
+      codes_and_weights(z, c, th ? &*th : nullptr, levels, n, code, weighted, nan_mask);
       store_chunk(code, n, codes);
       if (p.indices != nullptr) indices(weighted, nan_mask, rows, dims, p.indices + row0);
     }
