@@ -32,8 +32,10 @@ The bound's margin lets values far out reach one level past the grid for L > 100
 **Numerics.** float32 arithmetic for float32, float16 and bfloat16 z (float64 on the torch backend
 for float64 z: the reference the tests compare with); codes in z's dtype, as the peer casts them
 back. Each code is written as ``(level - c) / c`` (c = L // 2, or (L - 1) / 2 symmetric): one correctly
-rounded division, the same float on every backend. tanh differs between backends by an ulp or so,
-so a z within about 1e-7 (relative) of a rounding boundary may land one level apart on two backends.
+rounded division (or a product where that is exact), the same float on every backend. tanh differs
+between backends by an ulp or so, and the ``cpu`` forward counts the thresholds on z where the level
+steps (computed in float64, for levels up to 16) instead of evaluating tanh, so a z within about 1e-7
+(relative) of a rounding boundary may land one level apart on two backends.
 
 **NaN.** A NaN in z gives a NaN code for that value and the index -1 for its row (on every
 backend; no index is -1 otherwise). ``+-inf`` are the outer levels (gradient 0).
