@@ -196,67 +196,81 @@ PYVAE_MULTIVERSION void grads(const float* __restrict z, const float* __restrict
   for (int64_t e = 0; e < n; ++e) grad_z[e] = fsq_grad(grad_codes[e], z[e], shift[e], grad_scale[e]);
 }
 
-// Tiles per task: about 32k elements, so that small calls stay on one thread.
-int64_t grain(int64_t rows_per_tile, int64_t dims) {
-  return std::max<int64_t>(1, 32768 / (rows_per_tile * dims));
-}
-
-template <typename T>
-void forward_impl(const FsqForwardParams& p) {
-  const FsqLevels& levels = p.levels;
-  const int64_t dims = levels.dims, rows_per_tile = kTile / dims;
-  const int64_t tiles = (p.rows + rows_per_tile - 1) / rows_per_tile;
-  at::parallel_for(0, tiles, grain(rows_per_tile, dims), [&](int64_t begin, int64_t end) {
-    const int64_t rows_here = std::min(rows_per_tile, p.rows);
-    const TileConstants c(levels, rows_here);
-    std::optional<TileThresholds> th;
-    if (by_thresholds(levels)) th.emplace(levels, rows_here);
-    alignas(64) float z_buffer[kTile], code_buffer[kTile];
-    alignas(64) uint32_t weighted[kTile], nan_mask[kTile];
+// Runs a thread's work over its tiles of whole rows, `rows` rows of `dims` values in all, spread over
+// torch's intra-op threads (about 32k values a task, so that small calls stay on one thread).
+// make_work(tile_rows) builds a task's work (its constants and buffers, for tiles of up to tile_rows
+// rows) once; work(first_row, rows) does one tile.
+template <typename MakeWork>
+void over_tiles(int64_t rows, int64_t dims, const MakeWork& make_work) {
+  const int64_t rows_per_tile = kTile / dims, tiles = (rows + rows_per_tile - 1) / rows_per_tile;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 32768 / kTile), [&](int64_t begin, int64_t end) {
+    auto work = make_work(std::min(rows_per_tile, rows));
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t row0 = tile * rows_per_tile, rows = std::min(rows_per_tile, p.rows - row0), n = rows * dims;
-      const float* z = load_rows(static_cast<const T*>(p.z) + row0 * p.z_row_stride, rows, dims, p.z_row_stride,
-                                 z_buffer);
-      T* codes = static_cast<T*>(p.codes) + row0 * dims;
-      float* code = float_target(codes, code_buffer);
-      codes_and_weights(z, c, th ? &*th : nullptr, levels, n, code, weighted, nan_mask);
-      store_chunk(code, n, codes);
-      if (p.indices != nullptr) indices(weighted, nan_mask, rows, dims, p.indices + row0);
+      const int64_t first_row = tile * rows_per_tile;
+      work(first_row, std::min(rows_per_tile, rows - first_row));
     }
   });
 }
 
+// A task's forward: the codes and (if asked) the indices of its tiles.
 template <typename T>
-void backward_impl(const FsqBackwardParams& p) {
-  const FsqLevels& levels = p.levels;
-  const int64_t dims = levels.dims, rows_per_tile = kTile / dims;
-  const int64_t tiles = (p.rows + rows_per_tile - 1) / rows_per_tile;
-  at::parallel_for(0, tiles, grain(rows_per_tile, dims), [&](int64_t begin, int64_t end) {
-    const TileConstants c(levels, std::min(rows_per_tile, p.rows));
-    alignas(64) float z_buffer[kTile], grad_buffer[kTile], out_buffer[kTile];
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t row0 = tile * rows_per_tile, rows = std::min(rows_per_tile, p.rows - row0), n = rows * dims;
-      const float* z = load_rows(static_cast<const T*>(p.z) + row0 * p.z_row_stride, rows, dims, p.z_row_stride,
-                                 z_buffer);
-      const float* grad_codes =
-          load_rows(static_cast<const T*>(p.grad_codes) + row0 * p.grad_codes_row_stride, rows, dims,
-                    p.grad_codes_row_stride, grad_buffer);
-      T* grad_z = static_cast<T*>(p.grad_z) + row0 * dims;
-      float* out = float_target(grad_z, out_buffer);
-      grads(z, grad_codes, c.shift, c.grad_scale, n, out);
-      store_chunk(out, n, grad_z);
-    }
-  });
-}
+struct ForwardWork {
+  const FsqForwardParams& p;
+  const TileConstants c;
+  std::optional<TileThresholds> th;
+  alignas(64) float z_buffer[kTile], code_buffer[kTile];
+  alignas(64) uint32_t weighted[kTile], nan_mask[kTile];
+
+  ForwardWork(const FsqForwardParams& params, int64_t tile_rows) : p(params), c(params.levels, tile_rows) {
+    if (by_thresholds(p.levels)) th.emplace(p.levels, tile_rows);
+  }
+
+  void operator()(int64_t row0, int64_t rows) {
+    const int64_t dims = p.levels.dims, n = rows * dims;
+    const float* z =
+        load_rows(static_cast<const T*>(p.z) + row0 * p.z_row_stride, rows, dims, p.z_row_stride, z_buffer);
+    T* codes = static_cast<T*>(p.codes) + row0 * dims;
+    float* code = float_target(codes, code_buffer);
+    codes_and_weights(z, c, th ? &*th : nullptr, p.levels, n, code, weighted, nan_mask);
+    store_chunk(code, n, codes);
+    if (p.indices != nullptr) indices(weighted, nan_mask, rows, dims, p.indices + row0);
+  }
+};
+
+// A task's backward: the gradient of its tiles.
+template <typename T>
+struct BackwardWork {
+  const FsqBackwardParams& p;
+  const TileConstants c;
+  alignas(64) float z_buffer[kTile], grad_buffer[kTile], out_buffer[kTile];
+
+  BackwardWork(const FsqBackwardParams& params, int64_t tile_rows) : p(params), c(params.levels, tile_rows) {}
+
+  void operator()(int64_t row0, int64_t rows) {
+    const int64_t dims = p.levels.dims, n = rows * dims;
+    const float* z =
+        load_rows(static_cast<const T*>(p.z) + row0 * p.z_row_stride, rows, dims, p.z_row_stride, z_buffer);
+    const float* grad_codes = load_rows(static_cast<const T*>(p.grad_codes) + row0 * p.grad_codes_row_stride, rows,
+                                        dims, p.grad_codes_row_stride, grad_buffer);
+    T* grad_z = static_cast<T*>(p.grad_z) + row0 * dims;
+    float* out = float_target(grad_z, out_buffer);
+    grads(z, grad_codes, c.shift, c.grad_scale, n, out);
+    store_chunk(out, n, grad_z);
+  }
+};
 
 }  // namespace
 
 void fsq_forward(const FsqForwardParams& p) {
-  with_dtype(p.dtype, [&](auto type) { forward_impl<decltype(type)>(p); });
+  with_dtype(p.dtype, [&](auto type) {
+    over_tiles(p.rows, p.levels.dims, [&](int64_t tile_rows) { return ForwardWork<decltype(type)>(p, tile_rows); });
+  });
 }
 
 void fsq_backward(const FsqBackwardParams& p) {
-  with_dtype(p.dtype, [&](auto type) { backward_impl<decltype(type)>(p); });
+  with_dtype(p.dtype, [&](auto type) {
+    over_tiles(p.rows, p.levels.dims, [&](int64_t tile_rows) { return BackwardWork<decltype(type)>(p, tile_rows); });
+  });
 }
 
 }  // namespace pyvae::cpu

@@ -9,10 +9,16 @@
 namespace pyvae::cuda {
 namespace {
 
+// The row of z that this thread quantizes (one a thread), or -1 past the last.
+__device__ __forceinline__ int64_t thread_row(int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  return row < rows ? row : -1;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) fsq_forward_kernel(const __grid_constant__ FsqForwardParams p) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (row >= p.rows) return;
+  const int64_t row = thread_row(p.rows);
+  if (row < 0) return;
   const FsqLevels& levels = p.levels;
   const T* z = static_cast<const T*>(p.z) + row * p.z_row_stride;
   T* codes = static_cast<T*>(p.codes) + row * levels.dims;
@@ -32,14 +38,13 @@ __global__ void __launch_bounds__(kThreads) fsq_forward_kernel(const __grid_cons
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) fsq_backward_kernel(const __grid_constant__ FsqBackwardParams p) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (row >= p.rows) return;
-  const FsqLevels& levels = p.levels;
+  const int64_t row = thread_row(p.rows);
+  if (row < 0) return;
   const T* z = static_cast<const T*>(p.z) + row * p.z_row_stride;
   const T* grad_codes = static_cast<const T*>(p.grad_codes) + row * p.grad_codes_row_stride;
-  T* grad_z = static_cast<T*>(p.grad_z) + row * levels.dims;
-  for (int64_t j = 0; j < levels.dims; ++j) {
-    const FsqDim& d = levels.dim[j];
+  T* grad_z = static_cast<T*>(p.grad_z) + row * p.levels.dims;
+  for (int64_t j = 0; j < p.levels.dims; ++j) {
+    const FsqDim& d = p.levels.dim[j];
     grad_z[j] = from_f32<T>(fsq_grad(to_f32(grad_codes[j]), to_f32(z[j]), d.shift, d.grad_scale));
   }
 }
