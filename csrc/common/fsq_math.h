@@ -11,13 +11,6 @@
 
 namespace pyvae {
 
-// tanh(v) and its derivative 1 - tanh(v)^2, from one e = exp(-2|v|): tanh|v| = (1 - e) / (1 + e) and
-// 1 - tanh^2 = 4e / (1 + e)^2, the latter without the cancellation of 1 - t^2 where |t| nears 1.
-// NaN gives NaN for both; +-inf gives +-1 and 0.
-struct FsqTanh {
-  float value, slope;
-};
-
 // e^-x for x in [0, 88], no NaN: exp_neg's steps without its NaN case, which g++ would carry
 // through the divisions that use the result as a second copy of them. Flushed to 0 below FLT_MIN.
 PYVAE_HD float fsq_exp_neg(float x) {
@@ -35,6 +28,13 @@ PYVAE_HD float fsq_reciprocal_1_2(float x) {
   r = r + r * (1.0f - x * r);
   return r + r * (1.0f - x * r);
 }
+
+// tanh(v) and its derivative 1 - tanh(v)^2, from one e = exp(-2|v|): tanh|v| = (1 - e) / (1 + e) and
+// 1 - tanh^2 = 4e / (1 + e)^2, the latter without the cancellation of 1 - t^2 where |t| nears 1.
+// NaN gives NaN for both; +-inf gives +-1 and 0.
+struct FsqTanh {
+  float value, slope;
+};
 
 PYVAE_HD FsqTanh fsq_tanh(float v) {
   // |v| capped at 44 (tanh is +-1 in float long before, and e = exp(-88) flushes to 0), NaN too:
