@@ -1,5 +1,5 @@
 """VQ-VAE (van den Oord et al. 2017): a convolutional encoder and decoder around
-pyvae.nn.VectorQuantizer."""
+pyvae.nn.VectorQuantizer, or pyvae.nn.FSQ (finite scalar quantization, Mentzer et al. 2023)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ..metrics import code_usage, evaluating, per_example, perplexity
-from ..nn import VectorQuantizer
-from ..ops.vq import VQResult
+from ..nn import FSQ, VectorQuantizer
+from ..ops.vq import VQResult, code_counts, perplexity_of_frequencies
 from ._conv import check_channels, conv_decoder, conv_encoder
-from .base import BaseVAE, ModelOutput, positive_int
+from .base import BaseVAE, ModelOutput, positive_int, positive_ints
 
 
 @contextlib.contextmanager
@@ -44,19 +44,39 @@ class VQVAE(BaseVAE):
     (``kmeans_init``, ``kmeans_iters``, ``cosine``, ``straight_through``, ``precision``,
     ``usage_decay``, ``sync_ema``). ``loss`` is ``recon_loss.mean() + vq_loss``.
 
+    ``quantizer="fsq"``: the latent grid has ``code_dim = len(levels)`` channels, each bounded and
+    rounded to its number of ``levels`` by a :class:`pyvae.nn.FSQ` (no codebook, no VQ loss: the
+    straight-through gradient alone trains the encoder); its implicit codebook has ``num_codes =
+    prod(levels)`` codes. ``num_codes``, ``ema_decay``, ``dead_code_threshold`` and quantizer options
+    belong to ``quantizer="vq"``.
+
     With a uniform prior over the K codes and a deterministic posterior, the KL term of the ELBO is
     ``h * w * log K`` per example (van den Oord et al. 2017, section 3.1): :meth:`negative_elbo` adds
     it to the reconstruction NLL.
     """
 
-    def __init__(self, input_shape, *, num_codes: int = 128, code_dim: int = 16, channels: Sequence[int] = (32, 64),
-                 downsample: int = 2, ema_decay: Optional[float] = 0.99, beta: float = 0.25,
-                 dead_code_threshold: Optional[float] = None, likelihood: str = "bernoulli", backend: str = "auto",
-                 gaussian_logvar="learned", num_mix: int = 10, num_levels: int = 256, **vq_options) -> None:
+    def __init__(self, input_shape, *, num_codes: Optional[int] = None, code_dim: Optional[int] = None,
+                 channels: Sequence[int] = (32, 64), downsample: int = 2, ema_decay: Optional[float] = 0.99,
+                 beta: float = 0.25, dead_code_threshold: Optional[float] = None, likelihood: str = "bernoulli",
+                 backend: str = "auto", gaussian_logvar="learned", num_mix: int = 10, num_levels: int = 256,
+                 quantizer: str = "vq", levels: Sequence[int] = (8, 5, 5, 5), **vq_options) -> None:
         super().__init__(input_shape, likelihood=likelihood, gaussian_logvar=gaussian_logvar, beta=beta,
                          backend=backend, image=True, num_mix=num_mix, num_levels=num_levels)
-        self.num_codes = positive_int("num_codes", num_codes)
-        self.code_dim = positive_int("code_dim", code_dim)
+        if quantizer not in ("vq", "fsq"):
+            raise ValueError(f"quantizer must be 'vq' or 'fsq', got {quantizer!r}")
+        self.quantizer = quantizer
+        if quantizer == "fsq":
+            levels = positive_ints("levels", levels)
+            if num_codes is not None or dead_code_threshold is not None or vq_options:
+                given = [n for n, v in (("num_codes", num_codes), ("dead_code_threshold", dead_code_threshold))
+                         if v is not None] + sorted(vq_options)
+                raise ValueError(f"{', '.join(given)}: options of quantizer='vq' only (FSQ's codes are the "
+                                 f"combinations of its levels)")
+            if code_dim is not None and code_dim != len(levels):
+                raise ValueError(f"code_dim must be len(levels) = {len(levels)} with quantizer='fsq', got {code_dim!r}")
+            num_codes, code_dim = math.prod(levels), len(levels)
+        self.num_codes = positive_int("num_codes", 128 if num_codes is None else num_codes)
+        self.code_dim = positive_int("code_dim", 16 if code_dim is None else code_dim)
         self.channels = check_channels(channels)
         if isinstance(downsample, bool) or not isinstance(downsample, int) or not 0 <= downsample <= len(self.channels):
             raise ValueError(f"downsample must be an int in [0, len(channels) = {len(self.channels)}] (the number "
@@ -67,16 +87,27 @@ class VQVAE(BaseVAE):
         convs, sizes = conv_encoder(c, self.channels, strides, (h, w))
         self.latent_shape = sizes[-1]
         top = self.channels[-1]
-        self.encoder = nn.Sequential(convs, nn.Conv2d(top, top, 3, padding=1), nn.ReLU(), nn.Conv2d(top, code_dim, 1))
-        self.decoder = nn.Sequential(nn.Conv2d(code_dim, top, 3, padding=1), nn.ReLU(),
+        self.encoder = nn.Sequential(convs, nn.Conv2d(top, top, 3, padding=1), nn.ReLU(), nn.Conv2d(top, self.code_dim, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(self.code_dim, top, 3, padding=1), nn.ReLU(),
                                      conv_decoder(self.param_shape[0], self.channels, strides, sizes))
+        if quantizer == "fsq":
+            self.vq = FSQ(levels, backend=backend)
+            return
         if dead_code_threshold is None:
             dead_code_threshold = 0.0 if ema_decay is None else 1.0
-        self.vq = VectorQuantizer(num_codes, code_dim, beta=beta, ema_decay=ema_decay, backend=backend,
+        self.vq = VectorQuantizer(self.num_codes, self.code_dim, beta=beta, ema_decay=ema_decay, backend=backend,
                                   dead_code_threshold=dead_code_threshold, **vq_options)
 
     def _quantize(self, z_e: torch.Tensor) -> tuple[VQResult, torch.Tensor]:
-        """The quantizer's result on the channel-last view, and the quantized grid ``[B, D, h, w]``."""
+        """The quantizer's result on the channel-last view, and the quantized grid ``[B, D, h, w]``.
+        FSQ's is put in the same form: its int32 indices as int64, its loss terms 0 (it has none)."""
+        if self.quantizer == "fsq":
+            zq, indices = self.vq(z_e)
+            indices = indices.long()
+            counts = code_counts(indices.flatten(), self.num_codes)
+            zero = torch.zeros((), dtype=torch.float32, device=z_e.device)
+            perplexity = perplexity_of_frequencies(counts.float() / max(indices.numel(), 1)).float()
+            return VQResult(zq.permute(0, 2, 3, 1), indices, zero, zero, zero, counts, perplexity), zq
         result = self.vq(z_e.permute(0, 2, 3, 1))
         return result, result.quantized.permute(0, 3, 1, 2)
 
@@ -124,18 +155,21 @@ class VQVAE(BaseVAE):
             raise ValueError(f"indices must be int64 [N, {', '.join(map(str, self.latent_shape))}], got "
                              f"{getattr(indices, 'dtype', type(indices).__name__)} "
                              f"{tuple(getattr(indices, 'shape', ()))}")
+        if self.quantizer == "fsq":
+            return self.decode(self.vq.indices_to_codes(indices).to(self.decoder[0].weight.dtype))
         codes = self.vq._normalize(nn.functional.embedding(indices, self.vq.codebook))  # unit codes if cosine
         return self.decode(codes.permute(0, 3, 1, 2))
 
     @torch.no_grad()
     def sample(self, n: int, y=None, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """``n`` images decoded from code grids whose codes are drawn independently from the
-        quantizer's recent code usage (its ``usage`` buffer; uniform without one, or before any
-        training step). A VQ-VAE has no learned prior: a PixelCNN over the indices would give
-        coherent samples, these show what the codes decode to."""
+        quantizer's recent code usage (its ``usage`` buffer; uniform without one, before any
+        training step, and for FSQ). A VQ-VAE has no learned prior: a PixelCNN over the indices would
+        give coherent samples, these show what the codes decode to."""
         positive_int("n", n)
-        self._check_y(y, n, self.vq.codebook.device)
-        probs = torch.ones(self.num_codes, device=self.vq.codebook.device)
+        device = self.decoder[0].weight.device
+        self._check_y(y, n, device)
+        probs = torch.ones(self.num_codes, device=device)
         usage = getattr(self.vq, "usage", None)
         if isinstance(usage, torch.Tensor):
             probs = torch.where(usage.sum() > 0, usage.float().clamp_min(0), probs)
@@ -145,7 +179,9 @@ class VQVAE(BaseVAE):
 
     def _vq_weight(self) -> float:
         # The layer's loss per element of the latent grid: beta * commitment with an EMA codebook,
-        # codebook + beta * commitment (equal values) without one.
+        # codebook + beta * commitment (equal values) without one; FSQ has none.
+        if self.quantizer == "fsq":
+            return 0.0
         return self.vq.beta if self.vq.ema_decay is not None else 1.0 + self.vq.beta
 
     @torch.no_grad()
@@ -155,7 +191,9 @@ class VQVAE(BaseVAE):
         ``seed`` is accepted for the common signature."""
         z_e, _, zq = self._encode(x, y)
         nll = self._recon_nll(self.decoder(zq), x)
-        z_e = self.vq._normalize(z_e.permute(0, 2, 3, 1))  # what the layer compares with its codes
+        z_e = z_e.permute(0, 2, 3, 1)
+        if self.quantizer == "vq":
+            z_e = self.vq._normalize(z_e)  # what the layer compares with its codes
         return nll + self._vq_weight() * (z_e - zq.permute(0, 2, 3, 1)).square().flatten(1).mean(1).float()
 
     @torch.no_grad()

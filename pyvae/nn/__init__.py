@@ -1,8 +1,9 @@
 """Layers built on pyvae.ops."""
+from .fsq import FSQ
 from .latent import GaussianLatent
 from .likelihood import BernoulliLikelihood, ContinuousBernoulliLikelihood, DiscretizedMixLogistic, GaussianLikelihood
 from .vq import VectorQuantizer
 from .vq_compat import VectorQuantize
 
-__all__ = ["BernoulliLikelihood", "ContinuousBernoulliLikelihood", "DiscretizedMixLogistic", "GaussianLatent", "GaussianLikelihood",
+__all__ = ["FSQ", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "DiscretizedMixLogistic", "GaussianLatent", "GaussianLikelihood",
            "VectorQuantize", "VectorQuantizer"]

@@ -47,8 +47,12 @@ MODEL_OPTIONS = {
     "activation": ("vae", "cvae", "hvae"),
     "channels": ("convvae", "vqvae"),
     "num_codes": ("vqvae",), "code_dim": ("vqvae",), "downsample": ("vqvae",), "ema_decay": ("vqvae",),
-    "dead_code_threshold": ("vqvae",),
+    "dead_code_threshold": ("vqvae",), "quantizer": ("vqvae",), "levels": ("vqvae",),
 }
+
+# --quantizer fsq: the vqvae options it has no use for, and its default levels
+FSQ_EXCLUDES = ("num_codes", "code_dim", "ema_decay", "dead_code_threshold")
+FSQ_LEVELS = (8, 5, 5, 5)
 
 # Options that take a comma list, one value per layer, for these models (one number for the others).
 PER_LAYER_OPTIONS = {"free_bits": ("hvae",)}
@@ -179,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--code-dim", type=_positive_int, help=f"code vector size {d}")
     g.add_argument("--downsample", type=_nonnegative_int, help=f"stride-2 stages before the quantizer {d}")
     g.add_argument("--ema-decay", type=_ema_decay, help=f"codebook EMA decay, or 'none' for a learned codebook {d}")
+    g.add_argument("--quantizer", choices=("vq", "fsq"), help="vq: a codebook; fsq: finite scalar quantization, "
+                   "each latent channel bounded and rounded to --levels (no codebook, no VQ loss). Default: vq")
+    g.add_argument("--levels", type=_int_tuple, help="with --quantizer fsq: levels per latent channel (their product "
+                   "is the number of codes). Default: 8,5,5,5")
     g.add_argument("--dead-code-threshold", type=_nonnegative_float,
                    help="restart codes whose EMA count falls below this (0 = off). Default: 1 with an EMA codebook, "
                    "else 0")
@@ -221,9 +229,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, name) is not None and args.model not in takers:
             raise UsageError(f"--{name.replace('_', '-')} does not apply to --model {args.model} "
                              f"(it is an option of {', '.join(takers)})")
+    if args.quantizer == "fsq":
+        given = [f"--{n.replace('_', '-')}" for n in FSQ_EXCLUDES if getattr(args, n) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: not options of --quantizer fsq (its codes are the combinations "
+                             "of --levels)")
     for name, value in {**COMMON_DEFAULTS, **DEFAULTS[args.model]}.items():
-        if getattr(args, name) is None:
+        if getattr(args, name) is None and not (args.quantizer == "fsq" and name in FSQ_EXCLUDES):
             setattr(args, name, value)
+    if args.levels is not None and args.quantizer != "fsq":
+        raise UsageError("--levels applies to --quantizer fsq only")
+    if args.quantizer == "fsq" and args.levels is None:
+        args.levels = FSQ_LEVELS
     for name, takers in PER_LAYER_OPTIONS.items():
         if isinstance(getattr(args, name), tuple) and args.model not in takers:
             raise UsageError(f"--{name.replace('_', '-')} takes one number for --model {args.model} (a list, one per "
