@@ -59,6 +59,20 @@ void run_dmol(const DmolParams& p, const at::Device& device) {
 
 using DmolForwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>>;
 
+// The strides of contiguous params [B, N, P] (channels-last) or [B, P, N] (channels-first), and of
+// x [B, N, C] or [B, C, N] alike: the forward's and the sampler's kernels read both layouts through
+// them.
+template <typename KernelParams>
+void set_contiguous_strides(KernelParams& p, int64_t positions, int64_t num_params, int64_t channels,
+                            bool channels_last) {
+  p.params_batch_stride = positions * num_params;
+  p.params_position_stride = channels_last ? num_params : 1;
+  p.params_param_stride = channels_last ? 1 : positions;
+  p.x_batch_stride = positions * channels;
+  p.x_position_stride = channels_last ? channels : 1;
+  p.x_channel_stride = channels_last ? 1 : positions;
+}
+
 // One implementation for the CPU and CUDA keys: only the kernel launch depends on the device.
 DmolForwardResult dmol_forward(const at::Tensor& params_in, const at::Tensor& x_in, int64_t num_mix,
                                int64_t num_classes, bool channels_last, bool per_position, bool want_grad,
@@ -83,13 +97,7 @@ DmolForwardResult dmol_forward(const at::Tensor& params_in, const at::Tensor& x_
   p.channels = channels;
   p.num_mix = num_mix;
   p.num_classes = num_classes;
-  // contiguous [B, N, P] (channels-last) or [B, P, N] (channels-first), and x alike
-  p.params_batch_stride = positions * num_params;
-  p.params_position_stride = channels_last ? num_params : 1;
-  p.params_param_stride = channels_last ? 1 : positions;
-  p.x_batch_stride = positions * channels;
-  p.x_position_stride = channels_last ? channels : 1;
-  p.x_channel_stride = channels_last ? 1 : positions;
+  set_contiguous_strides(p, positions, num_params, channels, channels_last);
   const at::TensorOptions f32 = params.options().dtype(at::kFloat);
   at::Tensor out = per_position ? at::empty(positions_shape, f32)
                                 : at::empty({batch, dmol_position_blocks(positions)}, f32);
@@ -143,12 +151,7 @@ at::Tensor dmol_sample(const at::Tensor& params_in, const at::Tensor& seed, int6
   p.positions = positions;
   p.channels = channels;
   p.num_mix = num_mix;
-  p.params_batch_stride = positions * num_params;
-  p.params_position_stride = channels_last ? num_params : 1;
-  p.params_param_stride = channels_last ? 1 : positions;
-  p.x_batch_stride = positions * channels;
-  p.x_position_stride = channels_last ? channels : 1;
-  p.x_channel_stride = channels_last ? 1 : positions;
+  set_contiguous_strides(p, positions, num_params, channels, channels_last);
   p.temperature = static_cast<float>(temperature);
   p.x = x.data_ptr<float>();
   if (batch == 0 || positions == 0) return x;
