@@ -172,7 +172,10 @@ def _forward_op_backward(backend: str):
 def _checked_levels(levels, preserve_symmetry: bool) -> tuple[int, ...]:
     """``levels`` as a tuple of ints; TypeError / ValueError naming them otherwise (contract.check_levels)."""
     if type(levels) in (tuple, list) and all(type(level) is int for level in levels):
-        return _checked_int_levels(tuple(levels), preserve_symmetry)  # the usual call, its checks cached
+        # the usual call, its checks cached (but not while torch.compile traces: Dynamo warns about,
+        # and ignores, a cache wrapper)
+        check = _checked_int_levels.__wrapped__ if torch.compiler.is_compiling() else _checked_int_levels
+        return check(tuple(levels), preserve_symmetry)
     if isinstance(levels, (str, bytes, torch.Tensor)) or not isinstance(levels, Sequence):
         raise TypeError(f"levels must be a sequence of ints (e.g. [8, 5, 5, 5]), got {type(levels).__name__}")
     if any(isinstance(level, bool) for level in levels):

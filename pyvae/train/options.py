@@ -247,8 +247,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              f"layer, is for {', '.join(takers)})")
     if args.gaussian_logvar is not None and args.likelihood != "gaussian":
         raise UsageError("--gaussian-logvar applies to --likelihood gaussian only")
-    if args.num_mix is not None and args.likelihood not in (None, "dmol"):
-        raise UsageError("--num-mix applies to --likelihood dmol only")
     if args.dataset != "digits":
         args.dataset = os.path.abspath(args.dataset)  # a resumed run may start from another directory
     if args.out is None:
