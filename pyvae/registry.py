@@ -127,6 +127,8 @@ FAMILIES: tuple[OpFamily, ...] = (
              tests=("tests/test_vq_layer.py",), tune="tune_vq_triton"),
     OpFamily("dmol", ops=("dmol_forward", "dmol_sample"), functions=("DMOLFunction",)),
     OpFamily("fsq", ops=("fsq_forward", "fsq_backward"), functions=("FSQFunction",)),
+    OpFamily("rvq", ops=("residual_code",), functions=("ResidualVQFunction",),
+             python_ops=("residual_code_reference",), tests=("tests/test_rvq_layer.py",)),
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
