@@ -2,8 +2,9 @@
 from .fsq import FSQ
 from .latent import GaussianLatent
 from .likelihood import BernoulliLikelihood, ContinuousBernoulliLikelihood, DiscretizedMixLogistic, GaussianLikelihood
+from .rvq import ResidualVectorQuantizer
 from .vq import VectorQuantizer
 from .vq_compat import VectorQuantize
 
 __all__ = ["FSQ", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "DiscretizedMixLogistic", "GaussianLatent", "GaussianLikelihood",
-           "VectorQuantize", "VectorQuantizer"]
+           "ResidualVectorQuantizer", "VectorQuantize", "VectorQuantizer"]

@@ -115,7 +115,8 @@ def stage_counts(idx: torch.Tensor, num_codes: int) -> torch.Tensor:
     stages = idx.shape[-1]
     flat = idx.reshape(-1, stages) + torch.arange(stages, device=idx.device) * num_codes
     flat = flat.reshape(-1)
-    return torch.zeros(stages * num_codes, dtype=torch.int64, device=idx.device).scatter_add_(
+    # out of place: under vmap the zeros are not batched but the indices are
+    return torch.zeros(stages * num_codes, dtype=torch.int64, device=idx.device).scatter_add(
         0, flat, torch.ones_like(flat)).view(stages, num_codes)
 
 
@@ -191,18 +192,28 @@ class ResidualVQFunction(torch.autograd.Function):
             stats = _stats_op(ctx.backend, True)
             grad_codebooks = []
         if grad_commitment_losses is not None or want_codebooks:
-            # each stage's residual r_q, from x and the codes before it (constants, as in forward)
+            # each stage's residual r_q, from x and the codes before it (constants, as in forward);
+            # in place, in three [N, D] buffers, unless the result must stay differentiable
+            in_place = not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+                            or torch.compiler.is_compiling())
             flat = idx.reshape(-1, stages)
             e = codebooks.detach().to(cdt)
-            r = x.reshape(-1, d).to(cdt)
+            r = x.detach().reshape(-1, d).to(cdt, copy=True) if in_place else x.reshape(-1, d).to(cdt)
+            if in_place and grad_x is not None and grad_q is not None and grad_x.data_ptr() == grad_q.data_ptr():
+                grad_x = grad_x.clone()  # not the caller's gradient: it is accumulated into below
+            chosen = torch.empty_like(r) if in_place else None
             for q in range(stages):
                 if want_codebooks:
                     counts, sums = stats(r.detach(), flat[:, q], k)
                     grad_codebooks.append((grad_codebook_losses[q] * scale)
                                           * (counts[:, None] * codebooks[q].to(cdt) - sums.to(cdt)))
-                r = r - e[q].index_select(0, flat[:, q])
+                if in_place:
+                    r.sub_(torch.index_select(e[q], 0, flat[:, q], out=chosen))
+                else:
+                    r = r - e[q].index_select(0, flat[:, q])
                 if want_x and grad_commitment_losses is not None:
-                    grad_x = grad_x + (grad_commitment_losses[q] * scale) * r
+                    weight = grad_commitment_losses[q].to(cdt) * scale
+                    grad_x = grad_x.addcmul_(r, weight) if in_place else grad_x + weight * r
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if grad_codebooks is not None:

@@ -126,8 +126,12 @@ def summary(m: dict) -> str:
         line += f"; iwae_nll {m[next(k for k in m if k.startswith('iwae_nll'))]:.3f}; " \
                 f"active units {m['active_units']}/{m['latent_dim']}"
     else:
-        line += f" (reconstruction NLL {m['test_recon_nll']:.3f}); codes used {m['codes_used']}/{m['num_codes']}, " \
-                f"perplexity {m['perplexity']:.1f}"
+        line += f" (reconstruction NLL {m['test_recon_nll']:.3f})"
+        if m.get("num_quantizers", 1) > 1:
+            line += "; codes used per stage " + ", ".join(f"{u}/{m['num_codes']}" for u in m["codes_used"]) \
+                + ", perplexity per stage " + ", ".join(f"{p:.1f}" for p in m["perplexity"])
+        else:
+            line += f"; codes used {m['codes_used']}/{m['num_codes']}, perplexity {m['perplexity']:.1f}"
     return line + f"; {m['steps']} steps in {m['train_seconds']:.1f} s ({m['steps_per_second']:.1f}/s)"
 
 

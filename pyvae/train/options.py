@@ -48,10 +48,11 @@ MODEL_OPTIONS = {
     "channels": ("convvae", "vqvae"),
     "num_codes": ("vqvae",), "code_dim": ("vqvae",), "downsample": ("vqvae",), "ema_decay": ("vqvae",),
     "dead_code_threshold": ("vqvae",), "quantizer": ("vqvae",), "levels": ("vqvae",),
+    "num_quantizers": ("vqvae",),
 }
 
 # --quantizer fsq: the vqvae options it has no use for, and its default levels
-FSQ_EXCLUDES = ("num_codes", "code_dim", "ema_decay", "dead_code_threshold")
+FSQ_EXCLUDES = ("num_codes", "code_dim", "ema_decay", "dead_code_threshold", "num_quantizers")
 FSQ_LEVELS = (8, 5, 5, 5)
 
 # Options that take a comma list, one value per layer, for these models (one number for the others).
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "each latent channel bounded and rounded to --levels (no codebook, no VQ loss). Default: vq")
     g.add_argument("--levels", type=_int_tuple, help="with --quantizer fsq: levels per latent channel (their product "
                    "is the number of codes). Default: 8,5,5,5")
+    g.add_argument("--num-quantizers", type=_positive_int, help="residual VQ: codebooks in sequence, each "
+                   "quantizing what the ones before it left (all in one fused call). Default: 1")
     g.add_argument("--dead-code-threshold", type=_nonnegative_float,
                    help="restart codes whose EMA count falls below this (0 = off). Default: 1 with an EMA codebook, "
                    "else 0")

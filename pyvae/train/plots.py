@@ -112,13 +112,20 @@ def write_pictures(args: argparse.Namespace, run: Run, data: ImageDataset, model
         _show_grid(ax, _grid(traversal.images, traversal.ncols), traversal.title)
         save(fig, "latent_traversal.png")
     else:
-        counts = metrics["code_counts"]
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.bar(range(len(counts)), counts, width=1.0, color="tab:blue")
-        ax.set_xlabel("code")
-        ax.set_ylabel("uses on the test set")
-        ax.set_title(f"code usage: {metrics['codes_used']}/{len(counts)} codes used, "
-                     f"perplexity {metrics['perplexity']:.1f}", fontsize=10)
+        # one panel per stage of a residual quantizer
+        stages = metrics.get("num_quantizers", 1) > 1
+        counts = metrics["code_counts"] if stages else [metrics["code_counts"]]
+        used = metrics["codes_used"] if stages else [metrics["codes_used"]]
+        perplexities = metrics["perplexity"] if stages else [metrics["perplexity"]]
+        fig, axes = plt.subplots(len(counts), 1, figsize=(7, 1.2 + 2.3 * len(counts)), squeeze=False)
+        for q, ax in enumerate(axes[:, 0]):
+            ax.bar(range(len(counts[q])), counts[q], width=1.0, color="tab:blue")
+            ax.set_ylabel("uses on the test set")
+            stage = f"stage {q + 1}: " if stages else ""
+            ax.set_title(f"{stage}code usage: {used[q]}/{len(counts[q])} codes used, "
+                         f"perplexity {perplexities[q]:.1f}", fontsize=10)
+        axes[-1, 0].set_xlabel("code")
+        fig.tight_layout()
         save(fig, "code_usage.png")
 
 
