@@ -314,3 +314,14 @@ def test_vqvae_residual_options_refused_where_they_do_not_apply():
         pyvae.models.VQVAE((1, 8, 8), quantizer="fsq", num_quantizers=2)
     with pytest.raises(ValueError, match="cosine: not available with num_quantizers > 1"):
         pyvae.models.VQVAE((1, 8, 8), num_quantizers=2, cosine=True)
+
+
+def test_cli_num_quantizers_option():
+    from pyvae.train.errors import UsageError
+    from pyvae.train.options import parse_args
+
+    assert parse_args(["--model", "vqvae", "--num-quantizers", "4"]).num_quantizers == 4
+    with pytest.raises(UsageError, match="--num-quantizers: not options of --quantizer fsq"):
+        parse_args(["--model", "vqvae", "--quantizer", "fsq", "--num-quantizers", "2"])
+    with pytest.raises(UsageError, match="--num-quantizers does not apply to --model vae"):
+        parse_args(["--model", "vae", "--num-quantizers", "2"])

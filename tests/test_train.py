@@ -226,15 +226,17 @@ def test_resume_continues_exactly(capsys, tmp_path, model):
 # quantizer's step counter salts, happen in the resumed epochs (with 16 codes none do).
 RESUME_TINY = {**{m: [*TINY[m], "--kl-warmup-steps", "12"] for m in ("vae", "convvae", "cvae")},
                "vqvae": ["--channels", "8,8", "--num-codes", "64", "--code-dim", "4"], "hvae": TINY["hvae"]}
+# a residual quantizer: every stage's EMA step, restarts and usage resume exactly too
+RESUME_TINY["vqvae-residual"] = [*RESUME_TINY["vqvae"], "--num-quantizers", "3"]
 # What may differ between two runs of the same training: times and the command line.
 RUN_SPECIFIC = ("train_seconds", "steps_per_second", "wall_seconds", "args")
 
 
-@pytest.mark.parametrize("model", ["vae", "convvae", "cvae", "vqvae", "hvae"])
+@pytest.mark.parametrize("model", ["vae", "convvae", "cvae", "vqvae", "vqvae-residual", "hvae"])
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(capsys, tmp_path, model):
     # 3 epochs of 6 steps (1438 training digits, batches of 256). The killed run stops itself
     # (SIGSTOP) after step 8, in epoch 2, after the checkpoint of epoch 1: a known point, no timing.
-    argv = ["train", "--model", model, *RESUME_TINY[model], "--epochs", "3", "--batch-size", "256", "--iwae-k", "4",
+    argv = ["train", "--model", model.split("-")[0], *RESUME_TINY[model], "--epochs", "3", "--batch-size", "256", "--iwae-k", "4",
             "--quiet", "--threads", "1"]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     with open(tmp_path / "killed.log", "w") as log:
