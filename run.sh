@@ -60,10 +60,12 @@ if [ ! -f "$stamp" ] || [ "$installed" != "$root/pyvae/__init__.py" ] \
   mkdir -p build && touch "$stamp"
 fi
 
-# scikit-learn (the CLI's bundled digits) and vector-quantize-pytorch (what pyvae.nn.VectorQuantize
-# is tested and benchmarked against), where they can be fetched: the tests and rows that need them
-# are skipped, with a reason, on a machine without network that lacks them.
-for pkg in $(absent sklearn:scikit-learn vector_quantize_pytorch:vector-quantize-pytorch==1.32.0); do
+# scikit-learn (the CLI's bundled digits), vector-quantize-pytorch (what pyvae.nn.VectorQuantize
+# is tested and benchmarked against) and diffusers (pyvae.nn.DiagonalGaussianDistribution's peer),
+# where they can be fetched: the tests and rows that need them are skipped, with a reason, on a
+# machine without network that lacks them.
+for pkg in $(absent sklearn:scikit-learn vector_quantize_pytorch:vector-quantize-pytorch==1.32.0 \
+             diffusers:diffusers==0.42.0); do
   pip_install "$pkg" || echo "[run.sh] $pkg unavailable: what needs it is skipped"
 done
 

@@ -82,8 +82,9 @@ setup(
     # The training CLI (`pyvae train`) needs tqdm, matplotlib and scikit-learn (its bundled digits).
     install_requires=["numpy", "tqdm"],
     extras_require={"triton": ["triton"], "train": ["matplotlib", "scikit-learn"],
-                    "bench": ["matplotlib", "pytest-benchmark", "vector-quantize-pytorch"],
-                    "test": ["pytest", "scipy", "numpy", "scikit-learn", "matplotlib", "vector-quantize-pytorch"]},
+                    "bench": ["matplotlib", "pytest-benchmark", "vector-quantize-pytorch", "diffusers"],
+                    "test": ["pytest", "scipy", "numpy", "scikit-learn", "matplotlib", "vector-quantize-pytorch",
+                             "diffusers"], "diffusers": ["diffusers"]},
     entry_points={"console_scripts": ["pyvae = pyvae.__main__:main"]},
     zip_safe=False,
 )

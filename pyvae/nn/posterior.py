@@ -1,0 +1,123 @@
+"""``pyvae.nn.DiagonalGaussianDistribution``: a drop-in for diffusers' posterior of the same name
+(``diffusers.models.autoencoders.vae.DiagonalGaussianDistribution``, 0.42), the encoder output of
+Stable Diffusion's ``AutoencoderKL`` and of the video and audio autoencoders that copy it, on
+pyvae's fused reparameterize + KL op."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from ..ops.philox import SEED_LIMIT
+from ..ops.reparam_kl import reparameterize_kl
+
+__all__ = ["DiagonalGaussianDistribution"]
+
+_LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0  # diffusers' clamp of the log-variance
+_KL_DIMS = (1, 2, 3)  # diffusers sums the KL over these dims
+
+
+class DiagonalGaussianDistribution:
+    """The Gaussian posterior of a latent-diffusion autoencoder, as diffusers 0.42 defines it:
+    ``parameters`` ``[B, 2C, ...]`` split in two along dim 1 into ``mean`` and ``logvar`` (clamped to
+    [-30, 20]); ``std = exp(logvar / 2)``, ``var = exp(logvar)``; ``sample(generator=None)``,
+    ``mode()``, ``kl(other=None)`` and ``nll(sample, dims=[1, 2, 3])`` with diffusers' shapes, dtypes
+    and values (``deterministic=True``: zero std and var, a KL and NLL of ``torch.Tensor([0.0])``).
+
+    What is fused: ``sample()`` draws ``z = mean + std * eps`` and the KL against N(0, I) in one pass
+    of pyvae's reparameterize + KL op, which keeps only the log-variance and a seed for backward
+    (the mean is a view of ``parameters``); ``kl()`` on the same object returns that KL without
+    another pass. ``kl(other)`` (another posterior as the prior) is the op's learned-prior form, one
+    pass too. ``std`` and ``var`` are computed on first access only (diffusers computes both in its
+    constructor).
+
+    Differences: the noise is the op's counter-based Philox stream, not ``torch.randn``: a
+    ``generator`` seeds it (one 63-bit draw from the generator; on a CUDA generator that draw is
+    read back to the host), so a seeded generator still gives a reproducible sample, but not
+    diffusers' sample. The KL is computed in float32 (float64 for float64 parameters) and returned in
+    the parameters' dtype; for latents of other ranks than 4 it is summed over dims 1 to 3 as there
+    (3-D audio latents: dims 1 and 2).
+    """
+
+    def __init__(self, parameters: torch.Tensor, deterministic: bool = False):
+        if not isinstance(parameters, torch.Tensor) or parameters.dim() < 2 or parameters.shape[1] % 2:
+            raise ValueError(f"parameters must be a tensor [B, 2C, ...] (mean and logvar stacked along dim 1), got "
+                             f"{tuple(parameters.shape) if isinstance(parameters, torch.Tensor) else type(parameters).__name__}")
+        self.parameters = parameters
+        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(logvar, _LOGVAR_MIN, _LOGVAR_MAX)
+        self.deterministic = deterministic
+        self._std: Optional[torch.Tensor] = None
+        self._var: Optional[torch.Tensor] = None
+        self._sample_kl: Optional[torch.Tensor] = None  # the KL that sample() computed with its draw
+        if deterministic:
+            self._std = self._var = torch.zeros_like(self.mean, device=parameters.device, dtype=parameters.dtype)
+
+    # diffusers computes these in its constructor; here on first use
+    @property
+    def std(self) -> torch.Tensor:
+        if self._std is None:
+            self._std = torch.exp(0.5 * self.logvar)
+        return self._std
+
+    @std.setter
+    def std(self, value: torch.Tensor) -> None:
+        self._std = value
+
+    @property
+    def var(self) -> torch.Tensor:
+        if self._var is None:
+            self._var = torch.exp(self.logvar)
+        return self._var
+
+    @var.setter
+    def var(self, value: torch.Tensor) -> None:
+        self._var = value
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` ``[B, C, ...]`` as ``[B, C * ...]`` (a view for mean and logvar: each example's half
+        of ``parameters`` is contiguous when ``parameters`` is)."""
+        return t.reshape(t.shape[0], -1)
+
+    def _fused(self, seed: Optional[int], other: Optional["DiagonalGaussianDistribution"] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z in mean's shape, the KL summed as diffusers sums it, in the parameters' dtype)."""
+        per_example = self.mean.dim() <= 4  # dims 1.. are all of diffusers' summed dims
+        prior = {} if other is None else dict(prior_mu=self._rows(other.mean), prior_logvar=self._rows(other.logvar))
+        z, kl = reparameterize_kl(self._rows(self.mean), self._rows(self.logvar), seed=seed,
+                                  reduction="per_sample" if per_example else "none", **prior)
+        if not per_example:
+            kl = kl.view(self.mean.shape).sum(dim=list(_KL_DIMS))
+        return z.view(self.mean.shape), kl.to(self.parameters.dtype)
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``mean + std * eps`` in the parameters' dtype and device; the KL of the same pass is kept
+        for :meth:`kl`. ``generator`` seeds the noise (see the class docstring)."""
+        if self.deterministic:
+            return self.mean + self.std * 0
+        seed = None
+        if generator is not None:
+            seed = int(torch.randint(0, SEED_LIMIT, (), generator=generator, device=generator.device))
+        z, self._sample_kl = self._fused(seed)
+        return z
+
+    def kl(self, other: Optional["DiagonalGaussianDistribution"] = None) -> torch.Tensor:
+        """KL(self || N(0, I)), or KL(self || other), summed over dims 1 to 3: ``[B]`` for 4-D latents."""
+        if self.deterministic:
+            return torch.Tensor([0.0])
+        if other is None:
+            if self._sample_kl is not None:
+                return self._sample_kl
+            return self._fused(0)[1]  # the noise does not enter the KL
+        return self._fused(0, other)[1]
+
+    def nll(self, sample: torch.Tensor, dims: Sequence[int] = (1, 2, 3)) -> torch.Tensor:
+        """The Gaussian negative log-likelihood of ``sample``, summed over ``dims`` (diffusers' formula)."""
+        if self.deterministic:
+            return torch.Tensor([0.0])
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + torch.pow(sample - self.mean, 2) / self.var,
+                               dim=list(dims))
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
