@@ -27,6 +27,22 @@ from .contracts.vq import (StatsPlan, check_codebook_stats, check_nearest_code, 
 
 
 @triton.jit
+def fold_code_tile(acc, e_sq_ptr, k0, n_codes, best, best_idx, BLOCK_K: tl.constexpr):
+    """(best, best_idx) after the codes k0 .. k0 + BLOCK_K of a codebook, given their dot products
+    ``acc`` [rows, BLOCK_K] with the rows and their |e|^2 at ``e_sq_ptr``: the running argmin of the
+    expanded distance |e|^2 - 2 x.e (also kernels/rvq.py's)."""
+    codes = k0 + tl.arange(0, BLOCK_K)
+    e_sq = tl.load(e_sq_ptr + codes, mask=codes < n_codes, other=float("inf"))
+    dist = e_sq[None, :] - 2.0 * acc
+    # a distance that is not finite (NaN, or the -inf of an infinite x or code) never wins, as
+    # in csrc/common/vq_math.h
+    dist = tl.where((codes[None, :] < n_codes) & (dist > float("-inf")), dist, float("inf"))
+    tile_best, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    better = tile_best < best  # strict: ties keep the lower code
+    return tl.where(better, tile_best, best), tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+
+
+@triton.jit
 def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_codes, dim, x_row_stride,
                          e_row_stride, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -51,15 +67,7 @@ def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_co
                 acc += tl.dot(xt.to(tl.float32), tl.trans(et.to(tl.float32)), input_precision=INPUT_PRECISION)
             else:
                 acc += tl.dot(xt, tl.trans(et))
-        e_sq = tl.load(e_sq_ptr + codes, mask=codes < n_codes, other=float("inf"))
-        dist = e_sq[None, :] - 2.0 * acc
-        # a distance that is not finite (NaN, or the -inf of an infinite x or code) never wins, as
-        # in csrc/common/vq_math.h
-        dist = tl.where((codes[None, :] < n_codes) & (dist > float("-inf")), dist, float("inf"))
-        tile_best, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_best < best  # strict: ties keep the lower code
-        best = tl.where(better, tile_best, best)
-        best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+        best, best_idx = fold_code_tile(acc, e_sq_ptr, k0, n_codes, best, best_idx, BLOCK_K)
     # |x|^2 does not change the argmin, so it is added once at the end; a rounded expansion can dip
     # below 0 for a code equal to x: clamp (NaN passes through: a NaN row keeps its NaN distance).
     dist = best + x_sq
