@@ -1,8 +1,8 @@
 """Triton residual vector quantisation: one launch runs every stage. A program owns BLOCK_N rows and
-takes them through all Q stages in turn; each stage is nearest_code's search (tiles of codes
-against the residual through ``tl.dot``, the running (min, argmin) in registers: :func:`fold_code_tile`
-of kernels/vq.py), then the chosen codes are gathered, subtracted from the residual and added to the
-running sum of codes. Registered as ``torch.ops.pyvae.residual_code_triton``.
+takes them through all Q stages in turn; each stage is nearest_code's search (tiles of codes against
+the residual through ``tl.dot``, the running (min, argmin) in registers: :func:`fold_code_tile` and
+:func:`search_rows` of kernels/vq.py), then the chosen codes are gathered, subtracted from the
+residual and added to the running sum of codes. Registered as ``torch.ops.pyvae.residual_code_triton``.
 
 Where the residual lives (:func:`residual_config`):
 
@@ -35,7 +35,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._layout import as_rows, launch_device
 from .contracts.rvq import check_residual_code, new_residual_code_outputs
-from .vq import fold_code_tile
+from .vq import fold_code_tile, search_rows
 
 MAX_RESIDENT_DIM = 128  # widest row whose residual stays in registers
 
@@ -96,19 +96,8 @@ def _residual_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, quantized_p
             tl.store(scratch_ptr + rows[:, None] * dim + dd[None, :], xt.to(tl.float32), mask=tile_ok)
         tl.debug_barrier()
         for q in range(n_stages):
-            best = tl.full([BLOCK_N], float("inf"), tl.float32)
-            best_idx = tl.zeros([BLOCK_N], tl.int64)
-            for k0 in range(0, n_codes, BLOCK_K):
-                codes = k0 + tl.arange(0, BLOCK_K)
-                acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-                for d0 in range(0, dim, BLOCK_D):
-                    dd = d0 + tl.arange(0, BLOCK_D)
-                    rt = tl.load(scratch_ptr + rows[:, None] * dim + dd[None, :],
-                                 mask=row_ok[:, None] & (dd[None, :] < dim), other=0.0)
-                    et = tl.load(stage_ptr + codes[:, None].to(tl.int64) * e_row_stride + dd[None, :],
-                                 mask=(codes[:, None] < n_codes) & (dd[None, :] < dim), other=0.0).to(tl.float32)
-                    acc += tl.dot(rt, tl.trans(et), input_precision=INPUT_PRECISION)
-                best, best_idx = fold_code_tile(acc, stage_sq_ptr, k0, n_codes, best, best_idx, BLOCK_K)
+            best, best_idx, _ = search_rows(scratch_ptr, dim, rows, n_rows, stage_ptr, e_row_stride, stage_sq_ptr,
+                                            n_codes, dim, True, INPUT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
             tl.debug_barrier()  # every read of r_q is done before r_{q+1} overwrites it
             sq = tl.zeros([BLOCK_N], tl.float32)
             for d0 in range(0, dim, BLOCK_D):

@@ -43,10 +43,12 @@ def fold_code_tile(acc, e_sq_ptr, k0, n_codes, best, best_idx, BLOCK_K: tl.const
 
 
 @triton.jit
-def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_codes, dim, x_row_stride,
-                         e_row_stride, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+def search_rows(x_ptr, x_row_stride, rows, n_rows, e_ptr, e_row_stride, e_sq_ptr, n_codes, dim,
+                DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """(best, best_idx, x_sq) of the rows ``rows`` of x (unit column stride) against a codebook: the
+    least expanded distance |e|^2 - 2 x.e, its code and |x|^2, BLOCK_D columns per ``tl.dot`` step
+    (also the wide-row search of kernels/rvq.py, whose rows are a float32 scratch)."""
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int64)
     # |x|^2 from the x tiles the first code tile loads anyway (no separate pass over x)
@@ -68,6 +70,16 @@ def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_co
             else:
                 acc += tl.dot(xt, tl.trans(et))
         best, best_idx = fold_code_tile(acc, e_sq_ptr, k0, n_codes, best, best_idx, BLOCK_K)
+    return best, best_idx, x_sq
+
+
+@triton.jit
+def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_codes, dim, x_row_stride,
+                         e_row_stride, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    best, best_idx, x_sq = search_rows(x_ptr, x_row_stride, rows, n_rows, e_ptr, e_row_stride, e_sq_ptr, n_codes,
+                                       dim, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     # |x|^2 does not change the argmin, so it is added once at the end; a rounded expansion can dip
     # below 0 for a code equal to x: clamp (NaN passes through: a NaN row keeps its NaN distance).
     dist = best + x_sq
