@@ -1,7 +1,7 @@
 """The GPU residual searches on their own: the Triton kernel (kernels/rvq.py,
 torch.ops.pyvae.residual_code_triton; on a CPU in Triton's interpreter, so small shapes) and, on a
 GPU, the CUDA kernel (csrc/cuda/rvq.cu): every place the residual lives (Triton: registers up to
-MAX_RESIDENT_DIM columns, a scratch beyond; CUDA: shared memory up to ~350 columns, recomputed
+MAX_RESIDENT_DIM columns, a scratch beyond; CUDA: shared memory up to 352 columns, recomputed
 beyond), ties, rows without a finite distance, mixed dtypes and layouts, the bfloat16 rounding of
 the quantized sum; every output checked against the contract by families.rvq.check_residual_search."""
 from __future__ import annotations

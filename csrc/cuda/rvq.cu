@@ -6,15 +6,15 @@
 // sum is gathered at the end from the indices the block wrote: 0 + c_0 + c_1 + ... in float32, in
 // stage order, rounded to x's dtype.
 //
-// Where the residual lives: rows of up to ~350 values keep the block's float32 residual in dynamic
+// Where the residual lives: rows of up to 352 values keep the block's float32 residual in dynamic
 // shared memory (at most kMaxResidentBytes, opted in above the default 48 KiB); wider rows, whose
 // residual tile would not fit, recompute each residual value they need from x and the codes chosen
 // before (the same float32 subtractions in the same order, so the same values), trading repeated
-// reads of codes (which the L1/L2 caches serve) for no scratch memory. Either way nothing beyond the
+// reads of codes (mostly from the L1/L2 caches) for no scratch memory. Either way nothing beyond the
 // outputs is allocated: no N x K matrix, no residual per stage.
 //
-// `exact` is not read: both precisions take float32 products on CUDA cores (3xTF32 on the tensor
-// cores would gain little over a search whose operands are rebuilt every stage).
+// `exact` is not read: both precisions take float32 products on CUDA cores (no tensor-core path
+// yet, such as nearest_code's WMMA one).
 #include "rvq.h"
 
 #include "code_tile.cuh"
