@@ -27,10 +27,28 @@ from .contracts.vq import (StatsPlan, check_codebook_stats, check_nearest_code, 
 
 
 @triton.jit
-def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_codes, dim, x_row_stride,
-                         e_row_stride, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+def fold_code_tile(acc, e_sq_ptr, k0, n_codes, best, best_idx, BLOCK_K: tl.constexpr):
+    """(best, best_idx) after the codes k0 .. k0 + BLOCK_K of a codebook, given their dot products
+    ``acc`` [rows, BLOCK_K] with the rows and their |e|^2 at ``e_sq_ptr``: the running argmin of the
+    expanded distance |e|^2 - 2 x.e (also kernels/rvq.py's)."""
+    codes = k0 + tl.arange(0, BLOCK_K)
+    e_sq = tl.load(e_sq_ptr + codes, mask=codes < n_codes, other=float("inf"))
+    dist = e_sq[None, :] - 2.0 * acc
+    # a distance that is not finite (NaN, or the -inf of an infinite x or code) never wins, as
+    # in csrc/common/vq_math.h
+    dist = tl.where((codes[None, :] < n_codes) & (dist > float("-inf")), dist, float("inf"))
+    tile_best, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    better = tile_best < best  # strict: ties keep the lower code
+    return tl.where(better, tile_best, best), tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+
+
+@triton.jit
+def search_rows(x_ptr, x_row_stride, rows, n_rows, e_ptr, e_row_stride, e_sq_ptr, n_codes, dim,
+                DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """(best, best_idx, x_sq) of the rows ``rows`` of x (unit column stride) against a codebook: the
+    least expanded distance |e|^2 - 2 x.e, its code and |x|^2, BLOCK_D columns per ``tl.dot`` step
+    (also the wide-row search of kernels/rvq.py, whose rows are a float32 scratch)."""
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int64)
     # |x|^2 from the x tiles the first code tile loads anyway (no separate pass over x)
@@ -51,15 +69,17 @@ def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_co
                 acc += tl.dot(xt.to(tl.float32), tl.trans(et.to(tl.float32)), input_precision=INPUT_PRECISION)
             else:
                 acc += tl.dot(xt, tl.trans(et))
-        e_sq = tl.load(e_sq_ptr + codes, mask=codes < n_codes, other=float("inf"))
-        dist = e_sq[None, :] - 2.0 * acc
-        # a distance that is not finite (NaN, or the -inf of an infinite x or code) never wins, as
-        # in csrc/common/vq_math.h
-        dist = tl.where((codes[None, :] < n_codes) & (dist > float("-inf")), dist, float("inf"))
-        tile_best, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_best < best  # strict: ties keep the lower code
-        best = tl.where(better, tile_best, best)
-        best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+        best, best_idx = fold_code_tile(acc, e_sq_ptr, k0, n_codes, best, best_idx, BLOCK_K)
+    return best, best_idx, x_sq
+
+
+@triton.jit
+def _nearest_code_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_codes, dim, x_row_stride,
+                         e_row_stride, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    best, best_idx, x_sq = search_rows(x_ptr, x_row_stride, rows, n_rows, e_ptr, e_row_stride, e_sq_ptr, n_codes,
+                                       dim, DOT_FP32, INPUT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     # |x|^2 does not change the argmin, so it is added once at the end; a rounded expansion can dip
     # below 0 for a code equal to x: clamp (NaN passes through: a NaN row keeps its NaN distance).
     dist = best + x_sq

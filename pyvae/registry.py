@@ -128,7 +128,7 @@ FAMILIES: tuple[OpFamily, ...] = (
     OpFamily("dmol", ops=("dmol_forward", "dmol_sample"), functions=("DMOLFunction",)),
     OpFamily("fsq", ops=("fsq_forward", "fsq_backward"), functions=("FSQFunction",)),
     OpFamily("rvq", ops=("residual_code",), functions=("ResidualVQFunction",),
-             python_ops=("residual_code_reference",), tests=("tests/test_rvq_layer.py",)),
+             python_ops=("residual_code_reference",), tests=("tests/test_rvq_layer.py", "tests/test_rvq_triton.py")),
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)

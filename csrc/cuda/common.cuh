@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels: float conversion of the kernel dtypes, packed loads
+// Device helpers shared by the CUDA kernels: float conversion of the kernel dtypes, single and packed loads
 // and stores of four consecutive elements, and the deterministic per-row sum over the threads
 // that cover a row.
 #pragma once
@@ -24,6 +24,25 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// One element of a tensor whose dtype is known only at run time (uniform across the grid, so the
+// switch costs no divergence).
+__device__ __forceinline__ float load_any(DType dtype, const void* base, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat32: return static_cast<const float*>(base)[i];
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(base)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+  }
+  return 0.0f;
+}
+
+__device__ __forceinline__ void store_any(DType dtype, void* base, int64_t i, float v) {
+  switch (dtype) {
+    case DType::kFloat32: static_cast<float*>(base)[i] = v; return;
+    case DType::kFloat16: static_cast<__half*>(base)[i] = __float2half_rn(v); return;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v); return;
+  }
 }
 
 // Four elements as one 16-byte (fp32) or 8-byte (16-bit types) access.

@@ -1,81 +1,22 @@
 // CUDA nearest-code search: a block takes 64 rows of x and walks the codebook 64 codes at a time,
-// staging 32-dimension slices of both in shared memory; the tile's dot products come from CUDA
-// cores in float32 (each thread a 4 x 4 block) or, for precision="fast" with x and the codebook of
-// one dtype, from the tensor cores (16-bit products, or TF32 for float32); each thread keeps, for its 4 rows, the running (min, argmin) over the codes it has
-// seen. The 16 threads that share rows then merge their candidates with a shuffle tree that prefers
-// the lower index on ties. |x|^2 (which does not change the argmin) comes from the x slices of the
-// first code tile and is added at the end. Memory beyond the outputs: none (no N x K matrix).
+// staging 32-dimension slices of both in shared memory (the tile scheme of code_tile.cuh); the
+// tile's dot products come from CUDA cores in float32 (each thread a 4 x 4 block) or, for
+// precision="fast" with x and the codebook of one dtype, from the tensor cores (16-bit products, or
+// TF32 for float32); each thread keeps, for its 4 rows, the running (min, argmin) over the codes it
+// has seen. The 16 threads that share rows then merge their candidates with a shuffle tree that
+// prefers the lower index on ties. |x|^2 (which does not change the argmin) comes from the x slices
+// of the first code tile and is added at the end. Memory beyond the outputs: none (no N x K matrix).
 #include <math.h>
 #include <mma.h>
 
 #include <algorithm>
 #include <type_traits>
 
-#include "../common/vq_math.h"
-#include "common.cuh"
+#include "code_tile.cuh"
 #include "vq.h"
 
 namespace pyvae::cuda {
 namespace {
-
-constexpr int kTileRows = 64, kTileCodes = 64, kTileDim = 32;
-
-__device__ __forceinline__ float load_any(DType dtype, const void* base, int64_t i) {
-  switch (dtype) {
-    case DType::kFloat32: return static_cast<const float*>(base)[i];
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(base)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-  }
-  return 0.0f;
-}
-
-// (value, index) order: smaller value first, then smaller index.
-__device__ __forceinline__ bool before(float v, int64_t i, float best_v, int64_t best_i) {
-  return v < best_v || (v == best_v && i < best_i);
-}
-
-// Thread t of a block owns rows ty + 16 i and codes tx + 16 j (i, j < 4) of each 64 x 64 tile.
-struct TileLane {
-  int tx, ty;
-};
-
-__device__ __forceinline__ TileLane tile_lane() { return {static_cast<int>(threadIdx.x % 16), static_cast<int>(threadIdx.x / 16)}; }
-
-struct RunningBest {
-  float best[4], x_sq[4];
-  int64_t idx[4];
-};
-
-__device__ __forceinline__ void init_best(RunningBest& b) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    b.best[i] = INFINITY;
-    b.idx[i] = 0;
-    b.x_sq[i] = 0.0f;
-  }
-}
-
-// Folds the dot products dot(i, j) of a code tile into the thread's running (min, argmin) per row.
-// Codes come in increasing order: a strict < keeps the lowest on ties; a distance that is not
-// finite never wins (beats_best).
-template <typename Dot>
-__device__ __forceinline__ void fold_tile(const NearestCodeParams& p, int64_t code0, TileLane lane, Dot dot,
-                                          RunningBest& b) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int64_t code = code0 + lane.tx + 16 * j;
-    if (code >= p.codes) continue;
-    const float sq = p.code_sq[code];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float d = sq - 2.0f * dot(i, j);
-      if (beats_best(d, b.best[i])) {
-        b.best[i] = d;
-        b.idx[i] = code;
-      }
-    }
-  }
-}
 
 // Merges the 16 candidates of each row (lanes ty*16 .. ty*16+15 of one warp half), adds |x|^2 and
 // writes the row's code and distance.
@@ -85,14 +26,7 @@ __device__ __forceinline__ void finish_rows(const NearestCodeParams& p, int64_t 
   for (int i = 0; i < 4; ++i) {
     float v = b.best[i];
     int64_t k = b.idx[i];
-    for (int offset = 8; offset > 0; offset /= 2) {
-      const float other_v = __shfl_xor_sync(0xffffffffu, v, offset, 16);
-      const int64_t other_k = __shfl_xor_sync(0xffffffffu, k, offset, 16);
-      if (before(other_v, other_k, v, k)) {
-        v = other_v;
-        k = other_k;
-      }
-    }
+    merge_row(v, k);
     const int64_t row = row0 + lane.ty + 16 * i;
     if (lane.tx == 0 && row < p.rows) {
       // A rounded expansion can dip below 0 for a code equal to x: clamp (NaN stays NaN).
@@ -130,21 +64,10 @@ __global__ void __launch_bounds__(256) nearest_code_kernel(NearestCodeParams p) 
 #pragma unroll
           for (int i = 0; i < 4; ++i) b.x_sq[i] = fmaf(xs[lane.ty + 16 * i][c], xs[lane.ty + 16 * i][c], b.x_sq[i]);
       }
-#pragma unroll 8
-      for (int c = 0; c < kTileDim; ++c) {
-        float xv[4], ev[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) xv[i] = xs[lane.ty + 16 * i][c];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) ev[j] = es[lane.tx + 16 * j][c];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(xv[i], ev[j], acc[i][j]);
-      }
+      accumulate_slice(&xs[0][0], kTileDim + 1, es, lane, acc);
       __syncthreads();
     }
-    fold_tile(p, code0, lane, [&](int i, int j) { return acc[i][j]; }, b);
+    fold_tile(p.code_sq, p.codes, code0, lane, [&](int i, int j) { return acc[i][j]; }, b);
   }
   finish_rows(p, row0, lane, b);
 }
@@ -226,7 +149,7 @@ __global__ void __launch_bounds__(256) nearest_code_wmma_kernel(NearestCodeParam
     wmma::store_matrix_sync(&scores[frag_row][frag_code], acc[0], kTileCodes + 4, wmma::mem_row_major);
     wmma::store_matrix_sync(&scores[frag_row][frag_code + 16], acc[1], kTileCodes + 4, wmma::mem_row_major);
     __syncthreads();
-    fold_tile(p, code0, lane, [&](int i, int j) { return scores[lane.ty + 16 * i][lane.tx + 16 * j]; }, b);
+    fold_tile(p.code_sq, p.codes, code0, lane, [&](int i, int j) { return scores[lane.ty + 16 * i][lane.tx + 16 * j]; }, b);
     __syncthreads();  // scores is rewritten by the next tile
   }
   finish_rows(p, row0, lane, b);
