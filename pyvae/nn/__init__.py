@@ -3,8 +3,9 @@ from .fsq import FSQ
 from .latent import GaussianLatent
 from .likelihood import BernoulliLikelihood, ContinuousBernoulliLikelihood, DiscretizedMixLogistic, GaussianLikelihood
 from .rvq import ResidualVectorQuantizer
+from .rvq_compat import ResidualVQ
 from .vq import VectorQuantizer
 from .vq_compat import VectorQuantize
 
 __all__ = ["FSQ", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "DiscretizedMixLogistic", "GaussianLatent", "GaussianLikelihood",
-           "ResidualVectorQuantizer", "VectorQuantize", "VectorQuantizer"]
+           "ResidualVQ", "ResidualVectorQuantizer", "VectorQuantize", "VectorQuantizer"]
