@@ -9,7 +9,7 @@ import torch
 import pyvae
 import pyvae.nn.rvq_compat as rvq_compat
 
-from tolerances import assert_nearest_codes
+from tolerances import assert_nearest_codes, assert_states_close
 
 vqp = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch (the peer) is not installed")
 
@@ -34,14 +34,6 @@ def _pair(**options):
     return theirs, ours
 
 
-def _assert_states_close(theirs, ours, **tolerance):
-    a, b = theirs.state_dict(), ours.state_dict()
-    assert list(a) == list(b)
-    for key in a:
-        assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
-        torch.testing.assert_close(b[key], a[key], msg=key, **tolerance)
-
-
 def _input(options: dict, batch: int = 2) -> torch.Tensor:
     if options.get("accept_image_fmap"):
         return torch.randn(batch, 8, 8, 8)  # vector-quantize-pytorch 1.32 needs C == H == W here
@@ -56,15 +48,15 @@ def _input(options: dict, batch: int = 2) -> torch.Tensor:
 def test_state_dict_matches_and_loads_both_ways(options):
     theirs, ours = _pair(**options)
     assert list(dict(theirs.named_modules())) == list(dict(ours.named_modules()))
-    _assert_states_close(theirs, ours, rtol=0, atol=0)  # one seed, one initial state
+    assert_states_close(theirs, ours, rtol=0, atol=0)  # one seed, one initial state
     torch.manual_seed(5)
     other = vqp.ResidualVQ(**_options(options))
     ours.load_state_dict(other.state_dict())
-    _assert_states_close(other, ours, rtol=0, atol=0)
+    assert_states_close(other, ours, rtol=0, atol=0)
     torch.manual_seed(6)
     mine = pyvae.nn.ResidualVQ(**_options(options))
     theirs.load_state_dict(mine.state_dict())
-    _assert_states_close(theirs, mine, rtol=0, atol=0)
+    assert_states_close(theirs, mine, rtol=0, atol=0)
     if options.get("shared_codebook"):
         assert all(layer._codebook is ours.layers[0]._codebook for layer in ours.layers)
 
@@ -139,7 +131,7 @@ def test_training_steps_match(options):
         g2 = torch.autograd.grad((q2 * g).sum() + (l2 * w).sum(), [x2, *ours.parameters()])
         for a, b in zip(g1, g2):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-        _assert_states_close(theirs, ours, rtol=1e-5, atol=1e-5)
+        assert_states_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rotation_trick", [False, True])
@@ -205,7 +197,7 @@ def test_freeze_codebook_matches(shared):
     (q1, i1, l1), (q2, i2, l2) = theirs(x + 0.3, freeze_codebook=True), ours(x + 0.3, freeze_codebook=True)
     assert torch.equal(i1, i2)
     torch.testing.assert_close(l2, l1)
-    _assert_states_close(theirs, ours, rtol=1e-5, atol=1e-6)
+    assert_states_close(theirs, ours, rtol=1e-5, atol=1e-6)
     for key, value in ours.state_dict().items():
         if "cluster_size" in key or "embed_avg" in key:
             assert torch.equal(value, before[key]), key
@@ -234,13 +226,13 @@ def test_quantize_dropout_matches(options):
         g = torch.randn_like(q1)
         torch.testing.assert_close(torch.autograd.grad((q2 * g).sum() + l2.sum(), x2)[0],
                                    torch.autograd.grad((q1 * g).sum() + l1.sum(), x1)[0], rtol=1e-4, atol=1e-5)
-        _assert_states_close(theirs, ours, rtol=1e-5, atol=1e-5)
+        assert_states_close(theirs, ours, rtol=1e-5, atol=1e-5)
         # the dropped stages are reconstructed from fewer indices
         torch.testing.assert_close(ours.get_output_from_indices(i2[..., :active]),
                                    theirs.get_output_from_indices(i1[..., :active]))
     assert len(seen) > 1
     # a fixed seed fixes the index, as there
-    (_, i1, _), (_, i2, _) = (theirs(x, rand_quantize_dropout_fixed_seed=7), ours(x, rand_quantize_dropout_fixed_seed=7))
+    (_, i1, _), (_, i2, _) = theirs(x, rand_quantize_dropout_fixed_seed=7), ours(x, rand_quantize_dropout_fixed_seed=7)
     assert torch.equal(i1, i2)
 
 

@@ -13,8 +13,7 @@ from torch import nn
 
 from ..ops.rvq import residual_quantize, residual_stats
 from .vq import rotation_trick
-from .vq_compat import _UNSUPPORTED as _VQ_UNSUPPORTED
-from .vq_compat import VectorQuantize, _is_off
+from .vq_compat import UNSUPPORTED_ARGS, VectorQuantize, check_options
 
 __all__ = ["ResidualVQ"]
 
@@ -26,10 +25,8 @@ _UNSUPPORTED = {
     "return_zeros_for_masked_padding": (True,),
 }
 # the VectorQuantize arguments that ResidualVQ passes on to its stages
-_VQ_ARGS = (set(inspect.signature(VectorQuantize.__init__).parameters) - {"self", "unsupported", "dim",
-                                                                          "codebook_size", "codebook_dim"}
-            | set(_VQ_UNSUPPORTED))
-_FORWARD_OFF = {"mask": None, "indices": None, "beam_size": None}
+_VQ_ARGS = frozenset(inspect.signature(VectorQuantize.__init__).parameters) - {
+    "self", "unsupported", "dim", "codebook_size", "codebook_dim", "accept_image_fmap"}
 
 
 class ResidualVQ(nn.Module):
@@ -64,10 +61,17 @@ class ResidualVQ(nn.Module):
     does (decay, eps, Laplace smoothing, DDP all_reduce, dead-code restarts from that stage's
     residual rows, recomputed one stage at a time; usage buffers). Gradients are vector-quantize-
     pytorch's: without the rotation trick each stage passes its gradient straight through to its
-    residual, so ``d quantized / dx = Q_active * I``; with it, through each stage's rotation, for
-    which autograd keeps every active stage's residual and rotation (about ``4 Q N codebook_dim``
-    floats, as vector-quantize-pytorch's stages keep); the losses are ``commitment_weight *
-    mse(r_q, e_q)`` per stage in training, zeros in eval. ``use_cosine_sim`` (each stage normalises
+    residual, so ``d quantized / dx = Q_active * I`` (added to the fused op's straight-through);
+    with it (the default), through each stage's rotation of its residual, recomputed from x and the
+    codes after the search: autograd then keeps, per active stage, that residual and the rotation's
+    vectors (a few ``[N, codebook_dim]`` float32 tensors per stage, as vector-quantize-pytorch's
+    stages keep), the one place where memory grows with Q. The losses are ``commitment_weight *
+    mse(r_q, e_q)`` per stage in training (the fused op's commitment losses, with their gradients),
+    zeros in eval. Under DDP each stage's statistics are all_reduced as the single-codebook layer's
+    (one collective per stage and step; ``sync_codebook=False`` turns it off), and the quantize
+    dropout seed is summed over the processes, as there. ``kmeans_init``: on the first forward the
+    stages are initialised in turn, stage q on the residuals the initialised stages before it leave,
+    as there. ``use_cosine_sim`` (each stage normalises
     its residual) and codebooks of different sizes are not one L2 search over a stacked codebook:
     they run the stages one after another (each a fused single-codebook search), with the same
     results.
@@ -81,7 +85,8 @@ class ResidualVQ(nn.Module):
     within rounding); with ``accept_image_fmap`` or ``channel_last=False`` the projections act on the
     channel dimension and any ``H, W`` / ``N`` is accepted (vector-quantize-pytorch 1.32 projects the
     last dimension and fails unless ``C == H == W`` / ``dim == N``); losses in eval mode carry no
-    autograd graph.
+    autograd graph; fewer indices than stages without quantize dropout, in
+    :meth:`get_codes_from_indices`, raise ValueError (there an assertion).
     """
 
     def __init__(self, *, dim: int, num_quantizers: int | None = None, codebook_size: int | tuple[int, ...],
@@ -89,22 +94,9 @@ class ResidualVQ(nn.Module):
                  quantize_dropout_cutoff_index: int = 0, quantize_dropout_multiple_of: int = 1,
                  accept_image_fmap: bool = False, mlp_kwargs: dict | None = None, **options) -> None:
         super().__init__()
-        vq_kwargs = {}
-        for name, value in options.items():
-            if name in _UNSUPPORTED:
-                if not _is_off(value, _UNSUPPORTED[name]):
-                    raise NotImplementedError(f"ResidualVQ: {name}={value!r} is not supported by pyvae "
-                                              f"(only vector-quantize-pytorch's default {_UNSUPPORTED[name][0]!r})")
-            elif name in _VQ_ARGS:
-                vq_kwargs[name] = value
-            else:
-                raise TypeError(f"ResidualVQ got an unexpected keyword argument {name!r}")
+        vq_kwargs = check_options("ResidualVQ", options, {**UNSUPPORTED_ARGS, **_UNSUPPORTED}, _VQ_ARGS)
         if mlp_kwargs:
             raise NotImplementedError("ResidualVQ: mlp_kwargs (of implicit_neural_codebook) is not supported by pyvae")
-        for name, value in vq_kwargs.items():  # the stages' own checks, before anything is built
-            if name in _VQ_UNSUPPORTED and not _is_off(value, _VQ_UNSUPPORTED[name]):
-                raise NotImplementedError(f"ResidualVQ: {name}={value!r} is not supported by pyvae "
-                                          f"(only vector-quantize-pytorch's default {_VQ_UNSUPPORTED[name][0]!r})")
         sizes = codebook_size if isinstance(codebook_size, tuple) else None
         if sizes is None and (isinstance(num_quantizers, bool) or not isinstance(num_quantizers, int)
                               or num_quantizers < 1):
