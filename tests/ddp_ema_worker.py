@@ -1,6 +1,6 @@
 """One rank of tests/test_vq_layer.py::test_ema_codebook_is_synchronised_under_ddp (not a pytest
-module): for each case, trains a DDP-wrapped EMA VectorQuantizer for a few steps on this rank's
-share of a fixed batch and saves its EMA state. The test imports CASES, make_case and shard to
+module): for each case, trains a DDP-wrapped EMA VectorQuantizer (or ResidualVQ) for a few steps on
+this rank's share of a fixed batch and saves its EMA state. The test imports CASES, make_case and shard to
 run the same cases in one process on the concatenated batch."""
 import faulthandler
 import os
@@ -12,7 +12,8 @@ import torch.distributed as dist
 import pyvae
 
 STEPS = 4
-# name -> VectorQuantizer options; "uneven" shards give the ranks different row counts
+# name -> VectorQuantizer options (pyvae.nn.ResidualVQ's with "residual"); "uneven" shards give the
+# ranks different row counts
 CASES = {
     "ema": dict(num_codes=6, ema_decay=0.8),
     # more codes than clusters and a high threshold: codes are restarted at every step
@@ -20,17 +21,31 @@ CASES = {
                      uneven=True),
     "restarts_cosine": dict(num_codes=12, ema_decay=0.8, dead_code_threshold=8.0, kmeans_init=True,
                             kmeans_iters=3, cosine=True, uneven=True),
+    # every stage's statistics from the fused search, k-means per stage, restarts at stage residuals
+    "residual": dict(residual=True, num_quantizers=3, codebook_size=8, decay=0.8, threshold_ema_dead_code=14.0,
+                     kmeans_init=True, kmeans_iters=3, uneven=True),
 }
+
+
+def ema_layers(layer) -> list:
+    """The VectorQuantizers of a case's layer."""
+    if isinstance(layer, pyvae.nn.ResidualVQ):
+        return [stage._codebook for stage in layer.layers]
+    return [layer]
 
 
 def make_case(name: str, world: int = 2):
     """(data [world * 64, 4], encoder, layer), the same in every process."""
     options = dict(CASES[name])
     options.pop("uneven", None)
+    residual = options.pop("residual", False)
     torch.manual_seed(0)
     data = torch.randn(world * 64, 4) + torch.randint(0, 3, (world * 64, 1)) * 3.0
     encoder = torch.nn.Linear(4, 4)
-    layer = pyvae.nn.VectorQuantizer(dim=4, backend="cpu", **options)
+    if residual:
+        layer = pyvae.nn.ResidualVQ(dim=4, **options)
+    else:
+        layer = pyvae.nn.VectorQuantizer(dim=4, backend="cpu", **options)
     return data, encoder, layer
 
 
@@ -47,7 +62,7 @@ def train(name: str, rank: int, world: int) -> dict:
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(encoder, layer))
     for _ in range(STEPS):  # no optimizer step: the encoder stays as initialised
         r = model(shard(name, data, rank, world))
-        r.loss.backward()
+        (r.loss if isinstance(r, pyvae.ops.VQResult) else r[2].sum()).backward()
     return {key: t.clone() for key, t in layer.state_dict().items()}
 
 

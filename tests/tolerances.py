@@ -77,3 +77,13 @@ def assert_nearest_codes(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Ten
     chosen = d.gather(1, idx.reshape(-1, 1)).squeeze(1)
     slack = 1e-5 * ((x64 ** 2).sum(1) + (e64[idx] ** 2).sum(1))
     assert (chosen - d.min(1).values <= slack + 1e-12).all()
+
+
+def assert_states_close(theirs: torch.nn.Module, ours: torch.nn.Module, **tolerance) -> None:
+    """A drop-in's state_dict against its peer's: the same keys in the same order, shapes and dtypes,
+    and values within ``tolerance`` (torch.testing.assert_close's rtol / atol)."""
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+        torch.testing.assert_close(b[key], a[key], msg=key, **tolerance)

@@ -144,28 +144,41 @@ class VectorQuantizer(nn.Module):
         self._check_input(x)
         if self.training and not self._initted:
             self.init_codebook(x)
-        ema_step = self.ema_decay is not None and self.training
-        x = self._normalize(x)
-        codebook = self.codebook
-        if ema_step:
-            # The EMA step rewrites the codebook in place; autograd keeps the codes this forward
-            # used (for the commitment and rotation gradients), so it gets a snapshot (K x D, small
-            # next to the search). An opaque op, not clone(): torch.compile (2.13) would otherwise
-            # recompute the codes in backward from the buffer, after the update (wrong gradients).
-            codebook = codebook_snapshot(codebook)
-        codebook = self._normalize(codebook)
-        result = vector_quantize(x, codebook, beta=self.beta, precision=self.precision, backend=self.backend)
-        if self.straight_through == "rotation" and x.requires_grad and torch.is_grad_enabled():
-            result = result._replace(quantized=rotation_trick(x, result.quantized.detach()))
+        x, result = self._quantize(x)
         if self.training:
-            if ema_step:
-                counts = self._ema_update(x.detach().reshape(-1, self.dim), result.indices.reshape(-1))
-            else:
-                counts = result.counts
-            self._track_usage(counts)
+            self._learn(x, result)
         if self.ema_decay is None:
             return result
         return result._replace(loss=self.beta * result.commitment_loss)
+
+    def _snapshot(self) -> torch.Tensor:
+        """The codebook a training step quantises with: in EMA mode a copy, since the EMA step
+        rewrites the buffer in place while autograd keeps the codes the forward used (for the
+        commitment and rotation gradients); K x D, small next to the search. An opaque op, not
+        clone(): torch.compile (2.13) would otherwise recompute the codes in backward from the
+        buffer, after the update (wrong gradients)."""
+        if self.ema_decay is not None and self.training:
+            return codebook_snapshot(self.codebook)
+        return self.codebook
+
+    def _quantize(self, x: torch.Tensor, codebook: torch.Tensor | None = None) -> tuple[torch.Tensor, VQResult]:
+        """(x as searched (normalised with ``cosine``), the search's result with the straight-through
+        of the layer) against ``codebook`` (default :meth:`_snapshot`); writes nothing."""
+        x = self._normalize(x)
+        codebook = self._normalize(self._snapshot() if codebook is None else codebook)
+        result = vector_quantize(x, codebook, beta=self.beta, precision=self.precision, backend=self.backend)
+        if self.straight_through == "rotation" and x.requires_grad and torch.is_grad_enabled():
+            result = result._replace(quantized=rotation_trick(x, result.quantized.detach()))
+        return x, result
+
+    def _learn(self, x: torch.Tensor, result: VQResult) -> None:
+        """A training step's updates from :meth:`_quantize`'s rows and result: the EMA step (EMA
+        mode) and the usage buffers."""
+        if self.ema_decay is not None:
+            counts = self._ema_update(x.detach().reshape(-1, self.dim), result.indices.reshape(-1))
+        else:
+            counts = result.counts
+        self._track_usage(counts)
 
     def _normalize(self, t: torch.Tensor) -> torch.Tensor:
         return F.normalize(t, dim=-1, eps=_NORM_EPS) if self.cosine else t
@@ -177,12 +190,20 @@ class VectorQuantizer(nn.Module):
         return 1, 0
 
     @torch.no_grad()
-    def _ema_update(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """One EMA step (and dead-code restarts) from rows x [N, D]; returns the (global) counts."""
+    def _ema_update(self, x: torch.Tensor | None, indices: torch.Tensor | None,
+                    stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One EMA step (and dead-code restarts) from rows x [N, D] and their codes; returns the
+        (global) counts. ``stats``: this process's (counts [K], sums [K, D]) of those rows when
+        the caller has them already (``pyvae.residual_stats``); x is then read only by restarts."""
         k, d = self.num_codes, self.dim
-        counts, sums = codebook_stats_of_search(x, indices, k, backend=self.backend)
-        world, rank = self._world()
         restarts = self.dead_code_threshold > 0
+        if stats is None:
+            counts, sums = codebook_stats_of_search(x, indices, k, backend=self.backend)
+        else:
+            counts, sums = stats
+            if restarts and x is None:
+                raise ValueError("dead-code restarts need the rows x")
+        world, rank = self._world()
         sizes = None
         if world > 1:
             parts = [counts, sums.flatten()]
@@ -197,9 +218,7 @@ class VectorQuantizer(nn.Module):
         decay = self.ema_decay
         self.ema_counts.mul_(decay).add_(counts.to(self.ema_counts.dtype), alpha=1 - decay)
         self.ema_sums.mul_(decay).add_(sums.to(self.ema_sums.dtype), alpha=1 - decay)
-        total = self.ema_counts.sum()
-        smoothed = (self.ema_counts + self.eps) / (total + k * self.eps) * total
-        codebook = self._normalize(self.ema_sums / smoothed.unsqueeze(1))
+        codebook = self._ema_codebook()
         if restarts:
             # after the update, as vector-quantize-pytorch: a code is judged by its updated count
             threshold = self.dead_code_threshold
@@ -210,6 +229,13 @@ class VectorQuantizer(nn.Module):
             self.ema_sums.copy_(torch.where(restart.unsqueeze(1), rows * threshold, self.ema_sums))
         self.codebook.copy_(codebook)
         return counts
+
+    def _ema_codebook(self) -> torch.Tensor:
+        """The codebook the EMA statistics give: sums over Laplace-smoothed counts (normalised
+        with ``cosine``)."""
+        total = self.ema_counts.sum()
+        smoothed = (self.ema_counts + self.eps) / (total + self.num_codes * self.eps) * total
+        return self._normalize(self.ema_sums / smoothed.unsqueeze(1))
 
     @torch.no_grad()
     def _track_usage(self, counts: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ __all__ = ["VectorQuantize"]
 
 # vector_quantize_pytorch 1.32.0's other constructor arguments and the values that mean "off" (its
 # default, and for a default of None the value it resolves to here). Anything else raises.
-_UNSUPPORTED = {
+UNSUPPORTED_ARGS = {
     "heads": (1,), "separate_codebook_per_head": (False,), "freeze_codebook": (False,), "sync_kmeans": (True,),
     "layernorm_after_project_in": (False,), "accept_3d_fmap": (False,),
     "commitment_use_cross_entropy_loss": (False,), "orthogonal_reg_weight": (0.0,),
@@ -33,6 +33,22 @@ _FORWARD_OFF = {"indices": None, "mask": None, "lens": None, "topk": None, "samp
 def _is_off(value, allowed) -> bool:
     return any(value is a if a is None or isinstance(a, bool) else
                (not isinstance(value, bool) and value == a) for a in allowed)
+
+
+def check_options(owner: str, options: dict, unsupported: dict, accepted=frozenset()) -> dict:
+    """The keyword arguments of ``owner`` it passes on (their names in ``accepted``). One of
+    ``unsupported`` (name -> the values that mean "off", vector-quantize-pytorch's default first) set
+    to anything else raises NotImplementedError naming it; an unknown name TypeError."""
+    kept = {}
+    for name, value in options.items():
+        if name in accepted:
+            kept[name] = value
+        elif name not in unsupported:
+            raise TypeError(f"{owner} got an unexpected keyword argument {name!r}")
+        elif not _is_off(value, unsupported[name]):
+            raise NotImplementedError(f"{owner}: {name}={value!r} is not supported by pyvae "
+                                      f"(only vector-quantize-pytorch's default {unsupported[name][0]!r})")
+    return kept
 
 
 class VectorQuantize(nn.Module):
@@ -69,12 +85,7 @@ class VectorQuantize(nn.Module):
                  commitment_weight: float = 1.0, rotation_trick: bool | None = None,
                  sync_codebook: bool | None = None, **unsupported) -> None:
         super().__init__()
-        for name, value in unsupported.items():
-            if name not in _UNSUPPORTED:
-                raise TypeError(f"VectorQuantize got an unexpected keyword argument {name!r}")
-            if not _is_off(value, _UNSUPPORTED[name]):
-                raise NotImplementedError(f"VectorQuantize: {name}={value!r} is not supported by pyvae "
-                                          f"(only vector-quantize-pytorch's default {_UNSUPPORTED[name][0]!r})")
+        check_options("VectorQuantize", unsupported, UNSUPPORTED_ARGS)
         for name, value in (("dim", dim), ("codebook_size", codebook_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
