@@ -10,7 +10,7 @@ from .. import backends
 from ..ops import check_floating
 from ..ops.rvq import ResidualVQResult, residual_quantize
 from ..ops.vq import codebook_snapshot, nearest_code
-from .vq import VectorQuantizer, _check_int
+from .vq import VectorQuantizer
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -38,7 +38,8 @@ class ResidualVectorQuantizer(nn.Module):
                  sync_ema: bool = True, dead_code_threshold: float = 0.0, kmeans_init: bool = False,
                  kmeans_iters: int = 10, usage_decay: float = 0.99, shared_codebook: bool = False) -> None:
         super().__init__()
-        _check_int("num_quantizers", num_quantizers, 1)
+        if isinstance(num_quantizers, bool) or not isinstance(num_quantizers, int) or num_quantizers < 1:
+            raise ValueError(f"num_quantizers must be an int >= 1, got {num_quantizers!r}")
         if not isinstance(shared_codebook, bool):
             raise TypeError(f"shared_codebook must be a bool, got {shared_codebook!r}")
         self.num_quantizers, self.shared_codebook = num_quantizers, shared_codebook
