@@ -54,7 +54,7 @@ FAMILIES=$("$PY" pyvae/registry.py name "$@") || exit 2
 FAMILIES=$(echo $FAMILIES)
 if [ $# -eq 0 ]; then
   TESTS=tests
-  BENCH_OPS="$FAMILIES train_step"
+  BENCH_OPS="$FAMILIES train_step posterior"
 else
   TESTS=$(echo $("$PY" pyvae/registry.py test_files "$@"))
   BENCH_OPS=$FAMILIES

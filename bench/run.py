@@ -29,11 +29,13 @@ from pathlib import Path
 import torch
 
 import harness
+import posterior
 import train_step
 from pyvae.registry import FAMILIES
 
 # Each op family's bench/<name>.py (in registration order), then whole training steps.
-SUITES = {**{f.name: importlib.import_module(f.bench) for f in FAMILIES}, "train_step": train_step}
+SUITES = {**{f.name: importlib.import_module(f.bench) for f in FAMILIES}, "train_step": train_step,
+          "posterior": posterior}
 CPU_TIME_BUDGET_S = 1.0
 
 
