@@ -135,7 +135,9 @@ def run(device: str, full: bool = True, progress=None) -> list[Row]:
             steps = {name: _step(fn, x, codebooks, mode) for name, fn in provs.items()}
             # reads x and the codebooks, writes the quantized vector and the indices; backward reads
             # x, the codebooks and the gradient, writes both gradients
-            traffic = 4 * (2 * n * d + q * k * d) + 8 * n * q + (4 * (3 * n * d + 2 * q * k * d) if mode != "forward" else 0)
+            traffic = 4 * (2 * n * d + q * k * d) + 8 * n * q
+            if mode != "forward":
+                traffic += 4 * (3 * n * d + 2 * q * k * d)
             # "eager chain" is the baseline of the speed-up column
             steps = {"eager" if name == "eager chain" else name: step for name, step in steps.items()}
             rows += time_case(Case(OP, f"N={n} D={d} Q={q} K={k}", torch.float32, mode, steps, traffic, n * d,

@@ -278,8 +278,9 @@ def test_evaluation_metrics(name):
         count, variances = metrics.active_units(model, x, y=y, return_variances=True)
         assert m["active_units"] == count and m["latent_variances"] == pytest.approx(variances.tolist(), abs=1e-6)
     else:
-        assert list(m) == ["test_negative_elbo", "test_recon_nll", "num_codes", "latent_grid", "code_usage",
-                           "codes_used", "perplexity", "train_code_usage", "train_perplexity", "code_counts"]
+        assert list(m) == ["test_negative_elbo", "test_recon_nll", "num_codes", "latent_grid", "num_quantizers",
+                           "code_usage", "codes_used", "perplexity", "train_code_usage", "train_perplexity",
+                           "code_counts"]
         assert m["test_recon_nll"] == pytest.approx(m["test_negative_elbo"] - model.fixed_kl, rel=1e-6)
         assert m["code_counts"] == torch.bincount(model.encode_indices(x).flatten(), minlength=8).tolist()
         assert m["codes_used"] == sum(c > 0 for c in m["code_counts"]) and m["latent_grid"] == [4, 4]

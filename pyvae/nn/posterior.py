@@ -42,8 +42,9 @@ class DiagonalGaussianDistribution:
 
     def __init__(self, parameters: torch.Tensor, deterministic: bool = False):
         if not isinstance(parameters, torch.Tensor) or parameters.dim() < 2 or parameters.shape[1] % 2:
-            raise ValueError(f"parameters must be a tensor [B, 2C, ...] (mean and logvar stacked along dim 1), got "
-                             f"{tuple(parameters.shape) if isinstance(parameters, torch.Tensor) else type(parameters).__name__}")
+            got = tuple(parameters.shape) if isinstance(parameters, torch.Tensor) else type(parameters).__name__
+            raise ValueError(f"parameters must be a tensor [B, 2C, ...] (mean and logvar stacked along dim 1), "
+                             f"got {got}")
         self.parameters = parameters
         self.mean, logvar = torch.chunk(parameters, 2, dim=1)
         self.logvar = torch.clamp(logvar, _LOGVAR_MIN, _LOGVAR_MAX)

@@ -99,7 +99,8 @@ BAD_CALLS = [
     ("residual_code", lambda: (arg(4, 3), OnCPU(arg(2, 4, 3)), True), ValueError, "same device"),
     ("residual_code", lambda: (arg(5, 3), arg(2, 4, 4), True), ValueError,
      "x must be [..., D] with D = 4 (the codebooks'), got shape [5, 3]"),
-    ("residual_code", lambda: (arg(5, 3), arg(4, 3), True), ValueError, "codebooks must be 3-D [Q, K, D], got shape [4, 3]"),
+    ("residual_code", lambda: (arg(5, 3), arg(4, 3), True), ValueError,
+     "codebooks must be 3-D [Q, K, D], got shape [4, 3]"),
     ("residual_code", lambda: (arg(5, 3), arg(0, 4, 3), True), ValueError, "at least one stage (Q = 0)"),
     ("residual_code", lambda: (arg(5, 3), arg(2, 0, 3), True), ValueError, "at least one code (K = 0)"),
     ("residual_code", lambda: (arg(5, 3), arg(2, 4, 3, dtype=torch.float64), True), TypeError,
@@ -172,5 +173,6 @@ def property_case(pair, draw):
         abs_sums = torch.zeros(k, d, dtype=torch.float64).index_add_(0, flat[:, q], residuals[q].abs())
         want = ((q + 1) * scale) * (counts[:, None] * e64[q] - sums)
         assert_close_scaled(cg.grad[q], want, cb_dtype, SUM,
-                            ((q + 1) * scale) * (counts[:, None] * e64[q].abs() + abs_sums), f"stage {q} codebook gradient")
+                            ((q + 1) * scale) * (counts[:, None] * e64[q].abs() + abs_sums),
+                            f"stage {q} codebook gradient")
     assert math.isfinite(float(res.loss.detach()))
