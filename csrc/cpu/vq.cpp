@@ -58,13 +58,21 @@ PYVAE_MULTIVERSION void update_best(const float* __restrict scores, const float*
 }
 }  // namespace
 
-void search_rows(const at::Tensor& xb, const at::Tensor& e, const float* e_sq, float* best, int64_t* best_code) {
+at::Tensor new_scores_buffer(int64_t rows, int64_t codes, const at::TensorOptions& options) {
+  return at::empty({rows * std::min(kCodes, codes)}, options.dtype(at::kFloat));
+}
+
+void search_rows(const at::Tensor& xb, const at::Tensor& e, const float* e_sq, float* best, int64_t* best_code,
+                 at::Tensor& scores_buffer) {
   const int64_t nr = xb.size(0), k = e.size(0);
   std::fill(best, best + nr, std::numeric_limits<float>::infinity());
   std::fill(best_code, best_code + nr, int64_t{0});
   for (int64_t c0 = 0; c0 < k; c0 += kCodes) {
     const int64_t nc = std::min(kCodes, k - c0);
-    const at::Tensor scores = at::mm(xb, e.narrow(0, c0, nc).t()).contiguous();  // BLAS, multi-threaded
+    // into one buffer for the whole call: a fresh block of scores (megabytes) would be mapped and
+    // page-faulted anew by every GEMM
+    at::Tensor scores = scores_buffer.narrow(0, 0, nr * nc).view({nr, nc});
+    at::mm_out(scores, xb, e.narrow(0, c0, nc).t());  // BLAS, multi-threaded
     const float* s = scores.data_ptr<float>();
     at::parallel_for(0, nr, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) update_best(s + i * nc, e_sq + c0, nc, c0, best[i], best_code[i]);
@@ -79,11 +87,12 @@ void nearest_code(const at::Tensor& x, const at::Tensor& codebook, at::Tensor& i
   int64_t* idx_p = idx.data_ptr<int64_t>();
   float* dist_p = dist.data_ptr<float>();
   std::vector<float> best(std::min(kRows, n));
+  at::Tensor scores = new_scores_buffer(std::min(kRows, n), e.size(0), e.options());
   for (int64_t r0 = 0; r0 < n; r0 += kRows) {
     const int64_t nr = std::min(kRows, n - r0);
     const at::Tensor xb = x.narrow(0, r0, nr).to(at::kFloat).contiguous();
     const at::Tensor x_sq = xb.mul(xb).sum(1);
-    search_rows(xb, e, e_sq.data_ptr<float>(), best.data(), idx_p + r0);
+    search_rows(xb, e, e_sq.data_ptr<float>(), best.data(), idx_p + r0, scores);
     const float* x_sq_p = x_sq.data_ptr<float>();
     for (int64_t i = 0; i < nr; ++i) {
       // A rounded expansion can dip below 0 for a code equal to x: clamp. A row with no finite
