@@ -47,7 +47,9 @@ class DiagonalGaussianDistribution:
                              f"got {got}")
         self.parameters = parameters
         self.mean, logvar = torch.chunk(parameters, 2, dim=1)
-        self.logvar = torch.clamp(logvar, _LOGVAR_MIN, _LOGVAR_MAX)
+        # clamp's values; hardtanh's backward is one pass (clamp's is four: two compares, an and,
+        # a where). It passes no gradient at exactly -30 or 20, where clamp's passes it.
+        self.logvar = torch.nn.functional.hardtanh(logvar, _LOGVAR_MIN, _LOGVAR_MAX)
         self.deterministic = deterministic
         self._std: Optional[torch.Tensor] = None
         self._var: Optional[torch.Tensor] = None
