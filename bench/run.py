@@ -1,6 +1,6 @@
 """Run pyvae's benchmark suite on this machine's default device and write the results.
 
-    python bench/run.py                 # the headline cases of every op family (a few minutes on 2 CPU cores)
+    python bench/run.py                 # the headline cases of every op family (about 10 minutes on 2 CPU cores)
     python bench/run.py --full          # the whole sweep: what bench/results/<device>/ holds
     python bench/run.py --ops vq --device cpu
 
