@@ -73,6 +73,15 @@ def _training_step(vae, x: torch.Tensor):
     return step
 
 
+def _time(case: Case, device: str) -> list[Row]:
+    """time_case with diffusers as the "eager" baseline of the speed-up column, named as itself."""
+    rows = time_case(case, device)
+    for row in rows:
+        if row.provider == "eager":
+            row.provider = "diffusers"
+    return rows
+
+
 def run(device: str, full: bool = True, progress=None) -> list[Row]:
     from pyvae.integrations.diffusers import use_pyvae_posterior
     from pyvae.nn import DiagonalGaussianDistribution
@@ -88,28 +97,19 @@ def run(device: str, full: bool = True, progress=None) -> list[Row]:
         latent = params.numel() // 2
         for mode in ("forward", "forward+backward"):
             params.requires_grad_(mode != "forward")
-            steps = {"eager": _posterior_step(theirs, params, mode),  # diffusers' is the eager baseline
+            steps = {"eager": _posterior_step(theirs, params, mode),
                      "pyvae": _posterior_step(DiagonalGaussianDistribution, params, mode)}
             # forward: read the parameters, write z and the clamped log-variance; backward: read the
             # log-variance and z's gradient, write the parameters' gradient
             traffic = 4 * (2 * latent + 2 * latent) + (4 * (2 * latent + 2 * latent) if mode != "forward" else 0)
-            case_rows = time_case(Case(OP, "x".join(map(str, shape)), torch.float32, mode, steps, traffic,
-                                       params.numel()), device)
-            for row in case_rows:
-                if row.provider == "eager":
-                    row.provider = "diffusers"
-            rows += case_rows
+            rows += _time(Case(OP, "x".join(map(str, shape)), torch.float32, mode, steps, traffic, params.numel()),
+                          device)
             if progress is not None:
                 progress.update(1)
     x = torch.rand(4, 3, 64, 64, generator=gen).to(device)
     theirs_vae, ours_vae = _autoencoder(diffusers, device), use_pyvae_posterior(_autoencoder(diffusers, device))
     steps = {"eager": _training_step(theirs_vae, x), "pyvae": _training_step(ours_vae, x)}
-    case_rows = time_case(Case(OP, "AutoencoderKL step 4x3x64x64", torch.float32, "step", steps, 0, x.numel()),
-                          device)
-    for row in case_rows:
-        if row.provider == "eager":
-            row.provider = "diffusers"
-    rows += case_rows
+    rows += _time(Case(OP, "AutoencoderKL step 4x3x64x64", torch.float32, "step", steps, 0, x.numel()), device)
     if progress is not None:
         progress.update(1)
     return rows

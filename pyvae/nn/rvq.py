@@ -23,13 +23,13 @@ class ResidualVectorQuantizer(nn.Module):
     (None: codebooks trained by the codebook losses), ``eps``, ``dead_code_threshold``,
     ``kmeans_init``, ``kmeans_iters``, ``usage_decay``, ``sync_ema``, ``precision`` and ``backend``
     mean what they mean there, per stage, with stage q's statistics, restarts and k-means taken on
-    its residuals ``r_q`` (recomputed one stage at a time after the fused search, never all at once).
+    its residuals ``r_q`` (recomputed one stage at a time after the fused search; but see shared_codebook).
     ``forward`` returns a :class:`pyvae.ops.ResidualVQResult` whose ``loss`` is the stages' summed
     ``codebook + beta * commitment`` losses (learned), or ``beta`` times the summed commitment losses
     (EMA). The quantized vector's gradient passes straight through to x once (not once per stage).
 
-    ``shared_codebook=True``: one codebook (``stages[0]``'s) serves every stage; its EMA step adds
-    every stage's statistics. Cosine similarity and the rotation trick have no fused form here
+    ``shared_codebook=True``: one codebook (``stages[0]``'s) serves every stage; its one EMA step
+    takes every stage's residuals together (held at once, ``[N * Q, D]``, for that step only). Cosine similarity and the rotation trick have no fused form here
     (vector-quantize-pytorch's ``ResidualVQ`` drop-in, :class:`pyvae.nn.ResidualVQ`, has them).
     """
 
