@@ -4,6 +4,7 @@
 // generator's state read by the kernel itself) and call the torch-free kernels in cpu/ and cuda/.
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cmath>
 #include <mutex>
 #include <optional>
 #include <tuple>
@@ -38,7 +39,7 @@ CheckedInputs check_inputs(const at::Tensor& mu, const at::Tensor& logvar) {
   const int64_t rows = c10::multiply_integers(mu.sizes().slice(0, mu.dim() - 1));
   CheckedInputs in{as_rows(mu, rows, cols), as_rows(logvar, rows, cols), {}};
   in.kernel = ReparamKLInputs{kernel_dtype(mu, "mu"), in.mu.data_ptr(), in.logvar.data_ptr(), in.mu.stride(0),
-                              in.logvar.stride(0), rows, cols};
+                              in.logvar.stride(0), rows, cols, false, 0.0f, 0.0f};
   return in;
 }
 
@@ -86,10 +87,11 @@ void check_seed_value(const std::optional<int64_t>& seed) {
   TORCH_CHECK_VALUE(!seed.has_value() || *seed >= 0, "seed must be in [0, 2**63 - 1], got ", seed.value_or(0));
 }
 
-const int64_t* check_seed_tensor(const at::Tensor& seed, const at::Tensor& mu) {
+const int64_t* check_seed_tensor(const at::Tensor& seed, const at::Tensor& input, const char* input_name) {
   TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1,
                     "seed must be a one-element int64 tensor (the seed_used output of forward)");
-  PYVAE_CHECK_DEVICE_OF(seed, "seed", mu, "mu");
+  TORCH_CHECK_VALUE(seed.device() == input.device(), "seed must be on the device of ", input_name, " (",
+                    input.device(), "), got ", seed.device());
   return seed.data_ptr<int64_t>();
 }
 
@@ -100,15 +102,18 @@ int64_t draw_cpu_key() {
   return static_cast<int64_t>(gen.get<at::CPUGeneratorImpl>()->random64() >> 1);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward(const at::Tensor& mu, int64_t n_samples,
-                                                                 bool kl_per_element) {
+// z [n_samples, *latent], the KL (float32, latent or latent[:-1]) and the 0-d key, for mu of shape
+// `latent` (the packed ops: params.shape[:-2] + [Z]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward(at::IntArrayRef latent,
+                                                                 const at::TensorOptions& options,
+                                                                 int64_t n_samples, bool kl_per_element) {
   TORCH_CHECK_VALUE(n_samples >= 1, "n_samples must be >= 1, got ", n_samples);
   std::vector<int64_t> z_shape{n_samples};
-  z_shape.insert(z_shape.end(), mu.sizes().begin(), mu.sizes().end());
-  at::Tensor z = new_output(z_shape, mu.options());
-  at::Tensor kl = kl_per_element ? new_output(mu.sizes(), mu.options().dtype(at::kFloat))
-                                 : at::empty(mu.sizes().slice(0, mu.dim() - 1), mu.options().dtype(at::kFloat));
-  at::Tensor seed_used = at::empty({}, mu.options().dtype(at::kLong));
+  z_shape.insert(z_shape.end(), latent.begin(), latent.end());
+  at::Tensor z = new_output(z_shape, options);
+  at::Tensor kl = kl_per_element ? new_output(latent, options.dtype(at::kFloat))
+                                 : at::empty(latent.slice(0, latent.size() - 1), options.dtype(at::kFloat));
+  at::Tensor seed_used = at::empty({}, options.dtype(at::kLong));
   return {z, kl, seed_used};
 }
 
@@ -130,38 +135,60 @@ struct BackwardBuffers {
   ReparamKLPriorGrads prior_grads{};            // pointers into them
 };
 
+// The upstream gradients' checks and kernel fields. `input` names the tensor whose dtype and
+// device they must share (mu, or the packed ops' params); `latent` is mu's shape; grad_z has a
+// leading samples dim for reparam_kl_backward, none for the packed op (one sample).
 ReparamKLBackwardParams backward_params(const CheckedInputs& in, const at::Tensor& seed,
                                         const std::optional<at::Tensor>& grad_z,
-                                        const std::optional<at::Tensor>& grad_kl, const at::Tensor& mu,
-                                        BackwardBuffers& buf) {
+                                        const std::optional<at::Tensor>& grad_kl, const at::Tensor& input,
+                                        at::IntArrayRef latent, bool samples_dim, BackwardBuffers& buf) {
+  const char* input_name = samples_dim ? "mu" : "params";
   ReparamKLBackwardParams p{};
   p.in = in.kernel;
-  p.seed = check_seed_tensor(seed, mu);
+  p.seed = check_seed_tensor(seed, input, input_name);
   p.samples = 0;
   if (grad_z.has_value()) {
-    TORCH_CHECK_VALUE(grad_z->dim() == mu.dim() + 1 && grad_z->sizes().slice(1) == mu.sizes(),
-                      "grad_z must have shape [n_samples, *mu.shape], got ", grad_z->sizes());
-    TORCH_CHECK_TYPE(grad_z->scalar_type() == mu.scalar_type(), "grad_z must have the dtype of mu");
-    PYVAE_CHECK_DEVICE_OF(*grad_z, "grad_z", mu, "mu");
-    buf.grad_z = grad_z->contiguous();
+    if (samples_dim) {
+      TORCH_CHECK_VALUE(grad_z->dim() == static_cast<int64_t>(latent.size()) + 1 && grad_z->sizes().slice(1) == latent,
+                        "grad_z must have shape [n_samples, *mu.shape], got ", grad_z->sizes());
+    } else {
+      TORCH_CHECK_VALUE(grad_z->sizes() == latent, "grad_z must have the shape of z, ", latent, ", got ",
+                        grad_z->sizes());
+    }
+    TORCH_CHECK_TYPE(grad_z->scalar_type() == input.scalar_type(), "grad_z must have the dtype of ", input_name);
+    TORCH_CHECK_VALUE(grad_z->device() == input.device(), "grad_z must be on the device of ", input_name, " (",
+                      input.device(), "), got ", grad_z->device());
+    p.samples = samples_dim ? grad_z->size(0) : 1;
+    // read in place, an expanded gradient (z.sum()'s) too; copied only if its columns are strided
+    buf.grad_z = grad_z->reshape({p.samples, in.kernel.rows, in.kernel.cols});
+    if (in.kernel.cols > 1 && buf.grad_z.stride(2) != 0 && buf.grad_z.stride(2) != 1)
+      buf.grad_z = buf.grad_z.contiguous();
     p.grad_z = buf.grad_z.data_ptr();
-    p.samples = grad_z->size(0);
+    p.grad_z_sample_stride = buf.grad_z.stride(0);
+    p.grad_z_row_stride = buf.grad_z.stride(1);
+    p.grad_z_col_stride = in.kernel.cols > 1 ? buf.grad_z.stride(2) : 1;
   }
   if (grad_kl.has_value()) {
-    TORCH_CHECK_VALUE(grad_kl->sizes() == mu.sizes(),
-                      "grad_kl must have the shape of mu (expanded if need be), got ", grad_kl->sizes());
+    TORCH_CHECK_VALUE(grad_kl->sizes() == latent, "grad_kl must have the shape of ", samples_dim ? "mu" : "z",
+                      " (expanded if need be), got ", grad_kl->sizes());
     TORCH_CHECK_TYPE(grad_kl->scalar_type() == at::kFloat, "grad_kl must be float32");
-    PYVAE_CHECK_DEVICE_OF(*grad_kl, "grad_kl", mu, "mu");
+    TORCH_CHECK_VALUE(grad_kl->device() == input.device(), "grad_kl must be on the device of ", input_name, " (",
+                      input.device(), "), got ", grad_kl->device());
     buf.grad_kl = grad_kl->reshape({in.kernel.rows, in.kernel.cols});  // a view for expanded per-row/scalar grads
     p.grad_kl = buf.grad_kl.data_ptr<float>();
     p.grad_kl_row_stride = buf.grad_kl.stride(0);
     p.grad_kl_col_stride = buf.grad_kl.stride(1);
   }
+  return p;
+}
+
+// reparam_kl_backward's outputs: grad_mu and grad_logvar, each [rows, cols] contiguous.
+void allocate_input_grads(const at::Tensor& mu, ReparamKLBackwardParams& p, BackwardBuffers& buf) {
   buf.grad_mu = new_output(mu.sizes(), mu.options());
   buf.grad_logvar = new_output(mu.sizes(), mu.options());
   p.grad_mu = buf.grad_mu.data_ptr();
   p.grad_logvar = buf.grad_logvar.data_ptr();
-  return p;
+  p.grad_mu_row_stride = p.grad_logvar_row_stride = p.in.cols;
 }
 
 // Float32 per-element buffers for the prior's gradients asked for (none without grad_kl: they are
@@ -204,20 +231,74 @@ BackwardResult backward_result(const BackwardBuffers& buf, const std::optional<a
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-ForwardResult reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar, std::optional<int64_t> seed,
-                                     int64_t n_samples, bool kl_per_element,
-                                     const std::optional<at::Tensor>& prior_mu,
-                                     const std::optional<at::Tensor>& prior_logvar) {
-  CheckedInputs in = check_inputs(mu, logvar);
-  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
+// The packed ops' params [..., 2, Z] as the kernels read it: mu = params[..., 0, :] and
+// logvar = params[..., 1, :], rows of 2 Z apart (in place where the strides allow, else a copy),
+// with the clamp of the log-variance asked for. `latent` is z's shape, params.shape[:-2] + [Z].
+struct PackedInputs {
+  at::Tensor params;  // [rows, 2, cols], what the kernel pointers point into
+  CheckedInputs in;
+  std::vector<int64_t> latent;
+};
+
+PackedInputs check_packed(const at::Tensor& params, std::optional<double> logvar_min,
+                          std::optional<double> logvar_max) {
+  TORCH_CHECK_VALUE(params.dim() >= 2 && params.size(-2) == 2,
+                    "params must have shape [..., 2, Z] (mean and log-variance stacked along dim -2), got ",
+                    params.sizes());
+  const DType dtype = kernel_dtype(params, "params");
+  TORCH_CHECK_VALUE(!(logvar_min.has_value() && std::isnan(*logvar_min)) &&
+                        !(logvar_max.has_value() && std::isnan(*logvar_max)),
+                    "logvar_min and logvar_max must not be NaN");
+  TORCH_CHECK_VALUE(!logvar_min.has_value() || !logvar_max.has_value() || *logvar_min <= *logvar_max,
+                    "logvar_min must be <= logvar_max");
+  const int64_t cols = params.size(-1);
+  const int64_t rows = c10::multiply_integers(params.sizes().slice(0, params.dim() - 2));
+  PackedInputs pk;
+  pk.params = params.reshape({rows, 2, cols});
+  if (cols > 1 && pk.params.stride(2) != 1) pk.params = pk.params.contiguous();
+  pk.latent.assign(params.sizes().begin(), params.sizes().end() - 2);
+  pk.latent.push_back(cols);
+  pk.in.mu = pk.params.select(1, 0);
+  pk.in.logvar = pk.params.select(1, 1);
+  pk.in.kernel = ReparamKLInputs{dtype, pk.in.mu.data_ptr(), pk.in.logvar.data_ptr(), pk.params.stride(0),
+                                 pk.params.stride(0), rows, cols, logvar_min.has_value() || logvar_max.has_value(),
+                                 logvar_min.has_value() ? static_cast<float>(*logvar_min) : -INFINITY,
+                                 logvar_max.has_value() ? static_cast<float>(*logvar_max) : INFINITY};
+  return pk;
+}
+
+// The packed backward's output, [..., 2, Z] like params (contiguous): grad_mu and grad_logvar are
+// its two halves, rows 2 Z apart.
+at::Tensor allocate_packed_grad(const at::Tensor& params, ReparamKLBackwardParams& p) {
+  at::Tensor grad_params = new_output(params.sizes(), params.options());
+  const int64_t element = static_cast<int64_t>(grad_params.element_size());
+  p.grad_mu = grad_params.data_ptr();
+  p.grad_logvar = static_cast<char*>(grad_params.data_ptr()) + p.in.cols * element;
+  p.grad_mu_row_stride = p.grad_logvar_row_stride = 2 * p.in.cols;
+  return grad_params;
+}
+
+// ---------------------------------------------------------------------------- CPU
+ForwardResult forward_cpu(const CheckedInputs& in, const CheckedPrior& prior, at::IntArrayRef latent,
+                          const at::TensorOptions& options, std::optional<int64_t> seed, int64_t n_samples,
+                          bool kl_per_element) {
   check_seed_value(seed);
-  auto [z, kl, seed_used] = allocate_forward(mu, n_samples, kl_per_element);
+  auto [z, kl, seed_used] = allocate_forward(latent, options, n_samples, kl_per_element);
   ReparamKLForwardParams p = forward_params(in, n_samples, kl_per_element, z, kl, seed_used);
   p.seed.key = seed.has_value() ? *seed : draw_cpu_key();
   *p.seed.key_out = p.seed.key;
   if (in.kernel.cols == 0) kl.zero_();  // an empty sum per row
   if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_forward(p, prior.kernel);
   return {z, kl, seed_used};
+}
+
+ForwardResult reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar, std::optional<int64_t> seed,
+                                     int64_t n_samples, bool kl_per_element,
+                                     const std::optional<at::Tensor>& prior_mu,
+                                     const std::optional<at::Tensor>& prior_logvar) {
+  CheckedInputs in = check_inputs(mu, logvar);
+  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
+  return forward_cpu(in, prior, mu.sizes(), mu.options(), seed, n_samples, kl_per_element);
 }
 
 BackwardResult reparam_kl_backward_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
@@ -228,22 +309,41 @@ BackwardResult reparam_kl_backward_cpu(const at::Tensor& mu, const at::Tensor& l
   CheckedInputs in = check_inputs(mu, logvar);
   const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
   BackwardBuffers buf;
-  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);
+  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, mu.sizes(), true, buf);
+  allocate_input_grads(mu, p, buf);
   allocate_prior_grads(prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu, p, buf);
   if (in.kernel.rows > 0 && in.kernel.cols > 0) cpu::reparam_kl_backward(p, prior.kernel, buf.prior_grads);
   return backward_result(buf, prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu);
 }
 
+ForwardResult reparam_kl_packed_forward_cpu(const at::Tensor& params, std::optional<int64_t> seed,
+                                            bool kl_per_element, std::optional<double> logvar_min,
+                                            std::optional<double> logvar_max) {
+  const PackedInputs pk = check_packed(params, logvar_min, logvar_max);
+  auto [z, kl, seed_used] = forward_cpu(pk.in, CheckedPrior{}, pk.latent, params.options(), seed, 1, kl_per_element);
+  return {z.select(0, 0), kl, seed_used};
+}
+
+at::Tensor reparam_kl_packed_backward_cpu(const at::Tensor& params, const at::Tensor& seed,
+                                          const std::optional<at::Tensor>& grad_z,
+                                          const std::optional<at::Tensor>& grad_kl, std::optional<double> logvar_min,
+                                          std::optional<double> logvar_max) {
+  const PackedInputs pk = check_packed(params, logvar_min, logvar_max);
+  BackwardBuffers buf;
+  ReparamKLBackwardParams p = backward_params(pk.in, seed, grad_z, grad_kl, params, pk.latent, false, buf);
+  at::Tensor grad_params = allocate_packed_grad(params, p);
+  if (p.in.rows > 0 && p.in.cols > 0) cpu::reparam_kl_backward(p, ReparamKLPrior{}, ReparamKLPriorGrads{});
+  return grad_params;
+}
+
+// ---------------------------------------------------------------------------- CUDA
 #ifdef PYVAE_WITH_CUDA
-ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar, std::optional<int64_t> seed,
-                                      int64_t n_samples, bool kl_per_element,
-                                      const std::optional<at::Tensor>& prior_mu,
-                                      const std::optional<at::Tensor>& prior_logvar) {
-  CheckedInputs in = check_inputs(mu, logvar);
+ForwardResult forward_cuda(const CheckedInputs& in, const CheckedPrior& prior, at::IntArrayRef latent,
+                           const at::TensorOptions& options, std::optional<int64_t> seed, int64_t n_samples,
+                           bool kl_per_element) {
   check_seed_value(seed);
-  const c10::cuda::CUDAGuard guard(mu.device());
-  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
-  auto [z, kl, seed_used] = allocate_forward(mu, n_samples, kl_per_element);
+  const c10::cuda::CUDAGuard guard(options.device());
+  auto [z, kl, seed_used] = allocate_forward(latent, options, n_samples, kl_per_element);
   ReparamKLForwardParams p = forward_params(in, n_samples, kl_per_element, z, kl, seed_used);
   if (seed.has_value()) {
     p.seed.key = *seed;
@@ -251,7 +351,7 @@ ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& lo
     // The generator's (seed, offset) is read by the kernel itself, so drawing costs no launch and
     // no host sync, and a captured graph gets a fresh offset on every replay (as dropout does).
     auto gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-        std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
+        std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(options.device().index()));
     at::PhiloxCudaState state;
     {
       std::lock_guard<std::mutex> lock(gen->mutex_);
@@ -279,6 +379,16 @@ ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& lo
   return {z, kl, seed_used};
 }
 
+ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar, std::optional<int64_t> seed,
+                                      int64_t n_samples, bool kl_per_element,
+                                      const std::optional<at::Tensor>& prior_mu,
+                                      const std::optional<at::Tensor>& prior_logvar) {
+  CheckedInputs in = check_inputs(mu, logvar);
+  check_seed_value(seed);
+  const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
+  return forward_cuda(in, prior, mu.sizes(), mu.options(), seed, n_samples, kl_per_element);
+}
+
 BackwardResult reparam_kl_backward_cuda(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
                                         const std::optional<at::Tensor>& grad_z,
                                         const std::optional<at::Tensor>& grad_kl,
@@ -288,12 +398,36 @@ BackwardResult reparam_kl_backward_cuda(const at::Tensor& mu, const at::Tensor& 
   CheckedInputs in = check_inputs(mu, logvar);
   const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);  // checks the priors' devices
   BackwardBuffers buf;
-  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, buf);  // checks every device
+  // checks every device
+  ReparamKLBackwardParams p = backward_params(in, seed, grad_z, grad_kl, mu, mu.sizes(), true, buf);
   const c10::cuda::CUDAGuard guard(mu.device());
+  allocate_input_grads(mu, p, buf);
   allocate_prior_grads(prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu, p, buf);
   cuda::reparam_kl_backward(p, prior.kernel, buf.prior_grads, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return backward_result(buf, prior_mu, prior_logvar, prior_mu_grad, prior_logvar_grad, mu);
+}
+
+ForwardResult reparam_kl_packed_forward_cuda(const at::Tensor& params, std::optional<int64_t> seed,
+                                             bool kl_per_element, std::optional<double> logvar_min,
+                                             std::optional<double> logvar_max) {
+  const PackedInputs pk = check_packed(params, logvar_min, logvar_max);
+  auto [z, kl, seed_used] = forward_cuda(pk.in, CheckedPrior{}, pk.latent, params.options(), seed, 1, kl_per_element);
+  return {z.select(0, 0), kl, seed_used};
+}
+
+at::Tensor reparam_kl_packed_backward_cuda(const at::Tensor& params, const at::Tensor& seed,
+                                           const std::optional<at::Tensor>& grad_z,
+                                           const std::optional<at::Tensor>& grad_kl, std::optional<double> logvar_min,
+                                           std::optional<double> logvar_max) {
+  const PackedInputs pk = check_packed(params, logvar_min, logvar_max);
+  BackwardBuffers buf;
+  ReparamKLBackwardParams p = backward_params(pk.in, seed, grad_z, grad_kl, params, pk.latent, false, buf);
+  const c10::cuda::CUDAGuard guard(params.device());
+  at::Tensor grad_params = allocate_packed_grad(params, p);
+  cuda::reparam_kl_backward(p, ReparamKLPrior{}, ReparamKLPriorGrads{}, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_params;
 }
 #endif
 
@@ -317,16 +451,30 @@ TORCH_LIBRARY_FRAGMENT(pyvae, m) {
   m.def("reparam_kl_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl, "
         "Tensor? prior_mu=None, Tensor? prior_logvar=None, bool prior_mu_grad=False, bool prior_logvar_grad=False) "
         "-> (Tensor grad_mu, Tensor grad_logvar, Tensor grad_prior_mu, Tensor grad_prior_logvar)");
+  // The packed form, one sample, prior N(0, I): params [..., 2, Z] holds mu (params[..., 0, :]) and
+  // logvar (params[..., 1, :]), the log-variance clamped to [logvar_min, logvar_max] first
+  // (torch.clamp's values and gradient; None: that side unclamped). z: params.shape[:-2] + [Z];
+  // kl and seed_used as above. Backward returns the gradient of params, in one [..., 2, Z] tensor,
+  // so that a caller who split an encoder's output in two gets its gradient without a cat.
+  m.def("reparam_kl_packed_forward(Tensor params, int? seed, bool kl_per_element, float? logvar_min=None, "
+        "float? logvar_max=None) -> (Tensor z, Tensor kl, Tensor seed_used)",
+        {at::Tag::nondeterministic_seeded});
+  m.def("reparam_kl_packed_backward(Tensor params, Tensor seed, Tensor? grad_z, Tensor? grad_kl, "
+        "float? logvar_min=None, float? logvar_max=None) -> Tensor grad_params");
 }
 
 TORCH_LIBRARY_IMPL(pyvae, CPU, m) {
   m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cpu);
   m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cpu);
+  m.impl("reparam_kl_packed_forward", &pyvae::reparam_kl_packed_forward_cpu);
+  m.impl("reparam_kl_packed_backward", &pyvae::reparam_kl_packed_backward_cpu);
 }
 
 #ifdef PYVAE_WITH_CUDA
 TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
   m.impl("reparam_kl_forward", &pyvae::reparam_kl_forward_cuda);
   m.impl("reparam_kl_backward", &pyvae::reparam_kl_backward_cuda);
+  m.impl("reparam_kl_packed_forward", &pyvae::reparam_kl_packed_forward_cuda);
+  m.impl("reparam_kl_packed_backward", &pyvae::reparam_kl_packed_backward_cuda);
 }
 #endif

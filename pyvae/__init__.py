@@ -52,12 +52,12 @@ SOURCE_CHECKOUT = _bind_checkout_kernels()
 from . import backends, metrics, models, nn, ops  # noqa: E402
 from .ops import (bernoulli_nll, bits_per_dim, codebook_stats, continuous_bernoulli_nll,
                   discretized_mix_logistic_mean, discretized_mix_logistic_nll, discretized_mix_logistic_sample,
-                  finite_scalar_quantize, gaussian_nll, nearest_code, reparameterize_kl, residual_quantize,
-                  vector_quantize)
+                  finite_scalar_quantize, gaussian_nll, nearest_code, reparameterize_kl, reparameterize_kl_packed,
+                  residual_quantize, vector_quantize)
 
 __version__ = "0.1.0"
 __all__ = ["backends", "bernoulli_nll", "bits_per_dim", "codebook_stats", "continuous_bernoulli_nll",
            "discretized_mix_logistic_mean", "discretized_mix_logistic_nll", "discretized_mix_logistic_sample",
            "finite_scalar_quantize", "gaussian_nll", "metrics",
-           "models", "nearest_code", "nn", "ops", "reparameterize_kl", "residual_quantize", "vector_quantize",
+           "models", "nearest_code", "nn", "ops", "reparameterize_kl", "reparameterize_kl_packed", "residual_quantize", "vector_quantize",
            "__version__"]

@@ -118,8 +118,9 @@ class OpFamily:
 
 # In registration order (the order of reports and benchmark runs).
 FAMILIES: tuple[OpFamily, ...] = (
-    OpFamily("reparam_kl", ops=("reparam_kl_forward", "reparam_kl_backward"), functions=("ReparamKLFunction",),
-             python_ops=("philox_normal",)),
+    OpFamily("reparam_kl", ops=("reparam_kl_forward", "reparam_kl_backward", "reparam_kl_packed_forward",
+                                "reparam_kl_packed_backward"), functions=("ReparamKLFunction", "PackedReparamKLFunction"),
+             python_ops=("philox_normal",), tests=("tests/test_reparam_kl_packed.py",)),
     OpFamily("likelihood", ops=("likelihood_forward", "scale_grad_"), functions=("LikelihoodFunction",)),
     OpFamily("vq", ops=("nearest_code", "codebook_stats"), functions=("VQFunction",),
              helper_ops=("codebook_chunk_sums",),

@@ -80,12 +80,15 @@ def test_audio_latents_sum_the_kl_over_dims_1_and_2():
 def test_sample_is_the_fused_draw_and_kl_comes_with_it(monkeypatch, dtype):
     p = _params((2, 8, 4, 4), dtype).requires_grad_()
     calls = []
-    real = pyvae.nn.posterior.reparameterize_kl
-    monkeypatch.setattr(pyvae.nn.posterior, "reparameterize_kl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("reparameterize_kl", "reparameterize_kl_packed"):
+        real = getattr(pyvae.nn.posterior, name)
+        monkeypatch.setattr(pyvae.nn.posterior, name,
+                            (lambda n, r: lambda *a, **k: calls.append(n) or r(*a, **k))(name, real))
     post = DiagonalGaussianDistribution(p)
     z = post.sample(generator=torch.Generator().manual_seed(3))
     kl = post.kl()
-    assert len(calls) == 1, "sample() then kl() must be one fused call"
+    # one fused call, the packed op's on the parameters (the clamp inside the kernel)
+    assert calls == ["reparameterize_kl_packed"], "sample() then kl() must be one fused call of the packed op"
     assert z.shape == post.mean.shape and z.dtype == dtype and kl.dtype == dtype and kl.shape == (2,)
     # the noise is the op's stream for the seed the generator gives
     seed = int(torch.randint(0, SEED_LIMIT, (), generator=torch.Generator().manual_seed(3)))
@@ -108,6 +111,20 @@ def test_sample_is_the_fused_draw_and_kl_comes_with_it(monkeypatch, dtype):
         + ref.parameters.grad[:, 4:]
     torch.testing.assert_close(p.grad[:, :4].double(), want_mean, **TOL[dtype])
     torch.testing.assert_close(p.grad[:, 4:].double(), want_logvar, **TOL[dtype])
+
+
+def test_sample_and_kl_keep_only_the_parameters_for_backward():
+    # diffusers keeps std, var and eps beside the parameters; the packed op only the parameters and
+    # the key (so less than half of diffusers' total at SD's latent shapes, bench/posterior.py)
+    p = _params((2, 8, 16, 16), torch.float32).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        post = DiagonalGaussianDistribution(p)
+        post.sample()
+        post.kl()
+    big = [t for t in saved if t.numel() > 1]
+    assert big and all(t.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for t in big)
+    assert sum(t.numel() for t in saved if t.numel() == 1) <= 1  # the key
 
 
 def test_sample_statistics():

@@ -9,6 +9,14 @@ namespace pyvae {
 
 PYVAE_HD float std_from_logvar(float logvar) { return exp_f(0.5f * logvar); }
 
+// The packed ops' clamp of the log-variance, torch.clamp's: NaN stays NaN (both comparisons are
+// false), and its gradient passes only where lo <= logvar <= hi (not for NaN). Written with & and
+// selects, not && or std::min, so that the CPU loops vectorise.
+PYVAE_HD float clamp_logvar(float logvar, float lo, float hi) {
+  return logvar < lo ? lo : (logvar > hi ? hi : logvar);
+}
+PYVAE_HD bool clamp_passes_grad(float logvar, float lo, float hi) { return (logvar >= lo) & (logvar <= hi); }
+
 // KL(N(mu, var) || N(0, 1)) for one element: -0.5 (1 + logvar - mu^2 - var).
 PYVAE_HD float kl_term(float mu, float logvar, float std) {
   return 0.5f * (mu * mu + std * std - 1.0f - logvar);

@@ -1,7 +1,9 @@
 // Plain-data description of one reparameterize + KL call, filled in by csrc/reparam_kl_ops.cpp and
 // read by the CPU and CUDA kernels (which stay torch-free). Inputs are viewed as [rows, cols] with
-// unit column stride and the given row strides; z and the gradients are contiguous. A prior's mean
-// and log-variance are read in place with row and column strides (0 where they broadcast).
+// unit column stride and the given row strides; z is contiguous, the gradients of mu and logvar
+// have unit column stride and row strides of their own (cols, or 2 cols for the packed ops, whose
+// one gradient tensor holds both). A prior's mean and log-variance are read in place with row and
+// column strides (0 where they broadcast).
 #pragma once
 #include <stdint.h>
 
@@ -16,6 +18,10 @@ struct ReparamKLInputs {
   const void* logvar;
   int64_t mu_row_stride, logvar_row_stride;
   int64_t rows, cols;
+  // The packed ops' clamp of the log-variance (torch.clamp's: NaN stays NaN; the gradient passes
+  // where logvar_min <= logvar <= logvar_max, else 0). Off (false) for reparam_kl_forward/backward.
+  bool clamp_logvar;
+  float logvar_min, logvar_max;  // -inf / +inf for a side not clamped
 };
 
 // The Gaussian prior N(prior_mu, e^prior_logvar) the KL is taken against; `present` false: N(0, I),
@@ -58,11 +64,14 @@ struct ReparamKLBackwardParams {
   ReparamKLInputs in;
   const int64_t* seed;    // the key forward recorded (same memory space as the tensors)
   int64_t samples;        // of grad_z
-  const void* grad_z;     // [samples, rows, cols] in dtype, or nullptr (no gradient through z)
+  const void* grad_z;     // [samples, rows, cols] in dtype, or nullptr (no gradient through z): element
+                          // (s, r, c) at s * grad_z_sample_stride + r * grad_z_row_stride + c * grad_z_col_stride
+  int64_t grad_z_sample_stride, grad_z_row_stride, grad_z_col_stride;  // col stride 0 (expanded) or 1
   const float* grad_kl;   // (r, c) at r * grad_kl_row_stride + c * grad_kl_col_stride, or nullptr
   int64_t grad_kl_row_stride, grad_kl_col_stride;
-  void* grad_mu;      // [rows, cols] in dtype
-  void* grad_logvar;  // [rows, cols] in dtype
+  void* grad_mu;      // [rows, cols] in dtype, row r at r * grad_mu_row_stride
+  void* grad_logvar;  // [rows, cols] in dtype, row r at r * grad_logvar_row_stride
+  int64_t grad_mu_row_stride, grad_logvar_row_stride;
 };
 
 // Backward's outputs for the prior: float32 [rows, cols] per-element gradients of its mean and

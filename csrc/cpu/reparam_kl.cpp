@@ -137,6 +137,32 @@ void prefetch_rows(const T* base, int64_t row_stride, int64_t r0, int64_t nr, in
   for (int64_t i = 0; i < nr; ++i) prefetch_span(base + (r0 + i) * row_stride + col0, n * sizeof(T));
 }
 
+// Scratch floats to their output, converting to T (float32 too: store_chunk assumes that a float32
+// output was itself the scratch, float_target's).
+template <typename T>
+void copy_chunk(const float* __restrict src, int64_t n, T* __restrict dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    store_chunk(src, n, dst);
+  }
+}
+
+// The packed ops' clamp (reparam_kl_math.h) of one chunk of log-variances, into `clamped`.
+PYVAE_MULTIVERSION void clamp_chunk(const float* __restrict logvar, int64_t n, float lo, float hi,
+                                    float* __restrict clamped) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) clamped[c] = clamp_logvar(logvar[c], lo, hi);
+}
+
+// Zeroes the log-variance gradients of one chunk where the clamp passes none (a select, so that an
+// infinite or NaN gradient there becomes 0, as torch.clamp's backward makes it).
+PYVAE_MULTIVERSION void mask_clamped(const float* __restrict logvar, int64_t n, float lo, float hi,
+                                     float* __restrict grad_logvar) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) grad_logvar[c] = clamp_passes_grad(logvar[c], lo, hi) ? grad_logvar[c] : 0.0f;
+}
+
 // Work is split into blocks of rows. Short rows (4 * groups_per_row <= kChunk) are taken several
 // at a time, so that one normals() call covers all their Philox groups (contiguous counters) and
 // fills whole SIMD vectors; long rows are taken one at a time and walked in kChunk-column chunks.
@@ -161,7 +187,7 @@ void forward_impl(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) 
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], kl_buf[kChunk], eps[kChunk], z_buf[kChunk],
-        prior_mu_buf[kChunk], prior_logvar_buf[kChunk], zeros[kChunk] = {};
+        prior_mu_buf[kChunk], prior_logvar_buf[kChunk], zeros[kChunk] = {}, clamped_buf[kChunk];
     float lanes[kChunk / 4][kLanes];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t r0 = b * blocks.rows_per_block;
@@ -179,6 +205,10 @@ void forward_impl(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) 
             const int64_t r = r0 + i;
             const float* mu_f = as_float(mu + r * p.in.mu_row_stride + col0, n, mu_buf);
             const float* logvar_f = as_float(logvar + r * p.in.logvar_row_stride + col0, n, logvar_buf);
+            if (p.in.clamp_logvar) {
+              clamp_chunk(logvar_f, n, p.in.logvar_min, p.in.logvar_max, clamped_buf);
+              logvar_f = clamped_buf;
+            }
             float* kl_f = p.kl_per_element && s == 0 ? p.kl + r * p.in.cols + col0 : kl_buf;
             T* z_row = z + (s * p.in.rows + r) * p.in.cols + col0;
             float* z_f = float_target(z_row, z_buf);
@@ -217,32 +247,41 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], gz_buf[kChunk], eps[kChunk], gz_sum_buf[kChunk],
         gz_eps_sum_buf[kChunk], gkl[kChunk], gkl_zeros[kChunk] = {}, prior_mu_buf[kChunk], prior_logvar_buf[kChunk],
-        d_prior_mu_buf[kChunk], d_prior_logvar_buf[kChunk];
+        d_prior_mu_buf[kChunk], d_prior_logvar_buf[kChunk], clamped_buf[kChunk];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t r0 = b * blocks.rows_per_block;
       const int64_t nr = std::min(blocks.rows_per_block, p.in.rows - r0);
       for (int64_t col0 = 0; col0 < p.in.cols; col0 += kChunk) {
         const int64_t n = std::min(kChunk, p.in.cols - col0);
         // Sums over samples of grad_z and grad_z * eps, row i of the block at offset i * n, turned into
-        // grad_mu and grad_logvar in place. The rows of a block are contiguous in the outputs (a
-        // block of several rows spans whole rows), so for float32 the outputs themselves serve.
-        T* grad_mu_out = grad_mu + r0 * p.in.cols + col0;
-        T* grad_logvar_out = grad_logvar + r0 * p.in.cols + col0;
-        float* gz_sum = float_target(grad_mu_out, gz_sum_buf);
-        float* gz_eps_sum = float_target(grad_logvar_out, gz_eps_sum_buf);
+        // grad_mu and grad_logvar in place. Where the rows of a block are contiguous in the outputs
+        // (one row, or whole rows of unit row stride cols), the float32 outputs themselves serve.
+        T* grad_mu_out = grad_mu + r0 * p.grad_mu_row_stride + col0;
+        T* grad_logvar_out = grad_logvar + r0 * p.grad_logvar_row_stride + col0;
+        const bool rows_adjacent =
+            nr == 1 || (p.grad_mu_row_stride == p.in.cols && p.grad_logvar_row_stride == p.in.cols);
+        float* gz_sum = rows_adjacent ? float_target(grad_mu_out, gz_sum_buf) : gz_sum_buf;
+        float* gz_eps_sum = rows_adjacent ? float_target(grad_logvar_out, gz_eps_sum_buf) : gz_eps_sum_buf;
         std::fill(gz_sum, gz_sum + nr * n, 0.0f);
         std::fill(gz_eps_sum, gz_eps_sum + nr * n, 0.0f);
         const uint64_t first_group = static_cast<uint64_t>(r0 * blocks.groups_per_row + col0 / 4);
         const int64_t n_groups = (nr - 1) * blocks.groups_per_row + (n + 3) / 4;
         for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
-          prefetch_rows(grad_z + s * p.in.rows * p.in.cols, p.in.cols, r0, nr, col0, n);
+          const T* grad_z_sample = grad_z + s * p.grad_z_sample_stride;
+          if (p.grad_z_col_stride == 1) prefetch_rows(grad_z_sample, p.grad_z_row_stride, r0, nr, col0, n);
           if (s + 1 == p.samples) {
             prefetch_rows(mu, p.in.mu_row_stride, r0, nr, col0, n);
             prefetch_rows(logvar, p.in.logvar_row_stride, r0, nr, col0, n);
           }
           normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
           for (int64_t i = 0; i < nr; ++i) {
-            const float* gz_f = as_float(grad_z + (s * p.in.rows + r0 + i) * p.in.cols + col0, n, gz_buf);
+            const T* gz_row = grad_z_sample + (r0 + i) * p.grad_z_row_stride;
+            const float* gz_f = gz_buf;
+            if (p.grad_z_col_stride == 1) {
+              gz_f = as_float(gz_row + col0, n, gz_buf);
+            } else {  // an expanded gradient: one value along the row
+              std::fill(gz_buf, gz_buf + n, static_cast<float>(gz_row[0]));
+            }
             const float* eps_row = eps + i * eps_row_stride;
             float* __restrict sum = gz_sum + i * n;
             float* __restrict eps_sum = gz_eps_sum + i * n;
@@ -256,7 +295,12 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
         for (int64_t i = 0; i < nr; ++i) {
           const int64_t r = r0 + i;
           const float* mu_f = as_float(mu + r * p.in.mu_row_stride + col0, n, mu_buf);
-          const float* logvar_f = as_float(logvar + r * p.in.logvar_row_stride + col0, n, logvar_buf);
+          const float* logvar_raw = as_float(logvar + r * p.in.logvar_row_stride + col0, n, logvar_buf);
+          const float* logvar_f = logvar_raw;
+          if (p.in.clamp_logvar) {
+            clamp_chunk(logvar_raw, n, p.in.logvar_min, p.in.logvar_max, clamped_buf);
+            logvar_f = clamped_buf;
+          }
           const float* gkl_f = gkl_zeros;
           if (p.grad_kl != nullptr) {
             const float* gkl_row = p.grad_kl + r * p.grad_kl_row_stride + col0 * p.grad_kl_col_stride;
@@ -284,9 +328,17 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
             grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, n, gz_sum + i * n,
                   gz_eps_sum + i * n);
           }
+          if (p.in.clamp_logvar) mask_clamped(logvar_raw, n, p.in.logvar_min, p.in.logvar_max, gz_eps_sum + i * n);
         }
-        store_chunk(gz_sum, nr * n, grad_mu_out);
-        store_chunk(gz_eps_sum, nr * n, grad_logvar_out);
+        if (rows_adjacent) {
+          store_chunk(gz_sum, nr * n, grad_mu_out);
+          store_chunk(gz_eps_sum, nr * n, grad_logvar_out);
+        } else {  // the sums sit in the scratch buffers, whatever T (store_chunk skips float32)
+          for (int64_t i = 0; i < nr; ++i) {
+            copy_chunk(gz_sum + i * n, n, grad_mu_out + i * p.grad_mu_row_stride);
+            copy_chunk(gz_eps_sum + i * n, n, grad_logvar_out + i * p.grad_logvar_row_stride);
+          }
+        }
       }
     }
   });

@@ -59,6 +59,10 @@ __global__ void __launch_bounds__(kThreads)
     float mu[4], logvar[4], sd[4], kl[4], z[4];
     load4(mu_row, col, p.in.cols, vec_in, mu);
     load4(logvar_row, col, p.in.cols, vec_in, logvar);
+    if (p.in.clamp_logvar) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) logvar[k] = clamp_logvar(logvar[k], p.in.logvar_min, p.in.logvar_max);
+    }
     if constexpr (kPrior) {
       float prior_mu[4], prior_logvar[4];
       load4_prior<T>(prior.mu, prior.mu_row_stride, prior.mu_col_stride, r, col, p.in.cols, prior.vec, prior_mu);
@@ -94,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, bool kPrior>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(ReparamKLBackwardParams p, ReparamKLPrior prior, ReparamKLPriorGrads prior_grads,
-                    int threads_per_row, bool vec_in, bool vec_out) {
+                    int threads_per_row, bool vec_in, bool vec_out, bool vec_gz, bool vec_grad) {
   const int lane = threadIdx.x % threads_per_row;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / threads_per_row) + threadIdx.x / threads_per_row;
   if (r >= p.in.rows) return;  // no block-wide sync below
@@ -105,13 +109,22 @@ __global__ void __launch_bounds__(kThreads)
   const T* grad_z = static_cast<const T*>(p.grad_z);
   for (int64_t j = lane; j < groups; j += threads_per_row) {
     const int64_t col = 4 * j;
-    float mu[4], logvar[4], gz[4], gz_sum[4] = {}, gz_eps_sum[4] = {};
+    float mu[4], logvar[4], logvar_raw[4], gz[4], gz_sum[4] = {}, gz_eps_sum[4] = {};
     load4(mu_row, col, p.in.cols, vec_in, mu);
-    load4(logvar_row, col, p.in.cols, vec_in, logvar);
+    load4(logvar_row, col, p.in.cols, vec_in, logvar_raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      logvar[k] = p.in.clamp_logvar ? clamp_logvar(logvar_raw[k], p.in.logvar_min, p.in.logvar_max) : logvar_raw[k];
     if (grad_z != nullptr) {
       for (int64_t s = 0; s < p.samples; ++s) {
         const Normal4 eps = normal4(seed, static_cast<uint64_t>(r * groups + j), static_cast<uint32_t>(s));
-        load4(grad_z + (s * p.in.rows + r) * p.in.cols, col, p.in.cols, vec_out, gz);
+        const T* gz_row = grad_z + s * p.grad_z_sample_stride + r * p.grad_z_row_stride;
+        if (p.grad_z_col_stride == 1) {
+          load4(gz_row, col, p.in.cols, vec_gz, gz);
+        } else {  // an expanded gradient: one value along the row
+#pragma unroll
+          for (int k = 0; k < 4; ++k) gz[k] = to_f32(gz_row[0]);
+        }
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           gz_sum[k] += gz[k];
@@ -153,8 +166,13 @@ __global__ void __launch_bounds__(kThreads)
         grad_logvar[k] = g.logvar;
       }
     }
-    store4(static_cast<T*>(p.grad_mu) + r * p.in.cols, col, p.in.cols, vec_out, grad_mu);
-    store4(static_cast<T*>(p.grad_logvar) + r * p.in.cols, col, p.in.cols, vec_out, grad_logvar);
+    if (p.in.clamp_logvar) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        grad_logvar[k] = clamp_passes_grad(logvar_raw[k], p.in.logvar_min, p.in.logvar_max) ? grad_logvar[k] : 0.0f;
+    }
+    store4(static_cast<T*>(p.grad_mu) + r * p.grad_mu_row_stride, col, p.in.cols, vec_grad, grad_mu);
+    store4(static_cast<T*>(p.grad_logvar) + r * p.grad_logvar_row_stride, col, p.in.cols, vec_grad, grad_logvar);
   }
 }
 
@@ -191,16 +209,22 @@ void launch_backward(const ReparamKLBackwardParams& p, const ReparamKLPrior& pri
                      const ReparamKLPriorGrads& prior_grads, cudaStream_t stream) {
   const RowLayout layout = row_layout(p.in.cols);
   const bool vec_in = packable<T>(p.in.mu, p.in.mu_row_stride, p.in.cols) && packable<T>(p.in.logvar, p.in.logvar_row_stride, p.in.cols);
-  const bool vec_out = p.in.cols % 4 == 0 && (p.grad_z == nullptr || packable<T>(p.grad_z, p.in.cols, p.in.cols));
+  // the prior's float32 gradients: fresh contiguous allocations
+  const bool vec_out = p.in.cols % 4 == 0;
+  const bool vec_gz = p.grad_z != nullptr && p.grad_z_col_stride == 1 &&
+                      packable<T>(p.grad_z, p.grad_z_row_stride, p.in.cols) && p.grad_z_sample_stride % 4 == 0;
+  // grad_mu and grad_logvar: fresh allocations, or the two halves of the packed op's one output
+  const bool vec_grad = packable<T>(p.grad_mu, p.grad_mu_row_stride, p.in.cols) &&
+                        packable<T>(p.grad_logvar, p.grad_logvar_row_stride, p.in.cols);
   const int64_t blocks = (p.in.rows + layout.rows_per_block - 1) / layout.rows_per_block;
   ReparamKLPrior q = prior;
   q.vec = prior_packable<T>(prior, p.in.cols);
   if (prior.present && p.grad_kl != nullptr) {  // without a KL gradient the prior plays no part
     backward_kernel<T, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        p, q, prior_grads, layout.threads_per_row, vec_in, vec_out);
+        p, q, prior_grads, layout.threads_per_row, vec_in, vec_out, vec_gz, vec_grad);
   } else {
     backward_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        p, q, prior_grads, layout.threads_per_row, vec_in, vec_out);
+        p, q, prior_grads, layout.threads_per_row, vec_in, vec_out, vec_gz, vec_grad);
   }
 }
 

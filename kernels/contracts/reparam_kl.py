@@ -2,6 +2,7 @@
 :mod:`pyvae.kernels.contracts`."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -103,3 +104,76 @@ def new_reparam_kl_backward_outputs(mu: torch.Tensor, logvar: torch.Tensor, seed
             torch.empty_like(mu, memory_format=torch.contiguous_format),
             prior_mu.new_empty(prior_mu.shape) if prior_mu_grad else mu.new_empty(0),
             prior_logvar.new_empty(prior_logvar.shape) if prior_logvar_grad else mu.new_empty(0))
+
+
+# ------------------------------------------------------------------------------ the packed ops
+def check_logvar_bounds(logvar_min: Optional[float], logvar_max: Optional[float]) -> None:
+    if (logvar_min is not None and math.isnan(logvar_min)) or (logvar_max is not None and math.isnan(logvar_max)):
+        raise ValueError("logvar_min and logvar_max must not be NaN")
+    if logvar_min is not None and logvar_max is not None and logvar_min > logvar_max:
+        raise ValueError("logvar_min must be <= logvar_max")
+
+
+def check_params(params: torch.Tensor, dtypes: Sequence[torch.dtype]) -> None:
+    if params.dim() < 2 or params.shape[-2] != 2:
+        raise ValueError(f"params must have shape [..., 2, Z] (mean and log-variance stacked along dim -2), got "
+                         f"{sizes(params)}")
+    check_dtype(params, "params", dtypes)
+
+
+def packed_latent_shape(params: torch.Tensor) -> tuple[int, ...]:
+    """z's shape for packed ``params`` [..., 2, Z]: [..., Z]."""
+    return (*params.shape[:-2], params.shape[-1])
+
+
+def check_reparam_kl_packed_forward(params: torch.Tensor, seed: Optional[int], kl_per_element: bool,
+                                    logvar_min: Optional[float] = None, logvar_max: Optional[float] = None, *,
+                                    dtypes: Sequence[torch.dtype] = KERNEL_DTYPES) -> None:
+    check_params(params, dtypes)
+    check_logvar_bounds(logvar_min, logvar_max)
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
+
+
+def new_reparam_kl_packed_forward_outputs(params: torch.Tensor, seed: Optional[int], kl_per_element: bool,
+                                          logvar_min: Optional[float] = None, logvar_max: Optional[float] = None
+                                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z [..., Z] in params' dtype; the KL in float32, per element or summed over Z; the seed used."""
+    latent = packed_latent_shape(params)
+    z = params.new_empty(latent)
+    kl = params.new_empty(latent if kl_per_element else latent[:-1], dtype=torch.float32)
+    return z, kl, params.new_empty((), dtype=torch.int64)
+
+
+def check_reparam_kl_packed_backward(params: torch.Tensor, seed: torch.Tensor, grad_z: Optional[torch.Tensor],
+                                     grad_kl: Optional[torch.Tensor], logvar_min: Optional[float] = None,
+                                     logvar_max: Optional[float] = None, *,
+                                     dtypes: Sequence[torch.dtype] = KERNEL_DTYPES) -> None:
+    check_params(params, dtypes)
+    check_logvar_bounds(logvar_min, logvar_max)
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError("seed must be a one-element int64 tensor (the seed_used output of forward)")
+    if seed.device != params.device:
+        raise ValueError(f"seed must be on the device of params ({params.device}), got {seed.device}")
+    latent = torch.Size(packed_latent_shape(params))
+    if grad_z is not None:
+        if grad_z.shape != latent:
+            raise ValueError(f"grad_z must have the shape of z, [{', '.join(map(str, latent))}], got {sizes(grad_z)}")
+        if grad_z.dtype != params.dtype:
+            raise TypeError("grad_z must have the dtype of params")
+        if grad_z.device != params.device:
+            raise ValueError(f"grad_z must be on the device of params ({params.device}), got {grad_z.device}")
+    if grad_kl is not None:
+        if grad_kl.shape != latent:
+            raise ValueError(f"grad_kl must have the shape of z (expanded if need be), got {sizes(grad_kl)}")
+        if grad_kl.dtype not in float32_values(dtypes):
+            raise TypeError("grad_kl must be float32")
+        if grad_kl.device != params.device:
+            raise ValueError(f"grad_kl must be on the device of params ({params.device}), got {grad_kl.device}")
+
+
+def new_reparam_kl_packed_backward_outputs(params: torch.Tensor, seed: torch.Tensor, grad_z: Optional[torch.Tensor],
+                                           grad_kl: Optional[torch.Tensor], logvar_min: Optional[float] = None,
+                                           logvar_max: Optional[float] = None) -> torch.Tensor:
+    """The gradient of params: [..., 2, Z], contiguous, params' dtype."""
+    return torch.empty_like(params, memory_format=torch.contiguous_format)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops.philox import SEED_LIMIT
-from ..ops.reparam_kl import reparameterize_kl
+from ..ops.reparam_kl import reparameterize_kl, reparameterize_kl_packed
 
 __all__ = ["DiagonalGaussianDistribution"]
 
@@ -26,11 +26,13 @@ class DiagonalGaussianDistribution:
     and values (``deterministic=True``: zero std and var, a KL and NLL of ``torch.Tensor([0.0])``).
 
     What is fused: ``sample()`` draws ``z = mean + std * eps`` and the KL against N(0, I) in one pass
-    of pyvae's reparameterize + KL op, which keeps only the log-variance and a seed for backward
-    (the mean is a view of ``parameters``); ``kl()`` on the same object returns that KL without
-    another pass. ``kl(other)`` (another posterior as the prior) is the op's learned-prior form, one
-    pass too. ``std`` and ``var`` are computed on first access only (diffusers computes both in its
-    constructor).
+    of pyvae's packed reparameterize + KL op (:func:`pyvae.reparameterize_kl_packed`) on
+    ``parameters`` itself: the clamp of the log-variance happens inside the kernel, only
+    ``parameters`` and a seed are kept for backward, and backward writes the gradient of
+    ``parameters`` as one tensor. ``kl()`` on the same object returns that KL without another pass.
+    ``kl(other)`` (another posterior as the prior) is the op's learned-prior form, one pass too.
+    ``logvar``, ``std`` and ``var`` are computed on first access only (diffusers computes them in its
+    constructor); ``logvar`` is ``torch.clamp``'s, as there.
 
     Differences: the noise is the op's counter-based Philox stream, not ``torch.randn``: a
     ``generator`` seeds it (one 63-bit draw from the generator; on a CUDA generator that draw is
@@ -46,18 +48,27 @@ class DiagonalGaussianDistribution:
             raise ValueError(f"parameters must be a tensor [B, 2C, ...] (mean and logvar stacked along dim 1), "
                              f"got {got}")
         self.parameters = parameters
-        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
-        # clamp's values; hardtanh's backward is one pass (clamp's is four: two compares, an and,
-        # a where). It passes no gradient at exactly -30 or 20, where clamp's passes it.
-        self.logvar = torch.nn.functional.hardtanh(logvar, _LOGVAR_MIN, _LOGVAR_MAX)
+        self.mean, self._raw_logvar = torch.chunk(parameters, 2, dim=1)  # views
         self.deterministic = deterministic
+        self._logvar: Optional[torch.Tensor] = None
         self._std: Optional[torch.Tensor] = None
         self._var: Optional[torch.Tensor] = None
         self._sample_kl: Optional[torch.Tensor] = None  # the KL that sample() computed with its draw
         if deterministic:
             self._std = self._var = torch.zeros_like(self.mean, device=parameters.device, dtype=parameters.dtype)
 
-    # diffusers computes these in its constructor; here on first use
+    # diffusers computes these in its constructor; here on first use (sample() and kl() clamp the
+    # log-variance inside the fused op and need none of them)
+    @property
+    def logvar(self) -> torch.Tensor:
+        if self._logvar is None:
+            self._logvar = torch.clamp(self._raw_logvar, _LOGVAR_MIN, _LOGVAR_MAX)
+        return self._logvar
+
+    @logvar.setter
+    def logvar(self, value: torch.Tensor) -> None:
+        self._logvar = value
+
     @property
     def std(self) -> torch.Tensor:
         if self._std is None:
@@ -85,14 +96,23 @@ class DiagonalGaussianDistribution:
 
     def _fused(self, seed: Optional[int], other: Optional["DiagonalGaussianDistribution"] = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z in mean's shape, the KL summed as diffusers sums it, in the parameters' dtype)."""
+        """(z in mean's shape, the KL summed as diffusers sums it, in the parameters' dtype).
+
+        Against N(0, I): the packed op on ``parameters`` itself (the clamp inside the kernel, one
+        gradient tensor for ``parameters``, nothing but ``parameters`` and the key kept); against
+        ``other``: the learned-prior form on the clamped halves."""
         per_example = self.mean.dim() <= 4  # dims 1.. are all of diffusers' summed dims
-        prior = {} if other is None else dict(prior_mu=self._rows(other.mean), prior_logvar=self._rows(other.logvar))
-        z, kl = reparameterize_kl(self._rows(self.mean), self._rows(self.logvar), seed=seed,
-                                  reduction="per_sample" if per_example else "none", **prior)
+        reduction = "per_sample" if per_example else "none"
+        if other is None:
+            z, kl = reparameterize_kl_packed(self.parameters, dim=1, logvar_min=_LOGVAR_MIN, logvar_max=_LOGVAR_MAX,
+                                             seed=seed, reduction=reduction)
+        else:
+            z, kl = reparameterize_kl(self._rows(self.mean), self._rows(self.logvar), seed=seed, reduction=reduction,
+                                      prior_mu=self._rows(other.mean), prior_logvar=self._rows(other.logvar))
+            z = z.view(self.mean.shape)
         if not per_example:
             kl = kl.view(self.mean.shape).sum(dim=list(_KL_DIMS))
-        return z.view(self.mean.shape), kl.to(self.parameters.dtype)
+        return z, kl.to(self.parameters.dtype)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """``mean + std * eps`` in the parameters' dtype and device; the KL of the same pass is kept

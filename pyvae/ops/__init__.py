@@ -6,7 +6,8 @@ from .dmol import (DMOLFunction, DMOLSpec, bits_per_dim, discretized_mix_logisti
                    discretized_mix_logistic_sample, dmol_reference)
 from .fsq import FSQFunction, finite_scalar_quantize, fsq_reference
 from .rvq import ResidualVQFunction, ResidualVQResult, residual_quantize, residual_stats
-from .reparam_kl import ReparamKLFunction, draw_seed, reference_eps, reparameterize_kl, reparameterize_kl_reference
+from .reparam_kl import (PackedReparamKLFunction, ReparamKLFunction, draw_seed, reference_eps, reparameterize_kl,
+                         reparameterize_kl_packed, reparameterize_kl_reference)
 # argument checks and reductions with one meaning on every op, for layers built on the ops
 from ._common import REDUCTIONS, check_floating, check_reduction, reduce_rows
 
@@ -15,6 +16,7 @@ __all__ = ["REDUCTIONS", "check_floating", "check_reduction", "reduce_rows",
            "discretized_mix_logistic_sample", "dmol_reference",
            "FSQFunction", "finite_scalar_quantize", "fsq_reference",
            "ResidualVQFunction", "ResidualVQResult", "residual_quantize", "residual_stats",
-           "LikelihoodFlag", "LikelihoodFunction", "LikelihoodSpec", "ReparamKLFunction", "VQFunction", "VQResult",
+           "LikelihoodFlag", "LikelihoodFunction", "LikelihoodSpec", "PackedReparamKLFunction", "ReparamKLFunction", "VQFunction", "VQResult",
            "codebook_stats", "nearest_code", "vector_quantize", "bernoulli_nll", "continuous_bernoulli_nll", "draw_seed",
-           "gaussian_nll", "likelihood_reference", "reference_eps", "reparameterize_kl", "reparameterize_kl_reference"]
+           "gaussian_nll", "likelihood_reference", "reference_eps", "reparameterize_kl", "reparameterize_kl_packed",
+           "reparameterize_kl_reference"]

@@ -26,7 +26,8 @@ from .philox import MASK32, check_seed, draw_seed, philox4x32_10, uniform
 from ._common import (apply, check_floating, check_reduction, check_same_device, expand_reduced_grad, reduce_rows,
                       reference_derivative)
 
-__all__ = ["reparameterize_kl", "ReparamKLFunction", "reference_eps", "reparameterize_kl_reference", "draw_seed"]
+__all__ = ["reparameterize_kl", "reparameterize_kl_packed", "ReparamKLFunction", "PackedReparamKLFunction",
+           "reference_eps", "reparameterize_kl_reference", "draw_seed"]
 
 _OP = "reparam_kl"
 
@@ -169,6 +170,34 @@ def _torch_backward(mu, logvar, seed, grad_z, grad_kl, prior_mu=None, prior_logv
             grad_prior_logvar.to(prior_logvar.dtype) if prior_logvar_grad else grad_prior_logvar)
 
 
+def _clamp_bounds(logvar_min, logvar_max) -> tuple[float, float]:
+    return (-math.inf if logvar_min is None else logvar_min, math.inf if logvar_max is None else logvar_max)
+
+
+def _torch_packed_forward(params, seed, kl_per_element, logvar_min=None, logvar_max=None):
+    contract.check_reparam_kl_packed_forward(params, seed, kl_per_element, logvar_min, logvar_max,
+                                             dtypes=REFERENCE_DTYPES)
+    mu, logvar = params.unbind(-2)
+    if logvar_min is not None or logvar_max is not None:
+        logvar = logvar.clamp(logvar_min, logvar_max)  # torch.clamp: NaN stays NaN
+    z, kl, seed_used = _torch_forward(mu, logvar, seed, 1, kl_per_element)
+    return z[0], kl, seed_used
+
+
+def _torch_packed_backward(params, seed, grad_z, grad_kl, logvar_min=None, logvar_max=None):
+    contract.check_reparam_kl_packed_backward(params, seed, grad_z, grad_kl, logvar_min, logvar_max,
+                                              dtypes=REFERENCE_DTYPES)
+    mu, logvar = params.unbind(-2)
+    clamp = logvar_min is not None or logvar_max is not None
+    clamped = logvar.clamp(logvar_min, logvar_max) if clamp else logvar
+    grad_mu, grad_logvar, _, _ = _torch_backward(mu, clamped, seed, None if grad_z is None else grad_z.unsqueeze(0),
+                                                 grad_kl)
+    if clamp:  # torch.clamp's gradient: passed where logvar_min <= logvar <= logvar_max
+        lo, hi = _clamp_bounds(logvar_min, logvar_max)
+        grad_logvar = torch.where((logvar >= lo) & (logvar <= hi), grad_logvar, 0.0)
+    return torch.stack([grad_mu, grad_logvar], dim=-2)
+
+
 # --------------------------------------------------------------------------- autograd
 class ReparamKLFunction(torch.autograd.Function):
     """``(z, kl, seed_used) = ReparamKLFunction.apply(mu, logvar, seed, n_samples, reduction, backend,
@@ -237,6 +266,47 @@ class ReparamKLFunction(torch.autograd.Function):
                 grad_prior_logvar if wanted[1] else None)
 
 
+class PackedReparamKLFunction(torch.autograd.Function):
+    """``(z, kl, seed_used) = PackedReparamKLFunction.apply(params, seed, reduction, backend, logvar_min,
+    logvar_max)`` for ``params`` ``[rows, 2, cols]`` (mu, then logvar, of each row): one sample,
+    the KL against N(0, I), the log-variance clamped to ``[logvar_min, logvar_max]`` (None: that
+    side unclamped). Saves only ``params`` and the key; backward regenerates eps and returns the
+    gradient of ``params`` as one tensor (the backend's packed backward op, with a derivative of its
+    own: higher-order gradients are exact)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(params, seed: int | None, reduction: str, backend: str, logvar_min, logvar_max):
+        forward_op = backends.plain_op(_OP, "reparam_kl_packed_forward", backend)
+        z, kl, seed_used = forward_op(params, seed, reduction == "none", logvar_min, logvar_max)
+        if reduction not in ("none", "per_sample"):
+            kl = reduce_rows(kl, reduction, z.numel())
+        return z, kl, seed_used
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        params, _, reduction, backend, logvar_min, logvar_max = inputs
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(params, output[2])
+        ctx.reduction, ctx.backend, ctx.bounds = reduction, backend, (logvar_min, logvar_max)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl, _grad_seed):
+        params, seed = ctx.saved_tensors
+        latent = torch.Size((*params.shape[:-2], params.shape[-1]))
+        if grad_z is not None:
+            grad_z = grad_z.to(params.dtype)
+        if grad_kl is not None:
+            rows = latent.numel() // latent[-1] if latent[-1] else 0
+            grad_kl = expand_reduced_grad(grad_kl, ctx.reduction, latent, rows)
+            if ctx.backend != "torch":
+                grad_kl = grad_kl.float()
+        backward_op = backends.op_in_backward(_OP, "reparam_kl_packed_backward", ctx.backend)
+        return backward_op(params, seed, grad_z, grad_kl, *ctx.bounds), None, None, None, None, None
+
+
 # --------------------------------------------------------------------------- the ops' own derivatives
 # Registered on the C++ ops and their Triton twins (pyvae.backends.load_op_family), so that a
 # backward taken with create_graph=True is itself differentiable: the forward op's derivative is the
@@ -276,6 +346,38 @@ def _forward_op_vmap_rule(backend: str):
         args = (mu, logvar, seed, n_samples, kl_per_element, prior_mu, prior_logvar)
         return backends.map_slices(_FAMILY.op("reparam_kl_forward", backend), info.batch_size, args,
                                    (*in_dims, None, None)[:7])
+    return rule
+
+
+def _packed_forward_op_setup_context(ctx, inputs, output):
+    params, _, kl_per_element, logvar_min, logvar_max = (*inputs, None, None)[:5]
+    ctx.save_for_backward(params, output[2])
+    ctx.kl_per_element, ctx.bounds = kl_per_element, (logvar_min, logvar_max)
+
+
+def _packed_forward_op_backward(backend: str):
+    def backward(ctx, grad_z, grad_kl, _grad_seed):
+        params, seed = ctx.saved_tensors
+        latent = (*params.shape[:-2], params.shape[-1])
+        if grad_kl is not None:
+            grad_kl = (grad_kl if ctx.kl_per_element else grad_kl.unsqueeze(-1)).float().expand(latent)
+        grad = backends.op_in_backward(_OP, "reparam_kl_packed_backward", backend)(
+            params, seed, grad_z.to(params.dtype) if grad_z is not None else None, grad_kl, *ctx.bounds)
+        return grad, None, None, None, None
+    return backward
+
+
+def _packed_forward_op_vmap_rule(backend: str):
+    """The packed forward op under vmap: one call per slice, the noise as for :func:`_forward_op_vmap_rule`."""
+    def rule(info, in_dims, params, seed, kl_per_element, logvar_min=None, logvar_max=None):
+        if seed is None and info.randomness == "error":
+            raise RuntimeError("vmap: pyvae.reparameterize_kl_packed draws random noise (seed=None): pass a seed, "
+                               "or call torch.func.vmap with randomness='different' or 'same'")
+        if seed is None and info.randomness == "same":
+            seed = int(draw_seed(params.device))  # one key for every slice (reads it back to the host)
+        args = (params, seed, kl_per_element, logvar_min, logvar_max)
+        return backends.map_slices(_FAMILY.op("reparam_kl_packed_forward", backend), info.batch_size, args,
+                                   (*in_dims, None, None)[:5])
     return rule
 
 
@@ -385,9 +487,83 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, prior_mu: torch
     return apply(ReparamKLFunction, mu, logvar, seed, n_samples, reduction, resolved, prior_mu, prior_logvar)[:2]
 
 
+def _check_bound(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be None or a float, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)
+
+
+def reparameterize_kl_packed(params: torch.Tensor, *, dim: int = -1, logvar_min: float | None = None,
+                             logvar_max: float | None = None, seed: int | None = None,
+                             reduction: str = "per_sample", backend: str = "auto"
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reparameterize_kl` of an encoder output that holds the mean and the log-variance in
+    one tensor, as ``mu, logvar = params.chunk(2, dim)``, with the log-variance optionally clamped
+    first (``logvar.clamp(logvar_min, logvar_max)``, as Stable Diffusion's posterior clamps it to
+    [-30, 20]). One sample; the KL against N(0, I).
+
+    What it saves over chunking and calling :func:`reparameterize_kl`: the clamp is done inside the
+    kernel (no clamped copy of the log-variance, written forward and kept for backward), and backward
+    writes the gradient of ``params`` as one tensor (no ``torch.cat`` of the two halves' gradients,
+    which is what chunk's backward does). Only ``params`` and the Philox key are kept for backward.
+
+    Args:
+        params: ``[..., 2 Z_dim, ...]``: mean then log-variance along ``dim`` (float32, float16 or
+            bfloat16; float64 on ``backend="torch"``).
+        dim: the dim they are stacked along (its size must be even).
+        logvar_min, logvar_max: the clamp's bounds (None: that side unclamped); its gradient is
+            torch.clamp's: passed where ``logvar_min <= logvar <= logvar_max``, else 0.
+        seed, backend: as in :func:`reparameterize_kl`.
+        reduction: of the KL: ``"none"`` (z's shape), ``"per_sample"`` (summed over ``dim`` and the
+            dims after it: ``params.shape[:dim]``), ``"sum"``, ``"batchmean"`` (the sum divided by the
+            number of samples, ``prod(params.shape[:dim])``) or ``"mean"`` (by z's element count).
+
+    Returns:
+        ``(z, kl)``: ``z`` of ``params``' shape with ``dim`` halved, in its dtype; ``kl`` in float32
+        (float64 for float64 params). NaN and Inf as in :func:`reparameterize_kl`, after the clamp
+        (which keeps NaN); a NaN log-variance gets no gradient through the clamp (torch.clamp's).
+    """
+    if not isinstance(params, torch.Tensor):
+        check_floating("params", params, "torch")
+    check_reduction(reduction)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if params.dim() == 0:
+        raise ValueError("params must have at least one dimension, got a 0-d tensor")
+    if not -params.dim() <= dim < params.dim():
+        raise ValueError(f"dim {dim} is out of range for params of {params.dim()} dims")
+    dim %= params.dim()
+    if params.shape[dim] % 2:
+        raise ValueError(f"params must have an even size along dim {dim} (mean and log-variance), got "
+                         f"{tuple(params.shape)}")
+    lo, hi = _check_bound("logvar_min", logvar_min), _check_bound("logvar_max", logvar_max)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"logvar_min must be <= logvar_max, got {lo} and {hi}")
+    resolved = backends.resolve(backend, params.device, _OP)
+    check_floating("params", params, resolved)
+    check_seed(seed)
+    latent = (*params.shape[:dim], params.shape[dim] // 2, *params.shape[dim + 1:])
+    rows = math.prod(params.shape[:dim])
+    cols = math.prod(latent[dim:])
+    z, kl = apply(PackedReparamKLFunction, params.reshape(rows, 2, cols), seed, reduction, resolved, lo, hi)[:2]
+    if reduction == "none":
+        kl = kl.view(latent)
+    elif reduction == "per_sample":
+        kl = kl.view(params.shape[:dim])
+    return z.view(latent), kl
+
+
 _FAMILY = backends.load_op_family(
-    _OP, {"reparam_kl_forward": _torch_forward, "reparam_kl_backward": _torch_backward},
+    _OP, {"reparam_kl_forward": _torch_forward, "reparam_kl_backward": _torch_backward,
+          "reparam_kl_packed_forward": _torch_packed_forward, "reparam_kl_packed_backward": _torch_packed_backward},
     derivatives={"reparam_kl_forward": (_forward_op_setup_context, _forward_op_backward),
-                 "reparam_kl_backward": reference_derivative(_torch_backward, (0, 1, 3, 4, 5, 6))},
-    vmap_rules={"reparam_kl_forward": _forward_op_vmap_rule})
+                 "reparam_kl_backward": reference_derivative(_torch_backward, (0, 1, 3, 4, 5, 6)),
+                 "reparam_kl_packed_forward": (_packed_forward_op_setup_context, _packed_forward_op_backward),
+                 "reparam_kl_packed_backward": reference_derivative(_torch_packed_backward, (0, 2, 3))},
+    vmap_rules={"reparam_kl_forward": _forward_op_vmap_rule,
+                "reparam_kl_packed_forward": _packed_forward_op_vmap_rule})
 philox_normal.register_vmap(backends.loop_vmap_rule("philox_normal"))

@@ -51,6 +51,16 @@ def sanitize(device: str, trim: bool) -> None:
                     z, kl = pyvae.reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
                                                     backend=device)
                     z.sum().backward()  # grad_kl absent: the prior plays no part
+                # the packed ops: one [rows, 2, Z] tensor, clamped or not, the gradient of z.sum()
+                # read in place (stride 0)
+                params = both.view(*shape[:-1], 2, shape[-1]).detach().requires_grad_()
+                for bounds in ((None, None), (-0.5, 0.5)):
+                    z, kl = pyvae.reparameterize_kl_packed(params, dim=-2, logvar_min=bounds[0], logvar_max=bounds[1],
+                                                           reduction="none", backend=device)
+                    torch.autograd.backward([z, kl], [torch.randn_like(z), torch.randn_like(kl)])
+                    z, kl = pyvae.reparameterize_kl_packed(params, dim=-2, logvar_min=bounds[0], logvar_max=bounds[1],
+                                                           backend=device)
+                    (z.sum() + kl.sum()).backward()
 
 
 def triton_launches(ops, t) -> None:
@@ -73,6 +83,14 @@ def triton_launches(ops, t) -> None:
                 for grad_z in (t(1, 64, cols, dtype=dtype), None):
                     ops.reparam_kl_backward(mu, mu, seed, grad_z, t(64, cols), prior_mu, prior_logvar,
                                             prior_mu is not None, prior_logvar is not None)
+            # the packed ops, clamped or not
+            params = t(64, 2, cols, dtype=dtype)
+            for bounds in ((None, None), (-30.0, 20.0)):
+                ops.reparam_kl_packed_forward(params, None, False, *bounds)
+                ops.reparam_kl_packed_forward(params, 5, True, *bounds)
+                for grad_z, grad_kl in ((t(64, cols, dtype=dtype), t(64, cols)), (None, t(64, cols)),
+                                        (t(64, cols, dtype=dtype), None)):
+                    ops.reparam_kl_packed_backward(params, seed, grad_z, grad_kl, *bounds)
 
 
 # ------------------------------------------------------------------------------ bad calls
@@ -99,6 +117,26 @@ BAD_CALLS = [
     ("reparam_kl_backward", lambda: (arg(4, 3), arg(4, 3), _SEED.int(), None, arg(4, 3)), ValueError, "one-element int64"),
     ("reparam_kl_backward", lambda: (arg(4, 3), arg(4, 3), _SEED, None, arg(4, 3), None, None, True, False),
      ValueError, "prior_mu_grad needs a prior_mu"),
+    ("reparam_kl_packed_forward", lambda: (arg(4, 3, 5), 1, False), ValueError, "params must have shape [..., 2, Z]"),
+    ("reparam_kl_packed_forward", lambda: (arg(5), 1, False), ValueError, "params must have shape [..., 2, Z]"),
+    ("reparam_kl_packed_forward", lambda: (arg(4, 2, 5, dtype=torch.float64), 1, False), TypeError,
+     "params must be float32, float16 or bfloat16, got Double"),
+    ("reparam_kl_packed_forward", lambda: (arg(4, 2, 5), -1, False), ValueError, "seed must be in"),
+    ("reparam_kl_packed_forward", lambda: (arg(4, 2, 5), 1, False, 2.0, 1.0), ValueError,
+     "logvar_min must be <= logvar_max"),
+    ("reparam_kl_packed_forward", lambda: (arg(4, 2, 5), 1, False, float("nan")), ValueError,
+     "logvar_min and logvar_max must not be NaN"),
+    ("reparam_kl_packed_backward", lambda: (arg(4, 2, 3), _SEED, arg(1, 4, 3), None), ValueError,
+     "grad_z must have the shape of z, [4, 3], got [1, 4, 3]"),
+    ("reparam_kl_packed_backward", lambda: (arg(4, 2, 3), _SEED, arg(4, 3, dtype=torch.float16), None), TypeError,
+     "grad_z must have the dtype of params"),
+    ("reparam_kl_packed_backward", lambda: (arg(4, 2, 3), _SEED, None, arg(4, 2, 3)), ValueError,
+     "grad_kl must have the shape of z"),
+    ("reparam_kl_packed_backward", lambda: (arg(4, 2, 3), _SEED, None, arg(4, 3, dtype=torch.float16)), TypeError,
+     "grad_kl must be float32"),
+    ("reparam_kl_packed_backward", lambda: (arg(4, 2, 3), _SEED.int(), None, None), ValueError, "one-element int64"),
+    ("reparam_kl_packed_backward", lambda: (arg(4, 2, 3), _SEED, None, None, None, float("nan")), ValueError,
+     "must not be NaN"),
 ]
 
 
@@ -107,6 +145,8 @@ PROPERTY_EXAMPLES = (80, 20)
 
 
 def property_case(pair, draw):
+    if draw.sample(["mu, logvar", "packed"], "form") == "packed":
+        return _packed_property_case(pair, draw)
     from cases import LAYOUTS, REDUCTIONS, interpreted, make_tensor, reduce_like
     from tolerances import SUM, VALUE, assert_close_scaled, noise_scale
 
@@ -169,4 +209,45 @@ def property_case(pair, draw):
 
     assert kl.dtype == torch.float32
     # each element is formed in float32 (inf where its float64 value overflows), then summed
+    assert_close_scaled(kl, reduce(kl_el.float().double()), dtype, SUM, reduce(kl_scale), f"kl ({reduction})")
+
+
+def _packed_property_case(pair, draw):
+    """reparameterize_kl_packed: params [..., 2, Z] of any layout, clamped on either side or not,
+    against the float64 reference of its two halves (the log-variance clamped first)."""
+    from cases import LAYOUTS, REDUCTIONS, interpreted, make_tensor, reduce_like
+    from tolerances import SUM, VALUE, assert_close_scaled, noise_scale
+
+    device, backend = pair
+    small = interpreted(pair)
+    z_dim = draw.sample([1, 3, 8, 33] + ([2049] if small else [8195]), "Z")
+    lead = draw.sample_list([1, 2, 5] if small or z_dim > 33 else [1, 3, 70], "leading dims", max_size=2)
+    shape = (*lead, 2, z_dim)
+    dtype = draw.sample(DTYPES, "dtype")
+    gen = torch.Generator().manual_seed(draw.integers(0, 2**32 - 1, "data seed"))
+    params = make_tensor(shape, dtype, draw.sample(LAYOUTS, "params layout"), gen,
+                         **draw_values(draw, dtype, "params"), device=device)
+    bounds = draw.sample([(None, None), (-30.0, 20.0), (-1.0, None), (None, 0.5), (0.0, 0.0)], "logvar bounds")
+    reduction = draw.sample(REDUCTIONS, "reduction")
+    seed = draw.integers(0, 2**63 - 1, "seed")
+
+    z, kl = pyvae.reparameterize_kl_packed(params, dim=len(lead), logvar_min=bounds[0], logvar_max=bounds[1],
+                                           seed=seed, reduction=reduction, backend=backend)
+
+    mu64, lv64 = params.double().cpu().unbind(-2)
+    if bounds != (None, None):
+        lv64 = lv64.clamp(*bounds)
+    z_ref, kl_el = reparameterize_kl_reference(mu64, lv64, torch.tensor(seed), 1, "none")
+    eps = reference_eps(seed, mu64.shape, 1, torch.float64)[0]
+    latent = (*lead, 1, z_dim)
+    assert z.dtype == dtype and z.shape == latent
+    assert_close_scaled(z.reshape(mu64.shape), z_ref[0], dtype, VALUE, noise_scale(mu64, lv64, eps), "z")
+    kl_scale = 0.5 * (1 + lv64.abs() + mu64 ** 2 + torch.exp(lv64))
+    rows = mu64.numel() // z_dim
+
+    def reduce(values):
+        out = reduce_like(values, reduction, rows)
+        return out.reshape(tuple(lead)) if reduction == "per_sample" else out.reshape(latent) if reduction == "none" else out
+
+    assert kl.dtype == torch.float32
     assert_close_scaled(kl, reduce(kl_el.float().double()), dtype, SUM, reduce(kl_scale), f"kl ({reduction})")
