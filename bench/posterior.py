@@ -3,12 +3,15 @@ against diffusers' (0.42), and of one ``AutoencoderKL`` training step with each.
 
 Posterior cases: ``parameters`` ``[8, 8, 64, 64]`` (Stable Diffusion's latents of 512x512 images)
 and ``[8, 8, 128, 128]`` (1024x1024); ``sample()`` then ``kl()`` on one posterior, forward and
-forward+backward (the gradient of ``z.sum() + kl.sum()`` to the parameters). The floor: the fused
-op reads the parameters (mean and log-variance, 4 B an element each) and writes z and its gradient
-path's log-variance copy (the clamp) forward, then reads the log-variance, z's gradient and the
-seed's noise (regenerated) and writes the parameters' gradient backward; diffusers' eager chain
-makes about ten passes forward (chunk, clamp, exp twice, randn, multiply-add, the KL's
-four elementwise ops and its sum) and keeps several latent-sized tensors for backward.
+forward+backward (the gradient of ``z.sum() + kl.sum()`` to the parameters). The floor: pyvae's
+packed op reads the parameters (mean and log-variance, 4 B an element each, the clamp done in
+registers) and writes z forward, then reads the parameters again, regenerates the seed's noise
+(z's gradient, an expanded scalar here, is read in place) and writes the parameters' gradient as
+one tensor backward: 3 latent-sized passes of memory each way, and the Philox noise twice, which
+on two CPU cores costs more than the memory; diffusers' eager chain makes about ten passes forward
+(chunk, clamp, exp twice, randn, multiply-add, the KL's four elementwise ops and its sum), keeps
+std, var and the noise for backward, and ends its backward with chunk's cat of the two halves'
+gradients.
 
 The step case: a small ``AutoencoderKL`` (two blocks of 32 and 64 channels, 4 latent channels, one
 layer per block) on ``[4, 3, 64, 64]`` images, one Adam step of MSE reconstruction + 1e-6 KL, with
