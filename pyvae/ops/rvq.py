@@ -190,12 +190,15 @@ class ResidualVQFunction(torch.autograd.Function):
                       else torch.zeros(x.numel() // d if d else 0, d, dtype=cdt, device=x.device))
         if want_codebooks:
             stats = _stats_op(ctx.backend, True)
-            grad_codebooks = []
+            grad_codebooks = []  # each stage's [K, D]; in place, one [Q, K, D] tensor (no stack)
+            grad_stack = torch.empty(stages, k, d, dtype=cdt, device=codebooks.device)
         if grad_commitment_losses is not None or want_codebooks:
             # each stage's residual r_q, from x and the codes before it (constants, as in forward);
             # in place, in three [N, D] buffers, unless the result must stay differentiable
             in_place = not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
                             or torch.compiler.is_compiling())
+            if not in_place:
+                grad_stack = None
             flat = idx.reshape(-1, stages)
             e = codebooks.detach().to(cdt)
             r = x.detach().reshape(-1, d).to(cdt, copy=True) if in_place else x.reshape(-1, d).to(cdt)
@@ -205,8 +208,12 @@ class ResidualVQFunction(torch.autograd.Function):
             for q in range(stages):
                 if want_codebooks:
                     counts, sums = stats(r.detach(), flat[:, q], k)
-                    grad_codebooks.append((grad_codebook_losses[q] * scale)
-                                          * (counts[:, None] * codebooks[q].to(cdt) - sums.to(cdt)))
+                    weight = grad_codebook_losses[q] * scale
+                    if grad_stack is not None:
+                        out = torch.mul(e[q], counts[:, None], out=grad_stack[q])
+                        grad_codebooks.append(out.sub_(sums.to(cdt)).mul_(weight))
+                    else:
+                        grad_codebooks.append(weight * (counts[:, None] * codebooks[q].to(cdt) - sums.to(cdt)))
                 if in_place:
                     r.sub_(torch.index_select(e[q], 0, flat[:, q], out=chosen))
                 else:
@@ -217,7 +224,7 @@ class ResidualVQFunction(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if grad_codebooks is not None:
-            grad_codebooks = torch.stack(grad_codebooks).to(codebooks.dtype)
+            grad_codebooks = (grad_stack if grad_stack is not None else torch.stack(grad_codebooks)).to(codebooks.dtype)
         return grad_x, grad_codebooks, None, None
 
 
