@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import check_reduction, reduce_rows
-from ..ops.reparam_kl import reparameterize_kl
+from ..ops.reparam_kl import reparameterize_kl, reparameterize_kl_packed
 
 
 class GaussianLatentOutput(NamedTuple):
@@ -22,7 +22,9 @@ class GaussianLatent(nn.Module):
     """A linear head producing ``mu`` and ``logvar`` followed by :func:`pyvae.reparameterize_kl`.
 
     One ``Linear(in_features, 2 * latent_dim)``; mu and logvar are views of its output (no copy:
-    the kernels read strided rows). In eval mode ``z = mu`` (the posterior mean) unless
+    the kernels read strided rows). Against N(0, I) with one sample the draw is
+    :func:`pyvae.reparameterize_kl_packed` on the head's output (the same noise for the same seed;
+    the head's gradient comes back as one tensor). In eval mode ``z = mu`` (the posterior mean) unless
     ``sample_in_eval=True``. ``reduction`` and ``backend`` are passed to the op.
 
     ``free_bits`` (nats, 0 = off): the free-bits objective of Kingma et al. (2016), a floor on the
@@ -50,15 +52,21 @@ class GaussianLatent(nn.Module):
         """``prior``: ``None`` for N(0, I), or ``(prior_mu, prior_logvar)`` (tensors broadcastable to
         ``[..., latent_dim]``, either may be None) for a Gaussian prior, e.g. the one a hierarchical
         VAE's layer above produces; the KL is then against it (:func:`pyvae.reparameterize_kl`)."""
-        mu, logvar = self.proj(h).chunk(2, dim=-1)
+        params = self.proj(h)
+        mu, logvar = params.chunk(2, dim=-1)
         prior_mu = prior_logvar = None
         if prior is not None:
             if not isinstance(prior, (tuple, list)) or len(prior) != 2:
                 raise TypeError(f"prior must be None or a pair (prior_mu, prior_logvar), got {type(prior).__name__}")
             prior_mu, prior_logvar = prior
         floor = self.free_bits > 0 and self.training
-        z, kl = reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, n_samples=n_samples,
-                                  seed=seed, reduction="none" if floor else self.reduction, backend=self.backend)
+        reduction = "none" if floor else self.reduction
+        if prior_mu is None and prior_logvar is None and n_samples == 1:
+            # the packed op on the head's output: the same draw, and its gradient as one tensor
+            z, kl = reparameterize_kl_packed(params, dim=-1, seed=seed, reduction=reduction, backend=self.backend)
+        else:
+            z, kl = reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, n_samples=n_samples,
+                                      seed=seed, reduction=reduction, backend=self.backend)
         kl_loss = kl
         if floor:
             kl_loss = self._free_bits_kl(kl)
