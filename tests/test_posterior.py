@@ -127,6 +127,31 @@ def test_sample_and_kl_keep_only_the_parameters_for_backward():
     assert sum(t.numel() for t in saved if t.numel() == 1) <= 1  # the key
 
 
+@pytest.mark.parametrize("dims", [4, 5], ids=["image", "video"])
+def test_channels_last_parameters_are_read_in_place_and_keep_their_layout(dims):
+    # what a CPU convolution gives an encoder: the noise is drawn in that memory order, z and the
+    # gradient keep the layout (as diffusers' elementwise ops keep it); the KL and its gradient are
+    # diffusers'
+    shape, fmt = ((2, 8, 5, 6), torch.channels_last) if dims == 4 else ((2, 8, 3, 4, 5), torch.channels_last_3d)
+    p = _params(shape, torch.float32).contiguous(memory_format=fmt).requires_grad_()
+    post = DiagonalGaussianDistribution(p)
+    z = post.sample(generator=torch.Generator().manual_seed(4))
+    kl = post.kl()
+    assert z.is_contiguous(memory_format=fmt) and not z.is_contiguous()
+    (z.sum() + kl.sum()).backward()
+    assert p.grad.is_contiguous(memory_format=fmt)
+    seed = int(torch.randint(0, SEED_LIMIT, (), generator=torch.Generator().manual_seed(4)))
+    moved = p.detach().double().movedim(1, -1)  # [..., 2C], rows of the draw
+    eps = reference_eps(seed, (moved[..., :4].numel() // 4, 4)).view(moved[..., :4].shape).movedim(-1, 1)
+    mean, logvar = p.detach().double().chunk(2, 1)
+    torch.testing.assert_close(z.double(), mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps, **TOL[torch.float32])
+    ref = _theirs_float64(p)
+    torch.testing.assert_close(kl.double(), ref.kl().detach(), **TOL[torch.float32])
+    grad_kl_only = torch.autograd.grad(DiagonalGaussianDistribution(p).kl().sum(), p)[0]
+    torch.testing.assert_close(grad_kl_only.double(), torch.autograd.grad(ref.kl().sum(), ref.parameters)[0],
+                               **TOL[torch.float32])
+
+
 def test_sample_statistics():
     p = torch.zeros(4, 8, 32, 32)
     p[:, 4:] = math.log(4.0)  # std 2
@@ -201,9 +226,16 @@ def test_missing_diffusers_is_a_clear_error(monkeypatch):
 
 def _train(use_pyvae: bool, monkeypatch, steps=6, beta=1e-3):
     """A few Adam steps of reconstruction + beta KL; the noise of both posteriors is pyvae's Philox
-    stream for the seed each step's generator gives (diffusers' randn_tensor patched to draw it)."""
+    stream for the seed each step's generator gives (diffusers' randn_tensor patched to draw it), in
+    the order pyvae draws it: the parameters' memory order (channels-last where the encoder's
+    convolution gives that layout)."""
+    layout = {}
+
     def philox_randn(shape, generator=None, device=None, dtype=None, **_):
         seed = int(torch.randint(0, SEED_LIMIT, (), generator=generator, device=generator.device))
+        if layout["channels_last"]:  # [B, H, W, C] rows of C
+            b, c, h, w = shape
+            return reference_eps(seed, (b * h * w, c)).view(b, h, w, c).permute(0, 3, 1, 2).to(dtype)
         return reference_eps(seed, (shape[0], math.prod(shape[1:]))).view(shape).to(dtype)
 
     monkeypatch.setattr(diffusers_vae, "randn_tensor", philox_randn)
@@ -214,6 +246,7 @@ def _train(use_pyvae: bool, monkeypatch, steps=6, beta=1e-3):
     losses = []
     for step in range(steps):
         posterior = vae.encode(data).latent_dist
+        layout["channels_last"] = not posterior.parameters.is_contiguous()
         z = posterior.sample(generator=torch.Generator().manual_seed(step))
         loss = torch.nn.functional.mse_loss(vae.decode(z).sample, data) + beta * posterior.kl().mean()
         opt.zero_grad()

@@ -137,15 +137,62 @@ void prefetch_rows(const T* base, int64_t row_stride, int64_t r0, int64_t nr, in
   for (int64_t i = 0; i < nr; ++i) prefetch_span(base + (r0 + i) * row_stride + col0, n * sizeof(T));
 }
 
+// A plain loop, not a memmove call (g++ would turn the loop into one: hence the attribute): the
+// copies here are mostly of short rows (4 floats, say), where the call costs more than the copy.
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) inline void copy_floats(
+    const float* __restrict src, int64_t n, float* __restrict dst) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = src[c];
+}
+
 // Scratch floats to their output, converting to T (float32 too: store_chunk assumes that a float32
 // output was itself the scratch, float_target's).
 template <typename T>
 void copy_chunk(const float* __restrict src, int64_t n, T* __restrict dst) {
   if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
+    copy_floats(src, n, dst);
   } else {
     store_chunk(src, n, dst);
   }
+}
+
+// ---------------------------------------------------------------------------- short rows
+// Rows shorter than half a chunk are taken several to a block (RowBlocks). Their element math then
+// runs once over the whole block, its rows gathered side by side into scratch (nr * cols floats, at
+// most kChunk): called row by row, a 4-column row (a channels-last latent's, or a small Z's) cost
+// about five times what a long row's elements cost.
+
+// Rows [r0, r0 + nr) of `cols` values each, row r at base + r * row_stride, as nr * cols adjacent
+// floats: the memory itself for adjacent float32 rows, else converted / gathered into `buffer`.
+template <typename T>
+const float* block_rows(const T* base, int64_t row_stride, int64_t r0, int64_t nr, int64_t cols,
+                        float* __restrict buffer) {
+  if (nr == 1 || row_stride == cols) return as_float(base + r0 * row_stride, nr * cols, buffer);
+  for (int64_t i = 0; i < nr; ++i) {
+    const float* row = as_float(base + (r0 + i) * row_stride, cols, buffer + i * cols);
+    if (row != buffer + i * cols) copy_floats(row, cols, buffer + i * cols);
+  }
+  return buffer;
+}
+
+// The same rows of an upstream gradient with a column stride of its own (0 where it is expanded
+// along the row, as a per-sample KL's gradient is).
+template <typename T>
+const float* block_rows_strided(const T* base, int64_t row_stride, int64_t col_stride, int64_t r0, int64_t nr,
+                                int64_t cols, float* __restrict buffer) {
+  if (col_stride == 1) return block_rows(base, row_stride, r0, nr, cols, buffer);
+  for (int64_t i = 0; i < nr; ++i)
+    for (int64_t c = 0; c < cols; ++c)
+      buffer[i * cols + c] = static_cast<float>(base[(r0 + i) * row_stride + c * col_stride]);
+  return buffer;
+}
+
+// The block's noise with its rows side by side: normals() leaves each row's whole Philox groups,
+// 4 * groups_per_row values, so rows whose length is not a multiple of 4 are compacted.
+inline const float* block_eps(const float* eps, int64_t eps_row_stride, int64_t nr, int64_t cols,
+                              float* __restrict buffer) {
+  if (nr == 1 || eps_row_stride == cols) return eps;
+  for (int64_t i = 0; i < nr; ++i) copy_floats(eps + i * eps_row_stride, cols, buffer + i * cols);
+  return buffer;
 }
 
 // The packed ops' clamp (reparam_kl_math.h) of one chunk of log-variances, into `clamped`.
@@ -187,7 +234,7 @@ void forward_impl(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) 
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], kl_buf[kChunk], eps[kChunk], z_buf[kChunk],
-        prior_mu_buf[kChunk], prior_logvar_buf[kChunk], zeros[kChunk] = {}, clamped_buf[kChunk];
+        prior_mu_buf[kChunk], prior_logvar_buf[kChunk], zeros[kChunk] = {}, clamped_buf[kChunk], eps_compact[kChunk];
     float lanes[kChunk / 4][kLanes];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t r0 = b * blocks.rows_per_block;
@@ -199,6 +246,25 @@ void forward_impl(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) 
         const int64_t n_groups = (nr - 1) * blocks.groups_per_row + (n + 3) / 4;
         prefetch_rows(mu, p.in.mu_row_stride, r0, nr, col0, n);
         prefetch_rows(logvar, p.in.logvar_row_stride, r0, nr, col0, n);
+        if (nr > 1 && !prior.present) {  // short rows: the block at once (n == cols)
+          const float* mu_f = block_rows(mu, p.in.mu_row_stride, r0, nr, n, mu_buf);
+          const float* logvar_f = block_rows(logvar, p.in.logvar_row_stride, r0, nr, n, logvar_buf);
+          if (p.in.clamp_logvar) {
+            clamp_chunk(logvar_f, nr * n, p.in.logvar_min, p.in.logvar_max, clamped_buf);
+            logvar_f = clamped_buf;
+          }
+          for (int64_t s = 0; s < p.samples; ++s) {
+            normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
+            float* kl_f = p.kl_per_element && s == 0 ? p.kl + r0 * p.in.cols : kl_buf;
+            T* z_block = z + (s * p.in.rows + r0) * p.in.cols;
+            float* z_f = float_target(z_block, z_buf);
+            z_and_kl(mu_f, logvar_f, block_eps(eps, eps_row_stride, nr, n, eps_compact), nr * n, z_f, kl_f);
+            store_chunk(z_f, nr * n, z_block);
+            if (s == 0 && !p.kl_per_element)
+              for (int64_t i = 0; i < nr; ++i) accumulate_lanes(kl_f + i * n, n, lanes[i]);
+          }
+          continue;
+        }
         for (int64_t s = 0; s < p.samples; ++s) {
           normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
           for (int64_t i = 0; i < nr; ++i) {
@@ -247,7 +313,7 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], gz_buf[kChunk], eps[kChunk], gz_sum_buf[kChunk],
         gz_eps_sum_buf[kChunk], gkl[kChunk], gkl_zeros[kChunk] = {}, prior_mu_buf[kChunk], prior_logvar_buf[kChunk],
-        d_prior_mu_buf[kChunk], d_prior_logvar_buf[kChunk], clamped_buf[kChunk];
+        d_prior_mu_buf[kChunk], d_prior_logvar_buf[kChunk], clamped_buf[kChunk], eps_compact[kChunk];
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t r0 = b * blocks.rows_per_block;
       const int64_t nr = std::min(blocks.rows_per_block, p.in.rows - r0);
@@ -266,7 +332,32 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
         std::fill(gz_eps_sum, gz_eps_sum + nr * n, 0.0f);
         const uint64_t first_group = static_cast<uint64_t>(r0 * blocks.groups_per_row + col0 / 4);
         const int64_t n_groups = (nr - 1) * blocks.groups_per_row + (n + 3) / 4;
-        for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
+        if (nr > 1 && !with_prior) {  // short rows: the block at once (n == cols)
+          for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
+            normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
+            const float* eps_f = block_eps(eps, eps_row_stride, nr, n, eps_compact);
+            const float* gz_f = block_rows_strided(grad_z + s * p.grad_z_sample_stride, p.grad_z_row_stride,
+                                                   p.grad_z_col_stride, r0, nr, n, gz_buf);
+#pragma omp simd
+            for (int64_t c = 0; c < nr * n; ++c) {
+              gz_sum[c] += gz_f[c];
+              gz_eps_sum[c] += gz_f[c] * eps_f[c];
+            }
+          }
+          const float* mu_f = block_rows(mu, p.in.mu_row_stride, r0, nr, n, mu_buf);
+          const float* logvar_raw = block_rows(logvar, p.in.logvar_row_stride, r0, nr, n, logvar_buf);
+          const float* logvar_f = logvar_raw;
+          if (p.in.clamp_logvar) {
+            clamp_chunk(logvar_raw, nr * n, p.in.logvar_min, p.in.logvar_max, clamped_buf);
+            logvar_f = clamped_buf;
+          }
+          const float* gkl_f = p.grad_kl == nullptr ? gkl_zeros
+                                                    : block_rows_strided(p.grad_kl, p.grad_kl_row_stride,
+                                                                         p.grad_kl_col_stride, r0, nr, n, gkl);
+          grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, nr * n, gz_sum, gz_eps_sum);
+          if (p.in.clamp_logvar) mask_clamped(logvar_raw, nr * n, p.in.logvar_min, p.in.logvar_max, gz_eps_sum);
+        }
+        for (int64_t s = 0; !(nr > 1 && !with_prior) && grad_z != nullptr && s < p.samples; ++s) {
           const T* grad_z_sample = grad_z + s * p.grad_z_sample_stride;
           if (p.grad_z_col_stride == 1) prefetch_rows(grad_z_sample, p.grad_z_row_stride, r0, nr, col0, n);
           if (s + 1 == p.samples) {
@@ -292,7 +383,7 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
             }
           }
         }
-        for (int64_t i = 0; i < nr; ++i) {
+        for (int64_t i = 0; !(nr > 1 && !with_prior) && i < nr; ++i) {
           const int64_t r = r0 + i;
           const float* mu_f = as_float(mu + r * p.in.mu_row_stride + col0, n, mu_buf);
           const float* logvar_raw = as_float(logvar + r * p.in.logvar_row_stride + col0, n, logvar_buf);

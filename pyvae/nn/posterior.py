@@ -37,7 +37,9 @@ class DiagonalGaussianDistribution:
     Differences: the noise is the op's counter-based Philox stream, not ``torch.randn``: a
     ``generator`` seeds it (one 63-bit draw from the generator; on a CUDA generator that draw is
     read back to the host), so a seeded generator still gives a reproducible sample, but not
-    diffusers' sample. The KL is computed in float32 (float64 for float64 parameters) and returned in
+    diffusers' sample. The stream follows the parameters' memory layout: channels-last parameters
+    (a CPU convolution's output) draw in channels-last order, so the same values in another layout
+    get other (equally distributed) noise; ``z`` and the parameters' gradient keep the layout. The KL is computed in float32 (float64 for float64 parameters) and returned in
     the parameters' dtype; for latents of other ranks than 4 it is summed over dims 1 to 3 as there
     (3-D audio latents: dims 1 and 2).
     """
@@ -99,11 +101,23 @@ class DiagonalGaussianDistribution:
         """(z in mean's shape, the KL summed as diffusers sums it, in the parameters' dtype).
 
         Against N(0, I): the packed op on ``parameters`` itself (the clamp inside the kernel, one
-        gradient tensor for ``parameters``, nothing but ``parameters`` and the key kept); against
-        ``other``: the learned-prior form on the clamped halves."""
+        gradient tensor for ``parameters``, nothing but ``parameters`` and the key kept), in its
+        memory layout (contiguous or channels-last); against ``other``: the learned-prior form on the
+        clamped halves."""
         per_example = self.mean.dim() <= 4  # dims 1.. are all of diffusers' summed dims
         reduction = "per_sample" if per_example else "none"
-        if other is None:
+        channels_last = self.parameters.movedim(1, -1)
+        if other is None and not self.parameters.is_contiguous() and channels_last.is_contiguous():
+            # a channels-last encoder output (what a CPU convolution gives): each position's mean and
+            # log-variance are adjacent, [..., 2C], read in place; z and the gradient keep that layout,
+            # as diffusers' elementwise ops keep it
+            z, kl = reparameterize_kl_packed(channels_last, dim=-1, logvar_min=_LOGVAR_MIN, logvar_max=_LOGVAR_MAX,
+                                             seed=seed, reduction=reduction)
+            z = z.movedim(-1, 1)
+            if per_example:  # per position: summed over the positions
+                return z, kl.sum(dim=list(range(1, kl.dim()))).to(self.parameters.dtype)
+            kl = kl.movedim(-1, 1)
+        elif other is None:
             z, kl = reparameterize_kl_packed(self.parameters, dim=1, logvar_min=_LOGVAR_MIN, logvar_max=_LOGVAR_MAX,
                                              seed=seed, reduction=reduction)
         else:
