@@ -68,28 +68,40 @@ def check_reparam_kl_backward(mu: torch.Tensor, logvar: torch.Tensor, seed: torc
     check_mu_logvar(mu, logvar, dtypes)
     check_prior("prior_mu", prior_mu, mu)
     check_prior("prior_logvar", prior_logvar, mu)
-    if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError("seed must be a one-element int64 tensor (the seed_used output of forward)")
-    if seed.device != mu.device:
-        raise ValueError(f"seed must be on the device of mu ({mu.device}), got {seed.device}")
-    if grad_z is not None:
-        if grad_z.dim() != mu.dim() + 1 or grad_z.shape[1:] != mu.shape:
-            raise ValueError(f"grad_z must have shape [n_samples, *mu.shape], got {sizes(grad_z)}")
-        if grad_z.dtype != mu.dtype:
-            raise TypeError("grad_z must have the dtype of mu")
-        if grad_z.device != mu.device:
-            raise ValueError(f"grad_z must be on the device of mu ({mu.device}), got {grad_z.device}")
-    if grad_kl is not None:
-        if grad_kl.shape != mu.shape:
-            raise ValueError(f"grad_kl must have the shape of mu (expanded if need be), got {sizes(grad_kl)}")
-        if grad_kl.dtype not in float32_values(dtypes):
-            raise TypeError("grad_kl must be float32")
-        if grad_kl.device != mu.device:
-            raise ValueError(f"grad_kl must be on the device of mu ({mu.device}), got {grad_kl.device}")
+    check_upstream(seed, grad_z, grad_kl, mu, "mu", mu.shape, True, dtypes)
     if prior_mu_grad and prior_mu is None:
         raise ValueError("prior_mu_grad needs a prior_mu")
     if prior_logvar_grad and prior_logvar is None:
         raise ValueError("prior_logvar_grad needs a prior_logvar")
+
+
+def check_upstream(seed: torch.Tensor, grad_z: Optional[torch.Tensor], grad_kl: Optional[torch.Tensor],
+                   ref: torch.Tensor, ref_name: str, latent: torch.Size, samples_dim: bool,
+                   dtypes: Sequence[torch.dtype]) -> None:
+    """A backward op's key and upstream gradients (backward_params in csrc/reparam_kl_ops.cpp):
+    ``ref`` (mu, or the packed ops' params) gives their dtype and device, ``latent`` is z's shape
+    for one sample; grad_z has a leading samples dim where ``samples_dim``."""
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError("seed must be a one-element int64 tensor (the seed_used output of forward)")
+    if seed.device != ref.device:
+        raise ValueError(f"seed must be on the device of {ref_name} ({ref.device}), got {seed.device}")
+    if grad_z is not None:
+        if samples_dim and (grad_z.dim() != len(latent) + 1 or grad_z.shape[1:] != latent):
+            raise ValueError(f"grad_z must have shape [n_samples, *mu.shape], got {sizes(grad_z)}")
+        if not samples_dim and grad_z.shape != latent:
+            raise ValueError(f"grad_z must have the shape of z, [{', '.join(map(str, latent))}], got {sizes(grad_z)}")
+        if grad_z.dtype != ref.dtype:
+            raise TypeError(f"grad_z must have the dtype of {ref_name}")
+        if grad_z.device != ref.device:
+            raise ValueError(f"grad_z must be on the device of {ref_name} ({ref.device}), got {grad_z.device}")
+    if grad_kl is not None:
+        if grad_kl.shape != latent:
+            raise ValueError(f"grad_kl must have the shape of {'mu' if samples_dim else 'z'} (expanded if need be), "
+                             f"got {sizes(grad_kl)}")
+        if grad_kl.dtype not in float32_values(dtypes):
+            raise TypeError("grad_kl must be float32")
+        if grad_kl.device != ref.device:
+            raise ValueError(f"grad_kl must be on the device of {ref_name} ({ref.device}), got {grad_kl.device}")
 
 
 def new_reparam_kl_backward_outputs(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
@@ -151,25 +163,7 @@ def check_reparam_kl_packed_backward(params: torch.Tensor, seed: torch.Tensor, g
                                      dtypes: Sequence[torch.dtype] = KERNEL_DTYPES) -> None:
     check_params(params, dtypes)
     check_logvar_bounds(logvar_min, logvar_max)
-    if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError("seed must be a one-element int64 tensor (the seed_used output of forward)")
-    if seed.device != params.device:
-        raise ValueError(f"seed must be on the device of params ({params.device}), got {seed.device}")
-    latent = torch.Size(packed_latent_shape(params))
-    if grad_z is not None:
-        if grad_z.shape != latent:
-            raise ValueError(f"grad_z must have the shape of z, [{', '.join(map(str, latent))}], got {sizes(grad_z)}")
-        if grad_z.dtype != params.dtype:
-            raise TypeError("grad_z must have the dtype of params")
-        if grad_z.device != params.device:
-            raise ValueError(f"grad_z must be on the device of params ({params.device}), got {grad_z.device}")
-    if grad_kl is not None:
-        if grad_kl.shape != latent:
-            raise ValueError(f"grad_kl must have the shape of z (expanded if need be), got {sizes(grad_kl)}")
-        if grad_kl.dtype not in float32_values(dtypes):
-            raise TypeError("grad_kl must be float32")
-        if grad_kl.device != params.device:
-            raise ValueError(f"grad_kl must be on the device of params ({params.device}), got {grad_kl.device}")
+    check_upstream(seed, grad_z, grad_kl, params, "params", torch.Size(packed_latent_shape(params)), False, dtypes)
 
 
 def new_reparam_kl_packed_backward_outputs(params: torch.Tensor, seed: torch.Tensor, grad_z: Optional[torch.Tensor],

@@ -106,24 +106,24 @@ class DiagonalGaussianDistribution:
         clamped halves."""
         per_example = self.mean.dim() <= 4  # dims 1.. are all of diffusers' summed dims
         reduction = "per_sample" if per_example else "none"
-        channels_last = self.parameters.movedim(1, -1)
-        if other is None and not self.parameters.is_contiguous() and channels_last.is_contiguous():
-            # a channels-last encoder output (what a CPU convolution gives): each position's mean and
-            # log-variance are adjacent, [..., 2C], read in place; z and the gradient keep that layout,
-            # as diffusers' elementwise ops keep it
-            z, kl = reparameterize_kl_packed(channels_last, dim=-1, logvar_min=_LOGVAR_MIN, logvar_max=_LOGVAR_MAX,
-                                             seed=seed, reduction=reduction)
-            z = z.movedim(-1, 1)
-            if per_example:  # per position: summed over the positions
-                return z, kl.sum(dim=list(range(1, kl.dim()))).to(self.parameters.dtype)
-            kl = kl.movedim(-1, 1)
-        elif other is None:
-            z, kl = reparameterize_kl_packed(self.parameters, dim=1, logvar_min=_LOGVAR_MIN, logvar_max=_LOGVAR_MAX,
-                                             seed=seed, reduction=reduction)
-        else:
+        p = self.parameters
+        if other is not None:
             z, kl = reparameterize_kl(self._rows(self.mean), self._rows(self.logvar), seed=seed, reduction=reduction,
                                       prior_mu=self._rows(other.mean), prior_logvar=self._rows(other.logvar))
             z = z.view(self.mean.shape)
+        elif not p.is_contiguous() and p.movedim(1, -1).is_contiguous():
+            # a channels-last encoder output (what a CPU convolution gives): each position's mean and
+            # log-variance are adjacent, [..., 2C], read in place; z and the gradient keep that layout,
+            # as diffusers' elementwise ops keep it
+            z, kl = reparameterize_kl_packed(p.movedim(1, -1), dim=-1, logvar_min=_LOGVAR_MIN, logvar_max=_LOGVAR_MAX,
+                                             seed=seed, reduction=reduction)
+            z = z.movedim(-1, 1)
+            if per_example:  # per position: summed over the positions
+                return z, kl.sum(dim=list(range(1, kl.dim()))).to(p.dtype)
+            kl = kl.movedim(-1, 1)
+        else:
+            z, kl = reparameterize_kl_packed(p, dim=1, logvar_min=_LOGVAR_MIN, logvar_max=_LOGVAR_MAX, seed=seed,
+                                             reduction=reduction)
         if not per_example:
             kl = kl.view(self.mean.shape).sum(dim=list(_KL_DIMS))
         return z, kl.to(self.parameters.dtype)

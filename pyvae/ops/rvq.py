@@ -184,21 +184,19 @@ class ResidualVQFunction(torch.autograd.Function):
         cdt = _compute_dtype(x, codebooks)
         want_x = ctx.needs_input_grad[0] and (grad_q is not None or grad_commitment_losses is not None)
         want_codebooks = ctx.needs_input_grad[1] and grad_codebook_losses is not None
+        # in place (three [N, D] buffers, the codebooks' gradient written stage by stage into one
+        # [Q, K, D] tensor) unless the result must stay differentiable
+        in_place = not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+                        or torch.compiler.is_compiling())
         grad_x = grad_codebooks = None
         if want_x:
             grad_x = (grad_q.to(cdt).reshape(-1, d) if grad_q is not None
                       else torch.zeros(x.numel() // d if d else 0, d, dtype=cdt, device=x.device))
         if want_codebooks:
             stats = _stats_op(ctx.backend, True)
-            grad_codebooks = []  # each stage's [K, D]; in place, one [Q, K, D] tensor (no stack)
-            grad_stack = torch.empty(stages, k, d, dtype=cdt, device=codebooks.device)
+            grad_codebooks = torch.empty(stages, k, d, dtype=cdt, device=codebooks.device) if in_place else []
         if grad_commitment_losses is not None or want_codebooks:
-            # each stage's residual r_q, from x and the codes before it (constants, as in forward);
-            # in place, in three [N, D] buffers, unless the result must stay differentiable
-            in_place = not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-                            or torch.compiler.is_compiling())
-            if not in_place:
-                grad_stack = None
+            # each stage's residual r_q, from x and the codes before it (constants, as in forward)
             flat = idx.reshape(-1, stages)
             e = codebooks.detach().to(cdt)
             r = x.detach().reshape(-1, d).to(cdt, copy=True) if in_place else x.reshape(-1, d).to(cdt)
@@ -209,9 +207,8 @@ class ResidualVQFunction(torch.autograd.Function):
                 if want_codebooks:
                     counts, sums = stats(r.detach(), flat[:, q], k)
                     weight = grad_codebook_losses[q] * scale
-                    if grad_stack is not None:
-                        out = torch.mul(e[q], counts[:, None], out=grad_stack[q])
-                        grad_codebooks.append(out.sub_(sums.to(cdt)).mul_(weight))
+                    if in_place:
+                        torch.mul(e[q], counts[:, None], out=grad_codebooks[q]).sub_(sums.to(cdt)).mul_(weight)
                     else:
                         grad_codebooks.append(weight * (counts[:, None] * codebooks[q].to(cdt) - sums.to(cdt)))
                 if in_place:
@@ -224,7 +221,7 @@ class ResidualVQFunction(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if grad_codebooks is not None:
-            grad_codebooks = (grad_stack if grad_stack is not None else torch.stack(grad_codebooks)).to(codebooks.dtype)
+            grad_codebooks = (grad_codebooks if in_place else torch.stack(grad_codebooks)).to(codebooks.dtype)
         return grad_x, grad_codebooks, None, None
 
 
