@@ -9,6 +9,12 @@ namespace pyvae {
 
 PYVAE_HD float std_from_logvar(float logvar) { return exp_f(0.5f * logvar); }
 
+// The same for a log-variance known to lie in [-kStdNormalLogvar, kStdNormalLogvar] (clamped to
+// bounds inside it, as diffusers' [-30, 20]) or NaN: exp_normal's shorter evaluation (vmath.h says
+// how it matches exp_f).
+constexpr float kStdNormalLogvar = 174.0f;
+PYVAE_HD float std_from_bounded_logvar(float logvar) { return exp_normal(0.5f * logvar); }
+
 // The packed ops' clamp of the log-variance, torch.clamp's: NaN stays NaN (both comparisons are
 // false), and its gradient passes only where lo <= logvar <= hi (not for NaN). Written with & and
 // selects, not && or std::min, so that the CPU loops vectorise.

@@ -36,16 +36,40 @@ void normals(uint64_t seed, uint64_t group0, uint32_t sample, int64_t n_groups, 
   box_muller(words[0], words[1], words[2], words[3], n_groups, eps);
 }
 
-// z = mu + std * eps and the KL terms of one chunk of a row, in one pass.
-PYVAE_MULTIVERSION void z_and_kl(const float* __restrict mu, const float* __restrict logvar,
-                                 const float* __restrict eps, int64_t n, float* __restrict z,
-                                 float* __restrict kl) {
+// How the packed ops' clamp bounds the log-variance: not at all (the unpacked ops), to bounds of
+// any size, or to bounds inside [-kStdNormalLogvar, kStdNormalLogvar] (diffusers' [-30, 20]), where
+// std_from_bounded_logvar saves about a tenth of the forward's time (reparam_kl_math.h).
+enum class LogvarClamp { kNone, kAny, kBounded };
+
+LogvarClamp logvar_clamp(const ReparamKLInputs& in) {
+  if (!in.clamp_logvar) return LogvarClamp::kNone;
+  const bool bounded = in.logvar_min >= -kStdNormalLogvar && in.logvar_max <= kStdNormalLogvar;
+  return bounded ? LogvarClamp::kBounded : LogvarClamp::kAny;
+}
+
+template <LogvarClamp kClamp>
+inline __attribute__((always_inline)) float std_of(float logvar) {
+  return kClamp == LogvarClamp::kBounded ? std_from_bounded_logvar(logvar) : std_from_logvar(logvar);
+}
+
+// z = mu + std * eps and the KL terms of one chunk of a row, in one pass (logvar already clamped).
+template <LogvarClamp kClamp>
+inline __attribute__((always_inline)) void z_and_kl_loop(const float* __restrict mu, const float* __restrict logvar,
+                                                         const float* __restrict eps, int64_t n, float* __restrict z,
+                                                         float* __restrict kl) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    const float sd = std_from_logvar(logvar[c]);
+    const float sd = std_of<kClamp>(logvar[c]);
     z[c] = mu[c] + sd * eps[c];
     kl[c] = kl_term(mu[c], logvar[c], sd);
   }
+}
+
+PYVAE_MULTIVERSION void z_and_kl(LogvarClamp clamp, const float* __restrict mu, const float* __restrict logvar,
+                                 const float* __restrict eps, int64_t n, float* __restrict z,
+                                 float* __restrict kl) {
+  if (clamp == LogvarClamp::kBounded) return z_and_kl_loop<LogvarClamp::kBounded>(mu, logvar, eps, n, z, kl);
+  z_and_kl_loop<LogvarClamp::kNone>(mu, logvar, eps, n, z, kl);
 }
 
 // The same with a Gaussian prior (reparam_kl_math.h): a separate loop, so that the prior-free one
@@ -83,6 +107,76 @@ PYVAE_MULTIVERSION void grads(bool has_grad_z, bool has_grad_kl, const float* __
   if (has_grad_z && has_grad_kl) return grads_loop<true, true>(mu, logvar, gkl, n, gz_sum, gz_eps_sum);
   if (has_grad_z) return grads_loop<true, false>(mu, logvar, gkl, n, gz_sum, gz_eps_sum);
   grads_loop<false, true>(mu, logvar, gkl, n, gz_sum, gz_eps_sum);
+}
+
+// The packed ops' clamp (reparam_kl_math.h) of one chunk of log-variances, into `clamped`.
+PYVAE_MULTIVERSION void clamp_chunk(const float* __restrict logvar, int64_t n, float lo, float hi,
+                                    float* __restrict clamped) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) clamped[c] = clamp_logvar(logvar[c], lo, hi);
+}
+
+// Zeroes the log-variance gradients of one chunk where the clamp passes none (a select, so that an
+// infinite or NaN gradient there becomes 0, as torch.clamp's backward makes it).
+PYVAE_MULTIVERSION void mask_clamped(const float* __restrict logvar, int64_t n, float lo, float hi,
+                                     float* __restrict grad_logvar) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) grad_logvar[c] = clamp_passes_grad(logvar[c], lo, hi) ? grad_logvar[c] : 0.0f;
+}
+
+// The backward of one chunk of one sample without a prior (a posterior's, the common case) in one
+// loop: grad_mu and grad_logvar straight from the upstream gradients gz and gkl, the noise and the
+// raw log-variance, clamped first where kClamp (the packed ops); the general path's zeroed sums,
+// accumulation and clamp were three more passes over a chunk. The clamp's mask stays a pass of its
+// own (one_sample_grads): as a select in this loop, it changed how g++ contracted the gradient's
+// products into FMAs, and the packed op no longer matched the chunked call bit for bit.
+template <bool kHasGradZ, bool kHasGradKL, LogvarClamp kClamp>
+inline __attribute__((always_inline)) void one_sample_grads_loop(
+    const float* __restrict mu, const float* __restrict logvar, const float* __restrict gz,
+    const float* __restrict eps, const float* __restrict gkl, int64_t n, float lo, float hi,
+    float* __restrict grad_mu, float* __restrict grad_logvar) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const float lv = kClamp != LogvarClamp::kNone ? clamp_logvar(logvar[c], lo, hi) : logvar[c];
+    const float gz_c = kHasGradZ ? gz[c] : 0.0f;
+    const InputGrads g = input_grads(kHasGradZ, kHasGradKL, mu[c], std_of<kClamp>(lv), gz_c,
+                                     kHasGradZ ? gz_c * eps[c] : 0.0f, kHasGradKL ? gkl[c] : 0.0f);
+    grad_mu[c] = g.mu;
+    grad_logvar[c] = g.logvar;
+  }
+}
+
+template <LogvarClamp kClamp>
+inline __attribute__((always_inline)) void one_sample_grads_clamp(
+    bool has_grad_z, bool has_grad_kl, const float* __restrict mu, const float* __restrict logvar,
+    const float* __restrict gz, const float* __restrict eps, const float* __restrict gkl, int64_t n, float lo,
+    float hi, float* __restrict grad_mu, float* __restrict grad_logvar) {
+  if (has_grad_z && has_grad_kl)
+    return one_sample_grads_loop<true, true, kClamp>(mu, logvar, gz, eps, gkl, n, lo, hi, grad_mu, grad_logvar);
+  if (has_grad_z)
+    return one_sample_grads_loop<true, false, kClamp>(mu, logvar, gz, eps, gkl, n, lo, hi, grad_mu, grad_logvar);
+  one_sample_grads_loop<false, true, kClamp>(mu, logvar, gz, eps, gkl, n, lo, hi, grad_mu, grad_logvar);
+}
+
+PYVAE_MULTIVERSION void one_sample_grads(bool has_grad_z, bool has_grad_kl, LogvarClamp clamp,
+                                         const float* __restrict mu, const float* __restrict logvar,
+                                         const float* __restrict gz, const float* __restrict eps,
+                                         const float* __restrict gkl, int64_t n, float lo, float hi,
+                                         float* __restrict grad_mu, float* __restrict grad_logvar) {
+  switch (clamp) {
+    case LogvarClamp::kNone:
+      return one_sample_grads_clamp<LogvarClamp::kNone>(has_grad_z, has_grad_kl, mu, logvar, gz, eps, gkl, n, lo, hi,
+                                                        grad_mu, grad_logvar);
+    case LogvarClamp::kAny:
+      one_sample_grads_clamp<LogvarClamp::kAny>(has_grad_z, has_grad_kl, mu, logvar, gz, eps, gkl, n, lo, hi, grad_mu,
+                                                grad_logvar);
+      break;
+    case LogvarClamp::kBounded:
+      one_sample_grads_clamp<LogvarClamp::kBounded>(has_grad_z, has_grad_kl, mu, logvar, gz, eps, gkl, n, lo, hi,
+                                                    grad_mu, grad_logvar);
+      break;
+  }
+  mask_clamped(logvar, n, lo, hi, grad_logvar);
 }
 
 // The backward of one chunk with a prior and a KL gradient: grad_mu and grad_logvar in place of
@@ -180,6 +274,11 @@ template <typename T>
 const float* block_rows_strided(const T* base, int64_t row_stride, int64_t col_stride, int64_t r0, int64_t nr,
                                 int64_t cols, float* __restrict buffer) {
   if (col_stride == 1) return block_rows(base, row_stride, r0, nr, cols, buffer);
+  if (col_stride == 0) {
+    for (int64_t i = 0; i < nr; ++i)
+      std::fill(buffer + i * cols, buffer + (i + 1) * cols, static_cast<float>(base[(r0 + i) * row_stride]));
+    return buffer;
+  }
   for (int64_t i = 0; i < nr; ++i)
     for (int64_t c = 0; c < cols; ++c)
       buffer[i * cols + c] = static_cast<float>(base[(r0 + i) * row_stride + c * col_stride]);
@@ -193,21 +292,6 @@ inline const float* block_eps(const float* eps, int64_t eps_row_stride, int64_t 
   if (nr == 1 || eps_row_stride == cols) return eps;
   for (int64_t i = 0; i < nr; ++i) copy_floats(eps + i * eps_row_stride, cols, buffer + i * cols);
   return buffer;
-}
-
-// The packed ops' clamp (reparam_kl_math.h) of one chunk of log-variances, into `clamped`.
-PYVAE_MULTIVERSION void clamp_chunk(const float* __restrict logvar, int64_t n, float lo, float hi,
-                                    float* __restrict clamped) {
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) clamped[c] = clamp_logvar(logvar[c], lo, hi);
-}
-
-// Zeroes the log-variance gradients of one chunk where the clamp passes none (a select, so that an
-// infinite or NaN gradient there becomes 0, as torch.clamp's backward makes it).
-PYVAE_MULTIVERSION void mask_clamped(const float* __restrict logvar, int64_t n, float lo, float hi,
-                                     float* __restrict grad_logvar) {
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) grad_logvar[c] = clamp_passes_grad(logvar[c], lo, hi) ? grad_logvar[c] : 0.0f;
 }
 
 // Work is split into blocks of rows. Short rows (4 * groups_per_row <= kChunk) are taken several
@@ -231,6 +315,7 @@ void forward_impl(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) 
   T* z = static_cast<T*>(p.z);
   const uint64_t seed = static_cast<uint64_t>(p.seed.key);  // the host resolved it (csrc/reparam_kl_ops.cpp)
   const RowBlocks blocks(p.in.rows, p.in.cols);
+  const LogvarClamp clamp = logvar_clamp(p.in);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], kl_buf[kChunk], eps[kChunk], z_buf[kChunk],
@@ -258,7 +343,7 @@ void forward_impl(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) 
             float* kl_f = p.kl_per_element && s == 0 ? p.kl + r0 * p.in.cols : kl_buf;
             T* z_block = z + (s * p.in.rows + r0) * p.in.cols;
             float* z_f = float_target(z_block, z_buf);
-            z_and_kl(mu_f, logvar_f, block_eps(eps, eps_row_stride, nr, n, eps_compact), nr * n, z_f, kl_f);
+            z_and_kl(clamp, mu_f, logvar_f, block_eps(eps, eps_row_stride, nr, n, eps_compact), nr * n, z_f, kl_f);
             store_chunk(z_f, nr * n, z_block);
             if (s == 0 && !p.kl_per_element)
               for (int64_t i = 0; i < nr; ++i) accumulate_lanes(kl_f + i * n, n, lanes[i]);
@@ -285,7 +370,7 @@ void forward_impl(const ReparamKLForwardParams& p, const ReparamKLPrior& prior) 
                                                            prior.logvar_col_stride, r, col0, n, prior_logvar_buf, zeros);
               z_and_kl_prior(mu_f, logvar_f, prior_mu_f, prior_logvar_f, eps + i * eps_row_stride, n, z_f, kl_f);
             } else {
-              z_and_kl(mu_f, logvar_f, eps + i * eps_row_stride, n, z_f, kl_f);
+              z_and_kl(clamp, mu_f, logvar_f, eps + i * eps_row_stride, n, z_f, kl_f);
             }
             store_chunk(z_f, n, z_row);
             if (s == 0 && !p.kl_per_element) accumulate_lanes(kl_f, n, lanes[i]);
@@ -308,8 +393,10 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
   T* grad_logvar = static_cast<T*>(p.grad_logvar);
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
   const RowBlocks blocks(p.in.rows, p.in.cols);
+  const LogvarClamp clamp = logvar_clamp(p.in);
   const int64_t eps_row_stride = 4 * blocks.groups_per_row;
   const bool with_prior = prior.present && p.grad_kl != nullptr;  // without a KL gradient it plays no part
+  const bool one_sample = p.samples == 1 && !with_prior;            // one_sample_grads, no sums
   at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t block_begin, int64_t block_end) {
     alignas(64) float mu_buf[kChunk], logvar_buf[kChunk], gz_buf[kChunk], eps[kChunk], gz_sum_buf[kChunk],
         gz_eps_sum_buf[kChunk], gkl[kChunk], gkl_zeros[kChunk] = {}, prior_mu_buf[kChunk], prior_logvar_buf[kChunk],
@@ -328,11 +415,31 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
             nr == 1 || (p.grad_mu_row_stride == p.in.cols && p.grad_logvar_row_stride == p.in.cols);
         float* gz_sum = rows_adjacent ? float_target(grad_mu_out, gz_sum_buf) : gz_sum_buf;
         float* gz_eps_sum = rows_adjacent ? float_target(grad_logvar_out, gz_eps_sum_buf) : gz_eps_sum_buf;
-        std::fill(gz_sum, gz_sum + nr * n, 0.0f);
-        std::fill(gz_eps_sum, gz_eps_sum + nr * n, 0.0f);
         const uint64_t first_group = static_cast<uint64_t>(r0 * blocks.groups_per_row + col0 / 4);
         const int64_t n_groups = (nr - 1) * blocks.groups_per_row + (n + 3) / 4;
-        if (nr > 1 && !with_prior) {  // short rows: the block at once (n == cols)
+        if (one_sample) {  // the block's rows side by side (one row, or short ones with n == cols)
+          prefetch_rows(mu, p.in.mu_row_stride, r0, nr, col0, n);
+          prefetch_rows(logvar, p.in.logvar_row_stride, r0, nr, col0, n);
+          const float* gz_f = nullptr;
+          const float* eps_f = nullptr;
+          if (grad_z != nullptr) {
+            if (p.grad_z_col_stride == 1) prefetch_rows(grad_z, p.grad_z_row_stride, r0, nr, col0, n);
+            normals(seed, first_group, 0u, n_groups, eps);
+            eps_f = block_eps(eps, eps_row_stride, nr, n, eps_compact);
+            gz_f = block_rows_strided(grad_z + col0 * p.grad_z_col_stride, p.grad_z_row_stride, p.grad_z_col_stride,
+                                      r0, nr, n, gz_buf);
+          }
+          const float* gkl_f = p.grad_kl == nullptr
+                                   ? gkl_zeros
+                                   : block_rows_strided(p.grad_kl + col0 * p.grad_kl_col_stride, p.grad_kl_row_stride,
+                                                        p.grad_kl_col_stride, r0, nr, n, gkl);
+          one_sample_grads(grad_z != nullptr, p.grad_kl != nullptr, clamp,
+                           block_rows(mu + col0, p.in.mu_row_stride, r0, nr, n, mu_buf),
+                           block_rows(logvar + col0, p.in.logvar_row_stride, r0, nr, n, logvar_buf), gz_f, eps_f,
+                           gkl_f, nr * n, p.in.logvar_min, p.in.logvar_max, gz_sum, gz_eps_sum);
+        } else if (nr > 1 && !with_prior) {  // short rows, several samples: the block at once (n == cols)
+          std::fill(gz_sum, gz_sum + nr * n, 0.0f);
+          std::fill(gz_eps_sum, gz_eps_sum + nr * n, 0.0f);
           for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
             normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
             const float* eps_f = block_eps(eps, eps_row_stride, nr, n, eps_compact);
@@ -356,7 +463,9 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
                                                                          p.grad_kl_col_stride, r0, nr, n, gkl);
           grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, nr * n, gz_sum, gz_eps_sum);
           if (p.in.clamp_logvar) mask_clamped(logvar_raw, nr * n, p.in.logvar_min, p.in.logvar_max, gz_eps_sum);
-        } else {  // long rows, or a prior: row by row
+        } else {  // long rows of several samples, or a prior: row by row
+          std::fill(gz_sum, gz_sum + nr * n, 0.0f);
+          std::fill(gz_eps_sum, gz_eps_sum + nr * n, 0.0f);
           for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
             const T* grad_z_sample = grad_z + s * p.grad_z_sample_stride;
             if (p.grad_z_col_stride == 1) prefetch_rows(grad_z_sample, p.grad_z_row_stride, r0, nr, col0, n);
