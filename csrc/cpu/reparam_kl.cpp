@@ -407,8 +407,9 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
       for (int64_t col0 = 0; col0 < p.in.cols; col0 += kChunk) {
         const int64_t n = std::min(kChunk, p.in.cols - col0);
         // Sums over samples of grad_z and grad_z * eps, row i of the block at offset i * n, turned into
-        // grad_mu and grad_logvar in place. Where the rows of a block are contiguous in the outputs
-        // (one row, or whole rows of unit row stride cols), the float32 outputs themselves serve.
+        // grad_mu and grad_logvar in place (one_sample: the gradients, written once). Where the rows of
+        // a block are contiguous in the outputs (one row, or whole rows of unit row stride cols), the
+        // float32 outputs themselves serve.
         T* grad_mu_out = grad_mu + r0 * p.grad_mu_row_stride + col0;
         T* grad_logvar_out = grad_logvar + r0 * p.grad_logvar_row_stride + col0;
         const bool rows_adjacent =
@@ -437,98 +438,98 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
                            block_rows(mu + col0, p.in.mu_row_stride, r0, nr, n, mu_buf),
                            block_rows(logvar + col0, p.in.logvar_row_stride, r0, nr, n, logvar_buf), gz_f, eps_f,
                            gkl_f, nr * n, p.in.logvar_min, p.in.logvar_max, gz_sum, gz_eps_sum);
-        } else if (nr > 1 && !with_prior) {  // short rows, several samples: the block at once (n == cols)
+        } else {  // sums over the samples
           std::fill(gz_sum, gz_sum + nr * n, 0.0f);
           std::fill(gz_eps_sum, gz_eps_sum + nr * n, 0.0f);
-          for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
-            normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
-            const float* eps_f = block_eps(eps, eps_row_stride, nr, n, eps_compact);
-            const float* gz_f = block_rows_strided(grad_z + s * p.grad_z_sample_stride, p.grad_z_row_stride,
-                                                   p.grad_z_col_stride, r0, nr, n, gz_buf);
+          if (nr > 1 && !with_prior) {  // short rows: the block at once (n == cols)
+            for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
+              normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
+              const float* eps_f = block_eps(eps, eps_row_stride, nr, n, eps_compact);
+              const float* gz_f = block_rows_strided(grad_z + s * p.grad_z_sample_stride, p.grad_z_row_stride,
+                                                     p.grad_z_col_stride, r0, nr, n, gz_buf);
 #pragma omp simd
-            for (int64_t c = 0; c < nr * n; ++c) {
-              gz_sum[c] += gz_f[c];
-              gz_eps_sum[c] += gz_f[c] * eps_f[c];
-            }
-          }
-          const float* mu_f = block_rows(mu, p.in.mu_row_stride, r0, nr, n, mu_buf);
-          const float* logvar_raw = block_rows(logvar, p.in.logvar_row_stride, r0, nr, n, logvar_buf);
-          const float* logvar_f = logvar_raw;
-          if (p.in.clamp_logvar) {
-            clamp_chunk(logvar_raw, nr * n, p.in.logvar_min, p.in.logvar_max, clamped_buf);
-            logvar_f = clamped_buf;
-          }
-          const float* gkl_f = p.grad_kl == nullptr ? gkl_zeros
-                                                    : block_rows_strided(p.grad_kl, p.grad_kl_row_stride,
-                                                                         p.grad_kl_col_stride, r0, nr, n, gkl);
-          grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, nr * n, gz_sum, gz_eps_sum);
-          if (p.in.clamp_logvar) mask_clamped(logvar_raw, nr * n, p.in.logvar_min, p.in.logvar_max, gz_eps_sum);
-        } else {  // long rows of several samples, or a prior: row by row
-          std::fill(gz_sum, gz_sum + nr * n, 0.0f);
-          std::fill(gz_eps_sum, gz_eps_sum + nr * n, 0.0f);
-          for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
-            const T* grad_z_sample = grad_z + s * p.grad_z_sample_stride;
-            if (p.grad_z_col_stride == 1) prefetch_rows(grad_z_sample, p.grad_z_row_stride, r0, nr, col0, n);
-            if (s + 1 == p.samples) {
-              prefetch_rows(mu, p.in.mu_row_stride, r0, nr, col0, n);
-              prefetch_rows(logvar, p.in.logvar_row_stride, r0, nr, col0, n);
-            }
-            normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
-            for (int64_t i = 0; i < nr; ++i) {
-              const T* gz_row = grad_z_sample + (r0 + i) * p.grad_z_row_stride;
-              const float* gz_f = gz_buf;
-              if (p.grad_z_col_stride == 1) {
-                gz_f = as_float(gz_row + col0, n, gz_buf);
-              } else {  // an expanded gradient: one value along the row
-                std::fill(gz_buf, gz_buf + n, static_cast<float>(gz_row[0]));
-              }
-              const float* eps_row = eps + i * eps_row_stride;
-              float* __restrict sum = gz_sum + i * n;
-              float* __restrict eps_sum = gz_eps_sum + i * n;
-#pragma omp simd
-              for (int64_t c = 0; c < n; ++c) {
-                sum[c] += gz_f[c];
-                eps_sum[c] += gz_f[c] * eps_row[c];
+              for (int64_t c = 0; c < nr * n; ++c) {
+                gz_sum[c] += gz_f[c];
+                gz_eps_sum[c] += gz_f[c] * eps_f[c];
               }
             }
-          }
-          for (int64_t i = 0; i < nr; ++i) {
-            const int64_t r = r0 + i;
-            const float* mu_f = as_float(mu + r * p.in.mu_row_stride + col0, n, mu_buf);
-            const float* logvar_raw = as_float(logvar + r * p.in.logvar_row_stride + col0, n, logvar_buf);
+            const float* mu_f = block_rows(mu, p.in.mu_row_stride, r0, nr, n, mu_buf);
+            const float* logvar_raw = block_rows(logvar, p.in.logvar_row_stride, r0, nr, n, logvar_buf);
             const float* logvar_f = logvar_raw;
             if (p.in.clamp_logvar) {
-              clamp_chunk(logvar_raw, n, p.in.logvar_min, p.in.logvar_max, clamped_buf);
+              clamp_chunk(logvar_raw, nr * n, p.in.logvar_min, p.in.logvar_max, clamped_buf);
               logvar_f = clamped_buf;
             }
-            const float* gkl_f = gkl_zeros;
-            if (p.grad_kl != nullptr) {
-              const float* gkl_row = p.grad_kl + r * p.grad_kl_row_stride + col0 * p.grad_kl_col_stride;
-              if (p.grad_kl_col_stride == 1) {
-                gkl_f = gkl_row;
-              } else {  // per-sample or scalar KL gradient, broadcast along the row (stride 0)
-                for (int64_t c = 0; c < n; ++c) gkl[c] = gkl_row[c * p.grad_kl_col_stride];
-                gkl_f = gkl;
+            const float* gkl_f = p.grad_kl == nullptr ? gkl_zeros
+                                                      : block_rows_strided(p.grad_kl, p.grad_kl_row_stride,
+                                                                           p.grad_kl_col_stride, r0, nr, n, gkl);
+            grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, nr * n, gz_sum, gz_eps_sum);
+            if (p.in.clamp_logvar) mask_clamped(logvar_raw, nr * n, p.in.logvar_min, p.in.logvar_max, gz_eps_sum);
+          } else {  // long rows, or a prior: row by row
+            for (int64_t s = 0; grad_z != nullptr && s < p.samples; ++s) {
+              const T* grad_z_sample = grad_z + s * p.grad_z_sample_stride;
+              if (p.grad_z_col_stride == 1) prefetch_rows(grad_z_sample, p.grad_z_row_stride, r0, nr, col0, n);
+              if (s + 1 == p.samples) {
+                prefetch_rows(mu, p.in.mu_row_stride, r0, nr, col0, n);
+                prefetch_rows(logvar, p.in.logvar_row_stride, r0, nr, col0, n);
+              }
+              normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
+              for (int64_t i = 0; i < nr; ++i) {
+                const T* gz_row = grad_z_sample + (r0 + i) * p.grad_z_row_stride;
+                const float* gz_f = gz_buf;
+                if (p.grad_z_col_stride == 1) {
+                  gz_f = as_float(gz_row + col0, n, gz_buf);
+                } else {  // an expanded gradient: one value along the row
+                  std::fill(gz_buf, gz_buf + n, static_cast<float>(gz_row[0]));
+                }
+                const float* eps_row = eps + i * eps_row_stride;
+                float* __restrict sum = gz_sum + i * n;
+                float* __restrict eps_sum = gz_eps_sum + i * n;
+#pragma omp simd
+                for (int64_t c = 0; c < n; ++c) {
+                  sum[c] += gz_f[c];
+                  eps_sum[c] += gz_f[c] * eps_row[c];
+                }
               }
             }
-            if (with_prior) {
-              const float* prior_mu_f = prior_chunk<T>(prior.mu, prior.mu_row_stride, prior.mu_col_stride, r, col0, n,
-                                                       prior_mu_buf, gkl_zeros);
-              const float* prior_logvar_f = prior_chunk<T>(prior.logvar, prior.logvar_row_stride,
-                                                           prior.logvar_col_stride, r, col0, n, prior_logvar_buf,
-                                                           gkl_zeros);
-              // the prior's gradients go straight to their float32 outputs (row i of the block at i * n,
-              // as the sums), or to scratch where they are not wanted
-              const int64_t at = r0 * p.in.cols + col0 + i * n;
-              float* d_prior_mu = prior_grads.mu != nullptr ? prior_grads.mu + at : d_prior_mu_buf;
-              float* d_prior_logvar = prior_grads.logvar != nullptr ? prior_grads.logvar + at : d_prior_logvar_buf;
-              chunk_prior_grads(grad_z != nullptr, mu_f, logvar_f, prior_mu_f, prior_logvar_f, gkl_f, n,
-                                gz_sum + i * n, gz_eps_sum + i * n, d_prior_mu, d_prior_logvar);
-            } else {
-              grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, n, gz_sum + i * n,
-                    gz_eps_sum + i * n);
+            for (int64_t i = 0; i < nr; ++i) {
+              const int64_t r = r0 + i;
+              const float* mu_f = as_float(mu + r * p.in.mu_row_stride + col0, n, mu_buf);
+              const float* logvar_raw = as_float(logvar + r * p.in.logvar_row_stride + col0, n, logvar_buf);
+              const float* logvar_f = logvar_raw;
+              if (p.in.clamp_logvar) {
+                clamp_chunk(logvar_raw, n, p.in.logvar_min, p.in.logvar_max, clamped_buf);
+                logvar_f = clamped_buf;
+              }
+              const float* gkl_f = gkl_zeros;
+              if (p.grad_kl != nullptr) {
+                const float* gkl_row = p.grad_kl + r * p.grad_kl_row_stride + col0 * p.grad_kl_col_stride;
+                if (p.grad_kl_col_stride == 1) {
+                  gkl_f = gkl_row;
+                } else {  // per-sample or scalar KL gradient, broadcast along the row (stride 0)
+                  for (int64_t c = 0; c < n; ++c) gkl[c] = gkl_row[c * p.grad_kl_col_stride];
+                  gkl_f = gkl;
+                }
+              }
+              if (with_prior) {
+                const float* prior_mu_f = prior_chunk<T>(prior.mu, prior.mu_row_stride, prior.mu_col_stride, r, col0, n,
+                                                         prior_mu_buf, gkl_zeros);
+                const float* prior_logvar_f = prior_chunk<T>(prior.logvar, prior.logvar_row_stride,
+                                                             prior.logvar_col_stride, r, col0, n, prior_logvar_buf,
+                                                             gkl_zeros);
+                // the prior's gradients go straight to their float32 outputs (row i of the block at i * n,
+                // as the sums), or to scratch where they are not wanted
+                const int64_t at = r0 * p.in.cols + col0 + i * n;
+                float* d_prior_mu = prior_grads.mu != nullptr ? prior_grads.mu + at : d_prior_mu_buf;
+                float* d_prior_logvar = prior_grads.logvar != nullptr ? prior_grads.logvar + at : d_prior_logvar_buf;
+                chunk_prior_grads(grad_z != nullptr, mu_f, logvar_f, prior_mu_f, prior_logvar_f, gkl_f, n,
+                                  gz_sum + i * n, gz_eps_sum + i * n, d_prior_mu, d_prior_logvar);
+              } else {
+                grads(grad_z != nullptr, p.grad_kl != nullptr, mu_f, logvar_f, gkl_f, n, gz_sum + i * n,
+                      gz_eps_sum + i * n);
+              }
+              if (p.in.clamp_logvar) mask_clamped(logvar_raw, n, p.in.logvar_min, p.in.logvar_max, gz_eps_sum + i * n);
             }
-            if (p.in.clamp_logvar) mask_clamped(logvar_raw, n, p.in.logvar_min, p.in.logvar_max, gz_eps_sum + i * n);
           }
         }
         if (rows_adjacent) {
