@@ -259,14 +259,15 @@ def plain_op(op: str, name: str, backend: str) -> Callable:
     every call only to find that no gradient is needed. The op itself where that guard cannot be
     used: the reference (``torch``, whose likelihood uses torch.func), under torch.compile or
     ``torch.func`` transforms."""
-    fn = registry.family(op).op(name, backend)
     if backend == "torch" or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return fn
-    return _below_autograd(fn)
+        return registry.family(op).op(name, backend)
+    return _below_autograd(op, name, backend)
 
 
 @functools.lru_cache(maxsize=None)
-def _below_autograd(fn: Callable) -> Callable:
+def _below_autograd(op: str, name: str, backend: str) -> Callable:
+    fn = registry.family(op).op(name, backend)
+
     def call(*args):
         with torch._C._AutoDispatchBelowAutograd():
             return fn(*args)

@@ -50,8 +50,8 @@ class DiagonalGaussianDistribution:
             raise ValueError(f"parameters must be a tensor [B, 2C, ...] (mean and logvar stacked along dim 1), "
                              f"got {got}")
         self.parameters = parameters
-        self.mean, self._raw_logvar = torch.chunk(parameters, 2, dim=1)  # views
         self.deterministic = deterministic
+        self._mean: Optional[torch.Tensor] = None
         self._logvar: Optional[torch.Tensor] = None
         self._std: Optional[torch.Tensor] = None
         self._var: Optional[torch.Tensor] = None
@@ -60,11 +60,23 @@ class DiagonalGaussianDistribution:
             self._std = self._var = torch.zeros_like(self.mean, device=parameters.device, dtype=parameters.dtype)
 
     # diffusers computes these in its constructor; here on first use (sample() and kl() clamp the
-    # log-variance inside the fused op and need none of them)
+    # log-variance inside the fused op and need none of them; even the two views of chunk cost a
+    # small posterior's call a few percent)
+    @property
+    def mean(self) -> torch.Tensor:
+        if self._mean is None:
+            self._mean = self.parameters.narrow(1, 0, self.parameters.shape[1] // 2)
+        return self._mean
+
+    @mean.setter
+    def mean(self, value: torch.Tensor) -> None:
+        self._mean = value
+
     @property
     def logvar(self) -> torch.Tensor:
         if self._logvar is None:
-            self._logvar = torch.clamp(self._raw_logvar, _LOGVAR_MIN, _LOGVAR_MAX)
+            half = self.parameters.shape[1] // 2
+            self._logvar = torch.clamp(self.parameters.narrow(1, half, half), _LOGVAR_MIN, _LOGVAR_MAX)
         return self._logvar
 
     @logvar.setter
@@ -104,7 +116,7 @@ class DiagonalGaussianDistribution:
         gradient tensor for ``parameters``, nothing but ``parameters`` and the key kept), in its
         memory layout (contiguous or channels-last); against ``other``: the learned-prior form on the
         clamped halves."""
-        per_example = self.mean.dim() <= 4  # dims 1.. are all of diffusers' summed dims
+        per_example = self.parameters.dim() <= 4  # dims 1.. are all of diffusers' summed dims
         reduction = "per_sample" if per_example else "none"
         p = self.parameters
         if other is not None:

@@ -267,44 +267,62 @@ class ReparamKLFunction(torch.autograd.Function):
 
 
 class PackedReparamKLFunction(torch.autograd.Function):
-    """``(z, kl, seed_used) = PackedReparamKLFunction.apply(params, seed, reduction, backend, logvar_min,
-    logvar_max)`` for ``params`` ``[rows, 2, cols]`` (mu, then logvar, of each row): one sample,
-    the KL against N(0, I), the log-variance clamped to ``[logvar_min, logvar_max]`` (None: that
-    side unclamped). Saves only ``params`` and the key; backward regenerates eps and returns the
-    gradient of ``params`` as one tensor (the backend's packed backward op, with a derivative of its
-    own: higher-order gradients are exact)."""
+    """``(z, kl, seed_used) = PackedReparamKLFunction.apply(params, dim, seed, reduction, backend,
+    logvar_min, logvar_max)`` for ``params`` ``[..., 2 Z, ...]`` holding mu, then logvar, along
+    ``dim`` (non-negative): one sample, the KL against N(0, I), the log-variance clamped to
+    ``[logvar_min, logvar_max]`` (None: that side unclamped). ``z`` has ``params``' shape with
+    ``dim`` halved; ``kl`` is shaped by ``reduction`` as :func:`reparameterize_kl_packed` returns it.
+    The op sees ``params`` as ``[rows, 2, cols]``; the reshapes happen in here, so that autograd
+    records no view nodes around the call (three fewer nodes to build and run). Saves only ``params`` and the key;
+    backward regenerates eps and returns the gradient of ``params`` as one tensor (the backend's
+    packed backward op, with a derivative of its own: higher-order gradients are exact)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(params, seed: int | None, reduction: str, backend: str, logvar_min, logvar_max):
+    def forward(params, dim: int, seed: int | None, reduction: str, backend: str, logvar_min, logvar_max):
         forward_op = backends.plain_op(_OP, "reparam_kl_packed_forward", backend)
-        z, kl, seed_used = forward_op(params, seed, reduction == "none", logvar_min, logvar_max)
-        if reduction not in ("none", "per_sample"):
+        shape = params.shape
+        latent = (*shape[:dim], shape[dim] // 2, *shape[dim + 1:])
+        rows, cols = math.prod(shape[:dim]), math.prod(latent[dim:])
+        z, kl, seed_used = forward_op(params.reshape(rows, 2, cols), seed, reduction == "none", logvar_min, logvar_max)
+        if reduction == "none":
+            kl = kl.view(latent)
+        elif reduction == "per_sample":
+            kl = kl.view(shape[:dim])
+        else:
             kl = reduce_rows(kl, reduction, z.numel())
-        return z, kl, seed_used
+        return z.view(latent), kl, seed_used
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        params, _, reduction, backend, logvar_min, logvar_max = inputs
+        params, dim, _, reduction, backend, logvar_min, logvar_max = inputs
         ctx.mark_non_differentiable(output[2])
         ctx.save_for_backward(params, output[2])
-        ctx.reduction, ctx.backend, ctx.bounds = reduction, backend, (logvar_min, logvar_max)
+        ctx.dim, ctx.reduction, ctx.backend, ctx.bounds = dim, reduction, backend, (logvar_min, logvar_max)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl, _grad_seed):
         params, seed = ctx.saved_tensors
-        latent = torch.Size((*params.shape[:-2], params.shape[-1]))
+        shape, dim = params.shape, ctx.dim
+        rows, cols = math.prod(shape[:dim]), shape[dim] // 2 * math.prod(shape[dim + 1:])
         if grad_z is not None:
-            grad_z = grad_z.to(params.dtype)
+            grad_z = grad_z.reshape(rows, cols)
+            if grad_z.dtype != params.dtype:
+                grad_z = grad_z.to(params.dtype)
         if grad_kl is not None:
-            rows = latent.numel() // latent[-1] if latent[-1] else 0
-            grad_kl = expand_reduced_grad(grad_kl, ctx.reduction, latent, rows)
-            if ctx.backend != "torch":
+            if ctx.reduction == "none":
+                grad_kl = grad_kl.reshape(rows, cols)
+            elif ctx.reduction == "per_sample":
+                grad_kl = grad_kl.reshape(rows, 1).expand(rows, cols)
+            else:
+                grad_kl = expand_reduced_grad(grad_kl, ctx.reduction, torch.Size((rows, cols)), rows)
+            if ctx.backend != "torch" and grad_kl.dtype != torch.float32:
                 grad_kl = grad_kl.float()
         backward_op = backends.op_in_backward(_OP, "reparam_kl_packed_backward", ctx.backend)
-        return backward_op(params, seed, grad_z, grad_kl, *ctx.bounds), None, None, None, None, None
+        grad = backward_op(params.reshape(rows, 2, cols), seed, grad_z, grad_kl, *ctx.bounds)
+        return grad.view(shape), None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- the ops' own derivatives
@@ -546,15 +564,8 @@ def reparameterize_kl_packed(params: torch.Tensor, *, dim: int = -1, logvar_min:
     resolved = backends.resolve(backend, params.device, _OP)
     check_floating("params", params, resolved)
     check_seed(seed)
-    latent = (*params.shape[:dim], params.shape[dim] // 2, *params.shape[dim + 1:])
-    rows = math.prod(params.shape[:dim])
-    cols = math.prod(latent[dim:])
-    z, kl = apply(PackedReparamKLFunction, params.reshape(rows, 2, cols), seed, reduction, resolved, lo, hi)[:2]
-    if reduction == "none":
-        kl = kl.view(latent)
-    elif reduction == "per_sample":
-        kl = kl.view(params.shape[:dim])
-    return z.view(latent), kl
+    z, kl, _ = apply(PackedReparamKLFunction, params, dim, seed, reduction, resolved, lo, hi)
+    return z, kl
 
 
 _FAMILY = backends.load_op_family(
