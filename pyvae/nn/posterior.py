@@ -31,8 +31,9 @@ class DiagonalGaussianDistribution:
     ``parameters`` and a seed are kept for backward, and backward writes the gradient of
     ``parameters`` as one tensor. ``kl()`` on the same object returns that KL without another pass.
     ``kl(other)`` (another posterior as the prior) is the op's learned-prior form, one pass too.
-    ``logvar``, ``std`` and ``var`` are computed on first access only (diffusers computes them in its
-    constructor); ``logvar`` is ``torch.clamp``'s, as there.
+    ``mean`` (a view of ``parameters``' first half), ``logvar``, ``std`` and ``var`` are computed on
+    first access only (diffusers computes them in its constructor); ``logvar`` is ``torch.clamp``'s,
+    as there.
 
     Differences: the noise is the op's counter-based Philox stream, not ``torch.randn``: a
     ``generator`` seeds it (one 63-bit draw from the generator; on a CUDA generator that draw is
