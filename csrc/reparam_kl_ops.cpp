@@ -278,6 +278,31 @@ at::Tensor allocate_packed_grad(const at::Tensor& params, ReparamKLBackwardParam
   return grad_params;
 }
 
+using ForwardOnDevice = ForwardResult (*)(const CheckedInputs&, const CheckedPrior&, at::IntArrayRef,
+                                           const at::TensorOptions&, std::optional<int64_t>, int64_t, bool);
+
+// The packed forward on the device of `Forward` (forward_cpu or forward_cuda): one sample of z,
+// without its samples dim.
+template <ForwardOnDevice Forward>
+ForwardResult packed_forward(const at::Tensor& params, std::optional<int64_t> seed, bool kl_per_element,
+                             std::optional<double> logvar_min, std::optional<double> logvar_max) {
+  const PackedInputs pk = check_packed(params, logvar_min, logvar_max);
+  auto [z, kl, seed_used] = Forward(pk.in, CheckedPrior{}, pk.latent, params.options(), seed, 1, kl_per_element);
+  return {z.select(0, 0), kl, seed_used};
+}
+
+// The packed backward's checks, shared by the devices; `run(p)` allocates the gradient of params
+// and launches the device's kernel.
+template <typename Run>
+at::Tensor packed_backward(const at::Tensor& params, const at::Tensor& seed, const std::optional<at::Tensor>& grad_z,
+                           const std::optional<at::Tensor>& grad_kl, std::optional<double> logvar_min,
+                           std::optional<double> logvar_max, const Run& run) {
+  const PackedInputs pk = check_packed(params, logvar_min, logvar_max);
+  BackwardBuffers buf;  // holds grad_z and grad_kl's views while the kernel reads them
+  ReparamKLBackwardParams p = backward_params(pk.in, seed, grad_z, grad_kl, params, pk.latent, false, buf);
+  return run(p);
+}
+
 // ---------------------------------------------------------------------------- CPU
 ForwardResult forward_cpu(const CheckedInputs& in, const CheckedPrior& prior, at::IntArrayRef latent,
                           const at::TensorOptions& options, std::optional<int64_t> seed, int64_t n_samples,
@@ -319,21 +344,18 @@ BackwardResult reparam_kl_backward_cpu(const at::Tensor& mu, const at::Tensor& l
 ForwardResult reparam_kl_packed_forward_cpu(const at::Tensor& params, std::optional<int64_t> seed,
                                             bool kl_per_element, std::optional<double> logvar_min,
                                             std::optional<double> logvar_max) {
-  const PackedInputs pk = check_packed(params, logvar_min, logvar_max);
-  auto [z, kl, seed_used] = forward_cpu(pk.in, CheckedPrior{}, pk.latent, params.options(), seed, 1, kl_per_element);
-  return {z.select(0, 0), kl, seed_used};
+  return packed_forward<forward_cpu>(params, seed, kl_per_element, logvar_min, logvar_max);
 }
 
 at::Tensor reparam_kl_packed_backward_cpu(const at::Tensor& params, const at::Tensor& seed,
                                           const std::optional<at::Tensor>& grad_z,
                                           const std::optional<at::Tensor>& grad_kl, std::optional<double> logvar_min,
                                           std::optional<double> logvar_max) {
-  const PackedInputs pk = check_packed(params, logvar_min, logvar_max);
-  BackwardBuffers buf;
-  ReparamKLBackwardParams p = backward_params(pk.in, seed, grad_z, grad_kl, params, pk.latent, false, buf);
-  at::Tensor grad_params = allocate_packed_grad(params, p);
-  if (p.in.rows > 0 && p.in.cols > 0) cpu::reparam_kl_backward(p, ReparamKLPrior{}, ReparamKLPriorGrads{});
-  return grad_params;
+  return packed_backward(params, seed, grad_z, grad_kl, logvar_min, logvar_max, [&](ReparamKLBackwardParams& p) {
+    at::Tensor grad_params = allocate_packed_grad(params, p);
+    if (p.in.rows > 0 && p.in.cols > 0) cpu::reparam_kl_backward(p, ReparamKLPrior{}, ReparamKLPriorGrads{});
+    return grad_params;
+  });
 }
 
 // ---------------------------------------------------------------------------- CUDA
@@ -384,7 +406,6 @@ ForwardResult reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& lo
                                       const std::optional<at::Tensor>& prior_mu,
                                       const std::optional<at::Tensor>& prior_logvar) {
   CheckedInputs in = check_inputs(mu, logvar);
-  check_seed_value(seed);
   const CheckedPrior prior = check_prior(prior_mu, prior_logvar, mu, in);
   return forward_cuda(in, prior, mu.sizes(), mu.options(), seed, n_samples, kl_per_element);
 }
@@ -411,23 +432,20 @@ BackwardResult reparam_kl_backward_cuda(const at::Tensor& mu, const at::Tensor& 
 ForwardResult reparam_kl_packed_forward_cuda(const at::Tensor& params, std::optional<int64_t> seed,
                                              bool kl_per_element, std::optional<double> logvar_min,
                                              std::optional<double> logvar_max) {
-  const PackedInputs pk = check_packed(params, logvar_min, logvar_max);
-  auto [z, kl, seed_used] = forward_cuda(pk.in, CheckedPrior{}, pk.latent, params.options(), seed, 1, kl_per_element);
-  return {z.select(0, 0), kl, seed_used};
+  return packed_forward<forward_cuda>(params, seed, kl_per_element, logvar_min, logvar_max);
 }
 
 at::Tensor reparam_kl_packed_backward_cuda(const at::Tensor& params, const at::Tensor& seed,
                                            const std::optional<at::Tensor>& grad_z,
                                            const std::optional<at::Tensor>& grad_kl, std::optional<double> logvar_min,
                                            std::optional<double> logvar_max) {
-  const PackedInputs pk = check_packed(params, logvar_min, logvar_max);
-  BackwardBuffers buf;
-  ReparamKLBackwardParams p = backward_params(pk.in, seed, grad_z, grad_kl, params, pk.latent, false, buf);
-  const c10::cuda::CUDAGuard guard(params.device());
-  at::Tensor grad_params = allocate_packed_grad(params, p);
-  cuda::reparam_kl_backward(p, ReparamKLPrior{}, ReparamKLPriorGrads{}, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad_params;
+  return packed_backward(params, seed, grad_z, grad_kl, logvar_min, logvar_max, [&](ReparamKLBackwardParams& p) {
+    const c10::cuda::CUDAGuard guard(params.device());
+    at::Tensor grad_params = allocate_packed_grad(params, p);
+    cuda::reparam_kl_backward(p, ReparamKLPrior{}, ReparamKLPriorGrads{}, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return grad_params;
+  });
 }
 #endif
 

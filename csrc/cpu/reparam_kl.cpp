@@ -475,13 +475,8 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
               }
               normals(seed, first_group, static_cast<uint32_t>(s), n_groups, eps);
               for (int64_t i = 0; i < nr; ++i) {
-                const T* gz_row = grad_z_sample + (r0 + i) * p.grad_z_row_stride;
-                const float* gz_f = gz_buf;
-                if (p.grad_z_col_stride == 1) {
-                  gz_f = as_float(gz_row + col0, n, gz_buf);
-                } else {  // an expanded gradient: one value along the row
-                  std::fill(gz_buf, gz_buf + n, static_cast<float>(gz_row[0]));
-                }
+                const float* gz_f = block_rows_strided(grad_z_sample + col0 * p.grad_z_col_stride,
+                                                       p.grad_z_row_stride, p.grad_z_col_stride, r0 + i, 1, n, gz_buf);
                 const float* eps_row = eps + i * eps_row_stride;
                 float* __restrict sum = gz_sum + i * n;
                 float* __restrict eps_sum = gz_eps_sum + i * n;
@@ -501,16 +496,10 @@ void backward_impl(const ReparamKLBackwardParams& p, const ReparamKLPrior& prior
                 clamp_chunk(logvar_raw, n, p.in.logvar_min, p.in.logvar_max, clamped_buf);
                 logvar_f = clamped_buf;
               }
-              const float* gkl_f = gkl_zeros;
-              if (p.grad_kl != nullptr) {
-                const float* gkl_row = p.grad_kl + r * p.grad_kl_row_stride + col0 * p.grad_kl_col_stride;
-                if (p.grad_kl_col_stride == 1) {
-                  gkl_f = gkl_row;
-                } else {  // per-sample or scalar KL gradient, broadcast along the row (stride 0)
-                  for (int64_t c = 0; c < n; ++c) gkl[c] = gkl_row[c * p.grad_kl_col_stride];
-                  gkl_f = gkl;
-                }
-              }
+              const float* gkl_f = p.grad_kl == nullptr
+                                       ? gkl_zeros
+                                       : block_rows_strided(p.grad_kl + col0 * p.grad_kl_col_stride,
+                                                            p.grad_kl_row_stride, p.grad_kl_col_stride, r, 1, n, gkl);
               if (with_prior) {
                 const float* prior_mu_f = prior_chunk<T>(prior.mu, prior.mu_row_stride, prior.mu_col_stride, r, col0, n,
                                                          prior_mu_buf, gkl_zeros);

@@ -4,6 +4,7 @@ Stable Diffusion's ``AutoencoderKL`` and of the video and audio autoencoders tha
 pyvae's fused reparameterize + KL op."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -52,57 +53,28 @@ class DiagonalGaussianDistribution:
                              f"got {got}")
         self.parameters = parameters
         self.deterministic = deterministic
-        self._mean: Optional[torch.Tensor] = None
-        self._logvar: Optional[torch.Tensor] = None
-        self._std: Optional[torch.Tensor] = None
-        self._var: Optional[torch.Tensor] = None
         self._sample_kl: Optional[torch.Tensor] = None  # the KL that sample() computed with its draw
         if deterministic:
-            self._std = self._var = torch.zeros_like(self.mean, device=parameters.device, dtype=parameters.dtype)
+            self.std = self.var = torch.zeros_like(self.mean, device=parameters.device, dtype=parameters.dtype)
 
     # diffusers computes these in its constructor; here on first use (sample() and kl() clamp the
-    # log-variance inside the fused op and need none of them; even the two views of chunk cost a
-    # small posterior's call a few percent)
-    @property
+    # log-variance inside the fused op and need none of them). Assignable, as diffusers' attributes.
+    @functools.cached_property
     def mean(self) -> torch.Tensor:
-        if self._mean is None:
-            self._mean = self.parameters.narrow(1, 0, self.parameters.shape[1] // 2)
-        return self._mean
+        return self.parameters.narrow(1, 0, self.parameters.shape[1] // 2)
 
-    @mean.setter
-    def mean(self, value: torch.Tensor) -> None:
-        self._mean = value
-
-    @property
+    @functools.cached_property
     def logvar(self) -> torch.Tensor:
-        if self._logvar is None:
-            half = self.parameters.shape[1] // 2
-            self._logvar = torch.clamp(self.parameters.narrow(1, half, half), _LOGVAR_MIN, _LOGVAR_MAX)
-        return self._logvar
+        half = self.parameters.shape[1] // 2
+        return torch.clamp(self.parameters.narrow(1, half, half), _LOGVAR_MIN, _LOGVAR_MAX)
 
-    @logvar.setter
-    def logvar(self, value: torch.Tensor) -> None:
-        self._logvar = value
-
-    @property
+    @functools.cached_property
     def std(self) -> torch.Tensor:
-        if self._std is None:
-            self._std = torch.exp(0.5 * self.logvar)
-        return self._std
+        return torch.exp(0.5 * self.logvar)
 
-    @std.setter
-    def std(self, value: torch.Tensor) -> None:
-        self._std = value
-
-    @property
+    @functools.cached_property
     def var(self) -> torch.Tensor:
-        if self._var is None:
-            self._var = torch.exp(self.logvar)
-        return self._var
-
-    @var.setter
-    def var(self, value: torch.Tensor) -> None:
-        self._var = value
+        return torch.exp(self.logvar)
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` ``[B, C, ...]`` as ``[B, C * ...]`` (a view for mean and logvar: each example's half

@@ -273,9 +273,10 @@ class PackedReparamKLFunction(torch.autograd.Function):
     ``[logvar_min, logvar_max]`` (None: that side unclamped). ``z`` has ``params``' shape with
     ``dim`` halved; ``kl`` is shaped by ``reduction`` as :func:`reparameterize_kl_packed` returns it.
     The op sees ``params`` as ``[rows, 2, cols]``; the reshapes happen in here, so that autograd
-    records no view nodes around the call (three fewer nodes to build and run). Saves only ``params`` and the key;
-    backward regenerates eps and returns the gradient of ``params`` as one tensor (the backend's
-    packed backward op, with a derivative of its own: higher-order gradients are exact)."""
+    records no view nodes around the call (three fewer nodes to build and run). Saves only
+    ``params`` and the key; backward regenerates eps and returns the gradient of ``params`` as one
+    tensor (the backend's packed backward op, with a derivative of its own: higher-order gradients
+    are exact)."""
 
     generate_vmap_rule = True
 
